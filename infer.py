@@ -1,0 +1,126 @@
+#!/usr/bin/env python
+"""Render images with adapters saved by train_dreambooth_lora_ssd1b.py.
+
+    python infer.py --checkpoint work_dirs/ssd_1b_dreambooth_lora_dog/step499 --prompt "a photo of sks dog in a bucket"
+
+The base model, VAE and resolution default to what the checkpoint's run_settings.json recorded. Image i uses
+seed --seed + i through a CPU generator, so `--seed S` gives exactly the picture of a plain diffusers call with
+`generator=torch.Generator("cpu").manual_seed(S)` and the adapters applied, on any machine. Each PNG carries its
+settings in a `parameters` text chunk (the A1111 convention).
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from PIL.PngImagePlugin import PngInfo
+
+from train_dreambooth_lora_ssd1b import (LORA_FILE, SETTINGS_FILE, UserError, apply_adapters, build_pipeline,
+                                         check_model_source, generate_images, load_models, save_png_atomic)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", required=True, help="a step dir, e.g. work_dirs/<run>/step499")
+    p.add_argument("--prompt", default=None, help="default: the run's instance prompt")
+    p.add_argument("--negative_prompt", default=None)
+    p.add_argument("--num_images", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    p.add_argument("--num_inference_steps", type=int, default=50)
+    p.add_argument("--guidance_scale", type=float, default=5.0)
+    p.add_argument("--height", type=int, default=None, help="default: the training resolution (1024)")
+    p.add_argument("--width", type=int, default=None, help="default: the training resolution (1024)")
+    p.add_argument("--lora_scale", type=float, default=1.0, help="0 renders the base model")
+    p.add_argument("--output", default="outputs", help="a folder for the PNGs")
+    p.add_argument("--pretrained_model_name_or_path", default=None, help="default: what the checkpoint recorded")
+    p.add_argument("--pretrained_vae_model_name_or_path", default=None,
+                   help="default: what the checkpoint recorded; 'none' means the model's own VAE")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default=None,
+                   help="default: fp16 on GPU, fp32 on CPU")
+    return p.parse_args(argv)
+
+
+def read_settings(checkpoint):
+    """The run's settings, recorded by the trainer in every step dir."""
+    checkpoint = Path(checkpoint)
+    if not (checkpoint / LORA_FILE).is_file():
+        raise UserError(f"{checkpoint} is not a step dir (no {LORA_FILE}): pass e.g. work_dirs/<run>/step499")
+    settings_file = checkpoint / SETTINGS_FILE
+    return json.loads(settings_file.read_text()) if settings_file.is_file() else {}
+
+
+def resolve(args, settings):
+    """Fill every unset flag from the checkpoint's settings, then check the models before loading them."""
+    resolution = settings.get("resolution", 1024)
+    args.height = args.height or resolution
+    args.width = args.width or resolution
+    args.prompt = args.prompt or settings.get("instance_prompt")
+    if not args.prompt:
+        raise UserError("no --prompt given and the checkpoint records none: pass --prompt 'a photo of sks dog'")
+    if args.height % 8 or args.width % 8:
+        raise UserError(f"--height and --width must be multiples of 8 (got {args.height}x{args.width})")
+    if args.num_images < 1:
+        raise UserError(f"--num_images must be at least 1 (got {args.num_images})")
+    args.pretrained_model_name_or_path = (args.pretrained_model_name_or_path
+                                          or settings.get("pretrained_model_name_or_path", "segmind/SSD-1B"))
+    if args.pretrained_vae_model_name_or_path is None:
+        args.pretrained_vae_model_name_or_path = settings.get("pretrained_vae_model_name_or_path")
+    elif args.pretrained_vae_model_name_or_path.lower() == "none":
+        args.pretrained_vae_model_name_or_path = None
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.dtype = args.dtype or ("fp32" if args.device == "cpu" else "fp16")
+    check_model_source(args.pretrained_model_name_or_path, "model_index.json", "--pretrained_model_name_or_path",
+                       settings.get("revision"))
+    if args.pretrained_vae_model_name_or_path:
+        check_model_source(args.pretrained_vae_model_name_or_path, "config.json",
+                           "--pretrained_vae_model_name_or_path")
+    return args
+
+
+def parameters_text(args, seed):
+    """The A1111 `parameters` chunk: prompt, negative prompt, then one line of settings."""
+    lines = [args.prompt]
+    if args.negative_prompt:
+        lines.append(f"Negative prompt: {args.negative_prompt}")
+    lines.append(f"Steps: {args.num_inference_steps}, Sampler: Euler, CFG scale: {args.guidance_scale}, "
+                 f"Seed: {seed}, Size: {args.width}x{args.height}, Model: {args.pretrained_model_name_or_path}, "
+                 f"Lora: {args.checkpoint}, Lora scale: {args.lora_scale}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    settings = read_settings(args.checkpoint)
+    args = resolve(args, settings)
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+
+    models = load_models(args.pretrained_model_name_or_path, args.pretrained_vae_model_name_or_path,
+                         settings.get("revision"), settings.get("variant"), dtype, args.device)
+    pipe = build_pipeline(models, args.pretrained_model_name_or_path, settings.get("revision"),
+                          settings.get("variant"))
+    apply_adapters(pipe, args.checkpoint, args.lora_scale)
+
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for seed in range(args.seed, args.seed + args.num_images):
+        # one image per call: batching would change the arithmetic, and a seed must mean one picture
+        image = generate_images(pipe, args.prompt, [seed], args.height, args.width, args.num_inference_steps,
+                                negative_prompt=args.negative_prompt, guidance_scale=args.guidance_scale)[0]
+        info = PngInfo()
+        info.add_text("parameters", parameters_text(args, seed))
+        path = output / f"{Path(args.checkpoint).name}_seed{seed}.png"
+        save_png_atomic(image, path, pnginfo=info)
+        paths.append(path)
+        print(path)
+    return paths
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as error:
+        sys.exit(f"error: {error}")

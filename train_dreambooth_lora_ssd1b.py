@@ -1,0 +1,818 @@
+#!/usr/bin/env python
+"""DreamBooth LoRA for Segmind's SSD-1B, with prior preservation.
+
+    accelerate launch train_dreambooth_lora_ssd1b.py --instance_dir dog/ --instance_prompt "a photo of sks dog"
+
+Reads top to bottom as the method does (Ruiz et al., "DreamBooth", CVPR 2023):
+  parse_args        flags, and every check that needs no model
+  load_models       tokenizers, both CLIP text encoders, UNet, fp16-fix VAE, noise scheduler
+  class images      the base model makes them once; they are kept for the next run
+  add_lora          peft LoRA on the UNet's attention (and both text encoders if asked)
+  DreamBoothDataset photo -> pixels + SDXL time ids (the crop actually taken), drawn anew per sample
+  dreambooth_loss   instance MSE + prior_loss_weight * class MSE
+  save_adapters     stepN/unet (PEFT) + stepN/pytorch_lora_weights.safetensors (diffusers), atomically
+  log_validation    fixed-seed images of the validation prompt
+
+Every random choice (which photo, crop, flip, noise, timesteps) is derived from (seed, sample or step),
+so a run is reproducible by construction.
+"""
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+from tqdm.auto import tqdm
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+LORA_FILE = "pytorch_lora_weights.safetensors"
+SETTINGS_FILE = "run_settings.json"
+WARMUP_STEPS = 3  # steps left out of the steady-state time per step (allocator, kernels and caches warm up)
+
+
+class UserError(Exception):
+    """A mistake the user can fix: printed as one line, never as a traceback."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Flags
+# ----------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    g = p.add_argument_group("model")
+    g.add_argument("--pretrained_model_name_or_path", default="segmind/SSD-1B")
+    g.add_argument("--pretrained_vae_model_name_or_path", default="madebyollin/sdxl-vae-fp16-fix",
+                   help="'none' uses the model's own VAE")
+    g.add_argument("--revision", default=None)
+    g.add_argument("--variant", default=None, help="e.g. fp16")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--instance_dir", "--instance_data_dir", dest="instance_dir", required=True,
+                   help="a folder of photos, or a hub dataset id such as diffusers/dog-example")
+    g.add_argument("--instance_prompt", required=True, help='e.g. "a photo of sks dog"')
+    g.add_argument("--resolution", type=int, default=1024)
+    g.add_argument("--center_crop", action="store_true", help="default: a random crop, drawn anew every time")
+    g.add_argument("--random_flip", action="store_true")
+    g.add_argument("--train_batch_size", type=int, default=1)
+    g.add_argument("--dataloader_num_workers", type=int, default=0)
+
+    g = p.add_argument_group("prior preservation")
+    g.add_argument("--with_prior_preservation", action="store_true")
+    g.add_argument("--class_prompt", default=None, help='e.g. "a photo of dog"')
+    g.add_argument("--class_dir", "--class_data_dir", dest="class_dir", default=None,
+                   help="default: OUTPUT_DIR/class_images")
+    g.add_argument("--num_class_images", type=int, default=100)
+    g.add_argument("--prior_loss_weight", type=float, default=1.0)
+    g.add_argument("--sample_batch_size", type=int, default=4, help="batch size for making class images")
+
+    g = p.add_argument_group("LoRA")
+    g.add_argument("--rank", type=int, default=8)
+    g.add_argument("--lora_alpha", type=int, default=None, help="default: the rank")
+    g.add_argument("--lora_dropout", type=float, default=0.0)
+    g.add_argument("--train_text_encoder", action="store_true", help="LoRA on both CLIP text encoders too")
+    g.add_argument("--text_encoder_lr", type=float, default=5e-6)
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--optimizer", choices=["adamw8bit", "adamw"], default="adamw8bit")
+    g.add_argument("--learning_rate", type=float, default=1e-4)
+    g.add_argument("--adam_beta1", type=float, default=0.9)
+    g.add_argument("--adam_beta2", type=float, default=0.999)
+    g.add_argument("--adam_weight_decay", type=float, default=1e-4)
+    g.add_argument("--adam_epsilon", type=float, default=1e-8)
+    g.add_argument("--max_grad_norm", type=float, default=1.0)
+    g.add_argument("--lr_scheduler", default="constant",
+                   choices=["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
+                            "polynomial"])
+    g.add_argument("--lr_warmup_steps", type=int, default=0)
+    g.add_argument("--max_train_steps", type=int, default=500)
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    g.add_argument("--gradient_checkpointing", action="store_true")
+    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
+                   help="default: the accelerate config's")
+    g.add_argument("--snr_gamma", type=float, default=None, help="min-SNR weighting; 5.0 is the paper's choice")
+    g.add_argument("--noise_offset", type=float, default=0.0)
+    g.add_argument("--seed", type=int, default=0)
+
+    g = p.add_argument_group("validation")
+    g.add_argument("--validation_prompt", default=None, help='e.g. "A photo of sks dog in a bucket"')
+    g.add_argument("--num_validation_images", type=int, default=4)
+    g.add_argument("--validation_steps", type=int, default=100)
+    g.add_argument("--validation_inference_steps", type=int, default=50)
+    g.add_argument("--report_to", default="tensorboard", help="tensorboard, wandb, all or none")
+
+    g = p.add_argument_group("output")
+    g.add_argument("--output_dir", default=None,
+                   help="default: work_dirs/ssd_1b_dreambooth_lora_<name of the instance folder>")
+    g.add_argument("--checkpointing_steps", type=int, default=100)
+    g.add_argument("--overwrite_output_dir", action="store_true",
+                   help="allow replacing adapters that an earlier run left in the output dir")
+
+    args = p.parse_args(argv)
+    check_args(args)
+    return args
+
+
+def check_args(args):
+    """Every check of the flags on their own, in one place; raises UserError naming the fix."""
+    if args.with_prior_preservation and not args.class_prompt:
+        raise UserError("--with_prior_preservation needs --class_prompt, e.g. --class_prompt 'a photo of dog'")
+    if args.resolution <= 0 or args.resolution % 8:
+        raise UserError(f"--resolution {args.resolution} must be a positive multiple of 8, e.g. 1024")
+    positive = ["rank", "max_train_steps", "train_batch_size", "gradient_accumulation_steps",
+                "checkpointing_steps", "validation_steps", "num_validation_images", "validation_inference_steps",
+                "num_class_images", "sample_batch_size"]
+    for name in positive:
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be at least 1 (got {getattr(args, name)})")
+    for name in ["learning_rate", "text_encoder_lr"]:
+        if getattr(args, name) <= 0:
+            raise UserError(f"--{name} must be above 0 (got {getattr(args, name)})")
+    if not 0 <= args.lora_dropout < 1:
+        raise UserError(f"--lora_dropout must be in [0, 1) (got {args.lora_dropout})")
+    if args.lora_alpha is None:
+        args.lora_alpha = args.rank
+    if args.pretrained_vae_model_name_or_path in ("", "none", "None"):
+        args.pretrained_vae_model_name_or_path = None
+    if args.output_dir is None:
+        args.output_dir = f"work_dirs/ssd_1b_dreambooth_lora_{Path(args.instance_dir.rstrip('/')).name}"
+    if args.class_dir is None:
+        args.class_dir = str(Path(args.output_dir) / "class_images")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Inputs: checked before any model loads
+# ----------------------------------------------------------------------------------------------------------
+
+
+def looks_like_hub_id(name):
+    return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not os.path.exists(name)
+
+
+def resolve_instance_dir(name, revision=None):
+    """A local folder as it is; a hub dataset id (e.g. diffusers/dog-example) is fetched with huggingface_hub."""
+    if Path(name).is_dir():
+        return Path(name)
+    if not looks_like_hub_id(name):
+        raise UserError(f"instance folder {name} does not exist: pass --instance_dir a folder of 3-20 photos")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, repo_type="dataset", revision=revision))
+    except Exception as e:  # offline, missing, gated: all have the same fixes
+        raise UserError(f"cannot fetch dataset {name} ({type(e).__name__}): pass a local folder of photos, "
+                        "or set HF_HUB_OFFLINE=1 once it is cached, or log in with `hf auth login`") from None
+
+
+def list_images(folder):
+    """Image files of a folder, sorted; hidden files, other files and subfolders are skipped."""
+    return sorted(p for p in Path(folder).iterdir()
+                  if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def check_images(paths, what):
+    """Open every image fully, so a broken one is found now rather than mid-run; name every bad file."""
+    bad = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                image.draft("RGB", (256, 256))  # JPEG: decode at reduced size, enough to prove it decodes
+                image.load()
+        except Exception as e:
+            bad.append(f"{path.name} ({type(e).__name__})")
+    if bad:
+        raise UserError(f"{len(bad)} unreadable {what} image(s) in {paths[0].parent}: {', '.join(bad)}; "
+                        "remove or re-export them")
+
+
+def check_model_source(name, filename, flag, revision=None):
+    """A local folder must hold `filename`; a hub id must answer (or be cached) before anything loads."""
+    if Path(name).is_dir():
+        if not (Path(name) / filename).is_file():
+            raise UserError(f"{flag} {name} is not a diffusers folder (no {filename} in it)")
+        return
+    if not looks_like_hub_id(name):
+        raise UserError(f"{flag} {name} does not exist: pass a local diffusers folder or a hub id")
+    from huggingface_hub import hf_hub_download
+
+    try:
+        hf_hub_download(name, filename, revision=revision)
+    except Exception as e:
+        raise UserError(f"cannot reach {name} ({type(e).__name__}) for {flag}: pass a local folder, or set "
+                        "HF_HUB_OFFLINE=1 once it is cached, or log in with `hf auth login`") from None
+
+
+def check_output_dir(output_dir, overwrite):
+    """Refuse to replace another run's adapters silently, and prove the folder is writable."""
+    finished = sorted(Path(output_dir).glob(f"step*/{LORA_FILE}"))
+    if finished and not overwrite:
+        raise UserError(f"{output_dir} already holds adapters ({finished[-1].parent.name}); choose another "
+                        "--output_dir, or pass --overwrite_output_dir to replace them")
+    try:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        probe = Path(output_dir) / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write to --output_dir {output_dir} ({e.strerror}): choose a writable folder")
+
+
+def check_inputs(args):
+    """Everything that can be checked before a model loads. Returns the instance photos."""
+    instance_dir = resolve_instance_dir(args.instance_dir)
+    instance_images = list_images(instance_dir)
+    if not instance_images:
+        raise UserError(f"no images in {instance_dir}: add 3-20 photos (jpg, png, webp, ...) of the subject")
+    check_images(instance_images, "instance")
+    if args.with_prior_preservation and Path(args.class_dir).is_dir():
+        check_images(list_images(args.class_dir), "class")
+    check_model_source(args.pretrained_model_name_or_path, "model_index.json",
+                       "--pretrained_model_name_or_path", args.revision)
+    if args.pretrained_vae_model_name_or_path:
+        check_model_source(args.pretrained_vae_model_name_or_path, "config.json",
+                           "--pretrained_vae_model_name_or_path")
+    check_output_dir(args.output_dir, args.overwrite_output_dir)
+    return instance_images
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Models and pipeline (shared with infer.py)
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Models:
+    tokenizers: list
+    text_encoders: list
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    noise_scheduler: object
+
+
+def load_models(model, vae_model, revision, variant, dtype, device):
+    """SSD-1B's parts, frozen, in `dtype` on `device`. vae_model=None means the model's own VAE."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    common = dict(revision=revision, variant=variant)
+    diffusers_common = dict(common, torch_dtype=dtype)  # at load: casting afterwards makes diffusers warn
+    tokenizers = [CLIPTokenizer.from_pretrained(model, subfolder=sub, revision=revision)
+                  for sub in ("tokenizer", "tokenizer_2")]
+    text_encoders = [CLIPTextModel.from_pretrained(model, subfolder="text_encoder", **common),
+                     CLIPTextModelWithProjection.from_pretrained(model, subfolder="text_encoder_2", **common)]
+    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", **diffusers_common)
+    if vae_model:
+        vae = AutoencoderKL.from_pretrained(vae_model, torch_dtype=dtype)
+    else:
+        vae = AutoencoderKL.from_pretrained(model, subfolder="vae", **diffusers_common)
+    noise_scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler", revision=revision)
+    for module in [*text_encoders, unet, vae]:
+        module.requires_grad_(False)
+    for module in text_encoders:
+        module.to(device, dtype=dtype)
+    unet.to(device)
+    vae.to(device)
+    if vae.config.force_upcast:  # SDXL's original VAE overflows in fp16; the fp16-fix VAE does not
+        vae.to(dtype=torch.float32)
+    return Models(tokenizers, text_encoders, unet, vae, noise_scheduler)
+
+
+def build_pipeline(models, model, revision, variant):
+    """An SDXL pipeline over the given parts; the sampling scheduler comes from the model's folder."""
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(
+        model, revision=revision, variant=variant, vae=models.vae, unet=models.unet,
+        text_encoder=models.text_encoders[0], text_encoder_2=models.text_encoders[1],
+        tokenizer=models.tokenizers[0], tokenizer_2=models.tokenizers[1])
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def apply_adapters(pipe, step_dir, lora_scale=1.0):
+    """Load a step dir's diffusers-format file: unet, text_encoder and text_encoder_2 each get their own."""
+    pipe.load_lora_weights(str(step_dir), weight_name=LORA_FILE, adapter_name="dreambooth")
+    pipe.set_adapters("dreambooth", adapter_weights=lora_scale)
+    return pipe
+
+
+def generate_images(pipe, prompt, seeds, height, width, num_inference_steps, **kwargs):
+    """One image per seed; each seed drives a CPU generator, so a seed is the same picture on any machine."""
+    generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+    with torch.no_grad():
+        return pipe(prompt, num_images_per_prompt=len(seeds), generator=generators, height=height,
+                    width=width, num_inference_steps=num_inference_steps, **kwargs).images
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Prior preservation: class images made by the base model
+# ----------------------------------------------------------------------------------------------------------
+
+
+def missing_class_images(class_dir, num_class_images):
+    """File names still to make so that class_dir holds num_class_images images; existing ones count."""
+    have = list_images(class_dir) if class_dir.is_dir() else []
+    names = (f"class_{i:05d}.png" for i in range(num_class_images + len(have)))
+    missing = [n for n in names if not (class_dir / n).exists()]
+    return missing[:max(0, num_class_images - len(have))]
+
+
+def generate_class_images(pipe, class_dir, class_prompt, num_class_images, batch_size, resolution, seed,
+                          num_inference_steps=50, disable_progress=False):
+    """Make only the missing class images; each is named by its index and seeded by (seed, index)."""
+    class_dir = Path(class_dir)
+    class_dir.mkdir(parents=True, exist_ok=True)
+    missing = missing_class_images(class_dir, num_class_images)
+    batches = [missing[i:i + batch_size] for i in range(0, len(missing), batch_size)]
+    for names in tqdm(batches, desc="class images", disable=disable_progress or not batches):
+        seeds = [derive_seed(seed, "class", name) % 2**63 for name in names]
+        images = generate_images(pipe, class_prompt, seeds, resolution, resolution, num_inference_steps)
+        for name, image in zip(names, images):
+            save_png_atomic(image, class_dir / name)
+    return list_images(class_dir)[:num_class_images] if num_class_images else []
+
+
+# ----------------------------------------------------------------------------------------------------------
+# LoRA
+# ----------------------------------------------------------------------------------------------------------
+
+
+def add_lora(models, rank, alpha, dropout, train_text_encoder):
+    """Inject LoRA; returns the modules that train. Their parameters are kept fp32 under mixed precision."""
+    from diffusers.training_utils import cast_training_params
+    from peft import LoraConfig
+
+    def config(targets):
+        return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian",
+                          target_modules=targets)
+
+    models.unet.add_adapter(config(UNET_TARGETS))
+    trained = [models.unet]
+    if train_text_encoder:
+        for text_encoder in models.text_encoders:
+            text_encoder.add_adapter(config(TEXT_ENCODER_TARGETS))
+            trained.append(text_encoder)
+    # fp32 trainables under fp16/bf16 frozen weights: no "Attempting to unscale FP16 gradients"
+    cast_training_params(trained, dtype=torch.float32)
+    return trained
+
+
+def make_optimizer(trained, args):
+    """AdamW (8-bit by default) over the LoRA parameters; the text encoders get their own learning rate."""
+    groups = [{"params": [p for p in trained[0].parameters() if p.requires_grad], "lr": args.learning_rate}]
+    for text_encoder in trained[1:]:
+        groups.append({"params": [p for p in text_encoder.parameters() if p.requires_grad],
+                       "lr": args.text_encoder_lr})
+    if args.optimizer == "adamw8bit":
+        import bitsandbytes as bnb  # imported here: only training with 8-bit AdamW needs it
+
+        optimizer_class = bnb.optim.AdamW8bit
+    else:
+        optimizer_class = torch.optim.AdamW
+    return optimizer_class(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                           weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------------
+
+
+def derive_seed(*parts):
+    """A 64-bit seed from any parts, e.g. (seed, "noise", step): the same parts give the same seed anywhere."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little")
+
+
+def load_image(path):
+    """RGB, EXIF orientation applied, transparency composited on white."""
+    with Image.open(path) as image:
+        image = ImageOps.exif_transpose(image)
+        if image.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit grey: convert() would clip, so scale
+            image = Image.fromarray((np.asarray(image, dtype=np.float32) / 257).round().clip(0, 255).astype(np.uint8))
+        if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+            rgba = image.convert("RGBA")
+            image = Image.new("RGB", rgba.size, (255, 255, 255))
+            image.paste(rgba, mask=rgba.getchannel("A"))
+        return image.convert("RGB")
+
+
+def crop_and_flip(image, resolution, center_crop, random_flip, rng):
+    """Resize the short side to `resolution`, maybe flip, then crop a square.
+
+    Returns the square and (top, left) of the crop actually taken: after the flip, in the resized image,
+    which is what SDXL's crop time ids mean.
+    """
+    scale = resolution / min(image.size)
+    size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
+    image = image.resize(size, Image.Resampling.BILINEAR)
+    if random_flip and rng.random() < 0.5:
+        image = ImageOps.mirror(image)
+    if center_crop:
+        top, left = round((image.height - resolution) / 2), round((image.width - resolution) / 2)
+    else:
+        top, left = rng.randint(0, image.height - resolution), rng.randint(0, image.width - resolution)
+    return image.crop((left, top, left + resolution, top + resolution)), (top, left)
+
+
+def to_tensor(image):
+    """PIL RGB -> float tensor (3, H, W) in [-1, 1]."""
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+
+
+def pick(items, k, seed, tag):
+    """Item for sample k: every epoch (len(items) samples) visits each item once, in an order seeded per epoch."""
+    epoch, position = divmod(k, len(items))
+    order = list(range(len(items)))
+    random.Random(derive_seed(seed, tag, epoch)).shuffle(order)
+    return items[order[position]]
+
+
+class DreamBoothDataset(torch.utils.data.Dataset):
+    """Sample k of a run: an instance photo (and a class image), cropped and flipped anew for every k.
+
+    Which photo, the crop and the flip come from (seed, k), so any sample is redrawn exactly on resume.
+    """
+
+    def __init__(self, instance_images, instance_prompt, class_images, class_prompt, resolution,
+                 center_crop, random_flip, seed, num_samples):
+        self.instance_images, self.instance_prompt = list(instance_images), instance_prompt
+        self.class_images, self.class_prompt = list(class_images or []), class_prompt
+        self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
+        self.seed, self.num_samples = seed, num_samples
+
+    def __len__(self):
+        return self.num_samples
+
+    def example(self, path, rng):
+        image = load_image(path)
+        original_size = (image.height, image.width)  # after EXIF orientation, before resizing
+        square, (top, left) = crop_and_flip(image, self.resolution, self.center_crop, self.random_flip, rng)
+        time_ids = torch.tensor([*original_size, top, left, self.resolution, self.resolution], dtype=torch.float32)
+        return to_tensor(square), time_ids
+
+    def __getitem__(self, k):
+        rng = random.Random(derive_seed(self.seed, "augment", k))
+        pixels, time_ids = self.example(pick(self.instance_images, k, self.seed, "instance"), rng)
+        item = {"pixel_values": pixels, "time_ids": time_ids, "prompt": self.instance_prompt}
+        if self.class_images:
+            pixels, time_ids = self.example(pick(self.class_images, k, self.seed, "class"), rng)
+            item.update(class_pixel_values=pixels, class_time_ids=time_ids, class_prompt=self.class_prompt)
+        return item
+
+
+def collate(examples):
+    """Instance samples first, class samples second: the loss splits the batch in these two halves."""
+    keys = [("pixel_values", "time_ids", "prompt")]
+    if "class_pixel_values" in examples[0]:
+        keys.append(("class_pixel_values", "class_time_ids", "class_prompt"))
+    return {
+        "pixel_values": torch.stack([e[p] for p, _, _ in keys for e in examples]),
+        "time_ids": torch.stack([e[t] for _, t, _ in keys for e in examples]),
+        "prompts": [e[c] for _, _, c in keys for e in examples],
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The training step
+# ----------------------------------------------------------------------------------------------------------
+
+
+def encode_prompt(text_encoders, tokenizers, prompts, device):
+    """SDXL conditioning: both encoders' penultimate hidden states side by side, and bigG's pooled embedding."""
+    hidden_states = []
+    for tokenizer, text_encoder in zip(tokenizers, text_encoders):
+        # tokenizer_2 pads with "!", not with the end token: its own config says so, and we keep it
+        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids.to(device)
+        output = text_encoder(ids, output_hidden_states=True)
+        hidden_states.append(output.hidden_states[-2])
+    pooled = output[0]  # text_encoder_2 is CLIPTextModelWithProjection: its first output is the pooled projection
+    return torch.cat(hidden_states, dim=-1), pooled
+
+
+def dreambooth_loss(model_pred, target, timesteps, noise_scheduler, with_prior, prior_loss_weight, snr_gamma):
+    """Instance MSE + prior_loss_weight * class MSE, the class half being the batch's second half.
+
+    With snr_gamma, each sample is weighted by min(SNR, gamma) / SNR (Hang et al., "Min-SNR", 2023),
+    or by min(SNR, gamma) / (SNR + 1) for v-prediction.
+    """
+    per_sample = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if snr_gamma is not None:
+        from diffusers.training_utils import compute_snr
+
+        snr = compute_snr(noise_scheduler, timesteps)
+        weight = snr.clamp(max=snr_gamma)
+        weight = weight / (snr + 1 if noise_scheduler.config.prediction_type == "v_prediction" else snr)
+        per_sample = per_sample * weight
+    if not with_prior:
+        return per_sample.mean()
+    instance, prior = per_sample.chunk(2)
+    return instance.mean() + prior_loss_weight * prior.mean()
+
+
+def training_step(batch, models, args, generator, weight_dtype, device):
+    """Noise the latents, predict with the UNet under SDXL's added conditions, return the DreamBooth loss."""
+    vae = models.vae
+    with torch.no_grad():
+        pixels = batch["pixel_values"].to(device, dtype=vae.dtype, non_blocking=True)
+        latents = vae.encode(pixels).latent_dist.sample(generator) * vae.config.scaling_factor
+    latents = latents.to(weight_dtype)
+    noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
+    if args.noise_offset:  # Guttenberg's offset noise: lets the model learn overall brightness
+        noise += args.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator,
+                                                 device=device, dtype=latents.dtype)
+    num_train_timesteps = models.noise_scheduler.config.num_train_timesteps
+    timesteps = torch.randint(0, num_train_timesteps, (latents.shape[0],), generator=generator, device=device)
+    noisy_latents = models.noise_scheduler.add_noise(latents, noise, timesteps)
+
+    with torch.set_grad_enabled(args.train_text_encoder):
+        prompt_embeds, pooled = encode_prompt(models.text_encoders, models.tokenizers, batch["prompts"], device)
+    time_ids = batch["time_ids"].to(device, dtype=prompt_embeds.dtype, non_blocking=True)
+    model_pred = models.unet(noisy_latents, timesteps, prompt_embeds,
+                             added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+
+    prediction_type = models.noise_scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        target = noise
+    elif prediction_type == "v_prediction":
+        target = models.noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        raise ValueError(f"unsupported prediction type {prediction_type}")
+    return dreambooth_loss(model_pred, target, timesteps, models.noise_scheduler, args.with_prior_preservation,
+                           args.prior_loss_weight, args.snr_gamma)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Saving: every file of a step dir appears at once, or not at all
+# ----------------------------------------------------------------------------------------------------------
+
+
+def save_png_atomic(image, path, pnginfo=None):
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    image.save(tmp, format="PNG", pnginfo=pnginfo)
+    os.replace(tmp, path)
+
+
+def save_peft_adapter(model, folder, base_model):
+    """PEFT's own layout, so `PeftModel.from_pretrained(pipe.unet, folder)` loads it."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    config = model.peft_config["default"]
+    config.base_model_name_or_path = base_model
+    config.save_pretrained(str(folder))
+    state = {f"base_model.model.{k}": v.detach().float().cpu().contiguous()
+             for k, v in get_peft_model_state_dict(model, save_embedding_layers=False).items()}
+    save_file(state, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
+def save_adapters(step_dir, trained, settings):
+    """Write stepN/{unet,text_encoder_one,text_encoder_two}/ (PEFT), stepN/pytorch_lora_weights.safetensors
+    (diffusers) and stepN/run_settings.json into a hidden folder, then rename it into place."""
+    from diffusers import StableDiffusionXLPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import get_peft_model_state_dict
+
+    step_dir = Path(step_dir)
+    tmp = step_dir.with_name(f".{step_dir.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    base = settings["pretrained_model_name_or_path"]
+    for model, name in zip(trained, ["unet", "text_encoder_one", "text_encoder_two"]):
+        save_peft_adapter(model, tmp / name, base)
+    layers = [convert_state_dict_to_diffusers(get_peft_model_state_dict(m, save_embedding_layers=False))
+              for m in trained]
+    metadata = [m.peft_config["default"].to_dict() for m in trained]
+    StableDiffusionXLPipeline.save_lora_weights(
+        str(tmp), unet_lora_layers=layers[0], unet_lora_adapter_metadata=metadata[0],
+        text_encoder_lora_layers=layers[1] if len(layers) > 1 else None,
+        text_encoder_lora_adapter_metadata=metadata[1] if len(layers) > 1 else None,
+        text_encoder_2_lora_layers=layers[2] if len(layers) > 2 else None,
+        text_encoder_2_lora_adapter_metadata=metadata[2] if len(layers) > 2 else None,
+        weight_name=LORA_FILE)
+    (tmp / SETTINGS_FILE).write_text(json.dumps(settings, indent=2))
+    for file in tmp.rglob("*"):
+        if file.is_file():
+            with open(file, "rb+") as f:
+                os.fsync(f.fileno())
+    if step_dir.exists():  # only with --overwrite_output_dir: move the old one aside, then swap
+        old = step_dir.with_name(f".{step_dir.name}.replaced-{os.getpid()}")
+        os.replace(step_dir, old)
+        os.replace(tmp, step_dir)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, step_dir)
+    return step_dir
+
+
+def run_settings(args, step):
+    """What infer.py needs to rebuild the run's pipeline without repeating flags."""
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    settings.update(step=step, trainer="train_dreambooth_lora_ssd1b.py")
+    return settings
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------------------------
+
+
+def log_validation(accelerator, models, args, step):
+    """Fixed-seed images of the validation prompt, so rounds are comparable; PNGs + tensorboard."""
+    unwrapped = dataclasses.replace(models, unet=accelerator.unwrap_model(models.unet),
+                                    text_encoders=[accelerator.unwrap_model(m) for m in models.text_encoders])
+    for module in [unwrapped.unet, *unwrapped.text_encoders]:
+        module.eval()  # no LoRA dropout while sampling
+    pipe = build_pipeline(unwrapped, args.pretrained_model_name_or_path, args.revision, args.variant)
+    seeds = [args.seed + i for i in range(args.num_validation_images)]
+    with accelerator.autocast():
+        images = generate_images(pipe, args.validation_prompt, seeds, args.resolution, args.resolution,
+                                 args.validation_inference_steps)
+    folder = Path(args.output_dir) / "validation" / f"step{step - 1}"
+    folder.mkdir(parents=True, exist_ok=True)
+    for seed, image in zip(seeds, images):
+        save_png_atomic(image, folder / f"seed{seed}.png")
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images("validation", np.stack([np.asarray(i) for i in images]),
+                                      step, dataformats="NHWC")
+    unwrapped.unet.train()
+    if args.train_text_encoder:
+        for text_encoder in unwrapped.text_encoders:
+            text_encoder.train()
+    return images
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------------------
+
+
+def train(accelerator, models, trained, optimizer, lr_scheduler, dataloader, args, weight_dtype):
+    """Optimise until max_train_steps; save every checkpointing_steps and at the end; validate on schedule."""
+    progress = tqdm(total=args.max_train_steps, desc="steps", disable=not accelerator.is_main_process)
+    params = [p for m in trained for p in m.parameters() if p.requires_grad]
+    for module in trained:
+        module.train()
+    step, step_times, side_seconds = 0, [], 0.0
+    started = time.perf_counter()
+    for micro_step, batch in enumerate(dataloader):
+        with accelerator.accumulate(*trained):
+            generator = torch.Generator(accelerator.device).manual_seed(
+                derive_seed(args.seed, "noise", accelerator.process_index, micro_step) % 2**63)
+            loss = training_step(batch, models, args, generator, weight_dtype, accelerator.device)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(params, args.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        if not accelerator.sync_gradients:
+            continue
+        step += 1
+        loss_value = accelerator.gather(loss.detach()).mean().item()  # also waits for the device: honest timing
+        step_times.append(time.perf_counter() - started)
+        lr = lr_scheduler.get_last_lr()[0]
+        progress.update(1)
+        progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", s_per_step=f"{step_times[-1]:.2f}")
+        accelerator.log({"loss": loss_value, "lr": lr}, step=step)
+        side_started = time.perf_counter()
+        after_step(accelerator, models, trained, args, step)
+        side_seconds += time.perf_counter() - side_started
+        started = time.perf_counter()
+        if step >= args.max_train_steps:
+            break
+    progress.close()
+    return step_times, side_seconds
+
+
+def after_step(accelerator, models, trained, args, step):
+    """Save adapters and validate on the main process; the others wait for it."""
+    step_name = f"step{step - 1}"  # the reference layout: a 500-step run ends in step499
+    save_now = step % args.checkpointing_steps == 0 or step == args.max_train_steps
+    validate_now = args.validation_prompt and (step % args.validation_steps == 0 or step == args.max_train_steps)
+    if not (save_now or validate_now):
+        return
+    if accelerator.is_main_process:
+        unwrapped = [accelerator.unwrap_model(m) for m in trained]
+        if save_now:
+            step_dir = save_adapters(Path(args.output_dir) / step_name, unwrapped, run_settings(args, step))
+            tqdm.write(f"saved adapters to {step_dir}")
+        if validate_now:
+            log_validation(accelerator, models, args, step)
+    accelerator.wait_for_everyone()
+
+
+def report(accelerator, step_times, side_seconds, total_seconds):
+    """Steady-state time per step (warm-up, saving and validation left out) and peak memory."""
+    steady = step_times[WARMUP_STEPS:] if len(step_times) > WARMUP_STEPS else step_times[1:] or step_times
+    ms_per_step = 1000 * sum(steady) / len(steady)
+    if torch.cuda.is_available():
+        peak_gib = torch.cuda.max_memory_allocated() / 2**30
+        memory = f"peak GPU memory {peak_gib:.2f} GiB"
+    else:
+        import resource
+
+        peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+        memory = f"peak RSS {peak_gib:.2f} GiB"
+    accelerator.print(f"steady-state {ms_per_step:.1f} ms/step over {len(steady)} steps; {memory}; "
+                      f"{total_seconds:.1f} s in all, {side_seconds:.1f} s of it saving and validating")
+    accelerator.log({"ms_per_step": ms_per_step, "peak_memory_gib": peak_gib})
+    return ms_per_step
+
+
+# ----------------------------------------------------------------------------------------------------------
+# main: the story
+# ----------------------------------------------------------------------------------------------------------
+
+
+def make_accelerator(args):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    report_to = None if args.report_to == "none" else args.report_to
+    return Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
+        log_with=report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=f"{args.output_dir}/logs"))
+
+
+def main(argv=None):
+    from accelerate.utils import set_seed
+    from diffusers.optimization import get_scheduler
+
+    args = parse_args(argv)
+    instance_images = check_inputs(args)
+    accelerator = make_accelerator(args)
+    accelerator.print(f"{accelerator.state}".strip())
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    load_started = time.perf_counter()
+
+    models = load_models(args.pretrained_model_name_or_path, args.pretrained_vae_model_name_or_path,
+                         args.revision, args.variant, weight_dtype, accelerator.device)
+    class_images = None
+    if args.with_prior_preservation:
+        with accelerator.main_process_first():  # the main process makes them; the others then find them all
+            pipe = build_pipeline(models, args.pretrained_model_name_or_path, args.revision, args.variant)
+            with accelerator.autocast():
+                class_images = generate_class_images(
+                    pipe, args.class_dir, args.class_prompt, args.num_class_images, args.sample_batch_size,
+                    args.resolution, args.seed, disable_progress=not accelerator.is_local_main_process)
+            del pipe
+
+    set_seed(args.seed)  # LoRA's initial weights
+    trained = add_lora(models, args.rank, args.lora_alpha, args.lora_dropout, args.train_text_encoder)
+    if args.gradient_checkpointing:
+        models.unet.enable_gradient_checkpointing()
+        for text_encoder in trained[1:]:
+            text_encoder.gradient_checkpointing_enable()
+
+    samples_per_process = args.max_train_steps * args.gradient_accumulation_steps * args.train_batch_size
+    dataset = DreamBoothDataset(instance_images, args.instance_prompt, class_images, args.class_prompt,
+                                args.resolution, args.center_crop, args.random_flip, args.seed,
+                                samples_per_process * accelerator.num_processes)
+    dataloader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, shuffle=False,
+                                             collate_fn=collate, num_workers=args.dataloader_num_workers,
+                                             pin_memory=torch.cuda.is_available())
+    optimizer = make_optimizer(trained, args)
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer,
+                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=args.max_train_steps * accelerator.num_processes)
+    *trained, optimizer, dataloader, lr_scheduler = accelerator.prepare(*trained, optimizer, dataloader,
+                                                                       lr_scheduler)
+    models.unet = trained[0]
+    if args.train_text_encoder:
+        models.text_encoders = trained[1:]
+
+    accelerator.init_trackers("dreambooth-lora-ssd1b", config={k: v for k, v in vars(args).items()
+                                                               if isinstance(v, (int, float, str, bool))})
+    accelerator.print(f"{len(instance_images)} instance photos, {len(class_images or [])} class images; "
+                      f"{args.max_train_steps} steps of batch {args.train_batch_size} x "
+                      f"{accelerator.num_processes} processes x {args.gradient_accumulation_steps} accumulation; "
+                      f"loading took {time.perf_counter() - load_started:.1f} s")
+    train_started = time.perf_counter()
+    step_times, side_seconds = train(accelerator, models, trained, optimizer, lr_scheduler, dataloader, args,
+                                     weight_dtype)
+    report(accelerator, step_times, side_seconds, time.perf_counter() - train_started)
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as error:
+        sys.exit(f"error: {error}")
