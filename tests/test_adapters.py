@@ -1,0 +1,99 @@
+"""Saved adapters: the reference layout, reloaded through PEFT and through diffusers, with equal outputs."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train_dreambooth_lora_ssd1b as trainer
+
+
+def test_step_dirs_follow_the_reference_layout(trained_run):
+    # 4 steps, saved every 2: the k-th step is written as step{k-1}, so the run ends in step3
+    assert sorted(p.name for p in trained_run.glob("step*")) == ["step1", "step3"]
+    step = trained_run / "step3"
+    for name in ["unet", "text_encoder_one", "text_encoder_two"]:
+        assert (step / name / "adapter_config.json").is_file()
+        assert (step / name / "adapter_model.safetensors").is_file()
+    assert (step / "pytorch_lora_weights.safetensors").is_file()
+    assert not list(trained_run.glob(".step*")), "no partial folder is left behind"
+
+
+def test_step_dir_records_the_run_settings(trained_run, tiny_model):
+    settings = json.loads((trained_run / "step3" / "run_settings.json").read_text())
+    assert settings["pretrained_model_name_or_path"] == str(tiny_model)
+    assert settings["pretrained_vae_model_name_or_path"] == str(tiny_model / "vae")
+    assert settings["instance_prompt"] == "a photo of sks dog"
+    assert settings["class_prompt"] == "a photo of dog"
+    assert (settings["resolution"], settings["rank"], settings["step"]) == (64, 4, 4)
+
+
+def test_adapter_config_keeps_rank_alpha_and_targets(trained_run):
+    config = json.loads((trained_run / "step3" / "unet" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"]) == (4, 8)
+    assert set(config["target_modules"]) == {"to_q", "to_k", "to_v", "to_out.0"}
+    config = json.loads((trained_run / "step3" / "text_encoder_two" / "adapter_config.json").read_text())
+    assert set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "out_proj"}
+
+
+def test_saved_weights_are_finite_and_trained(trained_run):
+    weights = load_file(trained_run / "step3" / "unet" / "adapter_model.safetensors")
+    lora_b = [v for k, v in weights.items() if "lora_B" in k]
+    assert lora_b and all(torch.isfinite(v).all() for v in weights.values())
+    assert max(v.abs().max().item() for v in lora_b) > 0, "lora_B starts at zero; training must move it"
+
+
+def unet_inputs(unet, text_dim, pooled_dim):
+    g = torch.Generator().manual_seed(0)
+    sample = torch.randn(2, 4, 8, 8, generator=g)
+    time_ids = torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)
+    return dict(sample=sample, timestep=torch.tensor([10, 500]),
+                encoder_hidden_states=torch.randn(2, 77, text_dim, generator=g),
+                added_cond_kwargs={"text_embeds": torch.randn(2, pooled_dim, generator=g), "time_ids": time_ids})
+
+
+def outputs(pipe):
+    """The UNet's and both text encoders' outputs on fixed inputs."""
+    ids = pipe.tokenizer(["a photo of sks dog"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        te1 = pipe.text_encoder(ids, output_hidden_states=True).hidden_states[-2]
+        te2 = pipe.text_encoder_2(ids, output_hidden_states=True)
+        inputs = unet_inputs(pipe.unet, te1.shape[-1] + te2.hidden_states[-2].shape[-1], te2[0].shape[-1])
+        return pipe.unet(**inputs).sample, te1, te2.hidden_states[-2]
+
+
+@pytest.fixture(scope="module")
+def base_pipeline(tiny_model):
+    def make():
+        models = trainer.load_models(tiny_model, tiny_model / "vae", None, None, torch.float32, "cpu")
+        return trainer.build_pipeline(models, str(tiny_model), None, None)
+    return make
+
+
+def test_peft_and_load_lora_weights_give_equal_outputs(trained_run, base_pipeline):
+    from peft import PeftModel
+
+    step = trained_run / "step3"
+    base = outputs(base_pipeline())
+
+    peft_pipe = base_pipeline()  # the reference snippet, corrected: the second adapter goes on text_encoder_2
+    peft_pipe.unet = PeftModel.from_pretrained(peft_pipe.unet, step / "unet")
+    peft_pipe.text_encoder = PeftModel.from_pretrained(peft_pipe.text_encoder, step / "text_encoder_one")
+    peft_pipe.text_encoder_2 = PeftModel.from_pretrained(peft_pipe.text_encoder_2, step / "text_encoder_two")
+    via_peft = outputs(peft_pipe)
+
+    diffusers_pipe = base_pipeline()
+    diffusers_pipe.load_lora_weights(step)
+    via_diffusers = outputs(diffusers_pipe)
+
+    for name, b, p, d in zip(["unet", "text_encoder", "text_encoder_2"], base, via_peft, via_diffusers):
+        torch.testing.assert_close(p, d, rtol=1e-5, atol=1e-5, msg=f"{name}: PEFT and diffusers disagree")
+        assert (p - b).abs().max() > 1e-4, f"{name}: the adapter changes nothing"
+
+
+def test_apply_adapters_scale_zero_is_the_base_model(trained_run, base_pipeline):
+    base = outputs(base_pipeline())
+    scaled = outputs(trainer.apply_adapters(base_pipeline(), trained_run / "step3", lora_scale=0.0))
+    for b, s in zip(base, scaled):
+        torch.testing.assert_close(s, b, rtol=1e-5, atol=1e-6)

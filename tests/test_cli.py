@@ -1,0 +1,119 @@
+"""Bad input: one line that names the problem and the fix, before any model loads; never a traceback."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+import train_dreambooth_lora_ssd1b as trainer
+from conftest import ROOT, run_trainer, tiny_args
+
+
+def check(argv):
+    """Parse and check as main() does, up to the point where models would load."""
+    return trainer.check_inputs(trainer.parse_args([str(a) for a in argv]))
+
+
+@pytest.fixture
+def args_for(tiny_model, photos, tmp_path):
+    def make(*extra, instance_dir=photos):
+        argv = tiny_args(tiny_model, photos, tmp_path / "out", *extra)
+        argv[argv.index("--instance_dir") + 1] = instance_dir
+        return argv
+    return make
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--with_prior_preservation"], "--with_prior_preservation needs --class_prompt"),
+    (["--resolution", "1020"], "--resolution 1020 must be a positive multiple of 8"),
+    (["--rank", "0"], "--rank must be at least 1"),
+    (["--learning_rate", "0"], "--learning_rate must be above 0"),
+    (["--max_train_steps", "0"], "--max_train_steps must be at least 1"),
+    (["--lora_dropout", "1.5"], "--lora_dropout must be in [0, 1)"),
+])
+def test_contradictory_or_invalid_flags_are_refused(args_for, extra, message):
+    with pytest.raises(trainer.UserError, match=re.escape(message)):
+        check(args_for(*extra))
+
+
+def test_missing_instance_folder_is_refused(args_for, tmp_path):
+    with pytest.raises(trainer.UserError, match="instance folder .*nope does not exist"):
+        check(args_for(instance_dir=tmp_path / "nope"))
+
+
+def test_folder_without_images_is_refused(args_for, tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("not a photo")
+    with pytest.raises(trainer.UserError, match="no images in .*empty: add 3-20 photos"):
+        check(args_for(instance_dir=tmp_path / "empty"))
+
+
+def test_every_unreadable_image_is_listed(args_for, photos, tmp_path):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    Image.new("RGB", (64, 64)).save(folder / "good.png")
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "text.png").write_text("this is not a png")
+    truncated = (photos / "dog_0.jpg").read_bytes()
+    (folder / "cut.jpg").write_bytes(truncated[: len(truncated) // 2])
+    with pytest.raises(trainer.UserError) as error:
+        check(args_for(instance_dir=folder))
+    message = str(error.value)
+    assert message.startswith("3 unreadable instance image(s)")
+    assert all(name in message for name in ["empty.jpg", "text.png", "cut.jpg"]) and "good.png" not in message
+
+
+def test_missing_model_folder_is_refused(args_for, tmp_path):
+    with pytest.raises(trainer.UserError, match="--pretrained_model_name_or_path .*missing does not exist"):
+        check(args_for("--pretrained_model_name_or_path", tmp_path / "missing"))
+
+
+def test_unreachable_hub_model_says_what_to_do(photos, tmp_path):
+    # a subprocess: huggingface_hub reads HF_HUB_OFFLINE once, at import
+    result = subprocess.run([sys.executable, str(ROOT / "train_dreambooth_lora_ssd1b.py"),
+                             "--pretrained_model_name_or_path", "nobody/no-such-model", "--instance_dir", str(photos),
+                             "--instance_prompt", "a photo of sks dog", "--output_dir", str(tmp_path / "out")],
+                            capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert re.fullmatch(r"error: cannot reach nobody/no-such-model \(\w+\) for --pretrained_model_name_or_path: "
+                        r"pass a local folder, or set HF_HUB_OFFLINE=1 once it is cached, or log in with .*",
+                        result.stderr.strip().splitlines()[-1])
+
+
+def test_finished_adapters_are_not_overwritten_silently(args_for, tmp_path):
+    (tmp_path / "out" / "step499").mkdir(parents=True)
+    (tmp_path / "out" / "step499" / trainer.LORA_FILE).write_bytes(b"weights")
+    with pytest.raises(trainer.UserError, match="already holds adapters \\(step499\\).*--overwrite_output_dir"):
+        check(args_for())
+    check(args_for("--overwrite_output_dir"))  # asked for explicitly: allowed
+    assert (tmp_path / "out" / "step499" / trainer.LORA_FILE).read_bytes() == b"weights"
+
+
+def test_defaults_reproduce_the_reference_recipe():
+    args = trainer.parse_args(["--instance_dir", "data/dog", "--instance_prompt", "a photo of sks dog"])
+    assert args.pretrained_model_name_or_path == "segmind/SSD-1B"
+    assert args.pretrained_vae_model_name_or_path == "madebyollin/sdxl-vae-fp16-fix"
+    assert (args.resolution, args.rank, args.lora_alpha, args.learning_rate) == (1024, 8, 8, 1e-4)
+    assert (args.max_train_steps, args.checkpointing_steps, args.validation_steps) == (500, 100, 100)
+    assert (args.num_validation_images, args.optimizer, args.train_batch_size) == (4, "adamw8bit", 1)
+    assert args.output_dir == "work_dirs/ssd_1b_dreambooth_lora_dog"
+    assert Path(args.class_dir) == Path("work_dirs/ssd_1b_dreambooth_lora_dog/class_images")
+    hub = trainer.parse_args(["--instance_data_dir", "diffusers/dog-example", "--instance_prompt", "x"])
+    assert hub.output_dir == "work_dirs/ssd_1b_dreambooth_lora_dog-example", "diffusers' flag name is accepted"
+    assert trainer.parse_args(["--instance_dir", "d", "--instance_prompt", "x",
+                               "--pretrained_vae_model_name_or_path", "none"]).pretrained_vae_model_name_or_path is None
+
+
+def test_user_mistake_exits_nonzero_with_one_line_and_no_traceback(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "train_dreambooth_lora_ssd1b.py"),
+                             "--instance_dir", str(tmp_path / "nope"), "--instance_prompt", "a photo of sks dog"],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: instance folder {tmp_path / 'nope'} does not exist: pass --instance_dir a folder of 3-20 photos")
+    assert not (tmp_path / "work_dirs").exists(), "nothing is written for a refused run"

@@ -1,0 +1,67 @@
+"""infer.py: a seed is one picture, exactly the plain diffusers one; PNGs carry their parameters."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import infer
+
+ROOT = infer.Path(infer.__file__).resolve().parent
+
+
+@pytest.fixture(scope="module")
+def rendered(trained_run, tmp_path_factory):
+    output = tmp_path_factory.mktemp("renders")
+    paths = infer.main(["--checkpoint", str(trained_run / "step3"), "--prompt", "a sks dog in a bucket",
+                        "--negative_prompt", "blurry", "--seed", "7", "--num_images", "2",
+                        "--num_inference_steps", "3", "--guidance_scale", "4.5", "--output", str(output)])
+    return paths
+
+
+def plain_diffusers_image(tiny_model, step_dir, seed):
+    """What a user gets from diffusers alone, with the adapters loaded."""
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_model, vae=AutoencoderKL.from_pretrained(tiny_model / "vae"))
+    pipe.load_lora_weights(step_dir)
+    return pipe("a sks dog in a bucket", negative_prompt="blurry", num_inference_steps=3, guidance_scale=4.5,
+                height=64, width=64, generator=torch.Generator("cpu").manual_seed(seed)).images[0]
+
+
+def test_seed_gives_exactly_the_plain_diffusers_image(rendered, trained_run, tiny_model):
+    assert [p.name for p in rendered] == ["step3_seed7.png", "step3_seed8.png"]
+    for path, seed in zip(rendered, [7, 8]):  # image i uses seed + i
+        ours = np.asarray(Image.open(path))
+        theirs = np.asarray(plain_diffusers_image(tiny_model, trained_run / "step3", seed))
+        assert ours.shape == (64, 64, 3), "height and width default to the recorded resolution"
+        np.testing.assert_array_equal(ours, theirs)
+    assert not np.array_equal(np.asarray(Image.open(rendered[0])), np.asarray(Image.open(rendered[1])))
+
+
+def test_png_carries_a1111_parameters(rendered, trained_run):
+    text = Image.open(rendered[0]).text["parameters"]
+    prompt, negative, settings = text.split("\n")
+    assert prompt == "a sks dog in a bucket"
+    assert negative == "Negative prompt: blurry"
+    for part in ["Steps: 3", "CFG scale: 4.5", "Seed: 7", "Size: 64x64", f"Lora: {trained_run / 'step3'}"]:
+        assert part in settings
+
+
+def test_prompt_defaults_to_the_instance_prompt(trained_run, tmp_path):
+    paths = infer.main(["--checkpoint", str(trained_run / "step3"), "--num_inference_steps", "2",
+                        "--height", "32", "--width", "48", "--output", str(tmp_path)])
+    image = Image.open(paths[0])
+    assert image.size == (48, 32)
+    assert image.text["parameters"].startswith("a photo of sks dog\n")
+
+
+def test_not_a_step_dir_is_one_line_error(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "infer.py"), "--checkpoint", str(tmp_path)],
+                            capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path} is not a step dir")
