@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The reference recipe (diffengine's ssd_1b_dreambooth_lora_dog) on a GPU with the hub reachable:
+# 5 dog photos, "a photo of sks dog", 1024x1024, LoRA rank 8 on to_q/to_k/to_v/to_out.0, lr 1e-4, 500 steps,
+# 4 validation images of "A photo of sks dog in a bucket" every 100 steps. The adapters end in
+# work_dirs/ssd_1b_dreambooth_lora_dog-example/step499. Extra flags are passed on, e.g. --with_prior_preservation.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+accelerate launch train_dreambooth_lora_ssd1b.py \
+  --pretrained_model_name_or_path segmind/SSD-1B \
+  --pretrained_vae_model_name_or_path madebyollin/sdxl-vae-fp16-fix \
+  --instance_dir diffusers/dog-example \
+  --instance_prompt "a photo of sks dog" \
+  --resolution 1024 --rank 8 --learning_rate 1e-4 --max_train_steps 500 \
+  --validation_prompt "A photo of sks dog in a bucket" --num_validation_images 4 --validation_steps 100 \
+  --checkpointing_steps 100 --mixed_precision fp16 \
+  "$@"
