@@ -1,0 +1,33 @@
+"""examples/: the offline demo runs as written, and the dog recipe's command is what the README promises."""
+
+import re
+import shlex
+import subprocess
+
+from PIL import Image
+
+import train_dreambooth_lora_ssd1b as trainer
+from conftest import ROOT
+
+
+def test_offline_demo_runs_as_written(tmp_path):
+    result = subprocess.run(["bash", str(ROOT / "examples" / "offline_demo.sh"), str(tmp_path / "demo")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "demo" / "run"
+    assert sorted(p.name for p in run.glob("step*")) == ["step19", "step9"]
+    assert len(list((run / "class_images").glob("*.png"))) == 8
+    assert len(list((run / "validation" / "step19").glob("*.png"))) == 4
+    assert Image.open(run / "validation" / "step19" / "seed0.png").size == (64, 64), "at training resolution"
+    assert Image.open(tmp_path / "demo" / "renders" / "step19_seed0.png").size == (64, 64)
+
+
+def test_dog_recipe_is_the_reference_recipe():
+    script = (ROOT / "examples" / "train_dog.sh").read_text().replace("\\\n", " ")
+    command = re.search(r"train_dreambooth_lora_ssd1b\.py(.*)", script).group(1)
+    args = trainer.parse_args([a for a in shlex.split(command) if a != "$@"])
+    assert (args.instance_dir, args.instance_prompt) == ("diffusers/dog-example", "a photo of sks dog")
+    assert (args.resolution, args.rank, args.learning_rate, args.max_train_steps) == (1024, 8, 1e-4, 500)
+    assert (args.validation_prompt, args.num_validation_images, args.validation_steps) == (
+        "A photo of sks dog in a bucket", 4, 100)
+    assert args.output_dir == "work_dirs/ssd_1b_dreambooth_lora_dog-example"
