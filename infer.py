@@ -80,12 +80,12 @@ def resolve(args, settings):
     return args
 
 
-def parameters_text(args, seed):
+def parameters_text(args, seed, sampler):
     """The A1111 `parameters` chunk: prompt, negative prompt, then one line of settings."""
     lines = [args.prompt]
     if args.negative_prompt:
         lines.append(f"Negative prompt: {args.negative_prompt}")
-    lines.append(f"Steps: {args.num_inference_steps}, Sampler: Euler, CFG scale: {args.guidance_scale}, "
+    lines.append(f"Steps: {args.num_inference_steps}, Sampler: {sampler}, CFG scale: {args.guidance_scale}, "
                  f"Seed: {seed}, Size: {args.width}x{args.height}, Model: {args.pretrained_model_name_or_path}, "
                  f"Lora: {args.checkpoint}, Lora scale: {args.lora_scale}")
     return "\n".join(lines)
@@ -111,7 +111,7 @@ def main(argv=None):
         image = generate_images(pipe, args.prompt, [seed], args.height, args.width, args.num_inference_steps,
                                 negative_prompt=args.negative_prompt, guidance_scale=args.guidance_scale)[0]
         info = PngInfo()
-        info.add_text("parameters", parameters_text(args, seed))
+        info.add_text("parameters", parameters_text(args, seed, type(pipe.scheduler).__name__))
         path = output / f"{Path(args.checkpoint).name}_seed{seed}.png"
         save_png_atomic(image, path, pnginfo=info)
         paths.append(path)

@@ -444,7 +444,7 @@ def pick(items, k, seed, tag):
 class DreamBoothDataset(torch.utils.data.Dataset):
     """Sample k of a run: an instance photo (and a class image), cropped and flipped anew for every k.
 
-    Which photo, the crop and the flip come from (seed, k), so any sample is redrawn exactly on resume.
+    Which photo, the crop and the flip come from (seed, k), so any sample can be redrawn exactly.
     """
 
     def __init__(self, instance_images, instance_prompt, class_images, class_prompt, resolution,

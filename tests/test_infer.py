@@ -47,7 +47,7 @@ def test_png_carries_a1111_parameters(rendered, trained_run):
     prompt, negative, settings = text.split("\n")
     assert prompt == "a sks dog in a bucket"
     assert negative == "Negative prompt: blurry"
-    for part in ["Steps: 3", "CFG scale: 4.5", "Seed: 7", "Size: 64x64", f"Lora: {trained_run / 'step3'}"]:
+    for part in ["Steps: 3", "Sampler: EulerDiscreteScheduler", "CFG scale: 4.5", "Seed: 7", "Size: 64x64", f"Lora: {trained_run / 'step3'}"]:
         assert part in settings
 
 
