@@ -65,3 +65,26 @@ def test_not_a_step_dir_is_one_line_error(tmp_path):
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path} is not a step dir")
+
+
+def test_lora_scale_zero_renders_the_base_model(trained_run, tiny_model, tmp_path):
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+
+    path = infer.main(["--checkpoint", str(trained_run / "step3"), "--prompt", "a dog", "--lora_scale", "0",
+                       "--num_inference_steps", "2", "--output", str(tmp_path)])[0]
+    base = StableDiffusionXLPipeline.from_pretrained(tiny_model, vae=AutoencoderKL.from_pretrained(tiny_model / "vae"))
+    expected = base("a dog", num_inference_steps=2, height=64, width=64,
+                    generator=torch.Generator("cpu").manual_seed(0)).images[0]
+    np.testing.assert_allclose(np.asarray(Image.open(path), dtype=float), np.asarray(expected, dtype=float), atol=1)
+
+
+def test_flags_override_what_the_checkpoint_recorded(trained_run):
+    settings = infer.read_settings(trained_run / "step3")
+    args = infer.resolve(infer.parse_args(["--checkpoint", str(trained_run / "step3")]), settings)
+    assert (args.pretrained_model_name_or_path, args.pretrained_vae_model_name_or_path) == (
+        settings["pretrained_model_name_or_path"], settings["pretrained_vae_model_name_or_path"])
+    assert (args.height, args.width, args.device, args.dtype) == (64, 64, "cpu", "fp32")
+    args = infer.resolve(infer.parse_args(["--checkpoint", str(trained_run / "step3"), "--height", "128",
+                                           "--pretrained_vae_model_name_or_path", "none", "--dtype", "bf16"]),
+                         settings)
+    assert (args.pretrained_vae_model_name_or_path, args.height, args.width, args.dtype) == (None, 128, 64, "bf16")

@@ -29,7 +29,11 @@ def test_accelerate_launch_trains_validates_saves_and_infers(tiny_model, photos,
     assert sorted(p.name for p in output_dir.glob("step*")) == ["step1", "step3"]
     assert len(list((output_dir / "class_images").glob("*.png"))) == 4
     assert sorted(p.name for p in (output_dir / "validation" / "step3").iterdir()) == ["seed0.png", "seed1.png"]
-    assert list((output_dir / "logs").rglob("events.out.tfevents.*")), "tensorboard logs"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logs = [EventAccumulator(str(f.parent)).Reload() for f in (output_dir / "logs").rglob("events.out.tfevents.*")]
+    tags = {tag for log in logs for kind in ("images", "scalars") for tag in log.Tags()[kind]}
+    assert {"validation", "loss", "lr"} <= tags, "validation images and the loss reach tensorboard"
 
     render = subprocess.run([sys.executable, str(ROOT / "infer.py"), "--checkpoint", str(output_dir / "step3"),
                              "--num_inference_steps", "2", "--output", str(tmp_path / "renders")],
@@ -101,3 +105,25 @@ def test_unet_only_run_saves_no_text_encoder_adapters(tiny_model, photos, tmp_pa
     run(tiny_model, photos, tmp_path / "out")
     assert not (tmp_path / "out" / "step1" / "text_encoder_one").exists()
     assert {k.split(".")[0] for k in load_file(tmp_path / "out" / "step1" / trainer.LORA_FILE)} == {"unet"}
+
+
+def test_accelerate_config_precision_is_honoured_without_the_flag(tiny_model, photos, tmp_path, monkeypatch):
+    seen = {}
+    real = trainer.make_optimizer
+    monkeypatch.setattr(trainer, "make_optimizer", lambda trained, args: seen.update(trained=trained)
+                        or real(trained, args))
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what `accelerate config` / launch pass on
+    run(tiny_model, photos, tmp_path / "out")
+    assert {p.dtype for p in seen["trained"][0].parameters() if not p.requires_grad} == {torch.bfloat16}
+
+
+def test_hub_dataset_id_is_fetched_as_the_instance_folder(tiny_model, photos, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo, repo_type=None, revision=None: asked.append((repo, repo_type)) or str(photos))
+    args = trainer.parse_args([str(a) for a in tiny_args(tiny_model, photos, tmp_path / "out")]
+                              + ["--instance_dir", "diffusers/dog-example"])
+    assert trainer.check_inputs(args) == trainer.list_images(photos)
+    assert asked == [("diffusers/dog-example", "dataset")]
