@@ -19,13 +19,18 @@ so a run is reproducible by construction.
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import math
 import os
 import random
+import re
+import shlex
 import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -40,6 +45,9 @@ UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 LORA_FILE = "pytorch_lora_weights.safetensors"
 SETTINGS_FILE = "run_settings.json"
+KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"
+STATE_PREFIX = "state-"  # output_dir/state-stepN: accelerate's resumable state beside stepN's adapters
+TRAINER_STATE = "trainer_state.json"  # written last into a state folder: without it, the folder is no state
 WARMUP_STEPS = 3  # steps left out of the steady-state time per step (allocator, kernels and caches warm up)
 
 
@@ -54,6 +62,17 @@ class UserError(Exception):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_data_flags(p)
+    add_training_flags(p)
+    add_output_flags(p)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = p.parse_args(argv)
+    args.argv = argv  # to print the exact command that resumes an interrupted run
+    check_args(args)
+    return args
+
+
+def add_data_flags(p):
     g = p.add_argument_group("model")
     g.add_argument("--pretrained_model_name_or_path", default="segmind/SSD-1B")
     g.add_argument("--pretrained_vae_model_name_or_path", default="madebyollin/sdxl-vae-fp16-fix",
@@ -80,6 +99,8 @@ def parse_args(argv=None):
     g.add_argument("--prior_loss_weight", type=float, default=1.0)
     g.add_argument("--sample_batch_size", type=int, default=4, help="batch size for making class images")
 
+
+def add_training_flags(p):
     g = p.add_argument_group("LoRA")
     g.add_argument("--rank", type=int, default=8)
     g.add_argument("--lora_alpha", type=int, default=None, help="default: the rank")
@@ -108,6 +129,8 @@ def parse_args(argv=None):
     g.add_argument("--noise_offset", type=float, default=0.0)
     g.add_argument("--seed", type=int, default=0)
 
+
+def add_output_flags(p):
     g = p.add_argument_group("validation")
     g.add_argument("--validation_prompt", default=None, help='e.g. "A photo of sks dog in a bucket"')
     g.add_argument("--num_validation_images", type=int, default=4)
@@ -121,10 +144,12 @@ def parse_args(argv=None):
     g.add_argument("--checkpointing_steps", type=int, default=100)
     g.add_argument("--overwrite_output_dir", action="store_true",
                    help="allow replacing adapters that an earlier run left in the output dir")
-
-    args = p.parse_args(argv)
-    check_args(args)
-    return args
+    g.add_argument("--resume_from_checkpoint", default=None,
+                   help="'latest', or a state-stepN folder: restores LoRA, optimizer, scheduler, RNGs, data position")
+    g.add_argument("--checkpoints_total_limit", type=int, default=None,
+                   help="keep only the newest N resumable states (adapters are always kept)")
+    g.add_argument("--output_kohya_format", action="store_true",
+                   help=f"also write stepN/{KOHYA_FILE} for WebUI and ComfyUI")
 
 
 def check_args(args):
@@ -133,6 +158,8 @@ def check_args(args):
         raise UserError("--with_prior_preservation needs --class_prompt, e.g. --class_prompt 'a photo of dog'")
     if args.resolution <= 0 or args.resolution % 8:
         raise UserError(f"--resolution {args.resolution} must be a positive multiple of 8, e.g. 1024")
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
+        raise UserError(f"--checkpoints_total_limit must be at least 1 (got {args.checkpoints_total_limit})")
     positive = ["rank", "max_train_steps", "train_batch_size", "gradient_accumulation_steps",
                 "checkpointing_steps", "validation_steps", "num_validation_images", "validation_inference_steps",
                 "num_class_images", "sample_batch_size"]
@@ -216,19 +243,50 @@ def check_model_source(name, filename, flag, revision=None):
                         "HF_HUB_OFFLINE=1 once it is cached, or log in with `hf auth login`") from None
 
 
-def check_output_dir(output_dir, overwrite):
+def step_of(folder):
+    """stepN -> N + 1, the number of optimiser steps behind that folder."""
+    return int(folder.name.removeprefix(STATE_PREFIX)[4:]) + 1
+
+
+def check_output_dir(output_dir, overwrite, resume_state):
     """Refuse to replace another run's adapters silently, and prove the folder is writable."""
-    finished = sorted(Path(output_dir).glob(f"step*/{LORA_FILE}"))
-    if finished and not overwrite:
-        raise UserError(f"{output_dir} already holds adapters ({finished[-1].parent.name}); choose another "
-                        "--output_dir, or pass --overwrite_output_dir to replace them")
+    output_dir = Path(output_dir)
+    finished = sorted(output_dir.glob(f"step*/{LORA_FILE}"), key=lambda p: step_of(p.parent))
+    if resume_state is not None:  # resuming: only adapters beyond the resumed step would be replaced
+        later = [p.parent.name for p in finished if step_of(p.parent) > step_of(resume_state)]
+        if later and not overwrite:
+            raise UserError(f"resuming from {resume_state.name} would replace later adapters ({', '.join(later)}) "
+                            f"in {output_dir}: resume from 'latest', or pass --overwrite_output_dir")
+    elif finished and not overwrite:
+        raise UserError(f"{output_dir} already holds adapters ({finished[-1].parent.name}); continue that run with "
+                        "--resume_from_checkpoint latest, choose another --output_dir, or pass "
+                        "--overwrite_output_dir to replace them")
     try:
-        Path(output_dir).mkdir(parents=True, exist_ok=True)
-        probe = Path(output_dir) / f".write-test-{os.getpid()}"
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / f".write-test-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
         raise UserError(f"cannot write to --output_dir {output_dir} ({e.strerror}): choose a writable folder")
+
+
+def check_resume(args):
+    """The state to resume from, checked against this run's flags; None for a fresh run."""
+    if not args.resume_from_checkpoint:
+        return None
+    state = find_resume_state(args.output_dir, args.resume_from_checkpoint)
+    if state is None:
+        print(f"no resumable state in {args.output_dir} yet: starting a new run", file=sys.stderr)
+        return None
+    saved = json.loads((state / TRAINER_STATE).read_text())
+    for key in ["pretrained_model_name_or_path", "rank", "lora_alpha", "train_text_encoder"]:
+        if saved["settings"].get(key) != getattr(args, key):
+            raise UserError(f"{state} was trained with --{key} {saved['settings'].get(key)}, not "
+                            f"{getattr(args, key)}: resume with the same flags")
+    if saved["step"] >= args.max_train_steps:
+        raise UserError(f"{state} has already done {saved['step']} steps: pass a larger --max_train_steps "
+                        "to extend the run")
+    return state
 
 
 def check_inputs(args):
@@ -245,7 +303,10 @@ def check_inputs(args):
     if args.pretrained_vae_model_name_or_path:
         check_model_source(args.pretrained_vae_model_name_or_path, "config.json",
                            "--pretrained_vae_model_name_or_path")
-    check_output_dir(args.output_dir, args.overwrite_output_dir)
+    for stale in Path(args.output_dir).glob(".*.partial"):  # left by a run killed while saving: never complete
+        shutil.rmtree(stale, ignore_errors=True)
+    args.resume_state = check_resume(args)
+    check_output_dir(args.output_dir, args.overwrite_output_dir, args.resume_state)
     return instance_images
 
 
@@ -567,6 +628,34 @@ def save_png_atomic(image, path, pnginfo=None):
     os.replace(tmp, path)
 
 
+def write_text_atomic(path, text):
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def partial_dir(final):
+    """Where `final` is written first: hidden, and in the same folder so the rename stays on one filesystem."""
+    return final.with_name(f".{final.name}.partial")
+
+
+def publish(tmp, final):
+    """Make a fully written folder visible under its final name in one rename: complete, or absent."""
+    for file in tmp.rglob("*"):
+        if file.is_file():
+            with open(file, "rb+") as f:
+                os.fsync(f.fileno())
+    if final.exists():  # only when replacing was asked for: move the old one aside, then swap
+        old = final.with_name(f".{final.name}.replaced")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+    return final
+
+
 def save_peft_adapter(model, folder, base_model):
     """PEFT's own layout, so `PeftModel.from_pretrained(pipe.unet, folder)` loads it."""
     from peft import get_peft_model_state_dict
@@ -580,15 +669,48 @@ def save_peft_adapter(model, folder, base_model):
     save_file(state, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
 
 
-def save_adapters(step_dir, trained, settings):
+def kohya_module_name(module, layers_per_block):
+    """A diffusers UNet module path in SGM/kohya naming, e.g. down_blocks.1.attentions.0.x -> input_blocks.4.1.x
+    (each UNet level holds layers_per_block blocks plus a down/upsampler)."""
+    per_level = layers_per_block + 1
+    if match := re.match(r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.*)", module):
+        return f"input_blocks.{1 + per_level * int(match[1]) + int(match[2])}.1.{match[3]}"
+    if match := re.match(r"up_blocks\.(\d+)\.attentions\.(\d+)\.(.*)", module):
+        return f"output_blocks.{per_level * int(match[1]) + int(match[2])}.1.{match[3]}"
+    if match := re.match(r"mid_block\.attentions\.0\.(.*)", module):
+        return f"middle_block.1.{match[1]}"
+    return module
+
+
+def kohya_state_dict(trained, lora_alpha):
+    """The WebUI/ComfyUI/kohya file: lora_unet_* in SGM block names, lora_te1_*, lora_te2_*, each with alpha."""
+    from peft import get_peft_model_state_dict
+
+    kohya = {}
+    layers_per_block = trained[0].config.layers_per_block
+    for model, prefix in zip(trained, ["lora_unet", "lora_te1", "lora_te2"]):
+        for key, value in get_peft_model_state_dict(model, save_embedding_layers=False).items():
+            module, kind = key.rsplit(".lora_", 1)  # kind: "A.weight" (down) or "B.weight" (up)
+            if prefix == "lora_unet":
+                module = kohya_module_name(module, layers_per_block)
+            elif not module.startswith("text_model."):  # transformers 5 dropped CLIPTextModel's text_model level
+                module = f"text_model.{module}"
+            name = f"{prefix}_{module.replace('.', '_')}"
+            kohya[f"{name}.lora_{'down' if kind.startswith('A') else 'up'}.weight"] = value.detach().float().cpu()
+            kohya[f"{name}.alpha"] = torch.tensor(float(lora_alpha))
+    return kohya
+
+
+def save_adapters(step_dir, trained, settings, kohya=False):
     """Write stepN/{unet,text_encoder_one,text_encoder_two}/ (PEFT), stepN/pytorch_lora_weights.safetensors
-    (diffusers) and stepN/run_settings.json into a hidden folder, then rename it into place."""
+    (diffusers), optionally the kohya file, and stepN/run_settings.json; then rename the folder into place."""
     from diffusers import StableDiffusionXLPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
 
     step_dir = Path(step_dir)
-    tmp = step_dir.with_name(f".{step_dir.name}.partial-{os.getpid()}")
+    tmp = partial_dir(step_dir)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     base = settings["pretrained_model_name_or_path"]
@@ -604,24 +726,138 @@ def save_adapters(step_dir, trained, settings):
         text_encoder_2_lora_layers=layers[2] if len(layers) > 2 else None,
         text_encoder_2_lora_adapter_metadata=metadata[2] if len(layers) > 2 else None,
         weight_name=LORA_FILE)
+    if kohya:
+        save_file(kohya_state_dict(trained, settings["lora_alpha"]), str(tmp / KOHYA_FILE),
+                  metadata={"ss_network_module": "networks.lora"})
     (tmp / SETTINGS_FILE).write_text(json.dumps(settings, indent=2))
-    for file in tmp.rglob("*"):
-        if file.is_file():
-            with open(file, "rb+") as f:
-                os.fsync(f.fileno())
-    if step_dir.exists():  # only with --overwrite_output_dir: move the old one aside, then swap
-        old = step_dir.with_name(f".{step_dir.name}.replaced-{os.getpid()}")
-        os.replace(step_dir, old)
-        os.replace(tmp, step_dir)
+    return publish(tmp, step_dir)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Resumable state: beside each step's adapters, never inside the folders users copy around
+# ----------------------------------------------------------------------------------------------------------
+
+
+def save_lora_hook(accelerator, models, weights, output_dir):
+    """accelerate's save_state hook: store the LoRA weights only, not the frozen multi-GB base model."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    if accelerator.is_main_process:
+        for i, model in enumerate(models):
+            state = get_peft_model_state_dict(accelerator.unwrap_model(model), save_embedding_layers=False)
+            save_file({k: v.contiguous() for k, v in state.items()}, f"{output_dir}/lora_{i}.safetensors")
+    weights.clear()
+
+
+def load_lora_hook(accelerator, models, input_dir):
+    """accelerate's load_state hook: the LoRA weights back into each model; the base weights are untouched."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    for i, model in enumerate(models):
+        set_peft_model_state_dict(accelerator.unwrap_model(model), load_file(f"{input_dir}/lora_{i}.safetensors"))
+    models.clear()
+
+
+def save_resumable_state(accelerator, output_dir, step, settings):
+    """accelerate's save_state (LoRA, optimizer with its 8-bit states, scheduler, scaler, every RNG) into
+    state-stepN/, written hidden and renamed into place. Every process takes part."""
+    final = Path(output_dir) / f"{STATE_PREFIX}step{step - 1}"
+    tmp = partial_dir(final)
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / TRAINER_STATE).write_text(json.dumps({"step": step, "settings": settings}, indent=2))
+        publish(tmp, final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def complete_states(output_dir):
+    """Resumable states by step, oldest first; a folder without its trainer_state.json is not one."""
+    states = [p for p in Path(output_dir).glob(f"{STATE_PREFIX}step*") if (p / TRAINER_STATE).is_file()]
+    return sorted(states, key=lambda p: json.loads((p / TRAINER_STATE).read_text())["step"])
+
+
+def prune_states(output_dir, keep):
+    """Keep the newest `keep` resumable states; adapters are never deleted."""
+    for old in complete_states(output_dir)[:-keep]:
         shutil.rmtree(old)
-    else:
-        os.replace(tmp, step_dir)
-    return step_dir
+
+
+def find_resume_state(output_dir, resume):
+    """The state folder to resume from: a path (a stepN adapter dir maps to its state), or the newest complete
+    one for 'latest' (None when there is none yet)."""
+    if resume == "latest":
+        states = complete_states(output_dir)
+        return states[-1] if states else None
+    path = Path(resume)
+    if not (path / TRAINER_STATE).is_file() and (path.parent / f"{STATE_PREFIX}{path.name}").is_dir():
+        path = path.parent / f"{STATE_PREFIX}{path.name}"
+    if not (path / TRAINER_STATE).is_file():
+        raise UserError(f"{resume} is not a resumable checkpoint (no {TRAINER_STATE}): pass a "
+                        f"{STATE_PREFIX}stepN folder of the output dir, or 'latest'")
+    return path
+
+
+def resume_command(argv):
+    """The command that resumes this run: the same flags, plus --resume_from_checkpoint latest."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip or arg.startswith("--resume_from_checkpoint="):
+            skip = False
+            continue
+        if arg == "--resume_from_checkpoint":
+            skip = True
+            continue
+        kept.append(arg)
+    return shlex.join(["accelerate", "launch", Path(__file__).name, *kept, "--resume_from_checkpoint", "latest"])
+
+
+class Interrupted(Exception):
+    """Raised once the resumable checkpoint of an interrupted run is saved; carries the exit code."""
+
+    def __init__(self, message, signum):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class GracefulStop:
+    """SIGINT / SIGTERM (Ctrl-C, cluster preemption): finish the step, save, exit. A second one exits at once."""
+
+    def __enter__(self):
+        self.signum, self.previous = 0, {}
+        if threading.current_thread() is threading.main_thread():  # signals can only be caught there
+            self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def handle(self, signum, frame):
+        if self.signum:
+            os._exit(128 + signum)
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a resumable checkpoint "
+              "(interrupt again to exit at once)", file=sys.stderr, flush=True)
+
+    def requested(self, accelerator):
+        """The signal to stop on, agreed by all processes so that they stop at the same step."""
+        if accelerator.num_processes == 1:
+            return self.signum
+        flag = torch.tensor([self.signum], device=accelerator.device)
+        return int(accelerator.reduce(flag, reduction="max").item())
 
 
 def run_settings(args, step):
     """What infer.py needs to rebuild the run's pipeline without repeating flags."""
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                if k not in ("argv", "resume_state")}
     settings.update(step=step, trainer="train_dreambooth_lora_ssd1b.py")
     return settings
 
@@ -631,8 +867,19 @@ def run_settings(args, step):
 # ----------------------------------------------------------------------------------------------------------
 
 
+def image_grid(images):
+    """Images side by side, in rows of at most ceil(sqrt(n))."""
+    columns = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / columns)
+    width, height = images[0].size
+    grid = Image.new("RGB", (columns * width, rows * height), "white")
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % columns) * width, (i // columns) * height))
+    return grid
+
+
 def log_validation(accelerator, models, args, step):
-    """Fixed-seed images of the validation prompt, so rounds are comparable; PNGs + tensorboard."""
+    """Fixed-seed images of the validation prompt, so rounds are comparable; PNGs, a grid, tensorboard."""
     unwrapped = dataclasses.replace(models, unet=accelerator.unwrap_model(models.unet),
                                     text_encoders=[accelerator.unwrap_model(m) for m in models.text_encoders])
     for module in [unwrapped.unet, *unwrapped.text_encoders]:
@@ -646,10 +893,11 @@ def log_validation(accelerator, models, args, step):
     folder.mkdir(parents=True, exist_ok=True)
     for seed, image in zip(seeds, images):
         save_png_atomic(image, folder / f"seed{seed}.png")
+    grid = image_grid(images)
+    save_png_atomic(grid, folder / "grid.png")
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
-            tracker.writer.add_images("validation", np.stack([np.asarray(i) for i in images]),
-                                      step, dataformats="NHWC")
+            tracker.writer.add_image("validation_grid", np.asarray(grid), step, dataformats="HWC")
     unwrapped.unet.train()
     if args.train_text_encoder:
         for text_encoder in unwrapped.text_encoders:
@@ -657,63 +905,140 @@ def log_validation(accelerator, models, args, step):
     return images
 
 
+def identifier(instance_prompt, class_prompt):
+    """The rare token(s) naming the subject: words of the instance prompt that the class prompt lacks."""
+    words = instance_prompt.split()
+    if class_prompt:
+        rare = [w for w in words if w not in class_prompt.split()]
+    else:  # no class prompt: the word just before the class noun, as in "a photo of sks dog"
+        rare = words[-2:-1]
+    return " ".join(rare) or instance_prompt
+
+
+def write_model_card(output_dir, args, step):
+    """output_dir/README.md: what was trained, how, the last validation grid, and how to load the adapter."""
+    output_dir = Path(output_dir)
+    step_dir = f"step{step - 1}"
+    grids = sorted(output_dir.glob("validation/step*/grid.png"), key=lambda p: int(p.parent.name[4:]))
+    te = args.train_text_encoder
+    lines = [
+        f"# DreamBooth LoRA: `{args.instance_prompt}`", "",
+        f"LoRA adapters for [{args.pretrained_model_name_or_path}]"
+        f"(https://huggingface.co/{args.pretrained_model_name_or_path}), trained with DreamBooth "
+        f"(Ruiz et al., CVPR 2023) by `train_dreambooth_lora_ssd1b.py`. Latest adapters: `{step_dir}/`.", "",
+        "| setting | value |", "|---|---|",
+        f"| base model | `{args.pretrained_model_name_or_path}` |",
+        f"| VAE | `{args.pretrained_vae_model_name_or_path or 'the base model own'}` |",
+        f"| instance prompt | `{args.instance_prompt}` |",
+        f"| identifier | `{identifier(args.instance_prompt, args.class_prompt)}` |",
+        f"| prior preservation | {f'`{args.class_prompt}`, {args.num_class_images} class images, weight {args.prior_loss_weight}' if args.with_prior_preservation else 'off'} |",
+        f"| steps | {step} of {args.max_train_steps} |",
+        f"| resolution | {args.resolution} |",
+        f"| LoRA | rank {args.rank}, alpha {args.lora_alpha}, on the UNet{' and both text encoders' if te else ''} |",
+        f"| learning rate | {args.learning_rate} ({args.lr_scheduler}){f', text encoders {args.text_encoder_lr}' if te else ''} |",
+        f"| batch | {args.train_batch_size} x {args.gradient_accumulation_steps} accumulation |",
+        f"| optimizer, precision | {args.optimizer}, {args.mixed_precision or 'as accelerate is configured'} |",
+        f"| seed | {args.seed} |", "",
+    ]
+    if grids:
+        lines += [f"Validation, `{args.validation_prompt}`, {grids[-1].parent.name}:", "",
+                  f"![validation]({grids[-1].relative_to(output_dir).as_posix()})", ""]
+    te_lines = ['pipe.text_encoder = PeftModel.from_pretrained(pipe.text_encoder, ckpt / "text_encoder_one")',
+                'pipe.text_encoder_2 = PeftModel.from_pretrained(pipe.text_encoder_2, ckpt / "text_encoder_two")']
+    lines += [
+        "## Use it", "", "With this project's `infer.py`:", "", "```bash",
+        f'python infer.py --checkpoint {step_dir} --prompt "{args.validation_prompt or args.instance_prompt}"',
+        "```", "", "With diffusers:", "", "```python",
+        "import torch", "from diffusers import AutoencoderKL, StableDiffusionXLPipeline", "",
+        f'vae = AutoencoderKL.from_pretrained("{args.pretrained_vae_model_name_or_path}", torch_dtype=torch.float16)'
+        if args.pretrained_vae_model_name_or_path else "vae = None  # the base model's own VAE",
+        f'pipe = StableDiffusionXLPipeline.from_pretrained("{args.pretrained_model_name_or_path}", '
+        + ('vae=vae, ' if args.pretrained_vae_model_name_or_path else '') + 'torch_dtype=torch.float16).to("cuda")',
+        f'pipe.load_lora_weights("{step_dir}")', "```", "",
+        "With PEFT, per model:", "", "```python", "from pathlib import Path", "from peft import PeftModel", "",
+        f'ckpt = Path("{step_dir}")', 'pipe.unet = PeftModel.from_pretrained(pipe.unet, ckpt / "unet")',
+        *(te_lines if te else []), "```", "",
+    ]
+    if args.output_kohya_format:
+        lines += [f"For WebUI or ComfyUI: `{step_dir}/{KOHYA_FILE}`.", ""]
+    write_text_atomic(output_dir / "README.md", "\n".join(lines))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------------------------
 
 
-def train(accelerator, models, trained, optimizer, lr_scheduler, dataloader, args, weight_dtype):
-    """Optimise until max_train_steps; save every checkpointing_steps and at the end; validate on schedule."""
-    progress = tqdm(total=args.max_train_steps, desc="steps", disable=not accelerator.is_main_process)
+def train(accelerator, models, trained, optimizer, lr_scheduler, dataloader, args, weight_dtype, start_step):
+    """Optimise until max_train_steps; save every checkpointing_steps and at the end; validate on schedule.
+
+    On SIGINT/SIGTERM, finish the step, save adapters and resumable state, and raise Interrupted.
+    """
+    progress = tqdm(total=args.max_train_steps, initial=start_step, desc="steps",
+                    disable=not accelerator.is_main_process)
     params = [p for m in trained for p in m.parameters() if p.requires_grad]
     for module in trained:
         module.train()
-    step, step_times, side_seconds = 0, [], 0.0
+    step, step_times, side_seconds = start_step, [], 0.0
     started = time.perf_counter()
-    for micro_step, batch in enumerate(dataloader):
-        with accelerator.accumulate(*trained):
-            generator = torch.Generator(accelerator.device).manual_seed(
-                derive_seed(args.seed, "noise", accelerator.process_index, micro_step) % 2**63)
-            loss = training_step(batch, models, args, generator, weight_dtype, accelerator.device)
-            accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(params, args.max_grad_norm)
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        if not accelerator.sync_gradients:
-            continue
-        step += 1
-        loss_value = accelerator.gather(loss.detach()).mean().item()  # also waits for the device: honest timing
-        step_times.append(time.perf_counter() - started)
-        lr = lr_scheduler.get_last_lr()[0]
-        progress.update(1)
-        progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", s_per_step=f"{step_times[-1]:.2f}")
-        accelerator.log({"loss": loss_value, "lr": lr}, step=step)
-        side_started = time.perf_counter()
-        after_step(accelerator, models, trained, args, step)
-        side_seconds += time.perf_counter() - side_started
-        started = time.perf_counter()
-        if step >= args.max_train_steps:
-            break
+    with GracefulStop() as stop:
+        for micro_step, batch in enumerate(dataloader, start=start_step * args.gradient_accumulation_steps):
+            with accelerator.accumulate(*trained):
+                generator = torch.Generator(accelerator.device).manual_seed(
+                    derive_seed(args.seed, "noise", accelerator.process_index, micro_step) % 2**63)
+                # LoRA dropout draws from torch's global RNG, which a new data iterator also draws from;
+                # seeding it per micro-step makes dropout a function of (seed, step) too, so resume is exact
+                torch.manual_seed(derive_seed(args.seed, "dropout", accelerator.process_index, micro_step) % 2**63)
+                loss = training_step(batch, models, args, generator, weight_dtype, accelerator.device)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            loss_value = accelerator.gather(loss.detach()).mean().item()  # also waits for the device: honest timing
+            step_times.append(time.perf_counter() - started)
+            lr = lr_scheduler.get_last_lr()[0]
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", s_per_step=f"{step_times[-1]:.2f}")
+            accelerator.log({"loss": loss_value, "lr": lr}, step=step)
+            side_started = time.perf_counter()
+            signum = stop.requested(accelerator)
+            after_step(accelerator, models, trained, args, step, stopping=bool(signum))
+            if signum:
+                progress.close()
+                raise Interrupted(f"stopped at step {step} of {args.max_train_steps}; resume with:\n  "
+                                  f"{resume_command(args.argv)}", signum)
+            side_seconds += time.perf_counter() - side_started
+            started = time.perf_counter()
+            if step >= args.max_train_steps:
+                break
     progress.close()
     return step_times, side_seconds
 
 
-def after_step(accelerator, models, trained, args, step):
-    """Save adapters and validate on the main process; the others wait for it."""
-    step_name = f"step{step - 1}"  # the reference layout: a 500-step run ends in step499
-    save_now = step % args.checkpointing_steps == 0 or step == args.max_train_steps
-    validate_now = args.validation_prompt and (step % args.validation_steps == 0 or step == args.max_train_steps)
-    if not (save_now or validate_now):
-        return
-    if accelerator.is_main_process:
-        unwrapped = [accelerator.unwrap_model(m) for m in trained]
-        if save_now:
-            step_dir = save_adapters(Path(args.output_dir) / step_name, unwrapped, run_settings(args, step))
+def after_step(accelerator, models, trained, args, step, stopping=False):
+    """Save adapters and resumable state, validate, and refresh the model card; the other processes wait."""
+    save_now = stopping or step % args.checkpointing_steps == 0 or step == args.max_train_steps
+    validate_now = (not stopping and args.validation_prompt
+                    and (step % args.validation_steps == 0 or step == args.max_train_steps))
+    if save_now:
+        settings = run_settings(args, step)
+        if accelerator.is_main_process:
+            step_dir = save_adapters(Path(args.output_dir) / f"step{step - 1}",
+                                     [accelerator.unwrap_model(m) for m in trained], settings,
+                                     kohya=args.output_kohya_format)
             tqdm.write(f"saved adapters to {step_dir}")
-        if validate_now:
-            log_validation(accelerator, models, args, step)
+        save_resumable_state(accelerator, args.output_dir, step, settings)
+        if accelerator.is_main_process and args.checkpoints_total_limit:
+            prune_states(args.output_dir, args.checkpoints_total_limit)
+    if validate_now and accelerator.is_main_process:
+        log_validation(accelerator, models, args, step)
+    if (save_now or validate_now) and accelerator.is_main_process:
+        write_model_card(args.output_dir, args, step)
     accelerator.wait_for_everyone()
 
 
@@ -745,35 +1070,68 @@ def make_accelerator(args):
     from accelerate.utils import ProjectConfiguration
 
     report_to = None if args.report_to == "none" else args.report_to
-    return Accelerator(
+    accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
         log_with=report_to,
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=f"{args.output_dir}/logs"))
+    accelerator.print(f"{accelerator.state}".strip())
+    return accelerator
+
+
+def prepare_class_images(accelerator, models, args):
+    """The main process makes the missing class images; the others then find them all."""
+    with accelerator.main_process_first():
+        pipe = build_pipeline(models, args.pretrained_model_name_or_path, args.revision, args.variant)
+        with accelerator.autocast():
+            return generate_class_images(pipe, args.class_dir, args.class_prompt, args.num_class_images,
+                                         args.sample_batch_size, args.resolution, args.seed,
+                                         disable_progress=not accelerator.is_local_main_process)
+
+
+def make_dataloader(instance_images, class_images, args, num_processes):
+    """One sample per (step, micro-batch, process, batch slot): the dataset is as long as the run."""
+    num_samples = args.max_train_steps * args.gradient_accumulation_steps * args.train_batch_size * num_processes
+    dataset = DreamBoothDataset(instance_images, args.instance_prompt, class_images, args.class_prompt,
+                                args.resolution, args.center_crop, args.random_flip, args.seed, num_samples)
+    return torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, shuffle=False,
+                                       collate_fn=collate, num_workers=args.dataloader_num_workers,
+                                       pin_memory=torch.cuda.is_available())
+
+
+def make_lr_scheduler(optimizer, args, num_processes):
+    from diffusers.optimization import get_scheduler
+
+    # accelerate steps a prepared scheduler once per process each step
+    return get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps * num_processes,
+                         num_training_steps=args.max_train_steps * num_processes)
+
+
+def start_checkpointing(accelerator, args, dataloader):
+    """Save and load LoRA-only state; when resuming, restore it and skip the data already seen.
+    Returns the step to start from and the dataloader to continue with."""
+    accelerator.register_save_state_pre_hook(functools.partial(save_lora_hook, accelerator))
+    accelerator.register_load_state_pre_hook(functools.partial(load_lora_hook, accelerator))
+    if not args.resume_state:
+        return 0, dataloader
+    accelerator.load_state(str(args.resume_state))
+    start_step = json.loads((args.resume_state / TRAINER_STATE).read_text())["step"]
+    accelerator.print(f"resumed from {args.resume_state} at step {start_step}")
+    # sample k is a pure function of (seed, k), so skipping the batches already seen restores the data position
+    return start_step, accelerator.skip_first_batches(dataloader, start_step * args.gradient_accumulation_steps)
 
 
 def main(argv=None):
     from accelerate.utils import set_seed
-    from diffusers.optimization import get_scheduler
 
-    args = parse_args(argv)
-    instance_images = check_inputs(args)
-    accelerator = make_accelerator(args)
-    accelerator.print(f"{accelerator.state}".strip())
+    args = parse_args(argv)                       # flags, every check of them in one place
+    instance_images = check_inputs(args)          # folders, photos, models, output dir: before any model loads
+    accelerator = make_accelerator(args)          # processes, mixed precision, accumulation, trackers
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     load_started = time.perf_counter()
 
     models = load_models(args.pretrained_model_name_or_path, args.pretrained_vae_model_name_or_path,
                          args.revision, args.variant, weight_dtype, accelerator.device)
-    class_images = None
-    if args.with_prior_preservation:
-        with accelerator.main_process_first():  # the main process makes them; the others then find them all
-            pipe = build_pipeline(models, args.pretrained_model_name_or_path, args.revision, args.variant)
-            with accelerator.autocast():
-                class_images = generate_class_images(
-                    pipe, args.class_dir, args.class_prompt, args.num_class_images, args.sample_batch_size,
-                    args.resolution, args.seed, disable_progress=not accelerator.is_local_main_process)
-            del pipe
-
+    class_images = prepare_class_images(accelerator, models, args) if args.with_prior_preservation else None
     set_seed(args.seed)  # LoRA's initial weights
     trained = add_lora(models, args.rank, args.lora_alpha, args.lora_dropout, args.train_text_encoder)
     if args.gradient_checkpointing:
@@ -781,22 +1139,13 @@ def main(argv=None):
         for text_encoder in trained[1:]:
             text_encoder.gradient_checkpointing_enable()
 
-    samples_per_process = args.max_train_steps * args.gradient_accumulation_steps * args.train_batch_size
-    dataset = DreamBoothDataset(instance_images, args.instance_prompt, class_images, args.class_prompt,
-                                args.resolution, args.center_crop, args.random_flip, args.seed,
-                                samples_per_process * accelerator.num_processes)
-    dataloader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, shuffle=False,
-                                             collate_fn=collate, num_workers=args.dataloader_num_workers,
-                                             pin_memory=torch.cuda.is_available())
+    dataloader = make_dataloader(instance_images, class_images, args, accelerator.num_processes)
     optimizer = make_optimizer(trained, args)
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer,
-                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-                                 num_training_steps=args.max_train_steps * accelerator.num_processes)
+    lr_scheduler = make_lr_scheduler(optimizer, args, accelerator.num_processes)
     *trained, optimizer, dataloader, lr_scheduler = accelerator.prepare(*trained, optimizer, dataloader,
                                                                        lr_scheduler)
-    models.unet = trained[0]
-    if args.train_text_encoder:
-        models.text_encoders = trained[1:]
+    models.unet, models.text_encoders = trained[0], trained[1:] or models.text_encoders
+    start_step, dataloader = start_checkpointing(accelerator, args, dataloader)
 
     accelerator.init_trackers("dreambooth-lora-ssd1b", config={k: v for k, v in vars(args).items()
                                                                if isinstance(v, (int, float, str, bool))})
@@ -806,7 +1155,7 @@ def main(argv=None):
                       f"loading took {time.perf_counter() - load_started:.1f} s")
     train_started = time.perf_counter()
     step_times, side_seconds = train(accelerator, models, trained, optimizer, lr_scheduler, dataloader, args,
-                                     weight_dtype)
+                                     weight_dtype, start_step)
     report(accelerator, step_times, side_seconds, time.perf_counter() - train_started)
     accelerator.end_training()
 
@@ -816,3 +1165,9 @@ if __name__ == "__main__":
         main()
     except UserError as error:
         sys.exit(f"error: {error}")
+    except Interrupted as stopped:
+        print(stopped, file=sys.stderr)
+        sys.exit(stopped.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted before training started: nothing to resume", file=sys.stderr)
+        sys.exit(130)

@@ -17,7 +17,7 @@ def test_offline_demo_runs_as_written(tmp_path):
     run = tmp_path / "demo" / "run"
     assert sorted(p.name for p in run.glob("step*")) == ["step19", "step9"]
     assert len(list((run / "class_images").glob("*.png"))) == 8
-    assert len(list((run / "validation" / "step19").glob("*.png"))) == 4
+    assert len(list((run / "validation" / "step19").glob("seed*.png"))) == 4
     assert Image.open(run / "validation" / "step19" / "seed0.png").size == (64, 64), "at training resolution"
     assert Image.open(tmp_path / "demo" / "renders" / "step19_seed0.png").size == (64, 64)
 

@@ -28,12 +28,12 @@ def test_accelerate_launch_trains_validates_saves_and_infers(tiny_model, photos,
 
     assert sorted(p.name for p in output_dir.glob("step*")) == ["step1", "step3"]
     assert len(list((output_dir / "class_images").glob("*.png"))) == 4
-    assert sorted(p.name for p in (output_dir / "validation" / "step3").iterdir()) == ["seed0.png", "seed1.png"]
+    assert sorted(p.name for p in (output_dir / "validation" / "step3").iterdir()) == ["grid.png", "seed0.png", "seed1.png"]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     logs = [EventAccumulator(str(f.parent)).Reload() for f in (output_dir / "logs").rglob("events.out.tfevents.*")]
     tags = {tag for log in logs for kind in ("images", "scalars") for tag in log.Tags()[kind]}
-    assert {"validation", "loss", "lr"} <= tags, "validation images and the loss reach tensorboard"
+    assert {"validation_grid", "loss", "lr"} <= tags, "every round's grid and the loss reach tensorboard"
 
     render = subprocess.run([sys.executable, str(ROOT / "infer.py"), "--checkpoint", str(output_dir / "step3"),
                              "--num_inference_steps", "2", "--output", str(tmp_path / "renders")],

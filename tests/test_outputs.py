@@ -1,0 +1,81 @@
+"""Outputs a user can hand on: the model card, the kohya file, and the validation grid."""
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import train_dreambooth_lora_ssd1b as trainer
+from conftest import run_trainer, tiny_args
+from test_adapters import outputs
+
+
+@pytest.fixture(scope="module")
+def shared_run(tiny_model, photos, tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("shared") / "out"
+    run_trainer(*tiny_args(tiny_model, photos, output_dir, "--max_train_steps", 3, "--checkpointing_steps", 2,
+                           "--validation_prompt", "a photo of sks dog in a bucket", "--validation_steps", 2,
+                           "--num_validation_images", 3, "--validation_inference_steps", 2,
+                           "--train_text_encoder", "--rank", 4, "--lora_alpha", 8, "--learning_rate", 1e-2,
+                           "--text_encoder_lr", 1e-2, "--optimizer", "adamw", "--output_kohya_format",
+                           "--with_prior_preservation", "--class_prompt", "a photo of dog", "--num_class_images", 1))
+    return output_dir
+
+
+def test_model_card_describes_the_run_and_how_to_load_it(shared_run, tiny_model):
+    card = (shared_run / "README.md").read_text()
+    for fact in [f"| base model | `{tiny_model}` |", f"| VAE | `{tiny_model / 'vae'}` |",
+                 "| instance prompt | `a photo of sks dog` |", "| identifier | `sks` |",
+                 "`a photo of dog`, 1 class images", "| steps | 3 of 3 |", "| resolution | 64 |",
+                 "rank 4, alpha 8, on the UNet and both text encoders", "Latest adapters: `step2/`"]:
+        assert fact in card, fact
+    assert "![validation](validation/step2/grid.png)" in card, "the grid of the last round, which ran at the end"
+    assert (shared_run / "validation" / "step2" / "grid.png").is_file()
+    for way in ["python infer.py --checkpoint step2", 'pipe.load_lora_weights("step2")',
+                'PeftModel.from_pretrained(pipe.text_encoder_2, ckpt / "text_encoder_two")',
+                trainer.KOHYA_FILE]:
+        assert way in card, way
+
+
+def test_validation_grid_holds_every_image(shared_run):
+    grid = Image.open(shared_run / "validation" / "step1" / "grid.png")
+    assert grid.size == (2 * 64, 2 * 64), "3 images in rows of 2"
+    first = Image.open(shared_run / "validation" / "step1" / "seed0.png")
+    assert grid.crop((0, 0, 64, 64)).tobytes() == first.tobytes()
+
+
+def test_kohya_file_uses_kohya_names_with_alpha(shared_run):
+    kohya = load_file(shared_run / "step2" / trainer.KOHYA_FILE)
+    assert {k.split("_")[1] for k in kohya} == {"unet", "te1", "te2"}
+    assert all(k.startswith(("lora_unet_input_blocks_", "lora_unet_output_blocks_", "lora_te1_text_model_",
+                             "lora_te2_text_model_")) for k in kohya), "SGM block names, as WebUI and ComfyUI read"
+    assert {v.item() for k, v in kohya.items() if k.endswith(".alpha")} == {8.0}
+    peft = load_file(shared_run / "step2" / "unet" / "adapter_model.safetensors")
+    assert len([k for k in kohya if k.startswith("lora_unet")]) == len(peft) * 3 // 2, "down, up and alpha each"
+
+
+def test_kohya_file_loads_back_to_the_same_weights(shared_run, tiny_model):
+    from diffusers import StableDiffusionXLPipeline
+
+    via_diffusers_file = StableDiffusionXLPipeline.from_pretrained(tiny_model)
+    via_diffusers_file.load_lora_weights(shared_run / "step2")
+    via_kohya_file = StableDiffusionXLPipeline.from_pretrained(tiny_model)
+    via_kohya_file.load_lora_weights(shared_run / "step2", weight_name=trainer.KOHYA_FILE)
+    base = outputs(StableDiffusionXLPipeline.from_pretrained(tiny_model))
+    for b, d, k in zip(base, outputs(via_diffusers_file), outputs(via_kohya_file)):
+        torch.testing.assert_close(k, d, rtol=1e-5, atol=1e-6)
+        assert (k - b).abs().max() > 1e-4
+
+
+def test_kohya_names_follow_sgm_blocks():
+    assert trainer.kohya_module_name("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", 2) == \
+        "input_blocks.4.1.transformer_blocks.0.attn1.to_q"
+    assert trainer.kohya_module_name("down_blocks.2.attentions.1.proj_in", 2) == "input_blocks.8.1.proj_in"
+    assert trainer.kohya_module_name("up_blocks.1.attentions.2.x", 2) == "output_blocks.5.1.x"
+    assert trainer.kohya_module_name("mid_block.attentions.0.x", 2) == "middle_block.1.x"
+
+
+def test_rerun_into_a_finished_output_dir_offers_resume_or_overwrite(shared_run, tiny_model, photos):
+    with pytest.raises(trainer.UserError, match=r"already holds adapters \(step2\); continue that run with "
+                                                r"--resume_from_checkpoint latest.*--overwrite_output_dir"):
+        run_trainer(*tiny_args(tiny_model, photos, shared_run))

@@ -1,0 +1,168 @@
+"""Runs that are never lost: exact resume, interruption, atomic saves, retention."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train_dreambooth_lora_ssd1b as trainer
+from conftest import ROOT, run_trainer, tiny_args
+
+# random crop and flip, LoRA dropout (global RNG), 8-bit AdamW states, text encoders, prior preservation
+FLAGS = ["--random_flip", "--lora_dropout", 0.1, "--train_text_encoder", "--text_encoder_lr", 1e-3,
+         "--learning_rate", 1e-3, "--with_prior_preservation", "--class_prompt", "a photo of dog",
+         "--num_class_images", 2, "--checkpointing_steps", 100]
+
+
+def adapters(step_dir):
+    return {part: load_file(step_dir / part / "adapter_model.safetensors")
+            for part in ["unet", "text_encoder_one", "text_encoder_two"]}
+
+
+def assert_same_adapters(a, b):
+    for part in a:
+        assert a[part].keys() == b[part].keys()
+        for key in a[part]:
+            torch.testing.assert_close(a[part][key], b[part][key], rtol=0, atol=1e-5, msg=f"{part} {key}")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_model, photos, tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("uninterrupted") / "out"
+    run_trainer(*tiny_args(tiny_model, photos, output_dir, "--max_train_steps", 4, *FLAGS))
+    return adapters(output_dir / "step3")
+
+
+def sigterm_on_call(monkeypatch, n):
+    """Send this process a real SIGTERM during the n-th training step, as a cluster preemption would."""
+    calls = []
+    real = trainer.training_step
+
+    def step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            signal.raise_signal(signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "training_step", step)
+
+
+def test_run_stopped_by_sigterm_resumes_to_the_uninterrupted_adapters(uninterrupted, tiny_model, photos, tmp_path,
+                                                                      monkeypatch):
+    argv = tiny_args(tiny_model, photos, tmp_path / "out", "--max_train_steps", 4, *FLAGS)
+    with monkeypatch.context() as patch:
+        sigterm_on_call(patch, 2)
+        with pytest.raises(trainer.Interrupted) as stopped:
+            run_trainer(*argv)
+    assert stopped.value.exit_code == 128 + signal.SIGTERM
+    assert "stopped at step 2 of 4" in str(stopped.value)
+    assert str(stopped.value).endswith("--resume_from_checkpoint latest")
+    assert sorted(p.name for p in (tmp_path / "out").glob("*step*")) == ["state-step1", "step1"]
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL, "the handlers are given back"
+
+    run_trainer(*argv, "--resume_from_checkpoint", "latest")
+    assert_same_adapters(adapters(tmp_path / "out" / "step3"), uninterrupted)
+
+
+def test_larger_max_train_steps_extends_a_finished_run(uninterrupted, tiny_model, photos, tmp_path):
+    argv = tiny_args(tiny_model, photos, tmp_path / "out", *FLAGS)
+    run_trainer(*argv, "--max_train_steps", 2)
+    with pytest.raises(trainer.UserError, match="already done 2 steps: pass a larger --max_train_steps"):
+        run_trainer(*argv, "--max_train_steps", 2, "--resume_from_checkpoint", "latest")
+    run_trainer(*argv, "--max_train_steps", 4, "--resume_from_checkpoint", "latest")
+    assert_same_adapters(adapters(tmp_path / "out" / "step3"), uninterrupted)
+    assert (tmp_path / "out" / "step1").is_dir(), "the earlier adapters stay"
+
+
+def test_failure_in_the_middle_of_a_save_leaves_no_complete_looking_folder(tiny_model, photos, tmp_path,
+                                                                          monkeypatch):
+    argv = tiny_args(tiny_model, photos, tmp_path / "out", "--max_train_steps", 3, "--checkpointing_steps", 1,
+                     "--optimizer", "adamw")
+    import safetensors.torch
+
+    writes, real = [], safetensors.torch.save_file
+
+    def failing_save_file(tensors, filename, *args, **kwargs):
+        writes.append(filename)
+        if "step1" in str(filename) and len([w for w in writes if "step1" in str(w)]) == 2:
+            raise OSError("simulated crash while writing")  # the first file of step1 is already on disk
+        return real(tensors, filename, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(safetensors.torch, "save_file", failing_save_file)
+        with pytest.raises(OSError, match="simulated crash"):
+            run_trainer(*argv)
+    visible = sorted(p.name for p in (tmp_path / "out").iterdir() if not p.name.startswith("."))
+    assert "step1" not in visible and "state-step1" not in visible, "a half-written step never looks complete"
+    assert {"step0", "state-step0"} <= set(visible)
+    assert trainer.find_resume_state(tmp_path / "out", "latest").name == "state-step0"
+
+    run_trainer(*argv, "--resume_from_checkpoint", "latest")
+    assert sorted(p.name for p in (tmp_path / "out").glob("step*")) == ["step0", "step1", "step2"]
+    assert not list((tmp_path / "out").glob(".*.partial")), "leftovers of the crash are cleaned up"
+
+
+def test_checkpoints_total_limit_keeps_newest_states_and_every_adapter(tiny_model, photos, tmp_path):
+    run_trainer(*tiny_args(tiny_model, photos, tmp_path / "out", "--max_train_steps", 4, "--checkpointing_steps", 1,
+                           "--checkpoints_total_limit", 2, "--optimizer", "adamw"))
+    assert sorted(p.name for p in (tmp_path / "out").glob("state-step*")) == ["state-step2", "state-step3"]
+    assert sorted(p.name for p in (tmp_path / "out").glob("step*")) == ["step0", "step1", "step2", "step3"]
+
+
+def test_resume_refuses_other_flags_and_accepts_a_step_dir(tiny_model, photos, tmp_path):
+    argv = tiny_args(tiny_model, photos, tmp_path / "out", "--optimizer", "adamw", "--checkpointing_steps", 1)
+    run_trainer(*argv, "--max_train_steps", 1)
+    with pytest.raises(trainer.UserError, match="trained with --rank 8, not 4: resume with the same flags"):
+        run_trainer(*argv, "--max_train_steps", 2, "--rank", 4, "--resume_from_checkpoint", "latest")
+    state = trainer.find_resume_state(tmp_path / "out", str(tmp_path / "out" / "step0"))
+    assert state.name == "state-step0", "a stepN adapter dir points at its resumable state"
+    with pytest.raises(trainer.UserError, match="is not a resumable checkpoint"):
+        trainer.find_resume_state(tmp_path / "out", str(tmp_path))
+
+
+def test_resume_state_is_kept_out_of_the_adapter_folders(trained_run):
+    step = trained_run / "step3"
+    state = trained_run / "state-step3"
+    assert not any(p.suffix in (".bin", ".pkl") for p in step.rglob("*")), "no optimizer or RNG state in adapters"
+    names = {p.name for p in state.iterdir()}
+    assert {"optimizer.bin", "scheduler.bin", "random_states_0.pkl", "trainer_state.json"} <= names
+    assert not any("model" in n for n in names), "the frozen base model is never copied into the state"
+    assert json.loads((state / "trainer_state.json").read_text())["step"] == 4
+
+
+def test_sigterm_saves_prints_the_resume_command_and_exits_within_seconds(tiny_model, photos, tmp_path):
+    out = tmp_path / "out"
+    flags = tiny_args(tiny_model, photos, out, "--max_train_steps", 100000, "--checkpointing_steps", 5,
+                      "--optimizer", "adamw")
+    process = subprocess.Popen([sys.executable, str(ROOT / "train_dreambooth_lora_ssd1b.py"), *map(str, flags)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "state-step4").is_dir() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.1)
+    sent = time.time()
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=60)
+    assert time.time() - sent < 10, "exits within seconds"
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert "Traceback" not in stderr
+    command = stderr.strip().splitlines()[-1].strip()
+    assert command.startswith("accelerate launch train_dreambooth_lora_ssd1b.py ")
+    assert command.endswith(f"--output_dir {out} --report_to none --max_train_steps 100000 --checkpointing_steps 5 "
+                            "--optimizer adamw --resume_from_checkpoint latest")
+    last = trainer.complete_states(out)[-1]
+    assert (out / last.name.removeprefix("state-") / trainer.LORA_FILE).is_file(), "adapters of that step too"
+
+
+def test_second_signal_exits_at_once(monkeypatch):
+    exits = []
+    monkeypatch.setattr(trainer.os, "_exit", lambda code: exits.append(code))
+    with trainer.GracefulStop() as stop:
+        stop.handle(signal.SIGINT, None)
+        assert stop.signum == signal.SIGINT and exits == []
+        stop.handle(signal.SIGINT, None)
+    assert exits == [128 + signal.SIGINT]
