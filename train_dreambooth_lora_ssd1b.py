@@ -24,6 +24,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import random
 import re
 import shlex
@@ -84,6 +85,8 @@ def add_data_flags(p):
     g.add_argument("--instance_dir", "--instance_data_dir", dest="instance_dir", required=True,
                    help="a folder of photos, or a hub dataset id such as diffusers/dog-example")
     g.add_argument("--instance_prompt", required=True, help='e.g. "a photo of sks dog"')
+    g.add_argument("--caption_extension", default=".txt",
+                   help="photo.txt beside photo.jpg replaces the instance prompt for that photo")
     g.add_argument("--resolution", type=int, default=1024)
     g.add_argument("--center_crop", action="store_true", help="default: a random crop, drawn anew every time")
     g.add_argument("--random_flip", action="store_true")
@@ -133,8 +136,8 @@ def add_training_flags(p):
 def add_output_flags(p):
     g = p.add_argument_group("validation")
     g.add_argument("--validation_prompt", default=None, help='e.g. "A photo of sks dog in a bucket"')
-    g.add_argument("--num_validation_images", type=int, default=4)
-    g.add_argument("--validation_steps", type=int, default=100)
+    g.add_argument("--num_validation_images", type=int, default=None, help="default 4")
+    g.add_argument("--validation_steps", type=int, default=None, help="default 100")
     g.add_argument("--validation_inference_steps", type=int, default=50)
     g.add_argument("--report_to", default="tensorboard", help="tensorboard, wandb, all or none")
 
@@ -158,6 +161,14 @@ def check_args(args):
         raise UserError("--with_prior_preservation needs --class_prompt, e.g. --class_prompt 'a photo of dog'")
     if args.resolution <= 0 or args.resolution % 8:
         raise UserError(f"--resolution {args.resolution} must be a positive multiple of 8, e.g. 1024")
+    for name in ["validation_steps", "num_validation_images"]:
+        if getattr(args, name) is not None and not args.validation_prompt:
+            raise UserError(f"--{name} needs --validation_prompt, e.g. --validation_prompt 'a photo of sks dog "
+                            "in a bucket'")
+    args.validation_steps = args.validation_steps or 100
+    args.num_validation_images = args.num_validation_images or 4
+    if not args.caption_extension.startswith("."):
+        args.caption_extension = f".{args.caption_extension}"
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         raise UserError(f"--checkpoints_total_limit must be at least 1 (got {args.checkpoints_total_limit})")
     positive = ["rank", "max_train_steps", "train_batch_size", "gradient_accumulation_steps",
@@ -211,19 +222,58 @@ def list_images(folder):
                   if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
-def check_images(paths, what):
-    """Open every image fully, so a broken one is found now rather than mid-run; name every bad file."""
-    bad = []
+def warn(message):
+    """A warning on stderr, once per machine: only the first local process speaks."""
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        print(f"warning: {message}", file=sys.stderr)
+
+
+def oriented_size(image):
+    """(height, width) as the photo is meant to be seen: EXIF orientations 5-8 swap the sides."""
+    width, height = image.size
+    return (width, height) if image.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (height, width)
+
+
+def check_images(paths, what, resolution):
+    """Open every image fully, so a broken one is found now rather than mid-run; name every bad file.
+    Warn once, listing them, about images that will be upscaled."""
+    bad, small = [], []
     for path in paths:
         try:
             with Image.open(path) as image:
+                height, width = oriented_size(image)
                 image.draft("RGB", (256, 256))  # JPEG: decode at reduced size, enough to prove it decodes
                 image.load()
         except Exception as e:
             bad.append(f"{path.name} ({type(e).__name__})")
+            continue
+        if min(height, width) < resolution:
+            small.append(f"{path.name} ({width}x{height})")
     if bad:
         raise UserError(f"{len(bad)} unreadable {what} image(s) in {paths[0].parent}: {', '.join(bad)}; "
                         "remove or re-export them")
+    if small:
+        warn(f"{len(small)} {what} image(s) have a short side below --resolution {resolution} and will be "
+             f"upscaled: {', '.join(small)}")
+
+
+def read_captions(images, instance_prompt, caption_extension):
+    """photo.txt beside photo.jpg (UTF-8) replaces the instance prompt for that photo, as kohya users expect."""
+    prompts, bad = [], []
+    for path in images:
+        caption_file = path.with_suffix(caption_extension)
+        try:
+            caption = caption_file.read_text(encoding="utf-8").strip() if caption_file.is_file() else ""
+        except UnicodeDecodeError:
+            bad.append(caption_file.name)
+            caption = ""
+        prompts.append(caption or instance_prompt)
+    if bad:
+        raise UserError(f"caption file(s) not in UTF-8: {', '.join(bad)}; re-save them as UTF-8")
+    found = sum(p != instance_prompt for p in prompts)
+    print(f"{found} of {len(images)} photos have a {caption_extension} caption"
+          + ("; the others use the instance prompt" if found else ""), file=sys.stderr)
+    return prompts
 
 
 def check_model_source(name, filename, flag, revision=None):
@@ -290,14 +340,18 @@ def check_resume(args):
 
 
 def check_inputs(args):
-    """Everything that can be checked before a model loads. Returns the instance photos."""
+    """Everything that can be checked before a model loads. Returns the instance photos and their prompts."""
     instance_dir = resolve_instance_dir(args.instance_dir)
     instance_images = list_images(instance_dir)
     if not instance_images:
         raise UserError(f"no images in {instance_dir}: add 3-20 photos (jpg, png, webp, ...) of the subject")
-    check_images(instance_images, "instance")
+    subfolders = [p.name for p in instance_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    if subfolders:
+        warn(f"subfolders of {instance_dir} are ignored: {', '.join(sorted(subfolders))}")
+    check_images(instance_images, "instance", args.resolution)
+    instance_prompts = read_captions(instance_images, args.instance_prompt, args.caption_extension)
     if args.with_prior_preservation and Path(args.class_dir).is_dir():
-        check_images(list_images(args.class_dir), "class")
+        check_images(list_images(args.class_dir), "class", args.resolution)
     check_model_source(args.pretrained_model_name_or_path, "model_index.json",
                        "--pretrained_model_name_or_path", args.revision)
     if args.pretrained_vae_model_name_or_path:
@@ -307,7 +361,7 @@ def check_inputs(args):
         shutil.rmtree(stale, ignore_errors=True)
     args.resume_state = check_resume(args)
     check_output_dir(args.output_dir, args.overwrite_output_dir, args.resume_state)
-    return instance_images
+    return instance_images, instance_prompts
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -458,9 +512,18 @@ def derive_seed(*parts):
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little")
 
 
-def load_image(path):
-    """RGB, EXIF orientation applied, transparency composited on white."""
+def load_image(path, min_side=None):
+    """RGB, EXIF orientation applied, transparency composited on white. Returns the image and its full
+    (height, width) after orientation, which is what SDXL's original-size time ids mean.
+
+    With min_side, a JPEG is decoded at the smallest 1/2, 1/4 or 1/8 scale whose short side still reaches
+    min_side, so a 50-megapixel photo never sits in memory at full size.
+    """
     with Image.open(path) as image:
+        original_size = oriented_size(image)
+        if min_side:
+            scale = min_side / min(image.size)
+            image.draft("RGB", (math.ceil(image.width * scale), math.ceil(image.height * scale)))
         image = ImageOps.exif_transpose(image)
         if image.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit grey: convert() would clip, so scale
             image = Image.fromarray((np.asarray(image, dtype=np.float32) / 257).round().clip(0, 255).astype(np.uint8))
@@ -468,7 +531,7 @@ def load_image(path):
             rgba = image.convert("RGBA")
             image = Image.new("RGB", rgba.size, (255, 255, 255))
             image.paste(rgba, mask=rgba.getchannel("A"))
-        return image.convert("RGB")
+        return image.convert("RGB"), original_size
 
 
 def crop_and_flip(image, resolution, center_crop, random_flip, rng):
@@ -508,9 +571,12 @@ class DreamBoothDataset(torch.utils.data.Dataset):
     Which photo, the crop and the flip come from (seed, k), so any sample can be redrawn exactly.
     """
 
-    def __init__(self, instance_images, instance_prompt, class_images, class_prompt, resolution,
+    def __init__(self, instance_images, instance_prompts, class_images, class_prompt, resolution,
                  center_crop, random_flip, seed, num_samples):
-        self.instance_images, self.instance_prompt = list(instance_images), instance_prompt
+        # one prompt per photo (its caption, or the instance prompt); a single string means the same for all
+        if isinstance(instance_prompts, str):
+            instance_prompts = [instance_prompts] * len(instance_images)
+        self.instances = list(zip(instance_images, instance_prompts))
         self.class_images, self.class_prompt = list(class_images or []), class_prompt
         self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
         self.seed, self.num_samples = seed, num_samples
@@ -519,16 +585,16 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         return self.num_samples
 
     def example(self, path, rng):
-        image = load_image(path)
-        original_size = (image.height, image.width)  # after EXIF orientation, before resizing
+        image, original_size = load_image(path, self.resolution)
         square, (top, left) = crop_and_flip(image, self.resolution, self.center_crop, self.random_flip, rng)
         time_ids = torch.tensor([*original_size, top, left, self.resolution, self.resolution], dtype=torch.float32)
         return to_tensor(square), time_ids
 
     def __getitem__(self, k):
         rng = random.Random(derive_seed(self.seed, "augment", k))
-        pixels, time_ids = self.example(pick(self.instance_images, k, self.seed, "instance"), rng)
-        item = {"pixel_values": pixels, "time_ids": time_ids, "prompt": self.instance_prompt}
+        path, prompt = pick(self.instances, k, self.seed, "instance")
+        pixels, time_ids = self.example(path, rng)
+        item = {"pixel_values": pixels, "time_ids": time_ids, "prompt": prompt}
         if self.class_images:
             pixels, time_ids = self.example(pick(self.class_images, k, self.seed, "class"), rng)
             item.update(class_pixel_values=pixels, class_time_ids=time_ids, class_prompt=self.class_prompt)
@@ -1000,6 +1066,10 @@ def train(accelerator, models, trained, optimizer, lr_scheduler, dataloader, arg
                 continue
             step += 1
             loss_value = accelerator.gather(loss.detach()).mean().item()  # also waits for the device: honest timing
+            if not math.isfinite(loss_value):
+                raise UserError(f"the loss became {loss_value} at step {step}, so training stopped and nothing of "
+                                f"that step was saved; {last_good_adapters(args.output_dir)}. Likely fp16 overflow: "
+                                f"use --mixed_precision bf16, or a lower --learning_rate (now {args.learning_rate})")
             step_times.append(time.perf_counter() - started)
             lr = lr_scheduler.get_last_lr()[0]
             progress.update(1)
@@ -1020,21 +1090,44 @@ def train(accelerator, models, trained, optimizer, lr_scheduler, dataloader, arg
     return step_times, side_seconds
 
 
+def last_good_adapters(output_dir):
+    finished = sorted(Path(output_dir).glob(f"step*/{LORA_FILE}"), key=lambda p: step_of(p.parent))
+    return f"the last good adapters are in {finished[-1].parent}" if finished else "no adapters were saved yet"
+
+
+def save_checkpoint(accelerator, trained, args, step):
+    """Adapters (main process) and resumable state (all processes) of this step. Non-finite weights are never
+    written, and a failed write (a full disk, say) leaves every earlier checkpoint as it was."""
+    unwrapped = [accelerator.unwrap_model(m) for m in trained]
+    if not all(torch.isfinite(p).all() for m in unwrapped for p in m.parameters() if p.requires_grad):
+        raise UserError(f"the LoRA weights hold nan or inf at step {step}, so they were not saved; "
+                        f"{last_good_adapters(args.output_dir)}. Likely fp16 overflow: use --mixed_precision bf16, "
+                        "or a lower --learning_rate")
+    settings = run_settings(args, step)
+    try:
+        if accelerator.is_main_process:
+            step_dir = save_adapters(Path(args.output_dir) / f"step{step - 1}", unwrapped, settings,
+                                     kohya=args.output_kohya_format)
+            tqdm.write(f"saved adapters to {step_dir}")
+        save_resumable_state(accelerator, args.output_dir, step, settings)
+    except OSError as e:
+        if accelerator.is_main_process:
+            for partial in Path(args.output_dir).glob(".*.partial"):
+                shutil.rmtree(partial, ignore_errors=True)  # frees the space a full disk needs back
+        raise UserError(f"could not save step {step} in {args.output_dir}: {e.strerror or e}; earlier checkpoints "
+                        "are intact. Free some space (or fix the folder), then resume with "
+                        "--resume_from_checkpoint latest") from None
+    if accelerator.is_main_process and args.checkpoints_total_limit:
+        prune_states(args.output_dir, args.checkpoints_total_limit)
+
+
 def after_step(accelerator, models, trained, args, step, stopping=False):
     """Save adapters and resumable state, validate, and refresh the model card; the other processes wait."""
     save_now = stopping or step % args.checkpointing_steps == 0 or step == args.max_train_steps
     validate_now = (not stopping and args.validation_prompt
                     and (step % args.validation_steps == 0 or step == args.max_train_steps))
     if save_now:
-        settings = run_settings(args, step)
-        if accelerator.is_main_process:
-            step_dir = save_adapters(Path(args.output_dir) / f"step{step - 1}",
-                                     [accelerator.unwrap_model(m) for m in trained], settings,
-                                     kohya=args.output_kohya_format)
-            tqdm.write(f"saved adapters to {step_dir}")
-        save_resumable_state(accelerator, args.output_dir, step, settings)
-        if accelerator.is_main_process and args.checkpoints_total_limit:
-            prune_states(args.output_dir, args.checkpoints_total_limit)
+        save_checkpoint(accelerator, trained, args, step)
     if validate_now and accelerator.is_main_process:
         log_validation(accelerator, models, args, step)
     if (save_now or validate_now) and accelerator.is_main_process:
@@ -1088,10 +1181,10 @@ def prepare_class_images(accelerator, models, args):
                                          disable_progress=not accelerator.is_local_main_process)
 
 
-def make_dataloader(instance_images, class_images, args, num_processes):
+def make_dataloader(instance_images, instance_prompts, class_images, args, num_processes):
     """One sample per (step, micro-batch, process, batch slot): the dataset is as long as the run."""
     num_samples = args.max_train_steps * args.gradient_accumulation_steps * args.train_batch_size * num_processes
-    dataset = DreamBoothDataset(instance_images, args.instance_prompt, class_images, args.class_prompt,
+    dataset = DreamBoothDataset(instance_images, instance_prompts, class_images, args.class_prompt,
                                 args.resolution, args.center_crop, args.random_flip, args.seed, num_samples)
     return torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, shuffle=False,
                                        collate_fn=collate, num_workers=args.dataloader_num_workers,
@@ -1113,7 +1206,12 @@ def start_checkpointing(accelerator, args, dataloader):
     accelerator.register_load_state_pre_hook(functools.partial(load_lora_hook, accelerator))
     if not args.resume_state:
         return 0, dataloader
-    accelerator.load_state(str(args.resume_state))
+    try:  # accelerate reads state with torch.load(weights_only=True): tensors and plain values, never code
+        accelerator.load_state(str(args.resume_state))
+    except pickle.UnpicklingError as e:
+        raise UserError(f"{args.resume_state} holds more than tensors and plain values, so it was not loaded "
+                        f"({str(e).splitlines()[0][:120]}); it was not written by this trainer: delete it, or "
+                        "resume from another state") from None
     start_step = json.loads((args.resume_state / TRAINER_STATE).read_text())["step"]
     accelerator.print(f"resumed from {args.resume_state} at step {start_step}")
     # sample k is a pure function of (seed, k), so skipping the batches already seen restores the data position
@@ -1124,7 +1222,7 @@ def main(argv=None):
     from accelerate.utils import set_seed
 
     args = parse_args(argv)                       # flags, every check of them in one place
-    instance_images = check_inputs(args)          # folders, photos, models, output dir: before any model loads
+    instance_images, instance_prompts = check_inputs(args)  # folders, photos, captions, models, output dir
     accelerator = make_accelerator(args)          # processes, mixed precision, accumulation, trackers
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     load_started = time.perf_counter()
@@ -1139,7 +1237,7 @@ def main(argv=None):
         for text_encoder in trained[1:]:
             text_encoder.gradient_checkpointing_enable()
 
-    dataloader = make_dataloader(instance_images, class_images, args, accelerator.num_processes)
+    dataloader = make_dataloader(instance_images, instance_prompts, class_images, args, accelerator.num_processes)
     optimizer = make_optimizer(trained, args)
     lr_scheduler = make_lr_scheduler(optimizer, args, accelerator.num_processes)
     *trained, optimizer, dataloader, lr_scheduler = accelerator.prepare(*trained, optimizer, dataloader,

@@ -121,7 +121,7 @@ def test_exif_orientation_is_applied_on_load(tmp_path, orientation, marker_xy):
     exif[EXIF_ORIENTATION] = orientation
     path = save(image, tmp_path / "rotated.jpg", exif=exif, quality=95)
 
-    loaded = load_image(path)
+    loaded = load_image(path)[0]
     assert loaded.mode == "RGB"
     assert loaded.size == (48, 80)  # W x H stored -> H x W shown
     # 6: rotate 90 degrees clockwise to show, so the stored top-left goes to the top-right; 8: to the bottom-left
@@ -154,7 +154,7 @@ def test_any_mode_loads_as_rgb(tmp_path, mode, color, suffix):
     else:
         image = Image.new(mode, (20, 12), color)
     path = save(image, tmp_path / f"image{suffix}", **({"quality": 95} if suffix == ".jpg" else {}))
-    loaded = load_image(path)
+    loaded = load_image(path)[0]
     assert loaded.mode == "RGB"
     assert loaded.size == (20, 12)
     expected = {"L": (200, 200, 200), "LA": (200, 200, 200)}.get(mode, (255, 0, 0))  # CMYK (0,255,255,0) is red
@@ -164,7 +164,7 @@ def test_any_mode_loads_as_rgb(tmp_path, mode, color, suffix):
 def test_transparent_rgba_pixels_become_white_not_black(tmp_path):
     image = Image.new("RGBA", (20, 10), (0, 0, 0, 0))  # fully transparent "black"
     image.paste((10, 200, 30, 255), (10, 0, 20, 10))  # right half opaque green
-    loaded = load_image(save(image, tmp_path / "cutout.png"))
+    loaded = load_image(save(image, tmp_path / "cutout.png"))[0]
     array = np.asarray(loaded)
     assert loaded.mode == "RGB"
     assert np.all(array[:, :10] == 255)
@@ -173,14 +173,14 @@ def test_transparent_rgba_pixels_become_white_not_black(tmp_path):
 
 def test_half_transparent_rgba_is_composited_on_white(tmp_path):
     image = Image.new("RGBA", (4, 4), (0, 0, 0, 128))
-    array = np.asarray(load_image(save(image, tmp_path / "half.png")), dtype=int)
+    array = np.asarray(load_image(save(image, tmp_path / "half.png"))[0], dtype=int)
     assert np.all(np.abs(array - 127) <= 1)  # halfway between black and white, not black
 
 
 def test_transparent_la_pixels_become_white_not_black(tmp_path):
     image = Image.new("LA", (8, 8), (0, 0))
     image.paste((50, 255), (0, 0, 4, 8))
-    array = np.asarray(load_image(save(image, tmp_path / "gray.png")))
+    array = np.asarray(load_image(save(image, tmp_path / "gray.png"))[0])
     assert np.all(array[:, 4:] == 255)
     assert np.all(array[:, :4] == 50)
 
@@ -195,7 +195,7 @@ def test_transparent_palette_pixels_become_white_not_black(tmp_path):
     with Image.open(path) as reopened:
         assert reopened.mode == "P" and "transparency" in reopened.info
 
-    array = np.asarray(load_image(path))
+    array = np.asarray(load_image(path)[0])
     assert np.all(array[:, 4:] == 255)
     assert np.all(array[:, :4] == (0, 0, 255))
 
@@ -206,7 +206,7 @@ def test_transparent_gif_pixels_become_white_not_black(tmp_path):
     image.paste(1, (0, 0, 4, 8))
     path = tmp_path / "anim.gif"
     image.save(path, transparency=0)
-    array = np.asarray(load_image(path))
+    array = np.asarray(load_image(path)[0])
     assert np.all(array[:, 4:] == 255)
     assert np.all(array[:, :4] == (255, 0, 0))
 
@@ -221,7 +221,7 @@ def test_colour_key_transparent_pixels_become_white_not_black(tmp_path, mode, tr
     with Image.open(path) as reopened:
         assert reopened.mode == mode and reopened.info.get("transparency") == transparent
 
-    array = np.asarray(load_image(path))
+    array = np.asarray(load_image(path)[0])
     assert np.all(array[:, 4:] == 255)
     expected = opaque if mode == "RGB" else (opaque,) * 3
     assert np.all(array[:, :4] == expected)
@@ -236,8 +236,8 @@ def test_16_bit_grayscale_keeps_its_tones(tmp_path):
     with Image.open(path) as reopened:
         assert reopened.mode.startswith("I")
 
-    loaded = np.asarray(load_image(path), dtype=int)
-    assert load_image(path).mode == "RGB"
+    loaded = np.asarray(load_image(path)[0], dtype=int)
+    assert load_image(path)[0].mode == "RGB"
     shown = loaded[0, ::4, 0].tolist()
     assert shown == pytest.approx([0, 64, 128, 255], abs=2)
 

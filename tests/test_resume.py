@@ -95,13 +95,17 @@ def test_failure_in_the_middle_of_a_save_leaves_no_complete_looking_folder(tiny_
 
     with monkeypatch.context() as patch:
         patch.setattr(safetensors.torch, "save_file", failing_save_file)
-        with pytest.raises(OSError, match="simulated crash"):
+        with pytest.raises(trainer.UserError, match="could not save step 2 in .*: simulated crash while writing; "
+                                                    "earlier checkpoints are intact.*--resume_from_checkpoint latest"):
             run_trainer(*argv)
     visible = sorted(p.name for p in (tmp_path / "out").iterdir() if not p.name.startswith("."))
     assert "step1" not in visible and "state-step1" not in visible, "a half-written step never looks complete"
     assert {"step0", "state-step0"} <= set(visible)
     assert trainer.find_resume_state(tmp_path / "out", "latest").name == "state-step0"
 
+    (tmp_path / "out" / ".state-step1.partial").mkdir()  # what a kill -9 mid-save leaves behind
+    (tmp_path / "out" / ".state-step1.partial" / "optimizer.bin").write_bytes(b"half")
+    assert trainer.find_resume_state(tmp_path / "out", "latest").name == "state-step0", "latest skips it"
     run_trainer(*argv, "--resume_from_checkpoint", "latest")
     assert sorted(p.name for p in (tmp_path / "out").glob("step*")) == ["step0", "step1", "step2"]
     assert not list((tmp_path / "out").glob(".*.partial")), "leftovers of the crash are cleaned up"
