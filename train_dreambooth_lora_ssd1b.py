@@ -19,6 +19,7 @@ so a run is reproducible by construction.
 
 import argparse
 import dataclasses
+import datetime
 import functools
 import hashlib
 import json
@@ -114,6 +115,8 @@ def add_training_flags(p):
     g = p.add_argument_group("optimisation")
     g.add_argument("--optimizer", choices=["adamw8bit", "adamw"], default="adamw8bit")
     g.add_argument("--learning_rate", type=float, default=1e-4)
+    g.add_argument("--scale_lr", action="store_true",
+                   help="multiply the learning rates by batch size x processes x accumulation")
     g.add_argument("--adam_beta1", type=float, default=0.9)
     g.add_argument("--adam_beta2", type=float, default=0.999)
     g.add_argument("--adam_weight_decay", type=float, default=1e-4)
@@ -222,10 +225,14 @@ def list_images(folder):
                   if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
-def warn(message):
-    """A warning on stderr, once per machine: only the first local process speaks."""
+def say(message):
+    """A note on stderr, once per machine: only the first local process speaks (checks run on every process)."""
     if os.environ.get("LOCAL_RANK", "0") == "0":
-        print(f"warning: {message}", file=sys.stderr)
+        print(message, file=sys.stderr)
+
+
+def warn(message):
+    say(f"warning: {message}")
 
 
 def oriented_size(image):
@@ -271,8 +278,8 @@ def read_captions(images, instance_prompt, caption_extension):
     if bad:
         raise UserError(f"caption file(s) not in UTF-8: {', '.join(bad)}; re-save them as UTF-8")
     found = sum(p != instance_prompt for p in prompts)
-    print(f"{found} of {len(images)} photos have a {caption_extension} caption"
-          + ("; the others use the instance prompt" if found else ""), file=sys.stderr)
+    say(f"{found} of {len(images)} photos have a {caption_extension} caption"
+        + ("; the others use the instance prompt" if found else ""))
     return prompts
 
 
@@ -326,7 +333,7 @@ def check_resume(args):
         return None
     state = find_resume_state(args.output_dir, args.resume_from_checkpoint)
     if state is None:
-        print(f"no resumable state in {args.output_dir} yet: starting a new run", file=sys.stderr)
+        say(f"no resumable state in {args.output_dir} yet: starting a new run")
         return None
     saved = json.loads((state / TRAINER_STATE).read_text())
     for key in ["pretrained_model_name_or_path", "rank", "lora_alpha", "train_text_encoder"]:
@@ -446,19 +453,17 @@ def missing_class_images(class_dir, num_class_images):
     return missing[:max(0, num_class_images - len(have))]
 
 
-def generate_class_images(pipe, class_dir, class_prompt, num_class_images, batch_size, resolution, seed,
+def generate_class_images(pipe, class_dir, class_prompt, names, batch_size, resolution, seed,
                           num_inference_steps=50, disable_progress=False):
-    """Make only the missing class images; each is named by its index and seeded by (seed, index)."""
+    """Make the named class images; each is seeded by (seed, name), so who makes it doesn't matter."""
     class_dir = Path(class_dir)
-    class_dir.mkdir(parents=True, exist_ok=True)
-    missing = missing_class_images(class_dir, num_class_images)
+    missing = list(names)
     batches = [missing[i:i + batch_size] for i in range(0, len(missing), batch_size)]
     for names in tqdm(batches, desc="class images", disable=disable_progress or not batches):
         seeds = [derive_seed(seed, "class", name) % 2**63 for name in names]
         images = generate_images(pipe, class_prompt, seeds, resolution, resolution, num_inference_steps)
         for name, image in zip(names, images):
             save_png_atomic(image, class_dir / name)
-    return list_images(class_dir)[:num_class_images] if num_class_images else []
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1103,6 +1108,14 @@ def save_checkpoint(accelerator, trained, args, step):
         raise UserError(f"the LoRA weights hold nan or inf at step {step}, so they were not saved; "
                         f"{last_good_adapters(args.output_dir)}. Likely fp16 overflow: use --mixed_precision bf16, "
                         "or a lower --learning_rate")
+    if accelerator.num_processes > 1:  # DDP keeps replicas equal; prove it before writing one of them
+        checksum = torch.stack([p.detach().double().sum() for m in unwrapped for p in m.parameters()
+                                if p.requires_grad]).sum().reshape(1).to(accelerator.device)
+        checksums = accelerator.gather(checksum)
+        if not torch.all(checksums == checksums[0]):
+            raise RuntimeError(f"the processes hold different adapters at step {step}: {checksums.tolist()}")
+        accelerator.print(f"adapters identical on all {accelerator.num_processes} processes "
+                          f"(checksum {checksums[0].item():.6f})")
     settings = run_settings(args, step)
     try:
         if accelerator.is_main_process:
@@ -1162,23 +1175,42 @@ def make_accelerator(args):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+
     report_to = None if args.report_to == "none" else args.report_to
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
         log_with=report_to,
-        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=f"{args.output_dir}/logs"))
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=f"{args.output_dir}/logs"),
+        kwargs_handlers=[
+            # CLIP-L's last layer feeds only hidden_states[-1], which SDXL never uses: its LoRA gets no gradient
+            DistributedDataParallelKwargs(find_unused_parameters=args.train_text_encoder),
+            # the others wait at barriers while the main process validates and saves
+            InitProcessGroupKwargs(timeout=datetime.timedelta(hours=2))])
     accelerator.print(f"{accelerator.state}".strip())
+    if args.scale_lr:
+        factor = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+        args.learning_rate, args.text_encoder_lr = args.learning_rate * factor, args.text_encoder_lr * factor
+        accelerator.print(f"--scale_lr: learning rates x {factor} -> {args.learning_rate:g} (UNet), "
+                          f"{args.text_encoder_lr:g} (text encoders)")
     return accelerator
 
 
 def prepare_class_images(accelerator, models, args):
-    """The main process makes the missing class images; the others then find them all."""
-    with accelerator.main_process_first():
+    """Every process makes its share of the missing class images; N asked for means exactly N files."""
+    class_dir = Path(args.class_dir)
+    if accelerator.is_main_process:
+        class_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    missing = missing_class_images(class_dir, args.num_class_images)
+    accelerator.wait_for_everyone()  # everyone has the same list before anyone writes
+    if missing:
         pipe = build_pipeline(models, args.pretrained_model_name_or_path, args.revision, args.variant)
-        with accelerator.autocast():
-            return generate_class_images(pipe, args.class_dir, args.class_prompt, args.num_class_images,
-                                         args.sample_batch_size, args.resolution, args.seed,
-                                         disable_progress=not accelerator.is_local_main_process)
+        with accelerator.split_between_processes(missing) as mine, accelerator.autocast():
+            generate_class_images(pipe, class_dir, args.class_prompt, mine, args.sample_batch_size,
+                                  args.resolution, args.seed, disable_progress=not accelerator.is_local_main_process)
+    accelerator.wait_for_everyone()
+    return list_images(class_dir)[:args.num_class_images]
 
 
 def make_dataloader(instance_images, instance_prompts, class_images, args, num_processes):
@@ -1247,10 +1279,11 @@ def main(argv=None):
 
     accelerator.init_trackers("dreambooth-lora-ssd1b", config={k: v for k, v in vars(args).items()
                                                                if isinstance(v, (int, float, str, bool))})
+    effective = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     accelerator.print(f"{len(instance_images)} instance photos, {len(class_images or [])} class images; "
-                      f"{args.max_train_steps} steps of batch {args.train_batch_size} x "
-                      f"{accelerator.num_processes} processes x {args.gradient_accumulation_steps} accumulation; "
-                      f"loading took {time.perf_counter() - load_started:.1f} s")
+                      f"{args.max_train_steps} steps, effective batch {effective} = {args.train_batch_size} per "
+                      f"device x {accelerator.num_processes} processes x {args.gradient_accumulation_steps} "
+                      f"accumulation; loading took {time.perf_counter() - load_started:.1f} s")
     train_started = time.perf_counter()
     step_times, side_seconds = train(accelerator, models, trained, optimizer, lr_scheduler, dataloader, args,
                                      weight_dtype, start_step)

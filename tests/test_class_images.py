@@ -14,8 +14,12 @@ def pipe(tiny_model):
 
 
 def make(pipe, class_dir, count, batch_size=2):
-    return trainer.generate_class_images(pipe, class_dir, "a photo of dog", count, batch_size, 64, seed=0,
-                                         num_inference_steps=2, disable_progress=True)
+    """What each run does: find the missing names, make them, use the first `count` images."""
+    class_dir.mkdir(parents=True, exist_ok=True)
+    names = trainer.missing_class_images(class_dir, count)
+    trainer.generate_class_images(pipe, class_dir, "a photo of dog", names, batch_size, 64, seed=0,
+                                  num_inference_steps=2, disable_progress=True)
+    return trainer.list_images(class_dir)[:count]
 
 
 def test_only_missing_class_images_are_made(pipe, tmp_path, monkeypatch):

@@ -1,0 +1,99 @@
+"""Scale-out through accelerate, tested on two CPU processes with gloo: the same script, unchanged."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import train_dreambooth_lora_ssd1b as trainer
+from conftest import ROOT, tiny_args
+
+CONFIGS = ROOT / "examples" / "accelerate"
+
+
+def torchrun(flags):
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               str(ROOT / "train_dreambooth_lora_ssd1b.py"), *map(str, flags)]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tiny_model, photos, tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("ddp") / "out"
+    flags = tiny_args(tiny_model, photos, output_dir, "--max_train_steps", 4, "--checkpointing_steps", 2,
+                      "--with_prior_preservation", "--class_prompt", "a photo of dog", "--num_class_images", 5,
+                      "--train_text_encoder", "--optimizer", "adamw",
+                      "--validation_prompt", "a photo of sks dog", "--num_validation_images", 1,
+                      "--validation_inference_steps", 2)
+    return output_dir, flags, torchrun(flags)
+
+
+def test_two_processes_train_with_prior_preservation(two_process_run):
+    output_dir, _, result = two_process_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stdout + result.stderr
+    assert "DistributedType.MULTI_CPU" in log and "Num processes: 2" in log
+    assert "effective batch 2 = 1 per device x 2 processes x 1 accumulation" in log
+    assert log.count("saved adapters to") == 2, "only the main process writes adapters"
+    assert sorted(p.name for p in output_dir.glob("*step*")) == ["state-step1", "state-step3", "step1", "step3"]
+    assert {p.name for p in (output_dir / "state-step3").glob("random_states_*")} == {"random_states_0.pkl",
+                                                                                      "random_states_1.pkl"}
+    weights = load_file(output_dir / "step3" / "unet" / "adapter_model.safetensors")
+    assert all(torch.isfinite(v).all() for v in weights.values())
+    assert log.count("adapters identical on all 2 processes") == 2, "all-gathered checksums agree at every save"
+    assert len(list((output_dir / "validation" / "step3").glob("seed*.png"))) == 1
+
+
+def test_class_images_are_split_exactly_and_named_by_index(two_process_run, tiny_model):
+    output_dir, _, result = two_process_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in (output_dir / "class_images").iterdir()) == [
+        f"class_{i:05d}.png" for i in range(5)], "exactly N files, none twice, no temporary leftovers"
+    # the name fixes the seed, so one process makes the same image that two processes made
+    models = trainer.load_models(tiny_model, tiny_model / "vae", None, None, torch.float32, "cpu")
+    pipe = trainer.build_pipeline(models, str(tiny_model), None, None)
+    (output_dir.parent / "single").mkdir()
+    trainer.generate_class_images(pipe, output_dir.parent / "single", "a photo of dog", ["class_00003.png"], 4, 64,
+                                  0, disable_progress=True)
+    ours = np.asarray(Image.open(output_dir.parent / "single" / "class_00003.png"), dtype=int)
+    theirs = np.asarray(Image.open(output_dir / "class_images" / "class_00003.png"), dtype=int)
+    assert np.abs(ours - theirs).max() <= 2
+
+
+def test_two_process_run_resumes(two_process_run):
+    output_dir, flags, result = two_process_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    flags = list(flags)
+    flags[flags.index("--max_train_steps") + 1] = 6
+    flags += ["--resume_from_checkpoint", "latest"]
+    resumed = torchrun(flags)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {output_dir / 'state-step3'} at step 4" in resumed.stdout + resumed.stderr
+    assert (output_dir / "step5" / trainer.LORA_FILE).is_file()
+
+
+def test_scale_lr_multiplies_only_when_asked(tiny_model, photos, tmp_path, capsys):
+    from conftest import run_trainer
+
+    run_trainer(*tiny_args(tiny_model, photos, tmp_path / "a", "--max_train_steps", 1, "--optimizer", "adamw",
+                           "--train_batch_size", 2, "--gradient_accumulation_steps", 3, "--scale_lr"))
+    assert "--scale_lr: learning rates x 6 -> 0.0006 (UNet), 3e-05 (text encoders)" in capsys.readouterr().out
+    settings = (tmp_path / "a" / "step0" / "run_settings.json").read_text()
+    assert '"learning_rate": 0.0006' in settings
+
+
+@pytest.mark.parametrize("name, distributed_type, processes", [
+    ("single_gpu_fp16.yaml", "NO", 1), ("multi_gpu.yaml", "MULTI_GPU", 4),
+    ("multi_node.yaml", "MULTI_GPU", 16), ("deepspeed_zero2.yaml", "DEEPSPEED", 2)])
+def test_example_accelerate_configs_load(name, distributed_type, processes):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(CONFIGS / name))
+    assert (str(config.distributed_type).split(".")[-1], config.num_processes) == (distributed_type, processes)
