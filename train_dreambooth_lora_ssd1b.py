@@ -129,6 +129,8 @@ def add_training_flags(p):
     g.add_argument("--max_train_steps", type=int, default=500)
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)
     g.add_argument("--gradient_checkpointing", action="store_true")
+    g.add_argument("--cache_latents", choices=["auto", "on", "off"], default="auto",
+                   help="encode each image (and its flip) once; auto: only where no random crop is lost")
     g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
                    help="default: the accelerate config's")
     g.add_argument("--snr_gamma", type=float, default=None, help="min-SNR weighting; 5.0 is the paper's choice")
@@ -383,6 +385,8 @@ class Models:
     unet: torch.nn.Module
     vae: torch.nn.Module
     noise_scheduler: object
+    latent_cache: dict = None  # (image path, flipped) -> (VAE posterior moments, time ids)
+    prompt_cache: dict = None  # prompt -> (prompt embeddings, pooled embedding), when the encoders are frozen
 
 
 def load_models(model, vae_model, revision, variant, dtype, device):
@@ -577,45 +581,95 @@ class DreamBoothDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, instance_images, instance_prompts, class_images, class_prompt, resolution,
-                 center_crop, random_flip, seed, num_samples):
+                 center_crop, random_flip, seed, num_samples, cached=False):
         # one prompt per photo (its caption, or the instance prompt); a single string means the same for all
         if isinstance(instance_prompts, str):
             instance_prompts = [instance_prompts] * len(instance_images)
         self.instances = list(zip(instance_images, instance_prompts))
         self.class_images, self.class_prompt = list(class_images or []), class_prompt
         self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
-        self.seed, self.num_samples = seed, num_samples
+        self.seed, self.num_samples, self.cached = seed, num_samples, cached
 
     def __len__(self):
         return self.num_samples
 
     def example(self, path, rng):
+        if self.cached:  # the latent cache holds both flips; draw the flip as crop_and_flip would
+            return {"latent_key": (str(path), self.random_flip and rng.random() < 0.5)}
         image, original_size = load_image(path, self.resolution)
         square, (top, left) = crop_and_flip(image, self.resolution, self.center_crop, self.random_flip, rng)
         time_ids = torch.tensor([*original_size, top, left, self.resolution, self.resolution], dtype=torch.float32)
-        return to_tensor(square), time_ids
+        return {"pixel_values": to_tensor(square), "time_ids": time_ids}
 
     def __getitem__(self, k):
         rng = random.Random(derive_seed(self.seed, "augment", k))
         path, prompt = pick(self.instances, k, self.seed, "instance")
-        pixels, time_ids = self.example(path, rng)
-        item = {"pixel_values": pixels, "time_ids": time_ids, "prompt": prompt}
+        item = {**self.example(path, rng), "prompt": prompt}
         if self.class_images:
-            pixels, time_ids = self.example(pick(self.class_images, k, self.seed, "class"), rng)
-            item.update(class_pixel_values=pixels, class_time_ids=time_ids, class_prompt=self.class_prompt)
+            class_example = self.example(pick(self.class_images, k, self.seed, "class"), rng)
+            item.update({f"class_{name}": value for name, value in class_example.items()},
+                        class_prompt=self.class_prompt)
         return item
 
 
 def collate(examples):
     """Instance samples first, class samples second: the loss splits the batch in these two halves."""
-    keys = [("pixel_values", "time_ids", "prompt")]
-    if "class_pixel_values" in examples[0]:
-        keys.append(("class_pixel_values", "class_time_ids", "class_prompt"))
-    return {
-        "pixel_values": torch.stack([e[p] for p, _, _ in keys for e in examples]),
-        "time_ids": torch.stack([e[t] for _, t, _ in keys for e in examples]),
-        "prompts": [e[c] for _, _, c in keys for e in examples],
-    }
+    halves = ["", "class_"] if "class_prompt" in examples[0] else [""]
+    batch = {"prompts": [e[f"{half}prompt"] for half in halves for e in examples]}
+    for name in ["pixel_values", "time_ids", "latent_key"]:
+        if name in examples[0]:
+            values = [e[f"{half}{name}"] for half in halves for e in examples]
+            batch[name] = values if name == "latent_key" else torch.stack(values)
+    return batch
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Caches: work that is the same every step, done once
+# ----------------------------------------------------------------------------------------------------------
+
+
+def latent_cache_is_exact(images, center_crop):
+    """A cache holds one crop per image: exact with --center_crop, or when every image is square (no choice)."""
+    if center_crop:
+        return True
+    for path in images:
+        with Image.open(path) as image:
+            height, width = oriented_size(image)
+        if height != width:
+            return False
+    return True
+
+
+def encode_latent_cache(vae, images, resolution, center_crop, random_flip, seed, device):
+    """VAE posterior moments and time ids of each (image, flip), encoded once. Sampling from the moments with
+    each step's generator gives exactly the latents that encoding every step would."""
+    cache = {}
+    with torch.no_grad():
+        for path in images:
+            image, original_size = load_image(path, resolution)
+            keys, pixels, time_ids = [], [], []
+            for flipped in ([False, True] if random_flip else [False]):
+                # one crop per image, fixed by (seed, name): a cache cannot redraw it
+                rng = random.Random(derive_seed(seed, "cached crop", path.name))
+                source = ImageOps.mirror(image) if flipped else image
+                square, (top, left) = crop_and_flip(source, resolution, center_crop, False, rng)
+                keys.append((str(path), flipped))
+                pixels.append(to_tensor(square))
+                time_ids.append(torch.tensor([*original_size, top, left, resolution, resolution],
+                                             dtype=torch.float32, device=device))
+            moments = vae.encode(torch.stack(pixels).to(device, dtype=vae.dtype)).latent_dist.parameters
+            cache.update((key, (m, t)) for key, m, t in zip(keys, moments, time_ids))
+    return cache
+
+
+def encode_prompt_cache(models, prompts, device):
+    """Embeddings of every prompt the run uses, computed once: the prompts are constant and the encoders frozen."""
+    cache = {}
+    with torch.no_grad():
+        for prompt in sorted(set(prompts)):
+            embeds, pooled = encode_prompt(models.text_encoders, models.tokenizers, [prompt], device)
+            cache[prompt] = (embeds[0], pooled[0])
+    return cache
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -656,12 +710,33 @@ def dreambooth_loss(model_pred, target, timesteps, noise_scheduler, with_prior, 
     return instance.mean() + prior_loss_weight * prior.mean()
 
 
+def latents_and_time_ids(batch, models, generator, device):
+    """The batch's latents, sampled from the VAE posterior with this step's generator, and its time ids."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    if "latent_key" in batch:
+        moments, time_ids = zip(*(models.latent_cache[key] for key in batch["latent_key"]))
+        latents = DiagonalGaussianDistribution(torch.stack(moments)).sample(generator)
+        time_ids = torch.stack(time_ids)
+    else:
+        with torch.no_grad():
+            pixels = batch["pixel_values"].to(device, dtype=models.vae.dtype, non_blocking=True)
+            latents = models.vae.encode(pixels).latent_dist.sample(generator)
+        time_ids = batch["time_ids"].to(device, non_blocking=True)
+    return latents * models.vae.config.scaling_factor, time_ids
+
+
+def prompt_embeddings(prompts, models, train_text_encoder, device):
+    if models.prompt_cache:
+        embeds, pooled = zip(*(models.prompt_cache[prompt] for prompt in prompts))
+        return torch.stack(embeds), torch.stack(pooled)
+    with torch.set_grad_enabled(train_text_encoder):
+        return encode_prompt(models.text_encoders, models.tokenizers, prompts, device)
+
+
 def training_step(batch, models, args, generator, weight_dtype, device):
     """Noise the latents, predict with the UNet under SDXL's added conditions, return the DreamBooth loss."""
-    vae = models.vae
-    with torch.no_grad():
-        pixels = batch["pixel_values"].to(device, dtype=vae.dtype, non_blocking=True)
-        latents = vae.encode(pixels).latent_dist.sample(generator) * vae.config.scaling_factor
+    latents, time_ids = latents_and_time_ids(batch, models, generator, device)
     latents = latents.to(weight_dtype)
     noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
     if args.noise_offset:  # Guttenberg's offset noise: lets the model learn overall brightness
@@ -671,9 +746,8 @@ def training_step(batch, models, args, generator, weight_dtype, device):
     timesteps = torch.randint(0, num_train_timesteps, (latents.shape[0],), generator=generator, device=device)
     noisy_latents = models.noise_scheduler.add_noise(latents, noise, timesteps)
 
-    with torch.set_grad_enabled(args.train_text_encoder):
-        prompt_embeds, pooled = encode_prompt(models.text_encoders, models.tokenizers, batch["prompts"], device)
-    time_ids = batch["time_ids"].to(device, dtype=prompt_embeds.dtype, non_blocking=True)
+    prompt_embeds, pooled = prompt_embeddings(batch["prompts"], models, args.train_text_encoder, device)
+    time_ids = time_ids.to(prompt_embeds.dtype)
     model_pred = models.unet(noisy_latents, timesteps, prompt_embeds,
                              added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
 
@@ -951,15 +1025,16 @@ def image_grid(images):
 
 def log_validation(accelerator, models, args, step):
     """Fixed-seed images of the validation prompt, so rounds are comparable; PNGs, a grid, tensorboard."""
-    unwrapped = dataclasses.replace(models, unet=accelerator.unwrap_model(models.unet),
-                                    text_encoders=[accelerator.unwrap_model(m) for m in models.text_encoders])
-    for module in [unwrapped.unet, *unwrapped.text_encoders]:
+    text_encoders = [None, None] if models.prompt_cache else [accelerator.unwrap_model(m) for m in models.text_encoders]
+    unwrapped = dataclasses.replace(models, unet=accelerator.unwrap_model(models.unet), text_encoders=text_encoders)
+    for module in [unwrapped.unet, *(m for m in text_encoders if m is not None)]:
         module.eval()  # no LoRA dropout while sampling
     pipe = build_pipeline(unwrapped, args.pretrained_model_name_or_path, args.revision, args.variant)
     seeds = [args.seed + i for i in range(args.num_validation_images)]
     with accelerator.autocast():
-        images = generate_images(pipe, args.validation_prompt, seeds, args.resolution, args.resolution,
-                                 args.validation_inference_steps)
+        prompt = None if models.prompt_cache else args.validation_prompt  # else it comes as embeddings
+        images = generate_images(pipe, prompt, seeds, args.resolution, args.resolution,
+                                 args.validation_inference_steps, **cached_prompt_kwargs(pipe, models, args))
     folder = Path(args.output_dir) / "validation" / f"step{step - 1}"
     folder.mkdir(parents=True, exist_ok=True)
     for seed, image in zip(seeds, images):
@@ -970,10 +1045,21 @@ def log_validation(accelerator, models, args, step):
         if tracker.name == "tensorboard":
             tracker.writer.add_image("validation_grid", np.asarray(grid), step, dataformats="HWC")
     unwrapped.unet.train()
-    if args.train_text_encoder:
-        for text_encoder in unwrapped.text_encoders:
-            text_encoder.train()
+    for text_encoder in text_encoders if args.train_text_encoder else []:
+        text_encoder.train()
     return images
+
+
+def cached_prompt_kwargs(pipe, models, args):
+    """The pipeline's prompt arguments from the prompt cache, when the text encoders have left the device."""
+    if not models.prompt_cache:
+        return {}
+    embeds, pooled = models.prompt_cache[args.validation_prompt]
+    kwargs = {"prompt_embeds": embeds[None], "pooled_prompt_embeds": pooled[None]}
+    if not pipe.config.force_zeros_for_empty_prompt:  # SDXL's default negative is zeros; else embed ""
+        negative, negative_pooled = models.prompt_cache[""]
+        kwargs.update(negative_prompt_embeds=negative[None], negative_pooled_prompt_embeds=negative_pooled[None])
+    return kwargs
 
 
 def identifier(instance_prompt, class_prompt):
@@ -1213,11 +1299,29 @@ def prepare_class_images(accelerator, models, args):
     return list_images(class_dir)[:args.num_class_images]
 
 
-def make_dataloader(instance_images, instance_prompts, class_images, args, num_processes):
+def build_caches(accelerator, models, args, images, prompts):
+    """What is the same every step, computed once: VAE latents (where that loses no random crop) and, while
+    the text encoders are frozen, every prompt's embeddings. The encoders then leave the device."""
+    if args.cache_latents == "on" or (args.cache_latents == "auto" and latent_cache_is_exact(images, args.center_crop)):
+        models.latent_cache = encode_latent_cache(models.vae, images, args.resolution, args.center_crop,
+                                                  args.random_flip, args.seed, accelerator.device)
+    if not args.train_text_encoder:
+        prompts = [*prompts, args.class_prompt, args.validation_prompt, ""]  # "": the negative prompt
+        models.prompt_cache = encode_prompt_cache(models, [p for p in prompts if p is not None],
+                                                  accelerator.device)
+        for text_encoder in models.text_encoders:
+            text_encoder.to("cpu")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    accelerator.print(f"cached: {len(models.latent_cache or {})} latents ({args.cache_latents}), "
+                      f"{len(models.prompt_cache or {})} prompt embeddings")
+
+
+def make_dataloader(instance_images, instance_prompts, class_images, args, num_processes, cached):
     """One sample per (step, micro-batch, process, batch slot): the dataset is as long as the run."""
     num_samples = args.max_train_steps * args.gradient_accumulation_steps * args.train_batch_size * num_processes
     dataset = DreamBoothDataset(instance_images, instance_prompts, class_images, args.class_prompt,
-                                args.resolution, args.center_crop, args.random_flip, args.seed, num_samples)
+                                args.resolution, args.center_crop, args.random_flip, args.seed, num_samples, cached)
     return torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, shuffle=False,
                                        collate_fn=collate, num_workers=args.dataloader_num_workers,
                                        pin_memory=torch.cuda.is_available())
@@ -1262,6 +1366,7 @@ def main(argv=None):
     models = load_models(args.pretrained_model_name_or_path, args.pretrained_vae_model_name_or_path,
                          args.revision, args.variant, weight_dtype, accelerator.device)
     class_images = prepare_class_images(accelerator, models, args) if args.with_prior_preservation else None
+    build_caches(accelerator, models, args, [*instance_images, *(class_images or [])], instance_prompts)
     set_seed(args.seed)  # LoRA's initial weights
     trained = add_lora(models, args.rank, args.lora_alpha, args.lora_dropout, args.train_text_encoder)
     if args.gradient_checkpointing:
@@ -1269,7 +1374,8 @@ def main(argv=None):
         for text_encoder in trained[1:]:
             text_encoder.gradient_checkpointing_enable()
 
-    dataloader = make_dataloader(instance_images, instance_prompts, class_images, args, accelerator.num_processes)
+    dataloader = make_dataloader(instance_images, instance_prompts, class_images, args, accelerator.num_processes,
+                                 cached=models.latent_cache is not None)
     optimizer = make_optimizer(trained, args)
     lr_scheduler = make_lr_scheduler(optimizer, args, accelerator.num_processes)
     *trained, optimizer, dataloader, lr_scheduler = accelerator.prepare(*trained, optimizer, dataloader,

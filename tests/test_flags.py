@@ -89,7 +89,8 @@ def test_training_flags_reach_the_loop(tiny_model, photos, tmp_path, monkeypatch
     monkeypatch.setattr(trainer, "make_optimizer", lambda trained, args: seen.update(trained=trained)
                         or real_opt(trained, args))
     run_trainer(*tiny_args(tiny_model, photos, tmp_path / "out", "--max_train_steps", 2, "--optimizer", "adamw",
-                           "--max_grad_norm", 0.5, "--center_crop", "--random_flip", "--gradient_checkpointing"))
+                           "--max_grad_norm", 0.5, "--center_crop", "--random_flip", "--gradient_checkpointing",
+                           "--cache_latents", "off"))
     assert seen["clip"] == [0.5, 0.5]
     assert seen["crop"] == {(True, True)}
     assert seen["trained"][0].is_gradient_checkpointing

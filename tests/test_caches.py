@@ -1,0 +1,93 @@
+"""Caches: latents and prompt embeddings computed once must train exactly as computing them every step."""
+
+import numpy as np
+import pytest
+import torch
+
+import train_dreambooth_lora_ssd1b as trainer
+from conftest import run_trainer, tiny_args
+
+
+@pytest.fixture
+def models(tiny_model):
+    return trainer.load_models(tiny_model, tiny_model / "vae", None, None, torch.float32, "cpu")
+
+
+def losses(models, photos, tiny_model, tmp_path, cached, steps=4):
+    """Losses of a few steps on fixed samples and fixed noise, with or without the caches."""
+    args = trainer.parse_args([str(a) for a in tiny_args(
+        tiny_model, photos, tmp_path / "out", "--center_crop", "--random_flip", "--with_prior_preservation",
+        "--class_prompt", "a photo of dog")])
+    images = trainer.list_images(photos)
+    models.latent_cache = models.prompt_cache = None
+    if cached:
+        trainer.build_caches(type("A", (), {"device": "cpu", "print": print})(), models, args, images,
+                             ["a photo of sks dog"] * len(images))
+        assert models.latent_cache and models.prompt_cache
+    dataset = trainer.DreamBoothDataset(images, "a photo of sks dog", images[::-1], "a photo of dog", 64, True,
+                                        True, 0, 2 * steps, cached=cached)
+    result = []
+    for step in range(steps):
+        batch = trainer.collate([dataset[2 * step], dataset[2 * step + 1]])
+        assert ("latent_key" in batch) == cached and ("pixel_values" in batch) != cached
+        with torch.no_grad():
+            generator = torch.Generator().manual_seed(step)
+            result.append(trainer.training_step(batch, models, args, generator, torch.float32, "cpu").item())
+    return result
+
+
+def test_cached_and_uncached_steps_give_the_same_loss_for_the_same_noise(models, photos, tiny_model, tmp_path):
+    uncached = losses(models, photos, tiny_model, tmp_path, cached=False)
+    cached = losses(models, photos, tiny_model, tmp_path, cached=True)
+    assert cached == pytest.approx(uncached, rel=1e-5)
+    assert len(set(uncached)) == len(uncached), "different steps, different samples and noise"
+
+
+def test_latent_cache_holds_both_flips_with_their_own_crop_coordinates(models, photos):
+    images = trainer.list_images(photos)[:2]
+    cache = trainer.encode_latent_cache(models.vae, images, 64, False, True, 0, "cpu")
+    assert set(cache) == {(str(p), flipped) for p in images for flipped in (False, True)}
+    moments, time_ids = cache[(str(images[0]), False)]
+    assert moments.shape == (8, 8, 8), "mean and log-variance of 4 latent channels at 64/8 pixels"
+    _, flipped_time_ids = cache[(str(images[0]), True)]
+    height, width, top, left = time_ids[:4].tolist()
+    scaled_width = round(width * 64 / min(height, width))
+    assert flipped_time_ids[3].item() == scaled_width - 64 - left, "the crop actually taken, after the flip"
+
+
+def test_latent_cache_is_on_by_default_only_where_it_is_exact(photos, tmp_path):
+    from PIL import Image
+
+    assert trainer.latent_cache_is_exact(trainer.list_images(photos), center_crop=True)
+    assert not trainer.latent_cache_is_exact(trainer.list_images(photos), center_crop=False), "random crops"
+    Image.new("RGB", (90, 90)).save(tmp_path / "square.png")
+    assert trainer.latent_cache_is_exact([tmp_path / "square.png"], center_crop=False), "a square leaves no choice"
+
+
+def test_validation_from_cached_embeddings_matches_the_pipeline(models, tiny_model, photos, tmp_path):
+    args = trainer.parse_args([str(a) for a in tiny_args(tiny_model, photos, tmp_path / "out",
+                                                         "--validation_prompt", "a photo of sks dog in a bucket")])
+    pipe = trainer.build_pipeline(models, str(tiny_model), None, None)
+    plain = trainer.generate_images(pipe, args.validation_prompt, [0, 1], 64, 64, 3)
+    models.prompt_cache = trainer.encode_prompt_cache(models, [args.validation_prompt, ""], "cpu")
+    headless = trainer.build_pipeline(trainer.dataclasses.replace(models, text_encoders=[None, None]),
+                                      str(tiny_model), None, None)
+    cached = trainer.generate_images(headless, None, [0, 1], 64, 64, 3,
+                                     **trainer.cached_prompt_kwargs(headless, models, args))
+    for a, b in zip(plain, cached):
+        np.testing.assert_allclose(np.asarray(a, dtype=float), np.asarray(b, dtype=float), atol=1)
+
+
+def test_frozen_text_encoders_leave_the_device_and_trained_ones_stay(tiny_model, photos, tmp_path, monkeypatch):
+    seen = {}
+    real = trainer.train
+    monkeypatch.setattr(trainer, "train", lambda accelerator, models, *a: seen.update(models=models)
+                        or real(accelerator, models, *a))
+    run_trainer(*tiny_args(tiny_model, photos, tmp_path / "a", "--max_train_steps", 1, "--optimizer", "adamw",
+                           "--center_crop", "--validation_prompt", "a sks dog", "--validation_inference_steps", 2))
+    models = seen["models"]
+    assert models.latent_cache and set(models.prompt_cache) == {"a photo of sks dog", "a sks dog", ""}
+    assert (tmp_path / "a" / "validation" / "step0" / "seed0.png").is_file(), "validation ran on cached prompts"
+    run_trainer(*tiny_args(tiny_model, photos, tmp_path / "b", "--max_train_steps", 1, "--optimizer", "adamw",
+                           "--train_text_encoder"))
+    assert seen["models"].prompt_cache is None and seen["models"].latent_cache is None
