@@ -1,0 +1,483 @@
+#!/usr/bin/env python
+"""Score a DreamBooth checkpoint with the paper's protocol: DINO, CLIP-I and CLIP-T on DreamBench's prompts.
+
+    python evaluate.py --checkpoint work_dirs/<run>/step499 --instance_dir dog/ --class_noun dog \
+        --identifier sks --subject_kind live --output_dir work_dirs/<run>/eval-step499
+
+Reads as the protocol does (Ruiz et al., "DreamBooth", CVPR 2023):
+  dreambench_prompts  the 25 object or 25 live-subject prompts, filled with the identifier and class noun
+  load_scorers        DINO ViT-S/16 and CLIP, loaded (and so checked) before the much larger SSD-1B
+  render              --images_per_prompt images per prompt through infer.py's code; image j uses seed --seed + j
+  score_run           DINO and CLIP-I: the mean cosine over every (generated, real photo) pair;
+                      CLIP-T: each image against its prompt with the identifier removed
+  write               report.json, per_prompt.csv, contact_sheet.png; a table beside the paper's Table 1
+
+--images DIR scores existing PNGs instead, each under the prompt in its `parameters` chunk (which infer.py and
+this script write). --baseline also renders the base model (the adapter at scale 0, as `infer.py --lora_scale 0`)
+on the same prompts and seeds, so the gain from training is visible.
+"""
+
+import argparse
+import copy
+import csv
+import io
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageOps
+from PIL.PngImagePlugin import PngInfo
+
+import infer
+from train_dreambooth_lora_ssd1b import (UserError, apply_adapters, build_pipeline, check_images,
+                                         check_model_source, generate_images, list_images, load_image,
+                                         load_models, looks_like_hub_id, resolve_instance_dir, save_png_atomic,
+                                         warn, write_text_atomic)
+
+DREAMBENCH = Path(__file__).resolve().parent / "dreambench_prompts.json"
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+METRICS = ["DINO", "CLIP-I", "CLIP-T"]
+PROMPT_LISTS = {"object": "object_prompts", "live": "live_subject_prompts"}  # --subject_kind -> DreamBench's list
+PAPER_COLUMNS = ["DreamBooth (Stable Diffusion)", "Real Images"]  # the rows of Table 1 a reader compares with
+# the image processor's settings: preprocessor_config.json on the hub, processor_config.json when a whole
+# processor was saved with transformers 5
+PROCESSOR_FILES = ["preprocessor_config.json", "processor_config.json"]
+EMBED_BATCH = 16  # images per scorer forward pass: small enough for any GPU, and for CPU memory
+CELL = 256  # side of one image on the contact sheet
+LABEL_HEIGHT = 14  # the strip above each row of the contact sheet that names its prompt
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    g = p.add_argument_group("what to score")
+    g.add_argument("--checkpoint", default=None, help="a step dir, e.g. work_dirs/<run>/step499: render and score")
+    g.add_argument("--images", default=None, help="a folder of PNGs with `parameters` chunks: score them as they are")
+    g.add_argument("--instance_dir", required=True, help="the subject's real photos: a folder or a hub dataset id")
+    g.add_argument("--class_noun", default=None, help="e.g. dog; fills {1} of the prompts")
+    g.add_argument("--identifier", default="sks", help="fills {0} of the prompts; removed before CLIP-T")
+    g.add_argument("--subject_kind", choices=["object", "live"], default=None,
+                   help="which DreamBench prompt list: 'live' for pets, 'object' for everything else")
+    g.add_argument("--baseline", action="store_true", help="also render and score the base model, adapter off")
+    g.add_argument("--output_dir", required=True, help="report.json, per_prompt.csv, contact_sheet.png, images/")
+
+    g = p.add_argument_group("rendering (as infer.py)")
+    g.add_argument("--images_per_prompt", type=int, default=4)
+    g.add_argument("--seed", type=int, default=0, help="image j of every prompt uses seed + j")
+    g.add_argument("--num_inference_steps", type=int, default=50)
+    g.add_argument("--guidance_scale", type=float, default=5.0)
+    g.add_argument("--height", type=int, default=None, help="default: the training resolution")
+    g.add_argument("--width", type=int, default=None, help="default: the training resolution")
+    g.add_argument("--pretrained_model_name_or_path", default=None, help="default: what the checkpoint recorded")
+    g.add_argument("--pretrained_vae_model_name_or_path", default=None,
+                   help="default: what the checkpoint recorded; 'none' means the model's own VAE")
+    g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    g.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: fp16 on GPU, fp32 on CPU")
+
+    g = p.add_argument_group("scorers (hub ids or local folders)")
+    g.add_argument("--dino_model", default="facebook/dino-vits16", help="DINO ViT-S/16, as in the paper")
+    g.add_argument("--clip_model", default="openai/clip-vit-base-patch32",
+                   help="the paper names no CLIP variant; ViT-B/32 is what DreamBench re-evaluations use")
+    args = p.parse_args(argv)
+    check_args(args)
+    return args
+
+
+def check_args(args):
+    """Every check of the flags on their own, in one place; raises UserError naming the fix."""
+    if bool(args.checkpoint) == bool(args.images):
+        raise UserError("pass either --checkpoint STEP_DIR (render and score) or --images DIR (score existing PNGs)")
+    if args.images and args.baseline:
+        raise UserError("--baseline renders the base model, so it needs --checkpoint; to score an earlier "
+                        "baseline, pass --images OUTPUT_DIR/baseline_images")
+    if args.checkpoint and not (args.class_noun and args.subject_kind):
+        raise UserError("rendering needs --class_noun (e.g. dog) and --subject_kind (live for pets, else object)")
+    if args.images_per_prompt < 1:
+        raise UserError(f"--images_per_prompt must be at least 1 (got {args.images_per_prompt})")
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Inputs: checked before any model loads
+# ----------------------------------------------------------------------------------------------------------
+
+
+def dreambench_prompts(subject_kind, identifier, class_noun):
+    """DreamBench's 25 prompts for this kind of subject, with {0} the identifier and {1} the class noun."""
+    bench = json.loads(DREAMBENCH.read_text())
+    return [p.format(identifier, class_noun) for p in bench[PROMPT_LISTS[subject_kind]]]
+
+
+def scored_prompt(prompt, identifier):
+    """The prompt CLIP-T sees: the identifier's words taken out, so 'a sks dog' is scored as 'a dog'."""
+    words, rare = prompt.split(), identifier.split()
+    kept, i = [], 0
+    while i < len(words):
+        if rare and words[i:i + len(rare)] == rare:
+            i += len(rare)
+        else:
+            kept.append(words[i])
+            i += 1
+    return " ".join(kept)
+
+
+def instance_photos(instance_dir):
+    """The subject's real photos, every one readable, or a UserError that names the bad ones."""
+    folder = resolve_instance_dir(instance_dir)
+    photos = list_images(folder)
+    if not photos:
+        raise UserError(f"no images in {folder}: pass --instance_dir the subject's photos the run was trained on")
+    check_images(photos, "instance", 0)
+    return photos
+
+
+def prompt_of(path):
+    """The prompt in a PNG's A1111 `parameters` chunk: the lines before 'Negative prompt:' or 'Steps:'."""
+    with Image.open(path) as image:
+        text = getattr(image, "text", {}).get("parameters")
+    if not text:
+        return None
+    lines = []
+    for line in text.split("\n"):
+        if line.startswith(("Negative prompt:", "Steps: ")):
+            break
+        lines.append(line)
+    return "\n".join(lines).strip() or None
+
+
+def prompted_images(folder):
+    """{prompt: [PNG paths]} of a folder, prompts in file-name order; PNGs without a prompt are skipped."""
+    if not Path(folder).is_dir():
+        raise UserError(f"--images {folder} is not a folder")
+    groups, skipped = {}, []
+    for path in list_images(folder):
+        prompt = prompt_of(path) if path.suffix.lower() == ".png" else None
+        if prompt is None:
+            skipped.append(path.name)
+        else:
+            groups.setdefault(prompt, []).append(path)
+    if not groups:
+        raise UserError(f"no PNG in {folder} carries a `parameters` chunk with its prompt: render with infer.py "
+                        "or evaluate.py, which write it")
+    if skipped:
+        warn(f"{len(skipped)} image(s) in {folder} carry no prompt and are not scored: {', '.join(skipped)}")
+    return groups
+
+
+def check_scorer(name, flag):
+    """A scorer is a transformers model folder (config and image processor) or a hub id that answers."""
+    folder = Path(name)
+    if folder.is_dir():
+        if not (folder / "config.json").is_file():
+            raise UserError(f"{flag} {name} is not a transformers model folder (no config.json in it)")
+        if not any((folder / f).is_file() for f in PROCESSOR_FILES):
+            raise UserError(f"{flag} {name} has no image processor (no {' or '.join(PROCESSOR_FILES)} in it): "
+                            "save the model's processor into it too")
+    elif not looks_like_hub_id(name):
+        raise UserError(f"{flag} {name} does not exist: pass a local model folder or a hub id")
+    else:
+        check_model_source(name, "config.json", flag)
+
+
+def render_settings(args, prompts):
+    """infer.py's flags for this evaluation, resolved by infer.py itself: defaults come from the checkpoint's
+    run_settings.json, and the base model and VAE are checked. Returns them and the checkpoint's settings."""
+    settings = infer.read_settings(args.checkpoint)
+    argv = ["--checkpoint", args.checkpoint, "--prompt", prompts[0], "--num_images", args.images_per_prompt,
+            "--seed", args.seed, "--num_inference_steps", args.num_inference_steps,
+            "--guidance_scale", args.guidance_scale, "--device", args.device]
+    for flag in ["height", "width", "pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "dtype"]:
+        if getattr(args, flag) is not None:
+            argv += [f"--{flag}", getattr(args, flag)]
+    return infer.resolve(infer.parse_args([str(a) for a in argv]), settings), settings
+
+
+def make_output_dir(output_dir):
+    try:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create --output_dir {output_dir} ({e.strerror}): pass a writable folder") from None
+    return Path(output_dir)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Scorers: DINO and CLIP embeddings
+# ----------------------------------------------------------------------------------------------------------
+
+
+class Scorers:
+    """DINO ViT (CLS token) and CLIP (projected image and text embeddings), frozen, in fp32 on one device."""
+
+    def __init__(self, dino_model, clip_model, device):
+        from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer, CLIPModel
+
+        self.device = device
+        try:
+            # DINO's checkpoints hold no pooler: without add_pooling_layer=False, ViTModel adds a random one
+            vit = {"add_pooling_layer": False} if AutoConfig.from_pretrained(dino_model).model_type == "vit" else {}
+            self.dino = AutoModel.from_pretrained(dino_model, **vit).to(device).eval()
+            self.dino_processor = AutoImageProcessor.from_pretrained(dino_model)
+        except (OSError, ValueError, KeyError) as e:
+            raise UserError(f"cannot load --dino_model {dino_model} ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:200]})") from None
+        try:
+            self.clip = CLIPModel.from_pretrained(clip_model).to(device).eval()
+            self.clip_processor = AutoImageProcessor.from_pretrained(clip_model)
+            self.clip_tokenizer = AutoTokenizer.from_pretrained(clip_model)
+        except (OSError, ValueError, KeyError) as e:
+            raise UserError(f"cannot load --clip_model {clip_model} ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:200]})") from None
+
+    @torch.no_grad()
+    def embed_images(self, images):
+        """{"DINO": (n, d), "CLIP-I": (n, e)} for a list of PIL images, on the CPU."""
+        dino, clip = [], []
+        for start in range(0, len(images), EMBED_BATCH):
+            batch = [image.convert("RGB") for image in images[start:start + EMBED_BATCH]]
+            pixels = self.dino_processor(images=batch, return_tensors="pt")["pixel_values"].to(self.device)
+            dino.append(self.dino(pixel_values=pixels).last_hidden_state[:, 0].float().cpu())  # the CLS token
+            pixels = self.clip_processor(images=batch, return_tensors="pt")["pixel_values"].to(self.device)
+            clip.append(projected(self.clip.get_image_features(pixel_values=pixels)).float().cpu())
+        return {"DINO": torch.cat(dino), "CLIP-I": torch.cat(clip)}
+
+    @torch.no_grad()
+    def embed_texts(self, texts):
+        """(n, e) CLIP text embeddings, in the same space as the CLIP-I image embeddings."""
+        tokens = self.clip_tokenizer(texts, padding=True, truncation=True, return_tensors="pt").to(self.device)
+        return projected(self.clip.get_text_features(input_ids=tokens["input_ids"],
+                                                     attention_mask=tokens["attention_mask"])).float().cpu()
+
+
+def projected(output):
+    """transformers 4 returns the projected embedding itself; 5 returns an output that holds it as pooler_output."""
+    return output if torch.is_tensor(output) else output.pooler_output
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The metrics
+# ----------------------------------------------------------------------------------------------------------
+
+
+def cosine_matrix(a, b):
+    """Cosine similarity of every row of a with every row of b."""
+    return F.normalize(a.double(), dim=-1) @ F.normalize(b.double(), dim=-1).T
+
+
+def subject_fidelity(generated, real):
+    """DINO or CLIP-I: the mean cosine over every (generated, real) pair."""
+    return cosine_matrix(generated, real).mean().item()
+
+
+def prompt_fidelity(image_embeddings, text_embeddings):
+    """CLIP-T: the mean cosine of each image with its own prompt's text embedding (row i with row i)."""
+    return F.cosine_similarity(image_embeddings.double(), text_embeddings.double(), dim=-1).mean().item()
+
+
+def real_pairs(real):
+    """The paper's 'Real Images' row for these photos: the mean cosine over pairs of different photos."""
+    n = len(real)
+    if n < 2:
+        return None
+    similarity = cosine_matrix(real, real)
+    return ((similarity.sum() - similarity.diagonal().sum()) / (n * (n - 1))).item()
+
+
+def score_run(scorers, real, rows, identifier):
+    """Per-prompt and overall scores of rows [(prompt, images)] against the real photos' embeddings."""
+    images = [image for _, group in rows for image in group]
+    generated = scorers.embed_images(images)
+    texts = scorers.embed_texts([scored_prompt(prompt, identifier) for prompt, _ in rows])
+    text_of_image = torch.cat([texts[i].expand(len(group), -1) for i, (_, group) in enumerate(rows)])
+    per_prompt, start = [], 0
+    for i, (prompt, group) in enumerate(rows):
+        own = slice(start, start + len(group))
+        start += len(group)
+        per_prompt.append({"prompt": prompt, "scored_prompt": scored_prompt(prompt, identifier),
+                           "num_images": len(group),
+                           "DINO": subject_fidelity(generated["DINO"][own], real["DINO"]),
+                           "CLIP-I": subject_fidelity(generated["CLIP-I"][own], real["CLIP-I"]),
+                           "CLIP-T": prompt_fidelity(generated["CLIP-I"][own], text_of_image[own])})
+    overall = {"DINO": subject_fidelity(generated["DINO"], real["DINO"]),
+               "CLIP-I": subject_fidelity(generated["CLIP-I"], real["CLIP-I"]),
+               "CLIP-T": prompt_fidelity(generated["CLIP-I"], text_of_image), "num_images": len(images)}
+    return overall, per_prompt
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rendering, through infer.py's code
+# ----------------------------------------------------------------------------------------------------------
+
+
+def load_pipeline(render_args, settings):
+    """SSD-1B with the checkpoint's adapters, exactly as infer.py builds it."""
+    models = load_models(render_args.pretrained_model_name_or_path, render_args.pretrained_vae_model_name_or_path,
+                         settings.get("revision"), settings.get("variant"), DTYPES[render_args.dtype],
+                         render_args.device)
+    pipe = build_pipeline(models, render_args.pretrained_model_name_or_path, settings.get("revision"),
+                          settings.get("variant"))
+    return apply_adapters(pipe, render_args.checkpoint, render_args.lora_scale)
+
+
+def render(pipe, render_args, prompts, folder):
+    """Every prompt's images, saved as PNGs with infer.py's `parameters` chunk, so `--images` can score them
+    again and `infer.py --prompt P --seed S` redraws any one of them. Returns [(prompt, images)]."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob("prompt*_seed*.png"):  # an earlier evaluation's: --images would score them too
+        stale.unlink()
+    sampler = type(pipe.scheduler).__name__
+    seeds = range(render_args.seed, render_args.seed + render_args.num_images)
+    rows = []
+    for i, prompt in enumerate(prompts):
+        prompt_args = copy.copy(render_args)
+        prompt_args.prompt = prompt
+        images = []
+        for seed in seeds:
+            # one image per call, as infer.py does: batching would change the arithmetic, and a seed is one picture
+            image = generate_images(pipe, prompt, [seed], render_args.height, render_args.width,
+                                    render_args.num_inference_steps, negative_prompt=render_args.negative_prompt,
+                                    guidance_scale=render_args.guidance_scale)[0]
+            info = PngInfo()
+            info.add_text("parameters", infer.parameters_text(prompt_args, seed, sampler))
+            save_png_atomic(image, folder / f"prompt{i:02d}_seed{seed}.png", pnginfo=info)
+            images.append(image)
+        rows.append((prompt, images))
+        print(f"[{i + 1}/{len(prompts)}] {prompt}", file=sys.stderr)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Outputs
+# ----------------------------------------------------------------------------------------------------------
+
+
+def write_json_atomic(path, data):
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
+def write_per_prompt_csv(path, per_prompt, baseline=None):
+    """One row per prompt: what was rendered, what CLIP-T read, how many images, the three scores."""
+    columns = ["prompt", "scored_prompt", "num_images", *METRICS]
+    if baseline:
+        columns += [f"baseline_{m}" for m in METRICS]
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(columns)
+    for i, row in enumerate(per_prompt):
+        values = [row["prompt"], row["scored_prompt"], row["num_images"], *(f"{row[m]:.6f}" for m in METRICS)]
+        if baseline:
+            values += [f"{baseline[i][m]:.6f}" for m in METRICS]
+        writer.writerow(values)
+    write_text_atomic(path, out.getvalue())
+
+
+def contact_sheet(rows):
+    """One row per prompt: its prompt above, then its images side by side (the base model's after a gap).
+    rows: [(label, [group of images, ...])]."""
+    cell = min(CELL, max(max(image.size) for _, groups in rows for group in groups for image in group))
+    gap = cell // 8
+    width = max(max(sum(len(g) for g in groups) * cell + (len(groups) - 1) * gap for _, groups in rows), 480)
+    sheet = Image.new("RGB", (width, len(rows) * (cell + LABEL_HEIGHT)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for r, (label, groups) in enumerate(rows):
+        top = r * (cell + LABEL_HEIGHT)
+        # Pillow's fallback bitmap font only knows Latin-1: a prompt from --images may hold anything else
+        draw.text((2, top + 1), label.encode("latin-1", "replace").decode("latin-1"), fill="black")
+        left = 0
+        for group in groups:
+            for image in group:
+                sheet.paste(ImageOps.pad(image.convert("RGB"), (cell, cell), color="white"), (left, top + LABEL_HEIGHT))
+                left += cell
+            left += gap
+    return sheet
+
+
+def table_text(overall, baseline, real, paper):
+    """The report's numbers beside Table 1 of the paper: this run, the base model, these photos, the paper."""
+    columns = [("this run", overall)]
+    if baseline:
+        columns.append(("base model", baseline))
+    columns += [("your photos", real), ("paper: DreamBooth (SD)", paper[PAPER_COLUMNS[0]]),
+                ("paper: real images", paper[PAPER_COLUMNS[1]])]
+    widths = [max(len(name), 5) + 2 for name, _ in columns]
+    lines = ["metric" + "".join(f"{name:>{w}}" for (name, _), w in zip(columns, widths))]
+    for metric in METRICS:
+        cells = [values.get(metric) for _, values in columns]
+        lines.append(f"{metric:<6}" + "".join(f"{c:>{w}.3f}" if c is not None else f"{'-':>{w}}"
+                                              for c, w in zip(cells, widths)))
+    return "\n".join(lines)
+
+
+def report_settings(args, render_args):
+    """What a reader needs to reproduce or compare the numbers."""
+    settings = {"mode": "images" if args.images else "render", "instance_dir": args.instance_dir,
+                "identifier": args.identifier, "dino_model": args.dino_model, "clip_model": args.clip_model,
+                "device": args.device}
+    if args.images:
+        return {**settings, "images": args.images}
+    return {**settings, "checkpoint": args.checkpoint, "class_noun": args.class_noun,
+            "subject_kind": args.subject_kind, "baseline": args.baseline,
+            "images_per_prompt": args.images_per_prompt, "seeds": f"image j of every prompt uses seed {args.seed} + j",
+            "seed": args.seed, "num_inference_steps": render_args.num_inference_steps,
+            "guidance_scale": render_args.guidance_scale, "height": render_args.height, "width": render_args.width,
+            "pretrained_model_name_or_path": render_args.pretrained_model_name_or_path,
+            "pretrained_vae_model_name_or_path": render_args.pretrained_vae_model_name_or_path,
+            "dtype": render_args.dtype}
+
+
+def write_outputs(output_dir, runs, scores, real_scores, settings):
+    """report.json, per_prompt.csv and contact_sheet.png, each written atomically; returns the report."""
+    paper = json.loads(DREAMBENCH.read_text())["paper_table_1"]
+    overall, per_prompt = scores["this run"]
+    baseline, baseline_per_prompt = scores.get("base model", (None, None))
+    report = {**overall, "num_prompts": len(per_prompt)}
+    if baseline:
+        report["baseline"] = baseline
+    report.update(instance_photos=real_scores, settings=settings, paper_table_1=paper)
+    write_json_atomic(output_dir / "report.json", report)
+    write_per_prompt_csv(output_dir / "per_prompt.csv", per_prompt, baseline_per_prompt)
+    rows = [(prompt, [images] + ([runs["base model"][i][1]] if baseline else []))
+            for i, (prompt, images) in enumerate(runs["this run"])]
+    if baseline:
+        rows[0] = (f"{rows[0][0]}    [left: this run; right: base model]", rows[0][1])
+    save_png_atomic(contact_sheet(rows), output_dir / "contact_sheet.png")
+    print(table_text(overall, baseline, real_scores, paper))
+    print(f"{overall['num_images']} images over {len(per_prompt)} prompts; wrote {output_dir / 'report.json'}, "
+          f"per_prompt.csv and contact_sheet.png")
+    return report
+
+
+def main(argv=None):
+    args = parse_args(argv)                                      # flags, every check of them in one place
+    photos = instance_photos(args.instance_dir)                  # the real photos, every one readable
+    check_scorer(args.dino_model, "--dino_model")
+    check_scorer(args.clip_model, "--clip_model")
+    render_args = settings = None
+    if args.images:
+        groups = prompted_images(args.images)                    # {prompt: PNGs}, from their parameters chunks
+    else:
+        prompts = dreambench_prompts(args.subject_kind, args.identifier, args.class_noun)
+        render_args, settings = render_settings(args, prompts)   # infer.py's own checks of checkpoint and models
+    output_dir = make_output_dir(args.output_dir)
+
+    scorers = Scorers(args.dino_model, args.clip_model, args.device)  # small: loaded first, so a bad one fails fast
+    real = scorers.embed_images([load_image(p)[0] for p in photos])
+    real_scores = {"DINO": real_pairs(real["DINO"]), "CLIP-I": real_pairs(real["CLIP-I"]), "num_images": len(photos)}
+    if args.images:
+        runs = {"this run": [(prompt, [load_image(p)[0] for p in paths]) for prompt, paths in groups.items()]}
+    else:
+        pipe = load_pipeline(render_args, settings)
+        runs = {"this run": render(pipe, render_args, prompts, output_dir / "images")}
+        if args.baseline:
+            pipe.set_adapters("dreambooth", adapter_weights=0.0)  # as infer.py --lora_scale 0: the base model
+            base_args = argparse.Namespace(**{**vars(render_args), "lora_scale": 0.0})
+            runs["base model"] = render(pipe, base_args, prompts, output_dir / "baseline_images")
+    scores = {name: score_run(scorers, real, rows, args.identifier) for name, rows in runs.items()}
+    return write_outputs(output_dir, runs, scores, real_scores, report_settings(args, render_args))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as error:
+        sys.exit(f"error: {error}")

@@ -1,0 +1,262 @@
+"""evaluate.py: the paper's metrics by hand, prompts from PNG metadata, whole evaluations on the tiny model."""
+
+import csv
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+import evaluate
+import infer
+from conftest import ROOT
+from train_dreambooth_lora_ssd1b import UserError
+
+
+def make_tiny_scorers(folder, tokenizer_dir):
+    """Random CLIP and DINO-shaped ViT models with their processors, saved as a user's local folders would be."""
+    from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer, ViTConfig,
+                              ViTImageProcessor, ViTModel)
+
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+                  patch_size=8)
+    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(folder / "clip")
+    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                     crop_size={"height": 32, "width": 32}),
+                  tokenizer=tokenizer).save_pretrained(folder / "clip")
+    torch.manual_seed(0)
+    ViTModel(ViTConfig(**vision), add_pooling_layer=False).save_pretrained(folder / "dino")
+    ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.485, 0.456, 0.406],
+                      image_std=[0.229, 0.224, 0.225]).save_pretrained(folder / "dino")
+    return folder / "dino", folder / "clip"
+
+
+@pytest.fixture(scope="module")
+def scorer_dirs(tiny_model, tmp_path_factory):
+    return make_tiny_scorers(tmp_path_factory.mktemp("scorers"), tiny_model / "tokenizer")
+
+
+@pytest.fixture(scope="module")
+def scorers(scorer_dirs):
+    return evaluate.Scorers(str(scorer_dirs[0]), str(scorer_dirs[1]), "cpu")
+
+
+def scorer_flags(scorer_dirs):
+    return ["--dino_model", str(scorer_dirs[0]), "--clip_model", str(scorer_dirs[1])]
+
+
+@pytest.fixture(scope="module")
+def evaluated(trained_run, photos, scorer_dirs, tmp_path_factory):
+    """One evaluation of the trained tiny checkpoint with --baseline: 25 live prompts, 1 image each, 2 steps."""
+    output_dir = tmp_path_factory.mktemp("eval") / "out"
+    report = evaluate.main(["--checkpoint", str(trained_run / "step3"), "--instance_dir", str(photos),
+                            "--class_noun", "dog", "--identifier", "sks", "--subject_kind", "live",
+                            "--images_per_prompt", "1", "--num_inference_steps", "2", "--height", "64",
+                            "--width", "64", "--seed", "3", "--baseline", "--output_dir", str(output_dir),
+                            *scorer_flags(scorer_dirs)])
+    return report, output_dir
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The metrics, by hand
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_subject_fidelity_is_the_mean_cosine_over_all_generated_real_pairs():
+    generated = torch.tensor([[3.0, 0.0], [0.0, 0.5]])  # lengths differ: only directions count
+    real = torch.tensor([[1.0, 0.0], [2.0, 2.0], [0.0, -1.0]])
+    # cosines: row 1 with the reals 1, 1/sqrt2, 0; row 2: 0, 1/sqrt2, -1
+    expected = (1 + 1 / math.sqrt(2) + 0 + 0 + 1 / math.sqrt(2) - 1) / 6
+    assert evaluate.subject_fidelity(generated, real) == pytest.approx(expected, abs=1e-12)
+
+
+def test_prompt_fidelity_pairs_each_image_with_its_own_prompt_only():
+    images = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    texts = torch.tensor([[1.0, 1.0], [0.0, 5.0]])
+    assert evaluate.prompt_fidelity(images, texts) == pytest.approx((1 / math.sqrt(2) + 1) / 2, abs=1e-12)
+
+
+def test_real_images_row_leaves_each_photo_out_of_its_own_pairs():
+    real = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]])
+    expected = (1 / math.sqrt(2) + 0 + 1 / math.sqrt(2)) / 3  # the 3 distinct pairs, each counted both ways
+    assert evaluate.real_pairs(real) == pytest.approx(expected, abs=1e-12)
+    assert evaluate.real_pairs(real[:1]) is None
+
+
+def test_an_image_compared_with_itself_scores_one(scorers, photos):
+    image = Image.open(sorted(photos.iterdir())[0]).convert("RGB")
+    embeddings = scorers.embed_images([image])
+    assert evaluate.subject_fidelity(embeddings["DINO"], embeddings["DINO"]) == pytest.approx(1.0, abs=1e-6)
+    assert evaluate.subject_fidelity(embeddings["CLIP-I"], embeddings["CLIP-I"]) == pytest.approx(1.0, abs=1e-6)
+    overall, _ = evaluate.score_run(scorers, embeddings, [("a sks dog", [image, image])], "sks")
+    assert (overall["DINO"], overall["CLIP-I"]) == (pytest.approx(1.0, abs=1e-6), pytest.approx(1.0, abs=1e-6))
+
+
+def test_clip_t_scores_the_prompt_without_the_identifier(scorers, photos):
+    image = Image.open(sorted(photos.iterdir())[0]).convert("RGB")
+    overall, per_prompt = evaluate.score_run(scorers, scorers.embed_images([image]),
+                                             [("a sks dog in the snow", [image])], "sks")
+    assert per_prompt[0]["scored_prompt"] == "a dog in the snow"
+    by_hand = evaluate.prompt_fidelity(scorers.embed_images([image])["CLIP-I"],
+                                       scorers.embed_texts(["a dog in the snow"]))
+    assert overall["CLIP-T"] == pytest.approx(by_hand, abs=1e-9)
+
+
+@pytest.mark.parametrize("prompt, identifier, scored", [
+    ("a sks dog in the snow", "sks", "a dog in the snow"),
+    ("a red sks dog", "sks", "a red dog"),
+    ("a  sks   dog", "sks", "a dog"),
+    ("a sksy dog", "sks", "a sksy dog"),  # a word that merely contains the identifier stays
+    ("a olis ohwx dog on the beach", "olis ohwx", "a dog on the beach"),
+])
+def test_identifier_is_removed_and_whitespace_collapsed(prompt, identifier, scored):
+    assert evaluate.scored_prompt(prompt, identifier) == scored
+
+
+def test_dreambench_prompts_fill_identifier_and_class_noun():
+    live = evaluate.dreambench_prompts("live", "sks", "dog")
+    objects = evaluate.dreambench_prompts("object", "sks", "backpack")
+    assert len(live) == len(objects) == 25
+    assert live[1] == "a sks dog in the snow" and "a sks dog wearing a santa hat" in live
+    assert "a sks backpack with the Eiffel Tower in the background" in objects
+    assert all("{" not in p for p in live + objects)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Prompts from PNG metadata
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_prompt_is_read_from_an_infer_py_render(trained_run, tmp_path):
+    path = infer.main(["--checkpoint", str(trained_run / "step3"), "--prompt", "a sks dog in the jungle",
+                       "--negative_prompt", "blurry", "--num_inference_steps", "2", "--output", str(tmp_path)])[0]
+    assert evaluate.prompt_of(path) == "a sks dog in the jungle"
+    assert evaluate.prompted_images(tmp_path) == {"a sks dog in the jungle": [path]}
+
+
+def test_png_without_parameters_is_skipped_and_a_folder_of_them_refused(tmp_path, capsys):
+    Image.new("RGB", (8, 8)).save(tmp_path / "bare.png")
+    with pytest.raises(UserError, match="no PNG in .* carries a `parameters` chunk"):
+        evaluate.prompted_images(tmp_path)
+    info = PngInfo()
+    info.add_text("parameters", "a sks dog\nSteps: 2, Sampler: Euler, Seed: 0")
+    Image.new("RGB", (8, 8)).save(tmp_path / "good.png", pnginfo=info)
+    assert evaluate.prompted_images(tmp_path) == {"a sks dog": [tmp_path / "good.png"]}
+    err = capsys.readouterr().err
+    assert "1 image(s)" in err and "bare.png" in err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Whole evaluations on the tiny checkpoint
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_end_to_end_writes_report_csv_and_contact_sheet(evaluated, photos, capsys):
+    report, output_dir = evaluated
+    on_disk = json.loads((output_dir / "report.json").read_text())
+    assert on_disk == json.loads(json.dumps(report))
+    assert (report["num_images"], report["num_prompts"]) == (25, 25)
+    for metric in evaluate.METRICS:
+        assert -1 <= report[metric] <= 1
+    assert report["instance_photos"]["num_images"] == len(evaluate.list_images(photos))
+    assert report["paper_table_1"]["DreamBooth (Stable Diffusion)"]["DINO"] == 0.668
+    assert report["settings"]["seeds"] == "image j of every prompt uses seed 3 + j"
+
+    with open(output_dir / "per_prompt.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 25
+    assert rows[1]["prompt"] == "a sks dog in the snow" and rows[1]["scored_prompt"] == "a dog in the snow"
+    assert np.mean([float(r["DINO"]) for r in rows]) == pytest.approx(report["DINO"], abs=1e-5)
+
+    sheet = Image.open(output_dir / "contact_sheet.png")
+    assert sheet.height == 25 * (64 + evaluate.LABEL_HEIGHT)  # one row per prompt
+    assert len(list((output_dir / "images").glob("prompt*_seed3.png"))) == 25
+
+
+def test_each_image_is_the_picture_infer_py_gives_for_its_prompt_and_seed(evaluated, trained_run, tmp_path):
+    _, output_dir = evaluated
+    ours = output_dir / "images" / "prompt01_seed3.png"
+    assert evaluate.prompt_of(ours) == "a sks dog in the snow"
+    theirs = infer.main(["--checkpoint", str(trained_run / "step3"), "--prompt", "a sks dog in the snow",
+                         "--seed", "3", "--num_inference_steps", "2", "--output", str(tmp_path)])[0]
+    np.testing.assert_array_equal(np.asarray(Image.open(ours)), np.asarray(Image.open(theirs)))
+
+
+def test_baseline_scores_the_base_model_on_the_same_prompts_and_seeds(evaluated):
+    report, output_dir = evaluated
+    assert report["baseline"]["num_images"] == 25
+    assert report["baseline"] != {k: report[k] for k in report["baseline"]}, "the adapter changes the images"
+    with open(output_dir / "per_prompt.csv", newline="") as f:
+        assert {"baseline_DINO", "baseline_CLIP-I", "baseline_CLIP-T"} <= set(next(csv.DictReader(f)))
+    base = output_dir / "baseline_images" / "prompt00_seed3.png"
+    assert "Lora scale: 0.0" in Image.open(base).text["parameters"]
+    assert Image.open(output_dir / "contact_sheet.png").width > 2 * 64  # trained and base model side by side
+
+
+def test_images_mode_rescores_rendered_pngs_to_the_same_numbers(evaluated, photos, scorer_dirs, tmp_path):
+    report, output_dir = evaluated
+    rescored = evaluate.main(["--images", str(output_dir / "images"), "--instance_dir", str(photos),
+                              "--output_dir", str(tmp_path), *scorer_flags(scorer_dirs)])
+    for metric in evaluate.METRICS:
+        assert rescored[metric] == pytest.approx(report[metric], abs=1e-9)
+    assert (rescored["num_images"], rescored["num_prompts"], "baseline" in rescored) == (25, 25, False)
+    assert rescored["settings"]["mode"] == "images"
+    assert {p.name for p in tmp_path.iterdir()} == {"report.json", "per_prompt.csv", "contact_sheet.png"}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Mistakes: one line, before any model loads
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_bad_dino_model_is_one_line_error_before_anything_loads(trained_run, photos, scorer_dirs, tmp_path):
+    output_dir = tmp_path / "out"
+    result = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--checkpoint", str(trained_run / "step3"),
+                             "--instance_dir", str(photos), "--class_noun", "dog", "--subject_kind", "live",
+                             "--output_dir", str(output_dir), "--dino_model", str(tmp_path / "no-dino"),
+                             "--clip_model", str(scorer_dirs[1])], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [f"error: --dino_model {tmp_path / 'no-dino'} does not exist: "
+                                                  "pass a local model folder or a hub id"]
+    assert not output_dir.exists()
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no_checkpoint", "is not a step dir"),
+    ("empty_photos", "no images in"),
+    ("both_modes", "pass either --checkpoint"),
+    ("images_with_baseline", "--baseline renders the base model"),
+    ("no_class_noun", "rendering needs --class_noun"),
+    ("scorer_without_processor", "has no image processor (no preprocessor_config.json or processor_config.json"),
+    ("images_without_prompts", "carries a `parameters` chunk"),
+])
+def test_mistakes_are_refused_in_one_line(case, message, trained_run, photos, scorer_dirs, tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "bare").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "bare" / "x.png")
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "config.json").write_text("{}")
+    render = ["--checkpoint", str(trained_run / "step3"), "--class_noun", "dog", "--subject_kind", "live"]
+    argv = {"no_checkpoint": ["--checkpoint", str(tmp_path / "nope"), "--class_noun", "dog", "--subject_kind", "live"],
+            "empty_photos": render,
+            "both_modes": [*render, "--images", str(tmp_path)],
+            "images_with_baseline": ["--images", str(tmp_path), "--baseline"],
+            "no_class_noun": ["--checkpoint", str(trained_run / "step3"), "--subject_kind", "live"],
+            "scorer_without_processor": [*render, "--dino_model", str(tmp_path / "half")],
+            "images_without_prompts": ["--images", str(tmp_path / "bare")]}[case]
+    photos_dir = tmp_path / "empty" if case == "empty_photos" else photos
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        evaluate.main([*scorer_flags(scorer_dirs), *argv, "--instance_dir", str(photos_dir),
+                       "--output_dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
