@@ -18,6 +18,8 @@ so a run is reproducible by construction.
 """
 
 import argparse
+import collections
+import contextlib
 import dataclasses
 import datetime
 import functools
@@ -129,6 +131,7 @@ def add_training_flags(p):
     g.add_argument("--max_train_steps", type=int, default=500)
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)
     g.add_argument("--gradient_checkpointing", action="store_true")
+    g.add_argument("--compile", action="store_true", help="torch.compile the UNet (pays off on long runs)")
     g.add_argument("--cache_latents", choices=["auto", "on", "off"], default="auto",
                    help="encode each image (and its flip) once; auto: only where no random crop is lost")
     g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
@@ -145,6 +148,10 @@ def add_output_flags(p):
     g.add_argument("--validation_steps", type=int, default=None, help="default 100")
     g.add_argument("--validation_inference_steps", type=int, default=50)
     g.add_argument("--report_to", default="tensorboard", help="tensorboard, wandb, all or none")
+    g.add_argument("--logging_steps", type=int, default=10,
+                   help="read the loss back from the device every N steps (each read waits for the device)")
+    g.add_argument("--peak_tflops", type=float, default=None,
+                   help="the device's peak for MFU; default: a table of GPUs' dense bf16 peaks")
 
     g = p.add_argument_group("output")
     g.add_argument("--output_dir", default=None,
@@ -176,7 +183,7 @@ def check_args(args):
         args.caption_extension = f".{args.caption_extension}"
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         raise UserError(f"--checkpoints_total_limit must be at least 1 (got {args.checkpoints_total_limit})")
-    positive = ["rank", "max_train_steps", "train_batch_size", "gradient_accumulation_steps",
+    positive = ["rank", "max_train_steps", "logging_steps", "train_batch_size", "gradient_accumulation_steps",
                 "checkpointing_steps", "validation_steps", "num_validation_images", "validation_inference_steps",
                 "num_class_images", "sample_batch_size"]
     for name in positive:
@@ -1126,7 +1133,46 @@ def write_model_card(output_dir, args, step):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def train(accelerator, models, trained, optimizer, lr_scheduler, dataloader, args, weight_dtype, start_step):
+class RunClock:
+    """Where the time goes: the run's phases, and training steps timed in windows that each end in one
+    host-device sync (reading the losses back), so the device is never waited on every step."""
+
+    def __init__(self):
+        self.phases = collections.defaultdict(float)
+        self.windows = []  # (first step, steps, seconds)
+        self.pending, self.started, self.flops_per_step = [], time.perf_counter(), None
+
+    @contextlib.contextmanager
+    def phase(self, name):
+        started = time.perf_counter()
+        yield
+        self.phases[name] += time.perf_counter() - started
+
+    @contextlib.contextmanager
+    def counting_flops(self, enabled, multiplier):
+        """Count one micro-step's FLOPs (forward and backward) for MFU; the step is warm-up anyway."""
+        if not enabled:
+            yield
+            return
+        from torch.utils.flop_counter import FlopCounterMode
+
+        counter = FlopCounterMode(display=False)
+        with counter:
+            yield
+        self.flops_per_step = counter.get_total_flops() * multiplier
+
+    def close_window(self, accelerator, step):
+        """The window's losses (each step's mean over processes), read back in one sync, and its duration."""
+        losses = accelerator.gather(torch.stack(self.pending)).view(accelerator.num_processes, -1).mean(0).tolist()
+        seconds = time.perf_counter() - self.started
+        self.windows.append((step - len(losses) + 1, len(losses), seconds))
+        self.phases["training"] += seconds
+        self.pending = []
+        return losses
+
+
+def train(accelerator, models, trained, optimizer, lr_scheduler, dataloader, args, weight_dtype, start_step,
+          clock):
     """Optimise until max_train_steps; save every checkpointing_steps and at the end; validate on schedule.
 
     On SIGINT/SIGTERM, finish the step, save adapters and resumable state, and raise Interrupted.
@@ -1136,18 +1182,19 @@ def train(accelerator, models, trained, optimizer, lr_scheduler, dataloader, arg
     params = [p for m in trained for p in m.parameters() if p.requires_grad]
     for module in trained:
         module.train()
-    step, step_times, side_seconds = start_step, [], 0.0
-    started = time.perf_counter()
+    step, first_micro_step = start_step, start_step * args.gradient_accumulation_steps
+    clock.started = time.perf_counter()
     with GracefulStop() as stop:
-        for micro_step, batch in enumerate(dataloader, start=start_step * args.gradient_accumulation_steps):
+        for micro_step, batch in enumerate(dataloader, start=first_micro_step):
             with accelerator.accumulate(*trained):
                 generator = torch.Generator(accelerator.device).manual_seed(
                     derive_seed(args.seed, "noise", accelerator.process_index, micro_step) % 2**63)
                 # LoRA dropout draws from torch's global RNG, which a new data iterator also draws from;
                 # seeding it per micro-step makes dropout a function of (seed, step) too, so resume is exact
                 torch.manual_seed(derive_seed(args.seed, "dropout", accelerator.process_index, micro_step) % 2**63)
-                loss = training_step(batch, models, args, generator, weight_dtype, accelerator.device)
-                accelerator.backward(loss)
+                with clock.counting_flops(micro_step == first_micro_step, args.gradient_accumulation_steps):
+                    loss = training_step(batch, models, args, generator, weight_dtype, accelerator.device)
+                    accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(params, args.max_grad_norm)
                 optimizer.step()
@@ -1156,29 +1203,38 @@ def train(accelerator, models, trained, optimizer, lr_scheduler, dataloader, arg
             if not accelerator.sync_gradients:
                 continue
             step += 1
-            loss_value = accelerator.gather(loss.detach()).mean().item()  # also waits for the device: honest timing
-            if not math.isfinite(loss_value):
-                raise UserError(f"the loss became {loss_value} at step {step}, so training stopped and nothing of "
-                                f"that step was saved; {last_good_adapters(args.output_dir)}. Likely fp16 overflow: "
-                                f"use --mixed_precision bf16, or a lower --learning_rate (now {args.learning_rate})")
-            step_times.append(time.perf_counter() - started)
-            lr = lr_scheduler.get_last_lr()[0]
+            clock.pending.append(loss.detach())
             progress.update(1)
-            progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", s_per_step=f"{step_times[-1]:.2f}")
-            accelerator.log({"loss": loss_value, "lr": lr}, step=step)
-            side_started = time.perf_counter()
-            signum = stop.requested(accelerator)
-            after_step(accelerator, models, trained, args, step, stopping=bool(signum))
-            if signum:
-                progress.close()
-                raise Interrupted(f"stopped at step {step} of {args.max_train_steps}; resume with:\n  "
-                                  f"{resume_command(args.argv)}", signum)
-            side_seconds += time.perf_counter() - side_started
-            started = time.perf_counter()
+            accelerator.log({"lr": lr_scheduler.get_last_lr()[0]}, step=step)
+            window_ends = (step % args.logging_steps == 0 or step == start_step + WARMUP_STEPS
+                           or step >= args.max_train_steps or any(due(args, step)))
+            # one process alone checks for a signal every step; several agree on it only where they sync anyway
+            signum = stop.requested(accelerator) if window_ends or accelerator.num_processes == 1 else 0
+            if window_ends or signum:
+                end_window(accelerator, models, trained, args, step, clock, progress, signum)
+                clock.started = time.perf_counter()
             if step >= args.max_train_steps:
                 break
     progress.close()
-    return step_times, side_seconds
+
+
+def end_window(accelerator, models, trained, args, step, clock, progress, signum):
+    """Read the window's losses back (stopping at a nan, exactly), log them, then save and validate."""
+    losses = clock.close_window(accelerator, step)
+    for offset, value in enumerate(losses):
+        if not math.isfinite(value):
+            raise UserError(f"the loss became {value} at step {step - len(losses) + 1 + offset}, so training "
+                            f"stopped and nothing since was saved; {last_good_adapters(args.output_dir)}. Likely "
+                            "fp16 overflow: use --mixed_precision bf16, or a lower --learning_rate (now "
+                            f"{args.learning_rate})")
+    window = clock.windows[-1]
+    progress.set_postfix(loss=f"{sum(losses) / len(losses):.4f}", s_per_step=f"{window[2] / window[1]:.3f}")
+    accelerator.log({"loss": sum(losses) / len(losses)}, step=step)
+    after_step(accelerator, models, trained, args, step, clock, stopping=bool(signum))
+    if signum:
+        progress.close()
+        raise Interrupted(f"stopped at step {step} of {args.max_train_steps}; resume with:\n  "
+                          f"{resume_command(args.argv)}", signum)
 
 
 def last_good_adapters(output_dir):
@@ -1220,35 +1276,60 @@ def save_checkpoint(accelerator, trained, args, step):
         prune_states(args.output_dir, args.checkpoints_total_limit)
 
 
-def after_step(accelerator, models, trained, args, step, stopping=False):
+def due(args, step):
+    """Whether this step saves, and whether it validates: on their schedules, and always at the end."""
+    last = step == args.max_train_steps
+    return (step % args.checkpointing_steps == 0 or last,
+            bool(args.validation_prompt) and (step % args.validation_steps == 0 or last))
+
+
+def after_step(accelerator, models, trained, args, step, clock, stopping=False):
     """Save adapters and resumable state, validate, and refresh the model card; the other processes wait."""
-    save_now = stopping or step % args.checkpointing_steps == 0 or step == args.max_train_steps
-    validate_now = (not stopping and args.validation_prompt
-                    and (step % args.validation_steps == 0 or step == args.max_train_steps))
+    save_now, validate_now = due(args, step)
+    save_now, validate_now = save_now or stopping, validate_now and not stopping
     if save_now:
-        save_checkpoint(accelerator, trained, args, step)
+        with clock.phase("saving"):
+            save_checkpoint(accelerator, trained, args, step)
     if validate_now and accelerator.is_main_process:
-        log_validation(accelerator, models, args, step)
+        with clock.phase("validation"):
+            log_validation(accelerator, models, args, step)
     if (save_now or validate_now) and accelerator.is_main_process:
         write_model_card(args.output_dir, args, step)
     accelerator.wait_for_everyone()
 
 
-def report(accelerator, step_times, side_seconds, total_seconds):
-    """Steady-state time per step (warm-up, saving and validation left out) and peak memory."""
-    steady = step_times[WARMUP_STEPS:] if len(step_times) > WARMUP_STEPS else step_times[1:] or step_times
-    ms_per_step = 1000 * sum(steady) / len(steady)
+PEAK_TFLOPS = {"H100": 989, "H200": 989, "A100": 312, "A6000": 155, "L40S": 362, "L40": 181, "4090": 165,
+               "A10G": 70, "L4": 121}  # dense bf16/fp16 tensor-core peaks from the datasheets, per GPU
+
+
+def device_peak_tflops(override):
+    if override or not torch.cuda.is_available():
+        return override
+    name = torch.cuda.get_device_name()
+    return next((peak for key, peak in PEAK_TFLOPS.items() if key in name), None)
+
+
+def report(accelerator, clock, args, start_step):
+    """Steady-state time per step (warm-up, saving and validation left out), MFU, peak memory, and where the
+    run's time went."""
+    steady = [(n, s) for first, n, s in clock.windows if first > start_step + WARMUP_STEPS] or \
+        [(n, s) for _, n, s in clock.windows]
+    ms_per_step = 1000 * sum(s for _, s in steady) / sum(n for n, _ in steady)
+    peak = device_peak_tflops(args.peak_tflops)
+    mfu = clock.flops_per_step / (ms_per_step / 1000) / (peak * 1e12) if peak and clock.flops_per_step else None
     if torch.cuda.is_available():
-        peak_gib = torch.cuda.max_memory_allocated() / 2**30
-        memory = f"peak GPU memory {peak_gib:.2f} GiB"
+        peak_gib, memory = torch.cuda.max_memory_allocated() / 2**30, "peak GPU memory"
     else:
         import resource
 
-        peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-        memory = f"peak RSS {peak_gib:.2f} GiB"
-    accelerator.print(f"steady-state {ms_per_step:.1f} ms/step over {len(steady)} steps; {memory}; "
-                      f"{total_seconds:.1f} s in all, {side_seconds:.1f} s of it saving and validating")
-    accelerator.log({"ms_per_step": ms_per_step, "peak_memory_gib": peak_gib})
+        peak_gib, memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "peak RSS"  # KiB on Linux
+    tflop = f"{clock.flops_per_step / 1e12:.3g} TFLOP/step" if clock.flops_per_step else "FLOPs not counted"
+    accelerator.print(
+        f"steady-state {ms_per_step:.1f} ms/step over {sum(n for n, _ in steady)} steps; {tflop}; "
+        + (f"MFU {100 * mfu:.1f}% of {peak:g} TFLOP/s; " if mfu else "MFU n/a (pass --peak_tflops); ")
+        + f"{memory} {peak_gib:.2f} GiB\ntime: " + ", ".join(f"{name} {sec:.1f} s" for name, sec in clock.phases.items()))
+    accelerator.log({"ms_per_step": ms_per_step, "peak_memory_gib": peak_gib, **({"mfu": mfu} if mfu else {}),
+                     **{f"seconds/{name}": sec for name, sec in clock.phases.items()}})
     return ms_per_step
 
 
@@ -1361,18 +1442,24 @@ def main(argv=None):
     instance_images, instance_prompts = check_inputs(args)  # folders, photos, captions, models, output dir
     accelerator = make_accelerator(args)          # processes, mixed precision, accumulation, trackers
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    load_started = time.perf_counter()
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 matmuls on tensor cores
+    clock = RunClock()
 
-    models = load_models(args.pretrained_model_name_or_path, args.pretrained_vae_model_name_or_path,
-                         args.revision, args.variant, weight_dtype, accelerator.device)
-    class_images = prepare_class_images(accelerator, models, args) if args.with_prior_preservation else None
-    build_caches(accelerator, models, args, [*instance_images, *(class_images or [])], instance_prompts)
+    with clock.phase("load"):
+        models = load_models(args.pretrained_model_name_or_path, args.pretrained_vae_model_name_or_path,
+                             args.revision, args.variant, weight_dtype, accelerator.device)
+    with clock.phase("class images"):
+        class_images = prepare_class_images(accelerator, models, args) if args.with_prior_preservation else None
+    with clock.phase("caches"):
+        build_caches(accelerator, models, args, [*instance_images, *(class_images or [])], instance_prompts)
     set_seed(args.seed)  # LoRA's initial weights
     trained = add_lora(models, args.rank, args.lora_alpha, args.lora_dropout, args.train_text_encoder)
     if args.gradient_checkpointing:
         models.unet.enable_gradient_checkpointing()
         for text_encoder in trained[1:]:
             text_encoder.gradient_checkpointing_enable()
+    if args.compile:
+        trained[0] = models.unet = torch.compile(models.unet)  # accelerate's unwrap_model strips it for saving
 
     dataloader = make_dataloader(instance_images, instance_prompts, class_images, args, accelerator.num_processes,
                                  cached=models.latent_cache is not None)
@@ -1389,11 +1476,9 @@ def main(argv=None):
     accelerator.print(f"{len(instance_images)} instance photos, {len(class_images or [])} class images; "
                       f"{args.max_train_steps} steps, effective batch {effective} = {args.train_batch_size} per "
                       f"device x {accelerator.num_processes} processes x {args.gradient_accumulation_steps} "
-                      f"accumulation; loading took {time.perf_counter() - load_started:.1f} s")
-    train_started = time.perf_counter()
-    step_times, side_seconds = train(accelerator, models, trained, optimizer, lr_scheduler, dataloader, args,
-                                     weight_dtype, start_step)
-    report(accelerator, step_times, side_seconds, time.perf_counter() - train_started)
+                      f"accumulation; loading took {clock.phases['load']:.1f} s")
+    train(accelerator, models, trained, optimizer, lr_scheduler, dataloader, args, weight_dtype, start_step, clock)
+    report(accelerator, clock, args, start_step)
     accelerator.end_training()
 
 

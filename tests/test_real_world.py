@@ -149,7 +149,7 @@ def test_nan_loss_stops_with_the_step_and_cause_and_keeps_the_last_good_step(tin
     with pytest.raises(trainer.UserError) as error:
         run_trainer(*training_args(tiny_model, photos, tmp_path / "out"))
     assert str(error.value) == (
-        f"the loss became nan at step 3, so training stopped and nothing of that step was saved; the last good "
+        f"the loss became nan at step 3, so training stopped and nothing since was saved; the last good "
         f"adapters are in {tmp_path / 'out' / 'step1'}. Likely fp16 overflow: use --mixed_precision bf16, or a "
         "lower --learning_rate (now 0.0001)")
     assert sorted(p.name for p in (tmp_path / "out").glob("*step*")) == ["state-step0", "state-step1", "step0",
