@@ -1326,7 +1326,7 @@ def report(accelerator, clock, args, start_step):
     tflop = f"{clock.flops_per_step / 1e12:.3g} TFLOP/step" if clock.flops_per_step else "FLOPs not counted"
     accelerator.print(
         f"steady-state {ms_per_step:.1f} ms/step over {sum(n for n, _ in steady)} steps; {tflop}; "
-        + (f"MFU {100 * mfu:.1f}% of {peak:g} TFLOP/s; " if mfu else "MFU n/a (pass --peak_tflops); ")
+        + (f"MFU {100 * mfu:.3g}% of {peak:g} TFLOP/s; " if mfu else "MFU n/a (pass --peak_tflops); ")
         + f"{memory} {peak_gib:.2f} GiB\ntime: " + ", ".join(f"{name} {sec:.1f} s" for name, sec in clock.phases.items()))
     accelerator.log({"ms_per_step": ms_per_step, "peak_memory_gib": peak_gib, **({"mfu": mfu} if mfu else {}),
                      **{f"seconds/{name}": sec for name, sec in clock.phases.items()}})
