@@ -4,17 +4,20 @@
     accelerate launch train_dreambooth_lora_ssd1b.py --instance_dir dog/ --instance_prompt "a photo of sks dog"
 
 Reads top to bottom as the method does (Ruiz et al., "DreamBooth", CVPR 2023):
-  parse_args        flags, and every check that needs no model
-  load_models       tokenizers, both CLIP text encoders, UNet, fp16-fix VAE, noise scheduler
-  class images      the base model makes them once; they are kept for the next run
-  add_lora          peft LoRA on the UNet's attention (and both text encoders if asked)
-  DreamBoothDataset photo -> pixels + SDXL time ids (the crop actually taken), drawn anew per sample
-  dreambooth_loss   instance MSE + prior_loss_weight * class MSE
-  save_adapters     stepN/unet (PEFT) + stepN/pytorch_lora_weights.safetensors (diffusers), atomically
-  log_validation    fixed-seed images of the validation prompt
+  parse_args         flags, and every check of them
+  check_inputs       photos, captions, models, output dir: all checked before any model loads
+  load_models        tokenizers, both CLIP text encoders, UNet, fp16-fix VAE, noise scheduler
+  class images       the base model makes the missing ones, split across processes, kept for the next run
+  build_caches       VAE latents and prompt embeddings that are the same every step, computed once
+  add_lora           peft LoRA on the UNet's attention (and both text encoders if asked)
+  DreamBoothDataset  photo -> pixels + SDXL time ids (the crop actually taken), drawn anew per sample
+  dreambooth_loss    instance MSE + prior_loss_weight * class MSE
+  save_checkpoint    stepN/ adapters (PEFT, diffusers, kohya) + state-stepN/ to resume, each renamed into place
+  log_validation     fixed-seed images of the validation prompt
+  report             steady-state ms/step, MFU, peak memory, where the time went
 
-Every random choice (which photo, crop, flip, noise, timesteps) is derived from (seed, sample or step),
-so a run is reproducible by construction.
+Every random choice (which photo, crop, flip, noise, timesteps, dropout) is derived from (seed, sample or
+step), so a run is reproducible by construction and a resumed run ends where the uninterrupted one would.
 """
 
 import argparse
