@@ -1144,6 +1144,7 @@ class RunClock:
         self.phases = collections.defaultdict(float)
         self.windows = []  # (first step, steps, seconds)
         self.pending, self.started, self.flops_per_step = [], time.perf_counter(), None
+        self.peak_before_training = 0  # bytes: loading, class images and caches peak before the loop does
 
     @contextlib.contextmanager
     def phase(self, name):
@@ -1186,6 +1187,9 @@ def train(accelerator, models, trained, optimizer, lr_scheduler, dataloader, arg
     for module in trained:
         module.train()
     step, first_micro_step = start_step, start_step * args.gradient_accumulation_steps
+    if torch.cuda.is_available():  # report training's own peak apart from the run's
+        clock.peak_before_training = torch.cuda.max_memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
     clock.started = time.perf_counter()
     with GracefulStop() as stop:
         for micro_step, batch in enumerate(dataloader, start=first_micro_step):
@@ -1321,16 +1325,19 @@ def report(accelerator, clock, args, start_step):
     peak = device_peak_tflops(args.peak_tflops)
     mfu = clock.flops_per_step / (ms_per_step / 1000) / (peak * 1e12) if peak and clock.flops_per_step else None
     if torch.cuda.is_available():
-        peak_gib, memory = torch.cuda.max_memory_allocated() / 2**30, "peak GPU memory"
+        peak_gib = torch.cuda.max_memory_allocated() / 2**30
+        run_gib = max(peak_gib, clock.peak_before_training / 2**30)
+        memory = f"peak GPU memory {peak_gib:.2f} GiB in training ({run_gib:.2f} GiB in the whole run)"
     else:
         import resource
 
-        peak_gib, memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "peak RSS"  # KiB on Linux
+        peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+        memory = f"peak RSS {peak_gib:.2f} GiB"
     tflop = f"{clock.flops_per_step / 1e12:.3g} TFLOP/step" if clock.flops_per_step else "FLOPs not counted"
     accelerator.print(
         f"steady-state {ms_per_step:.1f} ms/step over {sum(n for n, _ in steady)} steps; {tflop}; "
         + (f"MFU {100 * mfu:.3g}% of {peak:g} TFLOP/s; " if mfu else "MFU n/a (pass --peak_tflops); ")
-        + f"{memory} {peak_gib:.2f} GiB\ntime: " + ", ".join(f"{name} {sec:.1f} s" for name, sec in clock.phases.items()))
+        + f"{memory}\ntime: " + ", ".join(f"{name} {sec:.1f} s" for name, sec in clock.phases.items()))
     accelerator.log({"ms_per_step": ms_per_step, "peak_memory_gib": peak_gib, **({"mfu": mfu} if mfu else {}),
                      **{f"seconds/{name}": sec for name, sec in clock.phases.items()}})
     return ms_per_step
@@ -1386,10 +1393,7 @@ def prepare_class_images(accelerator, models, args):
 def build_caches(accelerator, models, args, images, prompts):
     """What is the same every step, computed once: VAE latents (where that loses no random crop) and, while
     the text encoders are frozen, every prompt's embeddings. The encoders then leave the device."""
-    if args.cache_latents == "on" or (args.cache_latents == "auto" and latent_cache_is_exact(images, args.center_crop)):
-        models.latent_cache = encode_latent_cache(models.vae, images, args.resolution, args.center_crop,
-                                                  args.random_flip, args.seed, accelerator.device)
-    if not args.train_text_encoder:
+    if not args.train_text_encoder:  # first: the encoders leave the device before the VAE encodes at full size
         prompts = [*prompts, args.class_prompt, args.validation_prompt, ""]  # "": the negative prompt
         models.prompt_cache = encode_prompt_cache(models, [p for p in prompts if p is not None],
                                                   accelerator.device)
@@ -1397,6 +1401,9 @@ def build_caches(accelerator, models, args, images, prompts):
             text_encoder.to("cpu")
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+    if args.cache_latents == "on" or (args.cache_latents == "auto" and latent_cache_is_exact(images, args.center_crop)):
+        models.latent_cache = encode_latent_cache(models.vae, images, args.resolution, args.center_crop,
+                                                  args.random_flip, args.seed, accelerator.device)
     accelerator.print(f"cached: {len(models.latent_cache or {})} latents ({args.cache_latents}), "
                       f"{len(models.prompt_cache or {})} prompt embeddings")
 
