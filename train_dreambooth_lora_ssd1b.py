@@ -317,17 +317,28 @@ def step_of(folder):
     return int(folder.name.removeprefix(STATE_PREFIX)[4:]) + 1
 
 
+def finished_adapters(output_dir):
+    """The step dirs of an output dir that hold adapters, oldest first."""
+    return sorted((p.parent for p in Path(output_dir).glob(f"step*/{LORA_FILE}")), key=step_of)
+
+
+def remove_partial_dirs(output_dir):
+    """Hidden folders a save left half-written (killed, or a full disk): never complete, so never kept."""
+    for partial in Path(output_dir).glob(".*.partial"):
+        shutil.rmtree(partial, ignore_errors=True)
+
+
 def check_output_dir(output_dir, overwrite, resume_state):
     """Refuse to replace another run's adapters silently, and prove the folder is writable."""
     output_dir = Path(output_dir)
-    finished = sorted(output_dir.glob(f"step*/{LORA_FILE}"), key=lambda p: step_of(p.parent))
+    finished = finished_adapters(output_dir)
     if resume_state is not None:  # resuming: only adapters beyond the resumed step would be replaced
-        later = [p.parent.name for p in finished if step_of(p.parent) > step_of(resume_state)]
+        later = [p.name for p in finished if step_of(p) > step_of(resume_state)]
         if later and not overwrite:
             raise UserError(f"resuming from {resume_state.name} would replace later adapters ({', '.join(later)}) "
                             f"in {output_dir}: resume from 'latest', or pass --overwrite_output_dir")
     elif finished and not overwrite:
-        raise UserError(f"{output_dir} already holds adapters ({finished[-1].parent.name}); continue that run with "
+        raise UserError(f"{output_dir} already holds adapters ({finished[-1].name}); continue that run with "
                         "--resume_from_checkpoint latest, choose another --output_dir, or pass "
                         "--overwrite_output_dir to replace them")
     try:
@@ -376,8 +387,7 @@ def check_inputs(args):
     if args.pretrained_vae_model_name_or_path:
         check_model_source(args.pretrained_vae_model_name_or_path, "config.json",
                            "--pretrained_vae_model_name_or_path")
-    for stale in Path(args.output_dir).glob(".*.partial"):  # left by a run killed while saving: never complete
-        shutil.rmtree(stale, ignore_errors=True)
+    remove_partial_dirs(args.output_dir)
     args.resume_state = check_resume(args)
     check_output_dir(args.output_dir, args.overwrite_output_dir, args.resume_state)
     return instance_images, instance_prompts
@@ -470,14 +480,13 @@ def missing_class_images(class_dir, num_class_images):
 def generate_class_images(pipe, class_dir, class_prompt, names, batch_size, resolution, seed,
                           num_inference_steps=50, disable_progress=False):
     """Make the named class images; each is seeded by (seed, name), so who makes it doesn't matter."""
-    class_dir = Path(class_dir)
-    missing = list(names)
-    batches = [missing[i:i + batch_size] for i in range(0, len(missing), batch_size)]
-    for names in tqdm(batches, desc="class images", disable=disable_progress or not batches):
-        seeds = [derive_seed(seed, "class", name) % 2**63 for name in names]
+    names = list(names)
+    batches = [names[i:i + batch_size] for i in range(0, len(names), batch_size)]
+    for batch in tqdm(batches, desc="class images", disable=disable_progress or not batches):
+        seeds = [derive_seed(seed, "class", name) % 2**63 for name in batch]
         images = generate_images(pipe, class_prompt, seeds, resolution, resolution, num_inference_steps)
-        for name, image in zip(names, images):
-            save_png_atomic(image, class_dir / name)
+        for name, image in zip(batch, images):
+            save_png_atomic(image, Path(class_dir) / name)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -571,6 +580,11 @@ def crop_and_flip(image, resolution, center_crop, random_flip, rng):
     return image.crop((left, top, left + resolution, top + resolution)), (top, left)
 
 
+def sdxl_time_ids(original_size, top, left, resolution):
+    """SDXL's added conditions: original (height, width), crop (top, left), target size."""
+    return torch.tensor([*original_size, top, left, resolution, resolution], dtype=torch.float32)
+
+
 def to_tensor(image):
     """PIL RGB -> float tensor (3, H, W) in [-1, 1]."""
     return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
@@ -608,8 +622,8 @@ class DreamBoothDataset(torch.utils.data.Dataset):
             return {"latent_key": (str(path), self.random_flip and rng.random() < 0.5)}
         image, original_size = load_image(path, self.resolution)
         square, (top, left) = crop_and_flip(image, self.resolution, self.center_crop, self.random_flip, rng)
-        time_ids = torch.tensor([*original_size, top, left, self.resolution, self.resolution], dtype=torch.float32)
-        return {"pixel_values": to_tensor(square), "time_ids": time_ids}
+        return {"pixel_values": to_tensor(square), "time_ids": sdxl_time_ids(original_size, top, left,
+                                                                             self.resolution)}
 
     def __getitem__(self, k):
         rng = random.Random(derive_seed(self.seed, "augment", k))
@@ -665,8 +679,7 @@ def encode_latent_cache(vae, images, resolution, center_crop, random_flip, seed,
                 square, (top, left) = crop_and_flip(source, resolution, center_crop, False, rng)
                 keys.append((str(path), flipped))
                 pixels.append(to_tensor(square))
-                time_ids.append(torch.tensor([*original_size, top, left, resolution, resolution],
-                                             dtype=torch.float32, device=device))
+                time_ids.append(sdxl_time_ids(original_size, top, left, resolution).to(device))
             moments = vae.encode(torch.stack(pixels).to(device, dtype=vae.dtype)).latent_dist.parameters
             cache.update((key, (m, t)) for key, m, t in zip(keys, moments, time_ids))
     return cache
@@ -1245,8 +1258,8 @@ def end_window(accelerator, models, trained, args, step, clock, progress, signum
 
 
 def last_good_adapters(output_dir):
-    finished = sorted(Path(output_dir).glob(f"step*/{LORA_FILE}"), key=lambda p: step_of(p.parent))
-    return f"the last good adapters are in {finished[-1].parent}" if finished else "no adapters were saved yet"
+    finished = finished_adapters(output_dir)
+    return f"the last good adapters are in {finished[-1]}" if finished else "no adapters were saved yet"
 
 
 def save_checkpoint(accelerator, trained, args, step):
@@ -1274,8 +1287,7 @@ def save_checkpoint(accelerator, trained, args, step):
         save_resumable_state(accelerator, args.output_dir, step, settings)
     except OSError as e:
         if accelerator.is_main_process:
-            for partial in Path(args.output_dir).glob(".*.partial"):
-                shutil.rmtree(partial, ignore_errors=True)  # frees the space a full disk needs back
+            remove_partial_dirs(args.output_dir)  # frees the space a full disk needs back
         raise UserError(f"could not save step {step} in {args.output_dir}: {e.strerror or e}; earlier checkpoints "
                         "are intact. Free some space (or fix the folder), then resume with "
                         "--resume_from_checkpoint latest") from None
