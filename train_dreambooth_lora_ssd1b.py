@@ -452,8 +452,26 @@ def build_pipeline(models, model, revision, variant):
 def apply_adapters(pipe, step_dir, lora_scale=1.0):
     """Load a step dir's diffusers-format file: unet, text_encoder and text_encoder_2 each get their own."""
     pipe.load_lora_weights(str(step_dir), weight_name=LORA_FILE, adapter_name="dreambooth")
+    check_adapters_landed(pipe, Path(step_dir) / LORA_FILE, "dreambooth")
     pipe.set_adapters("dreambooth", adapter_weights=lora_scale)
     return pipe
+
+
+def check_adapters_landed(pipe, lora_file, adapter_name):
+    """Each component's LoRA weights hold what the file holds. A name mismatch (another library version's
+    layout, say) leaves them at their initial values, and diffusers only logs a warning."""
+    from safetensors.torch import load_file
+
+    saved = load_file(str(lora_file))
+    for component in ("unet", "text_encoder", "text_encoder_2"):
+        expected = sum(float(v.float().square().sum()) for k, v in saved.items()
+                       if k.startswith(f"{component}.") and not k.endswith(".alpha"))
+        loaded = sum(float(p.detach().float().square().sum())
+                     for n, p in getattr(pipe, component).named_parameters()
+                     if ".lora_" in n and f".{adapter_name}." in n)
+        if expected and abs(loaded - expected) > 1e-2 * expected:
+            raise UserError(f"the {component} adapter in {lora_file} did not load: its layer names don't match "
+                            "this model; load it with the diffusers and transformers versions that wrote it")
 
 
 def generate_images(pipe, prompt, seeds, height, width, num_inference_steps, **kwargs):
@@ -837,6 +855,28 @@ def save_peft_adapter(model, folder, base_model):
     save_file(state, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
 
 
+def portable_lora_weights(model):
+    """LoRA weights named as transformers 4, diffusers, ComfyUI and kohya name them. transformers 5's
+    CLIPTextModel dropped its `text_model.` level; diffusers strips it again when the model lacks it."""
+    from peft import get_peft_model_state_dict
+    from transformers import CLIPTextModel
+
+    state = get_peft_model_state_dict(model, save_embedding_layers=False)
+    if isinstance(model, CLIPTextModel) and not hasattr(model, "text_model"):
+        state = {f"text_model.{key}": value for key, value in state.items()}
+    return state
+
+
+def portable_lora_metadata(config):
+    """The LoraConfig stored in the diffusers file: what diffusers reads, and what differs from the defaults.
+    diffusers builds LoraConfig(**metadata), and an older peft refuses fields it doesn't know."""
+    from peft import LoraConfig
+
+    defaults = LoraConfig().to_dict()
+    needed = ("r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern")
+    return {key: value for key, value in config.to_dict().items() if key in needed or value != defaults.get(key)}
+
+
 def kohya_module_name(module, layers_per_block):
     """A diffusers UNet module path in SGM/kohya naming, e.g. down_blocks.1.attentions.0.x -> input_blocks.4.1.x
     (each UNet level holds layers_per_block blocks plus a down/upsampler)."""
@@ -852,17 +892,13 @@ def kohya_module_name(module, layers_per_block):
 
 def kohya_state_dict(trained, lora_alpha):
     """The WebUI/ComfyUI/kohya file: lora_unet_* in SGM block names, lora_te1_*, lora_te2_*, each with alpha."""
-    from peft import get_peft_model_state_dict
-
     kohya = {}
     layers_per_block = trained[0].config.layers_per_block
     for model, prefix in zip(trained, ["lora_unet", "lora_te1", "lora_te2"]):
-        for key, value in get_peft_model_state_dict(model, save_embedding_layers=False).items():
+        for key, value in portable_lora_weights(model).items():
             module, kind = key.rsplit(".lora_", 1)  # kind: "A.weight" (down) or "B.weight" (up)
             if prefix == "lora_unet":
                 module = kohya_module_name(module, layers_per_block)
-            elif not module.startswith("text_model."):  # transformers 5 dropped CLIPTextModel's text_model level
-                module = f"text_model.{module}"
             name = f"{prefix}_{module.replace('.', '_')}"
             kohya[f"{name}.lora_{'down' if kind.startswith('A') else 'up'}.weight"] = value.detach().float().cpu()
             kohya[f"{name}.alpha"] = torch.tensor(float(lora_alpha))
@@ -874,7 +910,6 @@ def save_adapters(step_dir, trained, settings, kohya=False):
     (diffusers), optionally the kohya file, and stepN/run_settings.json; then rename the folder into place."""
     from diffusers import StableDiffusionXLPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
     step_dir = Path(step_dir)
@@ -884,9 +919,8 @@ def save_adapters(step_dir, trained, settings, kohya=False):
     base = settings["pretrained_model_name_or_path"]
     for model, name in zip(trained, ["unet", "text_encoder_one", "text_encoder_two"]):
         save_peft_adapter(model, tmp / name, base)
-    layers = [convert_state_dict_to_diffusers(get_peft_model_state_dict(m, save_embedding_layers=False))
-              for m in trained]
-    metadata = [m.peft_config["default"].to_dict() for m in trained]
+    layers = [convert_state_dict_to_diffusers(portable_lora_weights(m)) for m in trained]
+    metadata = [portable_lora_metadata(m.peft_config["default"]) for m in trained]
     StableDiffusionXLPipeline.save_lora_weights(
         str(tmp), unet_lora_layers=layers[0], unet_lora_adapter_metadata=metadata[0],
         text_encoder_lora_layers=layers[1] if len(layers) > 1 else None,
@@ -1362,9 +1396,7 @@ def report(accelerator, clock, args, start_step):
 
 def make_accelerator(args):
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
-
-    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration
 
     report_to = None if args.report_to == "none" else args.report_to
     accelerator = Accelerator(

@@ -97,3 +97,47 @@ def test_apply_adapters_scale_zero_is_the_base_model(trained_run, base_pipeline)
     scaled = outputs(trainer.apply_adapters(base_pipeline(), trained_run / "step3", lora_scale=0.0))
     for b, s in zip(base, scaled):
         torch.testing.assert_close(s, b, rtol=1e-5, atol=1e-6)
+
+
+# The LoraConfig fields peft 0.15 (our lower bound) accepts: diffusers builds LoraConfig(**metadata) from the file,
+# and an older peft refuses any field it doesn't know.
+PEFT_0_15_FIELDS = {
+    "alpha_pattern", "auto_mapping", "base_model_name_or_path", "bias", "corda_config", "eva_config",
+    "exclude_modules", "fan_in_fan_out", "inference_mode", "init_lora_weights", "layer_replication",
+    "layers_pattern", "layers_to_transform", "loftq_config", "lora_alpha", "lora_bias", "lora_dropout",
+    "megatron_config", "megatron_core", "modules_to_save", "peft_type", "r", "rank_pattern", "revision",
+    "runtime_config", "target_modules", "task_type", "trainable_token_indices", "use_dora", "use_rslora"}
+
+
+def test_diffusers_file_metadata_loads_in_older_peft(trained_run):
+    from safetensors import safe_open
+
+    with safe_open(trained_run / "step3" / trainer.LORA_FILE, "pt") as f:
+        metadata = json.loads(f.metadata()["lora_adapter_metadata"])
+    fields = {key.split(".", 1)[1] for key in metadata}
+    assert {"r", "lora_alpha", "target_modules", "rank_pattern"} <= fields, "what diffusers reads"
+    assert fields <= PEFT_0_15_FIELDS, f"peft 0.15 would refuse {fields - PEFT_0_15_FIELDS}"
+    assert (metadata["unet.r"], metadata["unet.lora_alpha"]) == (4, 8)
+
+
+def test_text_encoder_weights_keep_the_text_model_level_every_loader_expects(trained_run):
+    # transformers 5's CLIPTextModel has no text_model level; transformers 4, ComfyUI and A1111 need it
+    keys = load_file(trained_run / "step3" / trainer.LORA_FILE).keys()
+    for component in ["text_encoder", "text_encoder_2"]:
+        names = [k for k in keys if k.startswith(f"{component}.")]
+        assert names and all(k.startswith(f"{component}.text_model.encoder.layers.") for k in names), component
+
+
+def test_adapters_that_do_not_land_are_refused(trained_run, base_pipeline, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    # names another library version might write: diffusers would inject the layers, warn, and leave them untrained
+    with safe_open(trained_run / "step3" / trainer.LORA_FILE, "pt") as f:
+        metadata = f.metadata()
+    weights = {k.replace(".text_model.", ".text_modelX."): v
+               for k, v in load_file(trained_run / "step3" / trainer.LORA_FILE).items()}
+    save_file(weights, tmp_path / trainer.LORA_FILE, metadata=metadata)
+    with pytest.raises(trainer.UserError, match="text_encoder adapter .* did not load"):
+        trainer.apply_adapters(base_pipeline(), tmp_path)
+
