@@ -517,15 +517,18 @@ def add_lora(models, rank, alpha, dropout, train_text_encoder):
     from diffusers.training_utils import cast_training_params
     from peft import LoraConfig
 
-    def config(targets):
+    def config(targets, exclude=None):
         return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian",
-                          target_modules=targets)
+                          target_modules=targets, exclude_modules=exclude)
 
     models.unet.add_adapter(config(UNET_TARGETS))
     trained = [models.unet]
     if train_text_encoder:
-        for text_encoder in models.text_encoders:
-            text_encoder.add_adapter(config(TEXT_ENCODER_TARGETS))
+        # CLIP-L's last layer feeds only hidden_states[-1], which SDXL never reads: LoRA there would never train
+        last = models.text_encoders[0].config.num_hidden_layers - 1
+        excluded = [[f"encoder.layers.{last}.self_attn.{target}" for target in TEXT_ENCODER_TARGETS], None]
+        for text_encoder, exclude in zip(models.text_encoders, excluded):
+            text_encoder.add_adapter(config(TEXT_ENCODER_TARGETS, exclude))
             trained.append(text_encoder)
     # fp32 trainables under fp16/bf16 frozen weights: no "Attempting to unscale FP16 gradients"
     cast_training_params(trained, dtype=torch.float32)
@@ -1396,7 +1399,7 @@ def report(accelerator, clock, args, start_step):
 
 def make_accelerator(args):
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
     report_to = None if args.report_to == "none" else args.report_to
     accelerator = Accelerator(
@@ -1404,8 +1407,6 @@ def make_accelerator(args):
         log_with=report_to,
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=f"{args.output_dir}/logs"),
         kwargs_handlers=[
-            # CLIP-L's last layer feeds only hidden_states[-1], which SDXL never uses: its LoRA gets no gradient
-            DistributedDataParallelKwargs(find_unused_parameters=args.train_text_encoder),
             # the others wait at barriers while the main process validates and saves
             InitProcessGroupKwargs(timeout=datetime.timedelta(hours=2))])
     accelerator.print(f"{accelerator.state}".strip())

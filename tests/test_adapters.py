@@ -141,3 +141,15 @@ def test_adapters_that_do_not_land_are_refused(trained_run, base_pipeline, tmp_p
     with pytest.raises(trainer.UserError, match="text_encoder adapter .* did not load"):
         trainer.apply_adapters(base_pipeline(), tmp_path)
 
+
+def test_clip_l_last_layer_gets_no_adapter_since_sdxl_never_reads_it(trained_run, tiny_model):
+    # SDXL reads CLIP-L's hidden_states[-2]: LoRA on its last layer would never train, and DDP would need
+    # find_unused_parameters; CLIP-G's last layer feeds the pooled embedding, so it keeps its adapter
+    layers = {}
+    for name, folder in [("text_encoder", "text_encoder_one"), ("text_encoder_2", "text_encoder_two")]:
+        config = json.loads((tiny_model / name / "config.json").read_text())
+        keys = load_file(trained_run / "step3" / folder / "adapter_model.safetensors")
+        layers[name] = (config["num_hidden_layers"], {int(k.split("layers.")[1].split(".")[0]) for k in keys})
+    one, two = layers["text_encoder"], layers["text_encoder_2"]
+    assert one[1] == set(range(one[0] - 1)), "every CLIP-L layer but the last"
+    assert two[1] == set(range(two[0])), "every CLIP-G layer"
