@@ -51,3 +51,26 @@ def test_target_follows_the_scheduler_prediction_type(models, tiny_model, photos
     else:  # v = sqrt(a) * noise - sqrt(1 - a) * x0 (Salimans & Ho, 2022)
         target = alphas.sqrt() * seen["noise"] - (1 - alphas).sqrt() * seen["latents"]
     torch.testing.assert_close(loss, target.pow(2).mean(), rtol=1e-5, atol=1e-6)
+
+
+def test_fp16_frozen_weights_leave_fp32_gradients_a_grad_scaler_can_unscale(tiny_model, photos, tmp_path):
+    # what fp16 on a GPU does each step: autocast, a scaled backward, then unscale_ before clipping; unscale_
+    # raises "Attempting to unscale FP16 gradients" if any trainable parameter is fp16
+    models = trainer.load_models(tiny_model, tiny_model / "vae", None, None, torch.float16, "cpu")
+    trained = trainer.add_lora(models, 4, 4, 0.0, True)
+    args = trainer.parse_args([str(a) for a in tiny_args(tiny_model, photos, tmp_path / "out", "--train_text_encoder",
+                                                         "--optimizer", "adamw")])
+    optimizer = trainer.make_optimizer(trained, args)
+    dataset = trainer.DreamBoothDataset(trainer.list_images(photos), "a photo of sks dog", None, None, 64,
+                                        False, False, 0, 1)
+    scaler = torch.amp.GradScaler("cpu")
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = trainer.training_step(trainer.collate([dataset[0]]), models, args, torch.Generator().manual_seed(0),
+                                     torch.float16, "cpu")
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"]]
+    assert len(optimizer.param_groups) == 3, "the UNet and both text encoders train"
+    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads), \
+        "every LoRA weight gets an fp32 gradient"
+    assert {p.dtype for m in trained for p in m.parameters() if not p.requires_grad} == {torch.float16}
