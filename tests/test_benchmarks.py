@@ -1,11 +1,13 @@
-"""benchmarks/: the full-size configs build SSD-1B exactly, and the runner records the trainer's own report."""
+"""benchmarks/: the full-size configs build SSD-1B exactly, the runner records the trainer's own report, and the
+profiler records the steps asked for."""
 
+import os
 import subprocess
 import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, tiny_args
 
 BENCHMARKS = ROOT / "benchmarks"
 
@@ -59,3 +61,20 @@ def test_gpu_report_is_read_with_both_peaks(monkeypatch, capsys):
     record.update(size="full", mode="lowmem", machine="NVIDIA H100 80GB HBM3", wall=30.0, ceiling=798.0)
     assert runner.target(record) == "≤ 6 GiB in the whole run: missed", "the whole run must fit the card"
     assert "5.00 GiB GPU in training, 7.00 in the whole run" in runner.row(record)
+
+
+def test_profiler_records_the_asked_steps_of_the_real_trainer(tiny_model, photos, tmp_path):
+    import gzip
+    import json
+
+    flags = tiny_args(tiny_model, photos, tmp_path / "run", "--max_train_steps", 5, "--center_crop")
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "profile_step.py"), "--out", str(tmp_path / "profile"),
+                             "--skip", "2", "--steps", "2", "--", *map(str, flags)],
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    label = next(line for line in (tmp_path / "profile" / "table.txt").read_text().splitlines()
+                 if "training_step (forward and loss)" in line)
+    assert label.split()[-1] == "2", "steps 3 and 4 recorded, nothing else"
+    with gzip.open(tmp_path / "profile" / "trace.json.gz") as trace:
+        assert json.load(trace)["traceEvents"]
+    assert (tmp_path / "run" / "step4" / "pytorch_lora_weights.safetensors").is_file(), "the run itself completes"
