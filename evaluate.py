@@ -32,7 +32,7 @@ from PIL.PngImagePlugin import PngInfo
 
 import infer
 from train_dreambooth_lora_ssd1b import (UserError, apply_adapters, build_pipeline, check_images,
-                                         check_model_source, generate_images, list_images, load_image,
+                                         check_model_source, check_versions, generate_images, list_images, load_image,
                                          load_models, looks_like_hub_id, resolve_instance_dir, save_png_atomic,
                                          warn, write_text_atomic)
 
@@ -449,6 +449,7 @@ def write_outputs(output_dir, runs, scores, real_scores, settings):
 
 def main(argv=None):
     args = parse_args(argv)                                      # flags, every check of them in one place
+    check_versions(["torch", "diffusers", "transformers", "peft"])  # a known-broken install, before any import
     photos = instance_photos(args.instance_dir)                  # the real photos, every one readable
     check_scorer(args.dino_model, "--dino_model")
     check_scorer(args.clip_model, "--clip_model")

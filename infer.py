@@ -18,7 +18,8 @@ import torch
 from PIL.PngImagePlugin import PngInfo
 
 from train_dreambooth_lora_ssd1b import (LORA_FILE, SETTINGS_FILE, UserError, apply_adapters, build_pipeline,
-                                         check_model_source, generate_images, load_models, save_png_atomic)
+                                         check_model_source, check_versions, generate_images, load_models,
+                                         save_png_atomic)
 
 
 def parse_args(argv=None):
@@ -93,6 +94,7 @@ def parameters_text(args, seed, sampler):
 
 def main(argv=None):
     args = parse_args(argv)
+    check_versions(["torch", "diffusers", "transformers", "peft"])  # a known-broken install, before any import
     settings = read_settings(args.checkpoint)
     args = resolve(args, settings)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]

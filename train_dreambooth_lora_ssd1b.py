@@ -39,6 +39,8 @@ import signal
 import sys
 import threading
 import time
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as installed_version
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +62,38 @@ WARMUP_STEPS = 3  # steps left out of the steady-state time per step (allocator,
 
 class UserError(Exception):
     """A mistake the user can fix: printed as one line, never as a traceback."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Installed packages: a known-broken set is refused before anything is imported from it
+# ----------------------------------------------------------------------------------------------------------
+
+# requirements.txt's lower bounds; diffusers before 0.35.2 fails at import under transformers 5
+MINIMUM_VERSIONS = {"torch": "2.4", "diffusers": "0.35.2", "transformers": "4.43", "peft": "0.15",
+                    "accelerate": "1.2", "bitsandbytes": "0.50"}
+KNOWN_CLASHES = [  # (package, from version, other package, below version, the pip command that fixes it)
+    ("transformers", "5.24", "peft", "0.22", "pip install 'transformers>=4.43,<5.24'"),  # add_adapter refuses
+]
+
+
+def check_versions(packages):
+    """Refuse, in one line naming the pip command, installed packages that are too old or known to clash."""
+    from packaging.version import Version
+
+    found = {}
+    for name in packages:
+        try:
+            found[name] = Version(installed_version(name))
+        except PackageNotFoundError:
+            raise UserError(f"{name} is not installed: run pip install -r requirements.txt") from None
+        if found[name] < Version(MINIMUM_VERSIONS[name]):
+            raise UserError(f"{name} {found[name]} is older than the {MINIMUM_VERSIONS[name]} this needs: run "
+                            f"pip install -U '{name}>={MINIMUM_VERSIONS[name]}'")
+    for name, since, other, below, fix in KNOWN_CLASHES:
+        if name in found and other in found and found[name] >= Version(since) and found[other] < Version(below):
+            raise UserError(f"{name} {found[name]} does not work with {other} {found[other]} (it needs {other} >= "
+                            f"{below}): run {fix}")
+    return found
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1494,6 +1528,7 @@ def main(argv=None):
     from accelerate.utils import set_seed
 
     args = parse_args(argv)                       # flags, every check of them in one place
+    check_versions([p for p in MINIMUM_VERSIONS if p != "bitsandbytes" or args.optimizer == "adamw8bit"])
     instance_images, instance_prompts = check_inputs(args)  # folders, photos, captions, models, output dir
     accelerator = make_accelerator(args)          # processes, mixed precision, accumulation, trackers
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)

@@ -117,3 +117,56 @@ def test_user_mistake_exits_nonzero_with_one_line_and_no_traceback(tmp_path):
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: instance folder {tmp_path / 'nope'} does not exist: pass --instance_dir a folder of 3-20 photos")
     assert not (tmp_path / "work_dirs").exists(), "nothing is written for a refused run"
+
+
+def fake_versions(monkeypatch, **versions):
+    """Installed versions as the version check reads them: the real ones, except those given (None: missing)."""
+    real = trainer.installed_version
+
+    def version(name):
+        value = versions[name] if name in versions else real(name)
+        if value is None:
+            raise trainer.PackageNotFoundError(name)
+        return value
+    monkeypatch.setattr(trainer, "installed_version", version)
+
+
+def test_installed_packages_pass_the_version_check():
+    assert set(trainer.check_versions(list(trainer.MINIMUM_VERSIONS))) == set(trainer.MINIMUM_VERSIONS)
+
+
+@pytest.mark.parametrize("versions, message", [
+    ({"transformers": "5.24.0", "peft": "0.21.2"},
+     "transformers 5.24.0 does not work with peft 0.21.2 (it needs peft >= 0.22): run pip install "
+     "'transformers>=4.43,<5.24'"),
+    ({"transformers": "5.0.0", "diffusers": "0.34.0"},  # fails at import: diffusers' bound is where it stops
+     "diffusers 0.34.0 is older than the 0.35.2 this needs: run pip install -U 'diffusers>=0.35.2'"),
+    ({"accelerate": "1.1.1"}, "accelerate 1.1.1 is older than the 1.2 this needs: run pip install -U 'accelerate>=1.2'"),
+    ({"bitsandbytes": None}, "bitsandbytes is not installed: run pip install -r requirements.txt"),
+])
+def test_known_broken_installs_are_refused_before_any_model_loads(monkeypatch, tmp_path, versions, message):
+    fake_versions(monkeypatch, **versions)
+    argv = ["--pretrained_model_name_or_path", tmp_path / "no-model", "--instance_dir", tmp_path / "no-photos",
+            "--instance_prompt", "a photo of sks dog", "--output_dir", tmp_path / "out"]
+    with pytest.raises(trainer.UserError) as refused:
+        run_trainer(*argv)  # the model and photos don't exist: the version check speaks first
+    assert str(refused.value) == message
+    assert not (tmp_path / "out").exists()
+
+
+def test_bitsandbytes_is_needed_only_for_8bit_adamw(monkeypatch, tiny_model, photos, tmp_path):
+    fake_versions(monkeypatch, bitsandbytes=None)
+    run_trainer(*tiny_args(tiny_model, photos, tmp_path / "out", "--max_train_steps", 1, "--optimizer", "adamw"))
+    assert (tmp_path / "out" / "step0" / trainer.LORA_FILE).is_file()
+
+
+@pytest.mark.parametrize("script", ["infer", "evaluate"])
+def test_infer_and_evaluate_refuse_a_broken_install_first(monkeypatch, tmp_path, script):
+    import importlib
+
+    fake_versions(monkeypatch, transformers="5.24.0", peft="0.21.2")
+    argv = {"infer": ["--checkpoint", str(tmp_path / "none")],
+            "evaluate": ["--checkpoint", str(tmp_path / "none"), "--instance_dir", str(tmp_path / "none"),
+                         "--class_noun", "dog", "--subject_kind", "live", "--output_dir", str(tmp_path / "eval")]}[script]
+    with pytest.raises(trainer.UserError, match=re.escape("run pip install 'transformers>=4.43,<5.24'")):
+        importlib.import_module(script).main(argv)
