@@ -977,6 +977,13 @@ def save_adapters(step_dir, trained, settings, kohya=False):
 # ----------------------------------------------------------------------------------------------------------
 
 
+def unwrap(accelerator, model):
+    """The model under accelerate's wrappers and torch.compile's, whose weights keep the model's own names
+    (a compiled module's start with `_orig_mod.`, which no loader reads)."""
+    model = accelerator.unwrap_model(model)
+    return getattr(model, "_orig_mod", model)
+
+
 def save_lora_hook(accelerator, models, weights, output_dir):
     """accelerate's save_state hook: store the LoRA weights only, not the frozen multi-GB base model."""
     from peft import get_peft_model_state_dict
@@ -984,7 +991,7 @@ def save_lora_hook(accelerator, models, weights, output_dir):
 
     if accelerator.is_main_process:
         for i, model in enumerate(models):
-            state = get_peft_model_state_dict(accelerator.unwrap_model(model), save_embedding_layers=False)
+            state = get_peft_model_state_dict(unwrap(accelerator, model), save_embedding_layers=False)
             save_file({k: v.contiguous() for k, v in state.items()}, f"{output_dir}/lora_{i}.safetensors")
     weights.clear()
 
@@ -995,7 +1002,7 @@ def load_lora_hook(accelerator, models, input_dir):
     from safetensors.torch import load_file
 
     for i, model in enumerate(models):
-        set_peft_model_state_dict(accelerator.unwrap_model(model), load_file(f"{input_dir}/lora_{i}.safetensors"))
+        set_peft_model_state_dict(unwrap(accelerator, model), load_file(f"{input_dir}/lora_{i}.safetensors"))
     models.clear()
 
 
@@ -1119,8 +1126,8 @@ def image_grid(images):
 
 def log_validation(accelerator, models, args, step):
     """Fixed-seed images of the validation prompt, so rounds are comparable; PNGs, a grid, tensorboard."""
-    text_encoders = [None, None] if models.prompt_cache else [accelerator.unwrap_model(m) for m in models.text_encoders]
-    unwrapped = dataclasses.replace(models, unet=accelerator.unwrap_model(models.unet), text_encoders=text_encoders)
+    text_encoders = [None, None] if models.prompt_cache else [unwrap(accelerator, m) for m in models.text_encoders]
+    unwrapped = dataclasses.replace(models, unet=unwrap(accelerator, models.unet), text_encoders=text_encoders)
     for module in [unwrapped.unet, *(m for m in text_encoders if m is not None)]:
         module.eval()  # no LoRA dropout while sampling
     pipe = build_pipeline(unwrapped, args.pretrained_model_name_or_path, args.revision, args.variant)
@@ -1336,7 +1343,7 @@ def last_good_adapters(output_dir):
 def save_checkpoint(accelerator, trained, args, step):
     """Adapters (main process) and resumable state (all processes) of this step. Non-finite weights are never
     written, and a failed write (a full disk, say) leaves every earlier checkpoint as it was."""
-    unwrapped = [accelerator.unwrap_model(m) for m in trained]
+    unwrapped = [unwrap(accelerator, m) for m in trained]
     if not all(torch.isfinite(p).all() for m in unwrapped for p in m.parameters() if p.requires_grad):
         raise UserError(f"the LoRA weights hold nan or inf at step {step}, so they were not saved; "
                         f"{last_good_adapters(args.output_dir)}. Likely fp16 overflow: use --mixed_precision bf16, "
@@ -1549,7 +1556,7 @@ def main(argv=None):
         for text_encoder in trained[1:]:
             text_encoder.gradient_checkpointing_enable()
     if args.compile:
-        trained[0] = models.unet = torch.compile(models.unet)  # accelerate's unwrap_model strips it for saving
+        trained[0] = models.unet = torch.compile(models.unet)  # unwrap() strips it for saving
 
     dataloader = make_dataloader(instance_images, instance_prompts, class_images, args, accelerator.num_processes,
                                  cached=models.latent_cache is not None)
