@@ -400,7 +400,22 @@ def check_resume(args):
     if saved["step"] >= args.max_train_steps:
         raise UserError(f"{state} has already done {saved['step']} steps: pass a larger --max_train_steps "
                         "to extend the run")
+    check_same_schedule(state, saved["settings"], args)
     return state
+
+
+def check_same_schedule(state, saved, args):
+    """A resumed run keeps its learning-rate curve. Only a curve that does not depend on the run's length
+    (constant, constant_with_warmup) may be extended; a cosine or linear one would bend mid-run."""
+    keys = ["lr_scheduler", "lr_warmup_steps"]
+    if args.lr_scheduler not in ("constant", "constant_with_warmup"):
+        keys.append("max_train_steps")
+    changed = [key for key in keys if saved.get(key) != getattr(args, key)]
+    if changed:
+        was = " ".join(f"--{key} {saved.get(key)}" for key in keys)
+        raise UserError(f"{state} was trained with {was}: changing {', '.join('--' + k for k in changed)} would "
+                        f"bend its learning-rate curve mid-run; resume with those flags, or start a new run in "
+                        "another --output_dir (only constant schedules can be extended)")
 
 
 def check_inputs(args):

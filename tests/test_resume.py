@@ -79,6 +79,28 @@ def test_larger_max_train_steps_extends_a_finished_run(uninterrupted, tiny_model
     assert (tmp_path / "out" / "step1").is_dir(), "the earlier adapters stay"
 
 
+@pytest.mark.parametrize("first, then, changed", [
+    (["--lr_scheduler", "cosine"], ["--lr_scheduler", "cosine", "--max_train_steps", 3], "--max_train_steps"),
+    (["--lr_scheduler", "linear"], ["--lr_scheduler", "linear", "--max_train_steps", 3], "--max_train_steps"),
+    ([], ["--lr_scheduler", "constant_with_warmup", "--max_train_steps", 3], "--lr_scheduler"),
+    (["--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", 1],
+     ["--lr_scheduler", "constant_with_warmup", "--max_train_steps", 3], "--lr_warmup_steps")])
+def test_resume_refuses_to_bend_the_learning_rate_curve(tiny_model, photos, tmp_path, first, then, changed):
+    argv = tiny_args(tiny_model, photos, tmp_path / "out", "--optimizer", "adamw", "--checkpointing_steps", 1)
+    run_trainer(*argv, "--max_train_steps", 2, *first)
+    with pytest.raises(trainer.UserError, match=f"changing {changed} would bend its learning-rate curve mid-run"):
+        run_trainer(*argv, "--max_train_steps", 2, *then, "--resume_from_checkpoint", "latest")
+    assert not (tmp_path / "out" / "step2").exists()
+
+
+def test_constant_with_warmup_run_can_be_extended(tiny_model, photos, tmp_path):
+    argv = tiny_args(tiny_model, photos, tmp_path / "out", "--optimizer", "adamw", "--lr_scheduler",
+                     "constant_with_warmup", "--lr_warmup_steps", 1)
+    run_trainer(*argv, "--max_train_steps", 1)
+    run_trainer(*argv, "--max_train_steps", 2, "--resume_from_checkpoint", "latest")
+    assert (tmp_path / "out" / "step1" / trainer.LORA_FILE).is_file()
+
+
 def test_failure_in_the_middle_of_a_save_leaves_no_complete_looking_folder(tiny_model, photos, tmp_path,
                                                                           monkeypatch):
     argv = tiny_args(tiny_model, photos, tmp_path / "out", "--max_train_steps", 3, "--checkpointing_steps", 1,
