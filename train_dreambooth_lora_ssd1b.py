@@ -584,12 +584,18 @@ def add_lora(models, rank, alpha, dropout, train_text_encoder):
     return trained
 
 
-def make_optimizer(trained, args):
+def effective_learning_rates(args, num_processes):
+    """(UNet, text encoders) learning rates as trained: with --scale_lr, times the effective batch size."""
+    factor = args.train_batch_size * num_processes * args.gradient_accumulation_steps if args.scale_lr else 1
+    return args.learning_rate * factor, args.text_encoder_lr * factor
+
+
+def make_optimizer(trained, args, learning_rates):
     """AdamW (8-bit by default) over the LoRA parameters; the text encoders get their own learning rate."""
-    groups = [{"params": [p for p in trained[0].parameters() if p.requires_grad], "lr": args.learning_rate}]
+    unet_lr, text_encoder_lr = learning_rates
+    groups = [{"params": [p for p in trained[0].parameters() if p.requires_grad], "lr": unet_lr}]
     for text_encoder in trained[1:]:
-        groups.append({"params": [p for p in text_encoder.parameters() if p.requires_grad],
-                       "lr": args.text_encoder_lr})
+        groups.append({"params": [p for p in text_encoder.parameters() if p.requires_grad], "lr": text_encoder_lr})
     if args.optimizer == "adamw8bit":
         import bitsandbytes as bnb  # imported here: only training with 8-bit AdamW needs it
 
@@ -1115,11 +1121,14 @@ class GracefulStop:
         return int(accelerator.reduce(flag, reduction="max").item())
 
 
-def run_settings(args, step):
-    """What infer.py needs to rebuild the run's pipeline without repeating flags."""
+def run_settings(args, step, num_processes):
+    """The flags as given, and what they came to (the learning rates after --scale_lr); infer.py rebuilds the
+    run's pipeline from them without repeating flags."""
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                 if k not in ("argv", "resume_state")}
-    settings.update(step=step, trainer="train_dreambooth_lora_ssd1b.py")
+    unet_lr, text_encoder_lr = effective_learning_rates(args, num_processes)
+    settings.update(step=step, trainer="train_dreambooth_lora_ssd1b.py", num_processes=num_processes,
+                    effective_learning_rate=unet_lr, effective_text_encoder_lr=text_encoder_lr)
     return settings
 
 
@@ -1188,12 +1197,15 @@ def identifier(instance_prompt, class_prompt):
     return " ".join(rare) or instance_prompt
 
 
-def write_model_card(output_dir, args, step):
+def write_model_card(output_dir, args, step, num_processes):
     """output_dir/README.md: what was trained, how, the last validation grid, and how to load the adapter."""
     output_dir = Path(output_dir)
     step_dir = f"step{step - 1}"
     grids = sorted(output_dir.glob("validation/step*/grid.png"), key=lambda p: int(p.parent.name[4:]))
     te = args.train_text_encoder
+    unet_lr, text_encoder_lr = effective_learning_rates(args, num_processes)
+    scaled = (f" (--scale_lr: {unet_lr:g}{f', text encoders {text_encoder_lr:g}' if te else ''})"
+              if args.scale_lr else "")
     lines = [
         f"# DreamBooth LoRA: `{args.instance_prompt}`", "",
         f"LoRA adapters for [{args.pretrained_model_name_or_path}]"
@@ -1208,7 +1220,8 @@ def write_model_card(output_dir, args, step):
         f"| steps | {step} of {args.max_train_steps} |",
         f"| resolution | {args.resolution} |",
         f"| LoRA | rank {args.rank}, alpha {args.lora_alpha}, on the UNet{' and both text encoders' if te else ''} |",
-        f"| learning rate | {args.learning_rate} ({args.lr_scheduler}){f', text encoders {args.text_encoder_lr}' if te else ''} |",
+        f"| learning rate | {args.learning_rate} ({args.lr_scheduler}){f', text encoders {args.text_encoder_lr}' if te else ''}"
+        f"{scaled} |",
         f"| batch | {args.train_batch_size} x {args.gradient_accumulation_steps} accumulation |",
         f"| optimizer, precision | {args.optimizer}, {args.mixed_precision or 'as accelerate is configured'} |",
         f"| seed | {args.seed} |", "",
@@ -1371,7 +1384,7 @@ def save_checkpoint(accelerator, trained, args, step):
             raise RuntimeError(f"the processes hold different adapters at step {step}: {checksums.tolist()}")
         accelerator.print(f"adapters identical on all {accelerator.num_processes} processes "
                           f"(checksum {checksums[0].item():.6f})")
-    settings = run_settings(args, step)
+    settings = run_settings(args, step, accelerator.num_processes)
     try:
         if accelerator.is_main_process:
             step_dir = save_adapters(Path(args.output_dir) / f"step{step - 1}", unwrapped, settings,
@@ -1406,7 +1419,7 @@ def after_step(accelerator, models, trained, args, step, clock, stopping=False):
         with clock.phase("validation"):
             log_validation(accelerator, models, args, step)
     if (save_now or validate_now) and accelerator.is_main_process:
-        write_model_card(args.output_dir, args, step)
+        write_model_card(args.output_dir, args, step, accelerator.num_processes)
     accelerator.wait_for_everyone()
 
 
@@ -1466,11 +1479,6 @@ def make_accelerator(args):
             # the others wait at barriers while the main process validates and saves
             InitProcessGroupKwargs(timeout=datetime.timedelta(hours=2))])
     accelerator.print(f"{accelerator.state}".strip())
-    if args.scale_lr:
-        factor = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-        args.learning_rate, args.text_encoder_lr = args.learning_rate * factor, args.text_encoder_lr * factor
-        accelerator.print(f"--scale_lr: learning rates x {factor} -> {args.learning_rate:g} (UNet), "
-                          f"{args.text_encoder_lr:g} (text encoders)")
     return accelerator
 
 
@@ -1575,7 +1583,11 @@ def main(argv=None):
 
     dataloader = make_dataloader(instance_images, instance_prompts, class_images, args, accelerator.num_processes,
                                  cached=models.latent_cache is not None)
-    optimizer = make_optimizer(trained, args)
+    learning_rates = effective_learning_rates(args, accelerator.num_processes)
+    if args.scale_lr:
+        accelerator.print(f"--scale_lr: learning rates x {learning_rates[0] / args.learning_rate:g} -> "
+                          f"{learning_rates[0]:g} (UNet), {learning_rates[1]:g} (text encoders)")
+    optimizer = make_optimizer(trained, args, learning_rates)
     lr_scheduler = make_lr_scheduler(optimizer, args, accelerator.num_processes)
     *trained, optimizer, dataloader, lr_scheduler = accelerator.prepare(*trained, optimizer, dataloader,
                                                                        lr_scheduler)

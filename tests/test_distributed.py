@@ -1,5 +1,6 @@
 """Scale-out through accelerate, tested on two CPU processes with gloo: the same script, unchanged."""
 
+import json
 import os
 import subprocess
 import sys
@@ -79,14 +80,24 @@ def test_two_process_run_resumes(two_process_run):
     assert (output_dir / "step5" / trainer.LORA_FILE).is_file()
 
 
-def test_scale_lr_multiplies_only_when_asked(tiny_model, photos, tmp_path, capsys):
+@pytest.mark.parametrize("scale_lr", [True, False])
+def test_scale_lr_multiplies_only_when_asked_and_records_flag_and_rate(tiny_model, photos, tmp_path, capsys,
+                                                                       monkeypatch, scale_lr):
     from conftest import run_trainer
 
+    optimizers, real = [], trainer.make_optimizer
+    monkeypatch.setattr(trainer, "make_optimizer", lambda *a: optimizers.append(real(*a)) or optimizers[-1])
     run_trainer(*tiny_args(tiny_model, photos, tmp_path / "a", "--max_train_steps", 1, "--optimizer", "adamw",
-                           "--train_batch_size", 2, "--gradient_accumulation_steps", 3, "--scale_lr"))
-    assert "--scale_lr: learning rates x 6 -> 0.0006 (UNet), 3e-05 (text encoders)" in capsys.readouterr().out
-    settings = (tmp_path / "a" / "step0" / "run_settings.json").read_text()
-    assert '"learning_rate": 0.0006' in settings
+                           "--train_batch_size", 2, "--gradient_accumulation_steps", 3, "--train_text_encoder",
+                           *(["--scale_lr"] if scale_lr else [])))
+    factor = 6 if scale_lr else 1
+    out = capsys.readouterr().out
+    assert ("--scale_lr: learning rates x 6 -> 0.0006 (UNet), 3e-05 (text encoders)" in out) == scale_lr
+    assert [g["initial_lr"] for g in optimizers[0].param_groups] == pytest.approx([1e-4 * factor] + [5e-6 * factor] * 2)
+    settings = json.loads((tmp_path / "a" / "step0" / "run_settings.json").read_text())
+    assert (settings["learning_rate"], settings["text_encoder_lr"]) == (1e-4, 5e-6), "the flags as typed"
+    assert (settings["effective_learning_rate"], settings["effective_text_encoder_lr"]) == pytest.approx(
+        (1e-4 * factor, 5e-6 * factor)), "and the rates that trained"
 
 
 @pytest.mark.parametrize("name, distributed_type, processes", [

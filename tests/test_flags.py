@@ -22,7 +22,7 @@ def test_optimizer_flags_reach_the_optimizer(models, tiny_model, photos, tmp_pat
                  "--train_text_encoder", "--text_encoder_lr", 3e-5, "--adam_beta1", 0.8, "--adam_beta2", 0.95,
                  "--adam_weight_decay", 0.01, "--adam_epsilon", 1e-6)
     trained = trainer.add_lora(models, args.rank, args.lora_alpha, args.lora_dropout, args.train_text_encoder)
-    optimizer = trainer.make_optimizer(trained, args)
+    optimizer = trainer.make_optimizer(trained, args, (args.learning_rate, args.text_encoder_lr))
     assert type(optimizer) is torch.optim.AdamW
     assert [g["lr"] for g in optimizer.param_groups] == [2e-4, 3e-5, 3e-5], "unet, text_encoder, text_encoder_2"
     for group in optimizer.param_groups:
@@ -35,7 +35,8 @@ def test_default_optimizer_is_8bit_adamw(models, tiny_model, photos, tmp_path):
     import bitsandbytes as bnb
 
     args = parse(tiny_model, photos, tmp_path)
-    optimizer = trainer.make_optimizer(trainer.add_lora(models, 8, 8, 0.0, False), args)
+    trained = trainer.add_lora(models, 8, 8, 0.0, False)
+    optimizer = trainer.make_optimizer(trained, args, (args.learning_rate, args.text_encoder_lr))
     assert isinstance(optimizer, bnb.optim.AdamW8bit)
 
 
@@ -86,8 +87,8 @@ def test_training_flags_reach_the_loop(tiny_model, photos, tmp_path, monkeypatch
 
     monkeypatch.setattr(accelerate.Accelerator, "clip_grad_norm_", clip)
     monkeypatch.setattr(trainer, "crop_and_flip", crop)
-    monkeypatch.setattr(trainer, "make_optimizer", lambda trained, args: seen.update(trained=trained)
-                        or real_opt(trained, args))
+    monkeypatch.setattr(trainer, "make_optimizer", lambda trained, *rest: seen.update(trained=trained)
+                        or real_opt(trained, *rest))
     run_trainer(*tiny_args(tiny_model, photos, tmp_path / "out", "--max_train_steps", 2, "--optimizer", "adamw",
                            "--max_grad_norm", 0.5, "--center_crop", "--random_flip", "--gradient_checkpointing",
                            "--cache_latents", "off"))

@@ -70,8 +70,8 @@ def test_gradient_accumulation_and_batch_size_draw_that_many_samples(tiny_model,
 def test_bf16_mixed_precision_keeps_lora_weights_fp32(tiny_model, photos, tmp_path, monkeypatch):
     seen = {}
     real = trainer.make_optimizer
-    monkeypatch.setattr(trainer, "make_optimizer", lambda trained, args: seen.update(trained=trained)
-                        or real(trained, args))
+    monkeypatch.setattr(trainer, "make_optimizer", lambda trained, *rest: seen.update(trained=trained)
+                        or real(trained, *rest))
     weights = run(tiny_model, photos, tmp_path / "out", "--mixed_precision", "bf16", "--train_text_encoder")
     unet = seen["trained"][0]
     trainable = [p for p in unet.parameters() if p.requires_grad]
@@ -110,8 +110,8 @@ def test_unet_only_run_saves_no_text_encoder_adapters(tiny_model, photos, tmp_pa
 def test_accelerate_config_precision_is_honoured_without_the_flag(tiny_model, photos, tmp_path, monkeypatch):
     seen = {}
     real = trainer.make_optimizer
-    monkeypatch.setattr(trainer, "make_optimizer", lambda trained, args: seen.update(trained=trained)
-                        or real(trained, args))
+    monkeypatch.setattr(trainer, "make_optimizer", lambda trained, *rest: seen.update(trained=trained)
+                        or real(trained, *rest))
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what `accelerate config` / launch pass on
     run(tiny_model, photos, tmp_path / "out")
     assert {p.dtype for p in seen["trained"][0].parameters() if not p.requires_grad} == {torch.bfloat16}
