@@ -704,7 +704,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
     def __getitem__(self, k):
         rng = random.Random(derive_seed(self.seed, "augment", k))
         path, prompt = pick(self.instances, k, self.seed, "instance")
-        item = {**self.example(path, rng), "prompt": prompt}
+        item = {**self.example(path, rng), "prompt": prompt, "sample": k}
         if self.class_images:
             class_example = self.example(pick(self.class_images, k, self.seed, "class"), rng)
             item.update({f"class_{name}": value for name, value in class_example.items()},
@@ -716,6 +716,8 @@ def collate(examples):
     """Instance samples first, class samples second: the loss splits the batch in these two halves."""
     halves = ["", "class_"] if "class_prompt" in examples[0] else [""]
     batch = {"prompts": [e[f"{half}prompt"] for half in halves for e in examples]}
+    if "sample" in examples[0]:  # sample k of the run: its noise is drawn from (seed, k), whatever the batch
+        batch["samples"] = [e["sample"] for e in examples]
     for name in ["pixel_values", "time_ids", "latent_key"]:
         if name in examples[0]:
             values = [e[f"{half}{name}"] for half in halves for e in examples]
@@ -793,7 +795,8 @@ def dreambooth_loss(model_pred, target, timesteps, noise_scheduler, with_prior, 
     """Instance MSE + prior_loss_weight * class MSE, the class half being the batch's second half.
 
     With snr_gamma, each sample is weighted by min(SNR, gamma) / SNR (Hang et al., "Min-SNR", 2023),
-    or by min(SNR, gamma) / (SNR + 1) for v-prediction.
+    or by min(SNR, gamma) / (SNR + 1) for v-prediction: class samples too, so the prior term keeps its weight
+    relative to the instance term at every timestep.
     """
     per_sample = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if snr_gamma is not None:
@@ -809,19 +812,35 @@ def dreambooth_loss(model_pred, target, timesteps, noise_scheduler, with_prior, 
     return instance.mean() + prior_loss_weight * prior.mean()
 
 
-def latents_and_time_ids(batch, models, generator, device):
-    """The batch's latents, sampled from the VAE posterior with this step's generator, and its time ids."""
+def sample_generators(seed, batch, device):
+    """One generator per sample, seeded by (seed, sample k, half): a sample's latent draw, noise and timestep
+    are the same whichever batch, process or accumulation step it lands in, so 2 x 1 accumulated is 1 x 2."""
+    halves = ["instance", "class"][:len(batch["prompts"]) // len(batch["samples"])]
+    return [torch.Generator(device).manual_seed(derive_seed(seed, "noise", half, k) % 2**63)
+            for half in halves for k in batch["samples"]]
+
+
+def draw_timesteps(generators, num_train_timesteps, batch_size, device):
+    """Uniform timesteps: one from each sample's generator (or a batch from a single generator)."""
+    if isinstance(generators, torch.Generator):
+        return torch.randint(0, num_train_timesteps, (batch_size,), generator=generators, device=device)
+    return torch.cat([torch.randint(0, num_train_timesteps, (1,), generator=g, device=device) for g in generators])
+
+
+def latents_and_time_ids(batch, models, generators, device):
+    """The batch's fp32 latents, sampled from the VAE posterior with the samples' generators, and time ids."""
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
     if "latent_key" in batch:
         moments, time_ids = zip(*(models.latent_cache[key] for key in batch["latent_key"]))
-        latents = DiagonalGaussianDistribution(torch.stack(moments)).sample(generator)
-        time_ids = torch.stack(time_ids)
+        moments, time_ids = torch.stack(moments), torch.stack(time_ids)
     else:
         with torch.no_grad():
             pixels = batch["pixel_values"].to(device, dtype=models.vae.dtype, non_blocking=True)
-            latents = models.vae.encode(pixels).latent_dist.sample(generator)
+            moments = models.vae.encode(pixels).latent_dist.parameters
         time_ids = batch["time_ids"].to(device, non_blocking=True)
+    # sampled in fp32 from half-precision moments: the latents, noise and add_noise all stay fp32
+    latents = DiagonalGaussianDistribution(moments.float()).sample(generators)
     return latents * models.vae.config.scaling_factor, time_ids
 
 
@@ -833,16 +852,23 @@ def prompt_embeddings(prompts, models, train_text_encoder, device):
         return encode_prompt(models.text_encoders, models.tokenizers, prompts, device)
 
 
-def training_step(batch, models, args, generator, weight_dtype, device):
-    """Noise the latents, predict with the UNet under SDXL's added conditions, return the DreamBooth loss."""
-    latents, time_ids = latents_and_time_ids(batch, models, generator, device)
-    latents = latents.to(weight_dtype)
-    noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
-    if args.noise_offset:  # Guttenberg's offset noise: lets the model learn overall brightness
-        noise += args.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator,
-                                                 device=device, dtype=latents.dtype)
+def training_step(batch, models, args, generators, weight_dtype, device):
+    """Noise the latents, predict with the UNet under SDXL's added conditions, return the DreamBooth loss.
+
+    Latents, noise and add_noise stay fp32 under bf16/fp16: in bf16, t=0 and t=1 would add no noise at all while
+    the target is the noise. Autocast runs the UNet in half precision. `generators`: one per sample
+    (sample_generators), or one for the whole batch.
+    """
+    from diffusers.utils.torch_utils import randn_tensor
+
+    device = torch.device(device)
+    latents, time_ids = latents_and_time_ids(batch, models, generators, device)
+    noise = randn_tensor(latents.shape, generator=generators, device=device, dtype=torch.float32)
+    if args.noise_offset:  # Guttenberg's offset noise: one shift per (sample, channel) lets brightness be learned
+        noise += args.noise_offset * randn_tensor((*latents.shape[:2], 1, 1), generator=generators, device=device,
+                                                  dtype=torch.float32)
     num_train_timesteps = models.noise_scheduler.config.num_train_timesteps
-    timesteps = torch.randint(0, num_train_timesteps, (latents.shape[0],), generator=generator, device=device)
+    timesteps = draw_timesteps(generators, num_train_timesteps, latents.shape[0], device)
     noisy_latents = models.noise_scheduler.add_noise(latents, noise, timesteps)
 
     prompt_embeds, pooled = prompt_embeddings(batch["prompts"], models, args.train_text_encoder, device)
@@ -1313,13 +1339,12 @@ def train(accelerator, models, trained, optimizer, lr_scheduler, dataloader, arg
     with GracefulStop() as stop:
         for micro_step, batch in enumerate(dataloader, start=first_micro_step):
             with accelerator.accumulate(*trained):
-                generator = torch.Generator(accelerator.device).manual_seed(
-                    derive_seed(args.seed, "noise", accelerator.process_index, micro_step) % 2**63)
+                generators = sample_generators(args.seed, batch, accelerator.device)
                 # LoRA dropout draws from torch's global RNG, which a new data iterator also draws from;
                 # seeding it per micro-step makes dropout a function of (seed, step) too, so resume is exact
                 torch.manual_seed(derive_seed(args.seed, "dropout", accelerator.process_index, micro_step) % 2**63)
                 with clock.counting_flops(micro_step == first_micro_step, args.gradient_accumulation_steps):
-                    loss = training_step(batch, models, args, generator, weight_dtype, accelerator.device)
+                    loss = training_step(batch, models, args, generators, weight_dtype, accelerator.device)
                     accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(params, args.max_grad_norm)

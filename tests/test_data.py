@@ -44,7 +44,7 @@ def test_item_has_pixels_in_minus_one_to_one_and_six_time_ids(tmp_path):
     photo = save(image, tmp_path / "a.png")
     item = dataset([photo], resolution=32, center_crop=True)[0]
 
-    assert set(item) == {"pixel_values", "time_ids", "prompt"}
+    assert set(item) == {"pixel_values", "time_ids", "prompt", "sample"}
     assert item["prompt"] == "a photo of sks dog"
     pixels = item["pixel_values"]
     assert pixels.shape == (3, 32, 32) and pixels.dtype == torch.float32

@@ -5,7 +5,7 @@ import torch
 from diffusers import DDPMScheduler
 
 import train_dreambooth_lora_ssd1b as trainer
-from conftest import tiny_args
+from conftest import run_trainer, tiny_args
 
 
 @pytest.fixture
@@ -60,7 +60,7 @@ def test_fp16_frozen_weights_leave_fp32_gradients_a_grad_scaler_can_unscale(tiny
     trained = trainer.add_lora(models, 4, 4, 0.0, True)
     args = trainer.parse_args([str(a) for a in tiny_args(tiny_model, photos, tmp_path / "out", "--train_text_encoder",
                                                          "--optimizer", "adamw")])
-    optimizer = trainer.make_optimizer(trained, args)
+    optimizer = trainer.make_optimizer(trained, args, (args.learning_rate, args.text_encoder_lr))
     dataset = trainer.DreamBoothDataset(trainer.list_images(photos), "a photo of sks dog", None, None, 64,
                                         False, False, 0, 1)
     scaler = torch.amp.GradScaler("cpu")
@@ -74,3 +74,49 @@ def test_fp16_frozen_weights_leave_fp32_gradients_a_grad_scaler_can_unscale(tiny
     assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads), \
         "every LoRA weight gets an fp32 gradient"
     assert {p.dtype for m in trained for p in m.parameters() if not p.requires_grad} == {torch.float16}
+
+
+def test_two_accumulated_batches_of_one_train_as_one_batch_of_two(tiny_model, photos, tmp_path):
+    # each sample's latent draw, noise and timestep come from (seed, sample), and accumulation averages: the
+    # update is the same. Adam with a large epsilon and no clipping keeps the update proportional to the gradient,
+    # so a summed instead of averaged gradient would show as a factor of 2
+    from safetensors.torch import load_file
+
+    def run(name, batch_size, accumulation):
+        run_trainer(*tiny_args(tiny_model, photos, tmp_path / name, "--max_train_steps", 1, "--optimizer", "adamw",
+                               "--learning_rate", 1.0, "--adam_epsilon", 1.0, "--adam_weight_decay", 0,
+                               "--max_grad_norm", 1e6, "--with_prior_preservation", "--class_prompt", "a photo of dog",
+                               "--class_dir", photos, "--num_class_images", 3, "--train_batch_size", batch_size,
+                               "--gradient_accumulation_steps", accumulation))
+        return load_file(tmp_path / name / "step0" / trainer.LORA_FILE)
+
+    batched, accumulated = run("batched", 2, 1), run("accumulated", 1, 2)
+    ups = [k for k in batched if "lora.up" in k or "lora_B" in k]
+    assert ups and any(batched[k].abs().max() > 0 for k in ups), "LoRA's up weights start at zero, then learn"
+    for key in batched:
+        torch.testing.assert_close(accumulated[key], batched[key], rtol=1e-4, atol=1e-7)
+
+
+def test_latents_and_noise_stay_fp32_under_bf16_so_the_smallest_timesteps_still_add_noise(tiny_model, photos,
+                                                                                          tmp_path):
+    # in bf16, add_noise at t=0 and t=1 rounds the noise away (the latent comes back unchanged while the target is
+    # the noise), and t=2..5 share one level
+    models = trainer.load_models(tiny_model, tiny_model / "vae", None, None, torch.bfloat16, "cpu")
+    seen, real_add_noise = {}, models.noise_scheduler.add_noise
+    models.noise_scheduler.add_noise = lambda latents, noise, timesteps: seen.update(
+        latents=latents, noise=noise) or real_add_noise(latents, noise, timesteps)
+    args = trainer.parse_args([str(a) for a in tiny_args(tiny_model, photos, tmp_path / "out")])
+    dataset = trainer.DreamBoothDataset(trainer.list_images(photos), "a photo of sks dog", None, None, 64,
+                                        False, False, 0, 2)
+    batch = trainer.collate([dataset[0], dataset[1]])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        trainer.training_step(batch, models, args, trainer.sample_generators(0, batch, "cpu"), torch.bfloat16, "cpu")
+    assert seen["latents"].dtype == seen["noise"].dtype == torch.float32
+    alphas = models.noise_scheduler.alphas_cumprod
+    levels = []
+    for t in range(6):
+        noisy = real_add_noise(seen["latents"], seen["noise"], torch.full((2,), t))
+        added = noisy - alphas[t].sqrt() * seen["latents"]
+        torch.testing.assert_close(added, (1 - alphas[t]).sqrt() * seen["noise"], rtol=1e-3, atol=1e-5)
+        levels.append(added.std().item())
+    assert levels[0] > 0 and len(set(levels)) == 6, "noise at t=0, and a distinct level at each timestep"
