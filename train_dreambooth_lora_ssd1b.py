@@ -173,7 +173,9 @@ def add_training_flags(p):
                    help="encode each image (and its flip) once; auto: only where no random crop is lost")
     g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
                    help="default: the accelerate config's")
-    g.add_argument("--snr_gamma", type=float, default=None, help="min-SNR weighting; 5.0 is the paper's choice")
+    g.add_argument("--snr_gamma", type=float, default=None,
+                   help="min-SNR weighting, 5.0 is the paper's choice; it weights the class half too (diffusers' "
+                        "script: only the instance half), so --prior_loss_weight means the same at every timestep")
     g.add_argument("--noise_offset", type=float, default=0.0)
     g.add_argument("--seed", type=int, default=0)
 
@@ -602,7 +604,7 @@ def make_optimizer(trained, args, learning_rates):
         optimizer_class = bnb.optim.AdamW8bit
     else:
         optimizer_class = torch.optim.AdamW
-    return optimizer_class(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+    return optimizer_class(groups, lr=unet_lr, betas=(args.adam_beta1, args.adam_beta2),
                            weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
 
 
