@@ -1,5 +1,7 @@
 """Each flag does what it says: the ones that no whole-run test already pins down."""
 
+import contextlib
+
 import accelerate
 import pytest
 import torch
@@ -156,6 +158,55 @@ def test_training_flags_reach_the_loop(tiny_model, photos, tmp_path, monkeypatch
     assert seen["clip"] == [0.5, 0.5]
     assert seen["crop"] == {(True, True)}
     assert seen["trained"][0].is_gradient_checkpointing
+
+
+class GradientsSeen(Exception):
+    """Raised by the clip_grad_norm_ spy to end a run once the first step's gradients are read."""
+
+
+@pytest.mark.parametrize("train_text_encoder", [False, True])
+def test_gradient_checkpointing_leaves_every_lora_weight_of_unet_and_text_encoders_a_gradient(
+        tiny_model, photos, tmp_path, monkeypatch, train_text_encoder):
+    # reentrant checkpointing of blocks whose inputs need no grad (frozen embeddings, frozen conv_in, prompt
+    # embeddings of frozen encoders) silently cuts the LoRA inside them out of the backward
+    seen = {}
+    real_add_lora = trainer.add_lora
+
+    def add_lora(*a, **k):
+        # LoRA's B starts at zero, which leaves A no gradient on the first step; start B off zero so one step
+        # shows both
+        trained = real_add_lora(*a, **k)
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for module in trained:
+                for name, p in module.named_parameters():
+                    if "lora_B" in name:
+                        p.copy_(0.01 * torch.randn(p.shape, generator=generator))
+        seen["trained"] = trained
+        return trained
+
+    def clip(self, parameters, max_norm, *a, **k):
+        seen["grads"] = [{n: p.grad for n, p in module.named_parameters() if p.requires_grad}
+                         for module in seen["trained"]]
+        raise GradientsSeen
+
+    monkeypatch.setattr(trainer, "add_lora", add_lora)
+    monkeypatch.setattr(accelerate.Accelerator, "clip_grad_norm_", clip)
+    # FLOPs are counted on the first step only; later steps, like this one, run without the counter
+    monkeypatch.setattr(trainer.RunClock, "counting_flops", lambda self, *a: contextlib.nullcontext())
+    with pytest.raises(GradientsSeen):
+        run_trainer(*tiny_args(tiny_model, photos, tmp_path / "out", "--max_train_steps", 1, "--optimizer",
+                               "adamw", "--gradient_checkpointing",
+                               *(["--train_text_encoder"] if train_text_encoder else [])))
+    assert len(seen["trained"]) == (3 if train_text_encoder else 1)
+    assert all(m.is_gradient_checkpointing for m in seen["trained"])
+    for module, trained, grads in zip(["unet", "text_encoder", "text_encoder_2"], seen["trained"], seen["grads"]):
+        assert grads and all("lora_" in n for n in grads), f"{module}: only LoRA trains"
+        if module == "text_encoder":
+            last_layer = f"layers.{trained.config.num_hidden_layers - 1}."
+            assert not any(last_layer in n for n in grads), "CLIP-L's unread last layer has no LoRA"
+        missing = [n for n, g in grads.items() if g is None or not torch.isfinite(g).all() or not g.abs().sum()]
+        assert not missing, f"{module}: {len(missing)} of {len(grads)} LoRA weights got no gradient: {missing[:4]}"
 
 
 def test_variant_loads_the_variant_weights(tiny_model, tmp_path):
