@@ -1,8 +1,11 @@
 """examples/: the offline demo runs as written, and the dog recipe's command is what the README promises."""
 
+import os
 import re
 import shlex
 import subprocess
+import sys
+from pathlib import Path
 
 from PIL import Image
 
@@ -11,8 +14,10 @@ from conftest import ROOT
 
 
 def test_offline_demo_runs_as_written(tmp_path):
+    # the script calls `python` and `accelerate` from PATH: make them this interpreter's, not whatever is first
+    env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
     result = subprocess.run(["bash", str(ROOT / "examples" / "offline_demo.sh"), str(tmp_path / "demo")],
-                            capture_output=True, text=True, timeout=300)
+                            capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     run = tmp_path / "demo" / "run"
     assert sorted(p.name for p in run.glob("step*")) == ["step19", "step9"]

@@ -1,5 +1,7 @@
 """Each flag does what it says: the ones that no whole-run test already pins down."""
 
+import contextlib
+
 import accelerate
 import pytest
 import torch
@@ -49,28 +51,90 @@ def test_lora_flags_shape_the_adapters(models):
     assert not any("lora_" in n for n, _ in models.text_encoders[0].named_parameters())
 
 
-def step_loss(models, photos, tiny_model, tmp_path, *extra):
-    """One training_step's loss on a fixed batch and fixed generator, under the given flags."""
+class NoiseDrawn(Exception):
+    """Raised by the add_noise spy to end a step once its noise is drawn."""
+
+
+def spied_step(models, photos, tiny_model, tmp_path, *extra, seed=0, instances=2, stop_at_noise=False):
+    """One real training_step with prior preservation on a fixed batch (`instances` instance samples, then as
+    many class samples) and a fixed generator; returns its loss (None when stopped at the noise) and what the
+    scheduler's add_noise and the UNet saw and returned."""
     args = parse(tiny_model, photos, tmp_path, "--with_prior_preservation", "--class_prompt", "a photo of dog",
                  *extra)
     images = trainer.list_images(photos)
     dataset = trainer.DreamBoothDataset(images, args.instance_prompt, images[::-1], args.class_prompt, 64,
-                                        False, False, 0, 4)
-    batch = trainer.collate([dataset[0], dataset[1]])
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        return trainer.training_step(batch, models, args, generator, torch.float32, "cpu").item()
+                                        False, False, 0, instances)
+    batch = trainer.collate([dataset[k] for k in range(instances)])
+    seen, loss = {}, None
+    real_add_noise, real_unet = models.noise_scheduler.add_noise, models.unet.forward
+
+    def add_noise(latents, noise, timesteps):
+        seen.update(noise=noise.clone(), timesteps=timesteps.clone())
+        if stop_at_noise:
+            raise NoiseDrawn
+        return real_add_noise(latents, noise, timesteps)
+
+    def unet(*a, **k):
+        out = real_unet(*a, **k)
+        seen["prediction"] = out.sample.clone()
+        return out
+
+    models.noise_scheduler.add_noise, models.unet.forward = add_noise, unet
+    try:
+        with torch.no_grad():
+            loss = trainer.training_step(batch, models, args, torch.Generator().manual_seed(seed), torch.float32,
+                                         "cpu")
+    except NoiseDrawn:
+        pass
+    finally:
+        del models.noise_scheduler.add_noise, models.unet.forward
+    return loss, seen
 
 
-def test_noise_offset_snr_gamma_and_prior_weight_change_the_loss(models, photos, tiny_model, tmp_path):
-    loss = lambda *extra: step_loss(models, photos, tiny_model, tmp_path, *extra)  # noqa: E731
-    base = loss()
-    assert loss() == base, "fixed generator, fixed batch: the same loss"
-    assert loss("--noise_offset", 0.1) != base
-    assert loss("--snr_gamma", 0.001) != base, "a gamma below every SNR drawn re-weights them all"
-    w0, w1, w2 = (loss("--prior_loss_weight", w) for w in (0.0, 1.0, 2.0))
-    assert w1 == pytest.approx(base)
-    assert w2 - w1 == pytest.approx(w1 - w0, rel=1e-4) and w2 != w1, "the class term scales with the weight"
+def test_noise_offset_adds_one_gaussian_constant_per_sample_and_channel(models, photos, tiny_model, tmp_path):
+    offset, offsets = 0.1, []
+    for seed in range(2):  # 2 steps x 10 samples x 4 channels: enough draws to measure the offset's spread
+        noise = [spied_step(models, photos, tiny_model, tmp_path, *extra, seed=seed, instances=5,
+                            stop_at_noise=True)[1]["noise"] for extra in [(), ("--noise_offset", offset)]]
+        difference = noise[1].double() - noise[0].double()
+        per_map = difference.mean(dim=(2, 3), keepdim=True)
+        torch.testing.assert_close(difference, per_map.expand_as(difference), rtol=0, atol=1e-6,
+                                   msg="the offset is one value per (sample, channel), constant over the image")
+        offsets.append(per_map[:, :, 0, 0])
+    offsets = torch.stack(offsets)  # (step, sample, channel)
+    assert offsets.shape == (2, 10, 4) and offsets.abs().min() > 0, "every map is offset"
+    assert (offsets - offsets.mean(dim=2, keepdim=True)).std().item() > 0.5 * offset, "channels differ"
+    assert (offsets - offsets.mean(dim=1, keepdim=True)).std().item() > 0.5 * offset, "samples differ"
+    assert offsets.std().item() == pytest.approx(offset, rel=0.25), "offset ~ noise_offset * N(0, 1)"
+    assert offsets.mean().abs().item() < 0.5 * offset, "centred on zero"
+
+
+def min_snr_weights(scheduler, timesteps, gamma):
+    """min(SNR, gamma) / SNR for epsilon prediction, SNR = alpha_bar / (1 - alpha_bar), in float64."""
+    alpha_bar = scheduler.alphas_cumprod.double()[timesteps]
+    snr = alpha_bar / (1 - alpha_bar)
+    return snr, torch.clamp(snr, max=gamma) / snr
+
+
+@pytest.mark.parametrize("snr_gamma", [None, 2.0])
+def test_real_step_loss_is_instance_mean_plus_prior_weight_times_class_mean_of_min_snr_weighted_mse(
+        models, photos, tiny_model, tmp_path, snr_gamma):
+    # the trainer min-SNR-weights the class half too, on purpose: both halves are weighted before the split
+    weight = 0.4
+    assert models.noise_scheduler.config.prediction_type == "epsilon", "so the target is the noise"
+    extra = ["--prior_loss_weight", weight] + (["--snr_gamma", snr_gamma] if snr_gamma else [])
+    loss, seen = spied_step(models, photos, tiny_model, tmp_path, *extra, seed=3)
+    mse = ((seen["prediction"].double() - seen["noise"].double()) ** 2).mean(dim=(1, 2, 3))  # epsilon target
+    w = torch.ones(4, dtype=torch.float64)
+    if snr_gamma:
+        snr, w = min_snr_weights(models.noise_scheduler, seen["timesteps"], snr_gamma)
+        # the clamp changes at least one weight in each half, and leaves at least one sample at weight 1
+        assert (snr[:2] > snr_gamma).any() and (snr[2:] > snr_gamma).any() and (snr < snr_gamma).any(), snr
+    expected = (w[:2] * mse[:2]).mean() + weight * (w[2:] * mse[2:]).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    unweighted_class = (w[:2] * mse[:2]).mean() + weight * mse[2:].mean()
+    if snr_gamma:
+        assert loss.item() != pytest.approx(unweighted_class.item(), rel=1e-3), "the class half is weighted"
 
 
 def test_training_flags_reach_the_loop(tiny_model, photos, tmp_path, monkeypatch):
@@ -95,6 +159,55 @@ def test_training_flags_reach_the_loop(tiny_model, photos, tmp_path, monkeypatch
     assert seen["clip"] == [0.5, 0.5]
     assert seen["crop"] == {(True, True)}
     assert seen["trained"][0].is_gradient_checkpointing
+
+
+class GradientsSeen(Exception):
+    """Raised by the clip_grad_norm_ spy to end a run once the first step's gradients are read."""
+
+
+@pytest.mark.parametrize("train_text_encoder", [False, True])
+def test_gradient_checkpointing_leaves_every_lora_weight_of_unet_and_text_encoders_a_gradient(
+        tiny_model, photos, tmp_path, monkeypatch, train_text_encoder):
+    # reentrant checkpointing of blocks whose inputs need no grad (frozen embeddings, frozen conv_in, prompt
+    # embeddings of frozen encoders) silently cuts the LoRA inside them out of the backward
+    seen = {}
+    real_add_lora = trainer.add_lora
+
+    def add_lora(*a, **k):
+        # LoRA's B starts at zero, which leaves A no gradient on the first step; start B off zero so one step
+        # shows both
+        trained = real_add_lora(*a, **k)
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for module in trained:
+                for name, p in module.named_parameters():
+                    if "lora_B" in name:
+                        p.copy_(0.01 * torch.randn(p.shape, generator=generator))
+        seen["trained"] = trained
+        return trained
+
+    def clip(self, parameters, max_norm, *a, **k):
+        seen["grads"] = [{n: p.grad for n, p in module.named_parameters() if p.requires_grad}
+                         for module in seen["trained"]]
+        raise GradientsSeen
+
+    monkeypatch.setattr(trainer, "add_lora", add_lora)
+    monkeypatch.setattr(accelerate.Accelerator, "clip_grad_norm_", clip)
+    # FLOPs are counted on the first step only; later steps, like this one, run without the counter
+    monkeypatch.setattr(trainer.RunClock, "counting_flops", lambda self, *a: contextlib.nullcontext())
+    with pytest.raises(GradientsSeen):
+        run_trainer(*tiny_args(tiny_model, photos, tmp_path / "out", "--max_train_steps", 1, "--optimizer",
+                               "adamw", "--gradient_checkpointing",
+                               *(["--train_text_encoder"] if train_text_encoder else [])))
+    assert len(seen["trained"]) == (3 if train_text_encoder else 1)
+    assert all(m.is_gradient_checkpointing for m in seen["trained"])
+    for module, trained, grads in zip(["unet", "text_encoder", "text_encoder_2"], seen["trained"], seen["grads"]):
+        assert grads and all("lora_" in n for n in grads), f"{module}: only LoRA trains"
+        if module == "text_encoder":
+            last_layer = f"layers.{trained.config.num_hidden_layers - 1}."
+            assert not any(last_layer in n for n in grads), "CLIP-L's unread last layer has no LoRA"
+        missing = [n for n, g in grads.items() if g is None or not torch.isfinite(g).all() or not g.abs().sum()]
+        assert not missing, f"{module}: {len(missing)} of {len(grads)} LoRA weights got no gradient: {missing[:4]}"
 
 
 def test_variant_loads_the_variant_weights(tiny_model, tmp_path):

@@ -190,14 +190,22 @@ def test_snr_weighting_with_prior_weights_every_sample_then_splits_the_halves():
 @pytest.mark.parametrize("snr_gamma", [None, 5.0])
 @pytest.mark.parametrize("with_prior", [False, True])
 def test_loss_is_computed_in_fp32_for_bf16_predictions(with_prior, snr_gamma):
-    prediction, target = random_batch(4, seed=4)
-    prediction16, target16 = prediction.bfloat16(), target.bfloat16()
+    # bf16-rounded values whose errors are small next to the values: bf16 arithmetic (8 mantissa bits) on
+    # the difference or the squares would be off by ~1e-3 relative; fp32 arithmetic agrees with fp64 to ~1e-7
+    generator = torch.Generator().manual_seed(4)
+    target16 = torch.randn(4, *SHAPE, generator=generator).bfloat16()
+    prediction16 = (target16.float() + 0.05 * torch.randn(4, *SHAPE, generator=generator)).bfloat16()
     loss = dreambooth_loss(prediction16, target16, TIMESTEPS, sdxl_scheduler(), with_prior, 0.7, snr_gamma)
     assert loss.dtype == torch.float32
-    # the same as the fp32 loss of the bf16-rounded values (no bf16 arithmetic in between)
-    reference = dreambooth_loss(prediction16.float(), target16.float(), TIMESTEPS, sdxl_scheduler(), with_prior,
-                                0.7, snr_gamma)
-    assert loss.item() == pytest.approx(reference.item(), rel=1e-6)
+
+    # the reference, by hand in fp64 from the bf16 values: per-sample MSE, min-SNR weights, then the halves
+    errors = ((prediction16.double() - target16.double()) ** 2).mean(dim=(1, 2, 3))
+    if snr_gamma is not None:
+        alpha_bar = sdxl_scheduler().alphas_cumprod.double()[TIMESTEPS]
+        snr = alpha_bar / (1 - alpha_bar)
+        errors = errors * torch.clamp(snr, max=snr_gamma) / snr
+    reference = errors[:2].mean() + 0.7 * errors[2:].mean() if with_prior else errors.mean()
+    assert loss.item() == pytest.approx(reference.item(), rel=2e-6)
 
 
 def test_loss_is_differentiable_with_respect_to_the_prediction():
