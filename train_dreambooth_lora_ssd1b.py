@@ -854,7 +854,7 @@ def prompt_embeddings(prompts, models, train_text_encoder, device):
         return encode_prompt(models.text_encoders, models.tokenizers, prompts, device)
 
 
-def training_step(batch, models, args, generators, weight_dtype, device):
+def training_step(batch, models, args, generators, device):
     """Noise the latents, predict with the UNet under SDXL's added conditions, return the DreamBooth loss.
 
     Latents, noise and add_noise stay fp32 under bf16/fp16: in bf16, t=0 and t=1 would add no noise at all while
@@ -1322,8 +1322,7 @@ class RunClock:
         return losses
 
 
-def train(accelerator, models, trained, optimizer, lr_scheduler, dataloader, args, weight_dtype, start_step,
-          clock):
+def train(accelerator, models, trained, optimizer, lr_scheduler, dataloader, args, start_step, clock):
     """Optimise until max_train_steps; save every checkpointing_steps and at the end; validate on schedule.
 
     On SIGINT/SIGTERM, finish the step, save adapters and resumable state, and raise Interrupted.
@@ -1346,7 +1345,7 @@ def train(accelerator, models, trained, optimizer, lr_scheduler, dataloader, arg
                 # seeding it per micro-step makes dropout a function of (seed, step) too, so resume is exact
                 torch.manual_seed(derive_seed(args.seed, "dropout", accelerator.process_index, micro_step) % 2**63)
                 with clock.counting_flops(micro_step == first_micro_step, args.gradient_accumulation_steps):
-                    loss = training_step(batch, models, args, generators, weight_dtype, accelerator.device)
+                    loss = training_step(batch, models, args, generators, accelerator.device)
                     accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(params, args.max_grad_norm)
@@ -1603,8 +1602,8 @@ def main(argv=None):
     trained = add_lora(models, args.rank, args.lora_alpha, args.lora_dropout, args.train_text_encoder)
     if args.gradient_checkpointing:
         models.unet.enable_gradient_checkpointing()
-        for text_encoder in trained[1:]:
-            text_encoder.gradient_checkpointing_enable()
+        for text_encoder in trained[1:]:  # transformers 5 renamed it; the old name warns until it goes in v6
+            getattr(text_encoder, "activation_checkpointing_enable", text_encoder.gradient_checkpointing_enable)()
     if args.compile:
         trained[0] = models.unet = torch.compile(models.unet)  # unwrap() strips it for saving
 
@@ -1628,7 +1627,7 @@ def main(argv=None):
                       f"{args.max_train_steps} steps, effective batch {effective} = {args.train_batch_size} per "
                       f"device x {accelerator.num_processes} processes x {args.gradient_accumulation_steps} "
                       f"accumulation; loading took {clock.phases['load']:.1f} s")
-    train(accelerator, models, trained, optimizer, lr_scheduler, dataloader, args, weight_dtype, start_step, clock)
+    train(accelerator, models, trained, optimizer, lr_scheduler, dataloader, args, start_step, clock)
     report(accelerator, clock, args, start_step)
     accelerator.end_training()
 

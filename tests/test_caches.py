@@ -32,7 +32,7 @@ def losses(models, photos, tiny_model, tmp_path, cached, steps=4):
         assert ("latent_key" in batch) == cached and ("pixel_values" in batch) != cached
         with torch.no_grad():
             generator = torch.Generator().manual_seed(step)
-            result.append(trainer.training_step(batch, models, args, generator, torch.float32, "cpu").item())
+            result.append(trainer.training_step(batch, models, args, generator, "cpu").item())
     return result
 
 

@@ -82,8 +82,7 @@ def spied_step(models, photos, tiny_model, tmp_path, *extra, seed=0, instances=2
     models.noise_scheduler.add_noise, models.unet.forward = add_noise, unet
     try:
         with torch.no_grad():
-            loss = trainer.training_step(batch, models, args, torch.Generator().manual_seed(seed), torch.float32,
-                                         "cpu")
+            loss = trainer.training_step(batch, models, args, torch.Generator().manual_seed(seed), "cpu")
     except NoiseDrawn:
         pass
     finally:

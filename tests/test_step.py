@@ -43,7 +43,7 @@ def test_target_follows_the_scheduler_prediction_type(models, tiny_model, photos
                                         False, False, 0, 2)
     batch = trainer.collate([dataset[0], dataset[1]])
     with torch.no_grad():
-        loss = trainer.training_step(batch, models, args, torch.Generator().manual_seed(0), torch.float32, "cpu")
+        loss = trainer.training_step(batch, models, args, torch.Generator().manual_seed(0), "cpu")
 
     alphas = models.noise_scheduler.alphas_cumprod[seen["timesteps"]].view(-1, 1, 1, 1)
     if prediction_type == "epsilon":
@@ -66,7 +66,7 @@ def test_fp16_frozen_weights_leave_fp32_gradients_a_grad_scaler_can_unscale(tiny
     scaler = torch.amp.GradScaler("cpu")
     with torch.autocast("cpu", dtype=torch.float16):
         loss = trainer.training_step(trainer.collate([dataset[0]]), models, args, torch.Generator().manual_seed(0),
-                                     torch.float16, "cpu")
+                                     "cpu")
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)
     grads = [p.grad for group in optimizer.param_groups for p in group["params"]]
@@ -110,7 +110,7 @@ def test_latents_and_noise_stay_fp32_under_bf16_so_the_smallest_timesteps_still_
                                         False, False, 0, 2)
     batch = trainer.collate([dataset[0], dataset[1]])
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        trainer.training_step(batch, models, args, trainer.sample_generators(0, batch, "cpu"), torch.bfloat16, "cpu")
+        trainer.training_step(batch, models, args, trainer.sample_generators(0, batch, "cpu"), "cpu")
     assert seen["latents"].dtype == seen["noise"].dtype == torch.float32
     alphas = models.noise_scheduler.alphas_cumprod
     levels = []
