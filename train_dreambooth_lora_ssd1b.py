@@ -36,6 +36,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import sys
 import threading
 import time
@@ -56,6 +57,7 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 SETTINGS_FILE = "run_settings.json"
 KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"
 STATE_PREFIX = "state-"  # output_dir/state-stepN: accelerate's resumable state beside stepN's adapters
+LOCK_FILE = ".lock"  # output_dir/.lock: the PID and host of the trainer that holds the folder
 TRAINER_STATE = "trainer_state.json"  # written last into a state folder: without it, the folder is no state
 WARMUP_STEPS = 3  # steps left out of the steady-state time per step (allocator, kernels and caches warm up)
 
@@ -362,6 +364,76 @@ def remove_partial_dirs(output_dir):
     """Hidden folders a save left half-written (killed, or a full disk): never complete, so never kept."""
     for partial in Path(output_dir).glob(".*.partial"):
         shutil.rmtree(partial, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def hold_output_dir(output_dir):
+    """One trainer per output dir: a lock file with this run's PID and host, made atomically before anything is
+    written and removed at exit. A lock whose process is gone (same host) is stale and taken over. Only the
+    first process of a multi-process run takes it. A folder made just for the lock goes again if left empty."""
+    lock = Path(output_dir) / LOCK_FILE
+    if os.environ.get("RANK", "0") != "0":
+        yield
+        return
+    if lock.parent.is_file():
+        raise UserError(f"--output_dir {lock.parent} is a file, not a folder: choose a folder")
+    created = not lock.parent.exists()
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot write to --output_dir {lock.parent} ({e.strerror}): choose a writable folder") \
+            from None
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    while not create_exclusive(lock, json.dumps(me)):
+        holder = read_lock(lock)
+        if holder is None:
+            continue  # removed in between: try again
+        if holder.get("host") != me["host"] or process_alive(holder.get("pid")):
+            raise UserError(f"{lock.parent} is in use by the trainer with PID {holder.get('pid')} on "
+                            f"{holder.get('host')} (since {holder.get('started')}): wait for it, choose another "
+                            f"--output_dir, or delete {lock} if that run is gone")
+        say(f"{lock}: the trainer that held it (PID {holder.get('pid')}) is gone; taking it over")
+        lock.unlink(missing_ok=True)
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        if created and not any(lock.parent.iterdir()):
+            lock.parent.rmdir()
+
+
+def create_exclusive(path, text):
+    """Create `path` holding `text`, or return False if it exists: O_EXCL makes this one atomic step."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    return True
+
+
+def read_lock(lock):
+    """The holder recorded in a lock file; {} for an unreadable one (treated as held), None if it is gone."""
+    try:
+        holder = json.loads(lock.read_text())
+        return holder if isinstance(holder, dict) else {}
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}
+
+
+def process_alive(pid):
+    if not isinstance(pid, int) or pid <= 0:
+        return True  # unknown: never take over what might be a live run
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by another user
+    return True
 
 
 def check_output_dir(output_dir, overwrite, resume_state):
@@ -1585,51 +1657,52 @@ def main(argv=None):
 
     args = parse_args(argv)                       # flags, every check of them in one place
     check_versions([p for p in MINIMUM_VERSIONS if p != "bitsandbytes" or args.optimizer == "adamw8bit"])
-    instance_images, instance_prompts = check_inputs(args)  # folders, photos, captions, models, output dir
-    accelerator = make_accelerator(args)          # processes, mixed precision, accumulation, trackers
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 matmuls on tensor cores
-    clock = RunClock()
+    with hold_output_dir(args.output_dir):        # one trainer per output dir, until this one exits
+        instance_images, instance_prompts = check_inputs(args)  # folders, photos, captions, models, output dir
+        accelerator = make_accelerator(args)          # processes, mixed precision, accumulation, trackers
+        weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 matmuls on tensor cores
+        clock = RunClock()
 
-    with clock.phase("load"):
-        models = load_models(args.pretrained_model_name_or_path, args.pretrained_vae_model_name_or_path,
-                             args.revision, args.variant, weight_dtype, accelerator.device)
-    with clock.phase("class images"):
-        class_images = prepare_class_images(accelerator, models, args) if args.with_prior_preservation else None
-    with clock.phase("caches"):
-        build_caches(accelerator, models, args, [*instance_images, *(class_images or [])], instance_prompts)
-    set_seed(args.seed)  # LoRA's initial weights
-    trained = add_lora(models, args.rank, args.lora_alpha, args.lora_dropout, args.train_text_encoder)
-    if args.gradient_checkpointing:
-        models.unet.enable_gradient_checkpointing()
-        for text_encoder in trained[1:]:  # transformers 5 renamed it; the old name warns until it goes in v6
-            getattr(text_encoder, "activation_checkpointing_enable", text_encoder.gradient_checkpointing_enable)()
-    if args.compile:
-        trained[0] = models.unet = torch.compile(models.unet)  # unwrap() strips it for saving
+        with clock.phase("load"):
+            models = load_models(args.pretrained_model_name_or_path, args.pretrained_vae_model_name_or_path,
+                                 args.revision, args.variant, weight_dtype, accelerator.device)
+        with clock.phase("class images"):
+            class_images = prepare_class_images(accelerator, models, args) if args.with_prior_preservation else None
+        with clock.phase("caches"):
+            build_caches(accelerator, models, args, [*instance_images, *(class_images or [])], instance_prompts)
+        set_seed(args.seed)  # LoRA's initial weights
+        trained = add_lora(models, args.rank, args.lora_alpha, args.lora_dropout, args.train_text_encoder)
+        if args.gradient_checkpointing:
+            models.unet.enable_gradient_checkpointing()
+            for text_encoder in trained[1:]:  # transformers 5 renamed it; the old name warns until it goes in v6
+                getattr(text_encoder, "activation_checkpointing_enable", text_encoder.gradient_checkpointing_enable)()
+        if args.compile:
+            trained[0] = models.unet = torch.compile(models.unet)  # unwrap() strips it for saving
 
-    dataloader = make_dataloader(instance_images, instance_prompts, class_images, args, accelerator.num_processes,
-                                 cached=models.latent_cache is not None)
-    learning_rates = effective_learning_rates(args, accelerator.num_processes)
-    if args.scale_lr:
-        accelerator.print(f"--scale_lr: learning rates x {learning_rates[0] / args.learning_rate:g} -> "
-                          f"{learning_rates[0]:g} (UNet), {learning_rates[1]:g} (text encoders)")
-    optimizer = make_optimizer(trained, args, learning_rates)
-    lr_scheduler = make_lr_scheduler(optimizer, args, accelerator.num_processes)
-    *trained, optimizer, dataloader, lr_scheduler = accelerator.prepare(*trained, optimizer, dataloader,
-                                                                       lr_scheduler)
-    models.unet, models.text_encoders = trained[0], trained[1:] or models.text_encoders
-    start_step, dataloader = start_checkpointing(accelerator, args, dataloader)
+        dataloader = make_dataloader(instance_images, instance_prompts, class_images, args, accelerator.num_processes,
+                                     cached=models.latent_cache is not None)
+        learning_rates = effective_learning_rates(args, accelerator.num_processes)
+        if args.scale_lr:
+            accelerator.print(f"--scale_lr: learning rates x {learning_rates[0] / args.learning_rate:g} -> "
+                              f"{learning_rates[0]:g} (UNet), {learning_rates[1]:g} (text encoders)")
+        optimizer = make_optimizer(trained, args, learning_rates)
+        lr_scheduler = make_lr_scheduler(optimizer, args, accelerator.num_processes)
+        *trained, optimizer, dataloader, lr_scheduler = accelerator.prepare(*trained, optimizer, dataloader,
+                                                                           lr_scheduler)
+        models.unet, models.text_encoders = trained[0], trained[1:] or models.text_encoders
+        start_step, dataloader = start_checkpointing(accelerator, args, dataloader)
 
-    accelerator.init_trackers("dreambooth-lora-ssd1b", config={k: v for k, v in vars(args).items()
-                                                               if isinstance(v, (int, float, str, bool))})
-    effective = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    accelerator.print(f"{len(instance_images)} instance photos, {len(class_images or [])} class images; "
-                      f"{args.max_train_steps} steps, effective batch {effective} = {args.train_batch_size} per "
-                      f"device x {accelerator.num_processes} processes x {args.gradient_accumulation_steps} "
-                      f"accumulation; loading took {clock.phases['load']:.1f} s")
-    train(accelerator, models, trained, optimizer, lr_scheduler, dataloader, args, start_step, clock)
-    report(accelerator, clock, args, start_step)
-    accelerator.end_training()
+        accelerator.init_trackers("dreambooth-lora-ssd1b", config={k: v for k, v in vars(args).items()
+                                                                   if isinstance(v, (int, float, str, bool))})
+        effective = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+        accelerator.print(f"{len(instance_images)} instance photos, {len(class_images or [])} class images; "
+                          f"{args.max_train_steps} steps, effective batch {effective} = {args.train_batch_size} per "
+                          f"device x {accelerator.num_processes} processes x {args.gradient_accumulation_steps} "
+                          f"accumulation; loading took {clock.phases['load']:.1f} s")
+        train(accelerator, models, trained, optimizer, lr_scheduler, dataloader, args, start_step, clock)
+        report(accelerator, clock, args, start_step)
+        accelerator.end_training()
 
 
 if __name__ == "__main__":

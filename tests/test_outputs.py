@@ -1,4 +1,11 @@
-"""Outputs a user can hand on: the model card, the kohya file, and the validation grid."""
+"""Outputs a user can hand on: the model card, the kohya file, and the validation grid; and the output dir that
+one trainer holds at a time."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -79,3 +86,42 @@ def test_rerun_into_a_finished_output_dir_offers_resume_or_overwrite(shared_run,
     with pytest.raises(trainer.UserError, match=r"already holds adapters \(step2\); continue that run with "
                                                 r"--resume_from_checkpoint latest.*--overwrite_output_dir"):
         run_trainer(*tiny_args(tiny_model, photos, shared_run))
+
+
+def test_a_second_trainer_on_the_same_output_dir_is_refused_naming_the_holder(tiny_model, photos, tmp_path):
+    out = tmp_path / "out"
+    with trainer.hold_output_dir(out):
+        lock = json.loads((out / trainer.LOCK_FILE).read_text())
+        assert lock["pid"] == os.getpid() and lock["host"] == socket.gethostname()
+        with pytest.raises(trainer.UserError, match=rf"{out} is in use by the trainer with PID {os.getpid()} on "
+                                                    rf"{socket.gethostname()} .*delete {out / trainer.LOCK_FILE} if"):
+            run_trainer(*tiny_args(tiny_model, photos, out, "--max_train_steps", 1, "--optimizer", "adamw"))
+        assert not list(out.glob("step*")), "the refused trainer wrote nothing"
+    assert not (out / trainer.LOCK_FILE).exists(), "released at exit"
+
+
+def test_a_lock_left_by_a_dead_trainer_is_taken_over_and_released(tiny_model, photos, tmp_path, capsys):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / trainer.LOCK_FILE).write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
+    run_trainer(*tiny_args(tiny_model, photos, out, "--max_train_steps", 1, "--optimizer", "adamw"))
+    assert f"the trainer that held it (PID {dead.pid}) is gone; taking it over" in capsys.readouterr().err
+    assert (out / "step0" / trainer.LORA_FILE).is_file() and not (out / trainer.LOCK_FILE).exists()
+
+
+def test_a_lock_held_on_another_host_is_never_taken_over(tmp_path):
+    (tmp_path / trainer.LOCK_FILE).write_text(json.dumps({"pid": 1, "host": "elsewhere", "started": "today"}))
+    with pytest.raises(trainer.UserError, match="in use by the trainer with PID 1 on elsewhere"):
+        with trainer.hold_output_dir(tmp_path):
+            pass
+    assert (tmp_path / trainer.LOCK_FILE).exists(), "another machine's lock stays"
+
+
+def test_a_refused_run_leaves_no_empty_output_dir(tmp_path):
+    with pytest.raises(trainer.UserError, match="no images in"):
+        (tmp_path / "empty").mkdir()
+        trainer.main(["--instance_dir", str(tmp_path / "empty"), "--instance_prompt", "a photo of sks dog",
+                      "--output_dir", str(tmp_path / "out"), "--optimizer", "adamw"])
+    assert not (tmp_path / "out").exists()
