@@ -436,12 +436,31 @@ def process_alive(pid):
     return True
 
 
+def save_was_cut_short(step_dir, resume_state):
+    """Adapters published just before a kill, whose state-stepN never was: the same run (its recorded settings
+    are the resumed state's), so resuming remakes them exactly."""
+    if (step_dir.parent / f"{STATE_PREFIX}{step_dir.name}" / TRAINER_STATE).is_file():
+        return False
+    try:
+        theirs = json.loads((step_dir / SETTINGS_FILE).read_text())
+        ours = json.loads((resume_state / TRAINER_STATE).read_text())["settings"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    ignored = ("step", "max_train_steps", "resume_from_checkpoint", "overwrite_output_dir")
+    return all(theirs.get(k) == v for k, v in ours.items() if k not in ignored)
+
+
 def check_output_dir(output_dir, overwrite, resume_state):
     """Refuse to replace another run's adapters silently, and prove the folder is writable."""
     output_dir = Path(output_dir)
     finished = finished_adapters(output_dir)
     if resume_state is not None:  # resuming: only adapters beyond the resumed step would be replaced
-        later = [p.name for p in finished if step_of(p) > step_of(resume_state)]
+        later = [p for p in finished if step_of(p) > step_of(resume_state)]
+        remade = [p for p in later if save_was_cut_short(p, resume_state)]
+        if remade:
+            say(f"{', '.join(p.name for p in remade)} of this run lost its resumable state to an interrupted save; "
+                "resuming makes it again")
+        later = [p.name for p in later if p not in remade]
         if later and not overwrite:
             raise UserError(f"resuming from {resume_state.name} would replace later adapters ({', '.join(later)}) "
                             f"in {output_dir}: resume from 'latest', or pass --overwrite_output_dir")
@@ -1489,10 +1508,11 @@ def save_checkpoint(accelerator, trained, args, step):
                                      kohya=args.output_kohya_format)
             tqdm.write(f"saved adapters to {step_dir}")
         save_resumable_state(accelerator, args.output_dir, step, settings)
-    except OSError as e:
+    except Exception as e:  # OSError, and safetensors' own error for a full disk
         if accelerator.is_main_process:
             remove_partial_dirs(args.output_dir)  # frees the space a full disk needs back
-        raise UserError(f"could not save step {step} in {args.output_dir}: {e.strerror or e}; earlier checkpoints "
+        reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
+        raise UserError(f"could not save step {step} in {args.output_dir}: {reason}; earlier checkpoints "
                         "are intact. Free some space (or fix the folder), then resume with "
                         "--resume_from_checkpoint latest") from None
     if accelerator.is_main_process and args.checkpoints_total_limit:

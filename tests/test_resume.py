@@ -133,6 +133,42 @@ def test_failure_in_the_middle_of_a_save_leaves_no_complete_looking_folder(tiny_
     assert not list((tmp_path / "out").glob(".*.partial")), "leftovers of the crash are cleaned up"
 
 
+@pytest.mark.parametrize("where", ["adapters", "state"])
+def test_a_full_disk_in_any_file_of_a_save_cleans_up_and_says_how_to_resume(tiny_model, photos, tmp_path,
+                                                                              monkeypatch, where):
+    # safetensors reports a full disk with its own error type, not OSError
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    real = safetensors.torch.save_file
+
+    def full_disk(tensors, filename, *args, **kwargs):
+        in_state = "state-step1" in str(filename)
+        if "step1" in str(filename) and in_state == (where == "state"):
+            raise SafetensorError("No space left on device (os error 28)")
+        return real(tensors, filename, *args, **kwargs)
+
+    argv = tiny_args(tiny_model, photos, tmp_path / "out", "--max_train_steps", 3, "--checkpointing_steps", 1,
+                     "--optimizer", "adamw")
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with pytest.raises(trainer.UserError, match=r"could not save step 2 in .*: No space left on device \(os error "
+                                                r"28\); earlier checkpoints are intact.*resume_from_checkpoint latest"):
+        run_trainer(*argv)
+    assert not list((tmp_path / "out").glob(".*.partial")), "the half-written folder is gone from the full disk"
+    assert trainer.find_resume_state(tmp_path / "out", "latest").name == "state-step0"
+    # "state": step1's adapters were published, its state was not (as after a kill between the two)
+    assert (tmp_path / "out" / "step1").is_dir() == (where == "state")
+    monkeypatch.setattr(safetensors.torch, "save_file", real)
+    run_trainer(*argv, "--resume_from_checkpoint", "latest")
+    run_trainer(*tiny_args(tiny_model, photos, tmp_path / "plain", "--max_train_steps", 3, "--checkpointing_steps", 1,
+                           "--optimizer", "adamw"))
+    for name in ["step1", "step2"]:
+        resumed, plain = load_file(tmp_path / "out" / name / trainer.LORA_FILE), load_file(
+            tmp_path / "plain" / name / trainer.LORA_FILE)
+        for key in plain:
+            torch.testing.assert_close(resumed[key], plain[key], rtol=0, atol=1e-6)
+
+
 def test_checkpoints_total_limit_keeps_newest_states_and_every_adapter(tiny_model, photos, tmp_path):
     run_trainer(*tiny_args(tiny_model, photos, tmp_path / "out", "--max_train_steps", 4, "--checkpointing_steps", 1,
                            "--checkpoints_total_limit", 2, "--optimizer", "adamw"))
