@@ -101,13 +101,79 @@ def check_versions(packages):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def parse_args(argv=None):
+INF = math.inf
+# Every numeric flag's valid values: (low, high, which ends are included, an example that a refusal offers).
+# Checked before any model loads; floats must also be finite, and None (a flag left unset) is always allowed.
+# Each flag's --help states its range. A numeric flag without a row here fails tests/test_cli.py.
+FLAG_RANGES = {
+    "resolution": (8, 4096, "[]", 1024),  # and a multiple of 8; SDXL-family models are trained at 1024
+    "train_batch_size": (1, INF, "[)", 1),
+    "dataloader_num_workers": (0, INF, "[)", 0),
+    "num_class_images": (1, INF, "[)", 100),
+    "prior_loss_weight": (0, INF, "[)", 1.0),
+    "sample_batch_size": (1, INF, "[)", 4),
+    "rank": (1, INF, "[)", 8),
+    "lora_alpha": (1, INF, "[)", 8),  # 0 would switch LoRA off, a negative one flip its sign
+    "lora_dropout": (0, 1, "[)", 0.0),
+    "text_encoder_lr": (0, INF, "()", 5e-6),
+    "learning_rate": (0, INF, "()", 1e-4),
+    "adam_beta1": (0, 1, "[)", 0.9),  # torch's AdamW refuses betas outside [0, 1)
+    "adam_beta2": (0, 1, "[)", 0.999),
+    "adam_weight_decay": (0, INF, "[)", 1e-4),
+    "adam_epsilon": (0, INF, "()", 1e-8),
+    "max_grad_norm": (0, INF, "()", 1.0),
+    "lr_warmup_steps": (0, INF, "[)", 0),  # and at most --max_train_steps
+    "max_train_steps": (1, INF, "[)", 500),
+    "gradient_accumulation_steps": (1, INF, "[)", 1),
+    "snr_gamma": (0, INF, "()", 5.0),
+    "noise_offset": (0, 1, "[]", 0.1),  # in noise standard deviations: beyond 1 the offset drowns the noise
+    "seed": (0, 2**32 - 1, "[]", 0),  # numpy's seed range: accelerate's set_seed seeds numpy too
+    "num_validation_images": (1, INF, "[)", 4),
+    "validation_steps": (1, INF, "[)", 100),
+    "validation_inference_steps": (1, INF, "[)", 50),
+    "logging_steps": (1, INF, "[)", 10),
+    "peak_tflops": (0, INF, "()", 989),
+    "checkpointing_steps": (1, INF, "[)", 100),
+    "checkpoints_total_limit": (1, INF, "[)", 3),
+}
+
+
+def describe_range(low, high, ends):
+    """A range as --help and refusals say it: 'at least 1', 'above 0', 'in [0, 1)'."""
+    if high == INF:
+        return f"at least {low}" if ends[0] == "[" else f"above {low}"
+    return f"in {ends[0]}{low}, {high}{ends[1]}"
+
+
+def check_range(name, value):
+    """Refuse a number outside its flag's FLAG_RANGES row, and nan or inf anywhere; None means unset."""
+    if value is None:
+        return
+    low, high, ends, example = FLAG_RANGES[name]
+    finite = math.isfinite(value)
+    above_low = low <= value if ends[0] == "[" else low < value
+    below_high = value <= high if ends[1] == "]" else value < high
+    if not (finite and above_low and below_high):
+        raise UserError(f"--{name} must be {'' if finite else 'finite and '}{describe_range(low, high, ends)} "
+                        f"(got {value}), e.g. --{name} {example}")
+
+
+def make_parser():
+    """Every flag; a numeric one's --help ends with its range from FLAG_RANGES."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_data_flags(p)
     add_training_flags(p)
     add_output_flags(p)
+    for action in p._actions:
+        if action.dest in FLAG_RANGES:
+            valid = describe_range(*FLAG_RANGES[action.dest][:3])
+            action.help = f"{action.help}; {valid}" if action.help else valid
+    return p
+
+
+def parse_args(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = p.parse_args(argv)
+    args = make_parser().parse_args(argv)
     args.argv = argv  # to print the exact command that resumes an interrupted run
     check_args(args)
     return args
@@ -127,7 +193,7 @@ def add_data_flags(p):
     g.add_argument("--instance_prompt", required=True, help='e.g. "a photo of sks dog"')
     g.add_argument("--caption_extension", default=".txt",
                    help="photo.txt beside photo.jpg replaces the instance prompt for that photo")
-    g.add_argument("--resolution", type=int, default=1024)
+    g.add_argument("--resolution", type=int, default=1024, help="a multiple of 8")
     g.add_argument("--center_crop", action="store_true", help="default: a random crop, drawn anew every time")
     g.add_argument("--random_flip", action="store_true")
     g.add_argument("--train_batch_size", type=int, default=1)
@@ -164,7 +230,7 @@ def add_training_flags(p):
     g.add_argument("--lr_scheduler", default="constant",
                    choices=["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
                             "polynomial"])
-    g.add_argument("--lr_warmup_steps", type=int, default=0)
+    g.add_argument("--lr_warmup_steps", type=int, default=0, help="at most --max_train_steps")
     g.add_argument("--max_train_steps", type=int, default=500)
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)
     g.add_argument("--gradient_checkpointing", action="store_true")
@@ -176,7 +242,7 @@ def add_training_flags(p):
     g.add_argument("--snr_gamma", type=float, default=None,
                    help="min-SNR weighting, 5.0 is the paper's choice; it weights the class half too (diffusers' "
                         "script: only the instance half), so --prior_loss_weight means the same at every timestep")
-    g.add_argument("--noise_offset", type=float, default=0.0)
+    g.add_argument("--noise_offset", type=float, default=0.0, help="e.g. 0.1")
     g.add_argument("--seed", type=int, default=0)
 
 
@@ -208,31 +274,19 @@ def add_output_flags(p):
 
 def check_args(args):
     """Every check of the flags on their own, in one place; raises UserError naming the fix."""
+    check_numbers(args)
     if args.with_prior_preservation and not args.class_prompt:
         raise UserError("--with_prior_preservation needs --class_prompt, e.g. --class_prompt 'a photo of dog'")
-    if args.resolution <= 0 or args.resolution % 8:
-        raise UserError(f"--resolution {args.resolution} must be a positive multiple of 8, e.g. 1024")
     for name in ["validation_steps", "num_validation_images"]:
         if getattr(args, name) is not None and not args.validation_prompt:
             raise UserError(f"--{name} needs --validation_prompt, e.g. --validation_prompt 'a photo of sks dog "
                             "in a bucket'")
-    args.validation_steps = args.validation_steps or 100
-    args.num_validation_images = args.num_validation_images or 4
+    if args.validation_steps is None:
+        args.validation_steps = 100
+    if args.num_validation_images is None:
+        args.num_validation_images = 4
     if not args.caption_extension.startswith("."):
         args.caption_extension = f".{args.caption_extension}"
-    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
-        raise UserError(f"--checkpoints_total_limit must be at least 1 (got {args.checkpoints_total_limit})")
-    positive = ["rank", "max_train_steps", "logging_steps", "train_batch_size", "gradient_accumulation_steps",
-                "checkpointing_steps", "validation_steps", "num_validation_images", "validation_inference_steps",
-                "num_class_images", "sample_batch_size"]
-    for name in positive:
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name} must be at least 1 (got {getattr(args, name)})")
-    for name in ["learning_rate", "text_encoder_lr"]:
-        if getattr(args, name) <= 0:
-            raise UserError(f"--{name} must be above 0 (got {getattr(args, name)})")
-    if not 0 <= args.lora_dropout < 1:
-        raise UserError(f"--lora_dropout must be in [0, 1) (got {args.lora_dropout})")
     if args.lora_alpha is None:
         args.lora_alpha = args.rank
     if args.pretrained_vae_model_name_or_path in ("", "none", "None"):
@@ -241,6 +295,18 @@ def check_args(args):
         args.output_dir = f"work_dirs/ssd_1b_dreambooth_lora_{Path(args.instance_dir.rstrip('/')).name}"
     if args.class_dir is None:
         args.class_dir = str(Path(args.output_dir) / "class_images")
+
+
+def check_numbers(args):
+    """Every numeric flag within its FLAG_RANGES row, then the rules that tie two of them together."""
+    for name in FLAG_RANGES:
+        check_range(name, getattr(args, name))
+    if args.resolution % 8:
+        raise UserError(f"--resolution {args.resolution} must be a positive multiple of 8, e.g. 1024")
+    if args.lr_warmup_steps > args.max_train_steps:
+        raise UserError(f"--lr_warmup_steps {args.lr_warmup_steps} is more than --max_train_steps "
+                        f"{args.max_train_steps}: the run would end still warming up; pass --lr_warmup_steps "
+                        f"{args.max_train_steps} or less, or a larger --max_train_steps")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -170,3 +170,81 @@ def test_infer_and_evaluate_refuse_a_broken_install_first(monkeypatch, tmp_path,
                          "--class_noun", "dog", "--subject_kind", "live", "--output_dir", str(tmp_path / "eval")]}[script]
     with pytest.raises(trainer.UserError, match=re.escape("run pip install 'transformers>=4.43,<5.24'")):
         importlib.import_module(script).main(argv)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Numeric flags: each has a stated range, checked before any model loads
+# ----------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("extra, message", [
+    (["--resolution", "-8"], "--resolution must be in [8, 4096] (got -8)"),
+    (["--resolution", "8192"], "--resolution must be in [8, 4096] (got 8192)"),
+    (["--train_batch_size", "0"], "--train_batch_size must be at least 1 (got 0)"),
+    (["--dataloader_num_workers", "-1"], "--dataloader_num_workers must be at least 0 (got -1)"),
+    (["--num_class_images", "0"], "--num_class_images must be at least 1 (got 0)"),
+    (["--prior_loss_weight", "-1"], "--prior_loss_weight must be at least 0 (got -1.0)"),
+    (["--prior_loss_weight", "nan"], "--prior_loss_weight must be finite and at least 0 (got nan)"),
+    (["--sample_batch_size", "0"], "--sample_batch_size must be at least 1 (got 0)"),
+    (["--rank", "-1"], "--rank must be at least 1 (got -1)"),
+    (["--lora_alpha", "0"], "--lora_alpha must be at least 1 (got 0)"),
+    (["--lora_dropout", "nan"], "--lora_dropout must be finite and in [0, 1) (got nan)"),
+    (["--text_encoder_lr", "nan"], "--text_encoder_lr must be finite and above 0 (got nan)"),
+    (["--learning_rate", "nan"], "--learning_rate must be finite and above 0 (got nan)"),
+    (["--learning_rate", "inf"], "--learning_rate must be finite and above 0 (got inf)"),
+    (["--learning_rate", "1e400"], "--learning_rate must be finite and above 0 (got inf)"),
+    (["--adam_beta1", "2"], "--adam_beta1 must be in [0, 1) (got 2.0)"),
+    (["--adam_beta1", "-0.1"], "--adam_beta1 must be in [0, 1) (got -0.1)"),
+    (["--adam_beta2", "1"], "--adam_beta2 must be in [0, 1) (got 1.0)"),
+    (["--adam_weight_decay", "-0.01"], "--adam_weight_decay must be at least 0 (got -0.01)"),
+    (["--adam_weight_decay", "inf"], "--adam_weight_decay must be finite and at least 0 (got inf)"),
+    (["--adam_epsilon", "0"], "--adam_epsilon must be above 0 (got 0.0)"),
+    (["--adam_epsilon=-1e-8"], "--adam_epsilon must be above 0 (got -1e-08)"),
+    (["--max_grad_norm", "0"], "--max_grad_norm must be above 0 (got 0.0)"),
+    (["--max_grad_norm", "-1"], "--max_grad_norm must be above 0 (got -1.0)"),
+    (["--max_grad_norm", "nan"], "--max_grad_norm must be finite and above 0 (got nan)"),
+    (["--lr_warmup_steps", "-1"], "--lr_warmup_steps must be at least 0 (got -1)"),
+    (["--max_train_steps", "-5"], "--max_train_steps must be at least 1 (got -5)"),
+    (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps must be at least 1 (got 0)"),
+    (["--snr_gamma", "0"], "--snr_gamma must be above 0 (got 0.0)"),
+    (["--snr_gamma", "-5"], "--snr_gamma must be above 0 (got -5.0)"),
+    (["--snr_gamma", "inf"], "--snr_gamma must be finite and above 0 (got inf)"),
+    (["--noise_offset", "-0.1"], "--noise_offset must be in [0, 1] (got -0.1)"),
+    (["--noise_offset", "nan"], "--noise_offset must be finite and in [0, 1] (got nan)"),
+    (["--seed", "-1"], "--seed must be in [0, 4294967295] (got -1)"),
+    (["--seed", str(2**32)], "--seed must be in [0, 4294967295] (got 4294967296)"),
+    (["--validation_inference_steps", "0"], "--validation_inference_steps must be at least 1 (got 0)"),
+    (["--logging_steps", "0"], "--logging_steps must be at least 1 (got 0)"),
+    (["--peak_tflops", "0"], "--peak_tflops must be above 0 (got 0.0)"),
+    (["--peak_tflops", "-989"], "--peak_tflops must be above 0 (got -989.0)"),
+    (["--checkpointing_steps", "0"], "--checkpointing_steps must be at least 1 (got 0)"),
+    (["--checkpoints_total_limit", "0"], "--checkpoints_total_limit must be at least 1 (got 0)"),
+    (["--lr_warmup_steps", "600", "--max_train_steps", "500"],
+     "--lr_warmup_steps 600 is more than --max_train_steps 500"),
+])
+def test_numbers_out_of_range_are_refused(args_for, extra, message):
+    with pytest.raises(trainer.UserError, match=re.escape(message)) as refused:
+        check(args_for(*extra))
+    assert "\n" not in str(refused.value), "one line"
+    assert re.search(r"(e\.g\.|pass) --", str(refused.value)), "naming a valid value"
+
+
+def test_every_numeric_flag_has_a_range_and_says_it_in_help():
+    parser = trainer.make_parser()
+    numeric = {action.dest: action for action in parser._actions if action.type in (int, float)}
+    assert set(numeric) == set(trainer.FLAG_RANGES), "a new numeric flag needs a row in FLAG_RANGES"
+    for name, action in numeric.items():
+        assert trainer.describe_range(*trainer.FLAG_RANGES[name][:3]) in action.help, name
+    for name, (_, _, _, example) in trainer.FLAG_RANGES.items():  # the example each refusal offers is valid
+        trainer.check_range(name, numeric[name].type(example))
+
+
+def test_the_edges_of_each_range_are_accepted(args_for):
+    check(args_for("--adam_beta1", "0", "--noise_offset", "1", "--prior_loss_weight", "0", "--lr_warmup_steps",
+                   "500", "--max_train_steps", "500", "--dataloader_num_workers", "0", "--seed", str(2**32 - 1),
+                   "--resolution", "8", "--adam_weight_decay", "0", "--lora_alpha", "1"))
+
+
+@pytest.mark.parametrize("flag", ["--validation_steps", "--num_validation_images"])
+def test_zero_validation_counts_are_refused_not_replaced_by_the_default(args_for, flag):
+    with pytest.raises(trainer.UserError, match=re.escape(f"{flag} must be at least 1 (got 0)")):
+        check(args_for("--validation_prompt", "a photo of sks dog in a bucket", flag, "0"))
