@@ -285,8 +285,7 @@ def check_args(args):
         args.validation_steps = 100
     if args.num_validation_images is None:
         args.num_validation_images = 4
-    if not args.caption_extension.startswith("."):
-        args.caption_extension = f".{args.caption_extension}"
+    args.caption_extension = caption_suffix(args.caption_extension)
     if args.lora_alpha is None:
         args.lora_alpha = args.rank
     if args.pretrained_vae_model_name_or_path in ("", "none", "None"):
@@ -307,6 +306,17 @@ def check_numbers(args):
         raise UserError(f"--lr_warmup_steps {args.lr_warmup_steps} is more than --max_train_steps "
                         f"{args.max_train_steps}: the run would end still warming up; pass --lr_warmup_steps "
                         f"{args.max_train_steps} or less, or a larger --max_train_steps")
+
+
+def caption_suffix(extension):
+    """--caption_extension as the suffix read_captions puts on each photo's name: 'txt' means '.txt'."""
+    suffix = extension if extension.startswith(".") else f".{extension}"
+    try:
+        Path("photo").with_suffix(suffix)  # the call read_captions makes: refuse now what it would refuse then
+    except ValueError:
+        raise UserError(f"--caption_extension {extension!r} is not a file name suffix: pass one like .txt, the "
+                        "ending of photo.txt beside photo.jpg") from None
+    return suffix
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -248,3 +248,10 @@ def test_the_edges_of_each_range_are_accepted(args_for):
 def test_zero_validation_counts_are_refused_not_replaced_by_the_default(args_for, flag):
     with pytest.raises(trainer.UserError, match=re.escape(f"{flag} must be at least 1 (got 0)")):
         check(args_for("--validation_prompt", "a photo of sks dog in a bucket", flag, "0"))
+
+
+@pytest.mark.parametrize("extension", ["", ".", "/x", ".a/b"])
+def test_caption_extension_that_is_no_suffix_is_refused(args_for, extension):
+    with pytest.raises(trainer.UserError, match=re.escape(f"--caption_extension {extension!r} is not a file name "
+                                                          "suffix: pass one like .txt")):
+        check(args_for("--caption_extension", extension))
