@@ -332,6 +332,7 @@ def resolve_instance_dir(name, revision=None):
     """A local folder as it is; a hub dataset id (e.g. diffusers/dog-example) is fetched with huggingface_hub."""
     if Path(name).is_dir():
         return Path(name)
+    refuse_file_as_folder(name, "--instance_dir", "pass the folder that holds the photos")
     if not looks_like_hub_id(name):
         raise UserError(f"instance folder {name} does not exist: pass --instance_dir a folder of 3-20 photos")
     from huggingface_hub import snapshot_download
@@ -341,6 +342,12 @@ def resolve_instance_dir(name, revision=None):
     except Exception as e:  # offline, missing, gated: all have the same fixes
         raise UserError(f"cannot fetch dataset {name} ({type(e).__name__}): pass a local folder of photos, "
                         "or set HF_HUB_OFFLINE=1 once it is cached, or log in with `hf auth login`") from None
+
+
+def refuse_file_as_folder(path, flag, fix):
+    """A file given where a folder belongs is named as one, rather than as missing or by a later OS error."""
+    if Path(path).exists() and not Path(path).is_dir():
+        raise UserError(f"{flag} {path} is a file, not a folder: {fix}")
 
 
 def list_images(folder):
@@ -507,6 +514,8 @@ def check_inputs(args):
         warn(f"subfolders of {instance_dir} are ignored: {', '.join(sorted(subfolders))}")
     check_images(instance_images, "instance", args.resolution)
     instance_prompts = read_captions(instance_images, args.instance_prompt, args.caption_extension)
+    if args.with_prior_preservation:
+        refuse_file_as_folder(args.class_dir, "--class_dir", "pass a folder for the class images (made if missing)")
     if args.with_prior_preservation and Path(args.class_dir).is_dir():
         check_images(list_images(args.class_dir), "class", args.resolution)
     check_model_source(args.pretrained_model_name_or_path, "model_index.json",
@@ -514,6 +523,7 @@ def check_inputs(args):
     if args.pretrained_vae_model_name_or_path:
         check_model_source(args.pretrained_vae_model_name_or_path, "config.json",
                            "--pretrained_vae_model_name_or_path")
+    refuse_file_as_folder(args.output_dir, "--output_dir", "choose another --output_dir")
     remove_partial_dirs(args.output_dir)
     args.resume_state = check_resume(args)
     check_output_dir(args.output_dir, args.overwrite_output_dir, args.resume_state)

@@ -255,3 +255,15 @@ def test_caption_extension_that_is_no_suffix_is_refused(args_for, extension):
     with pytest.raises(trainer.UserError, match=re.escape(f"--caption_extension {extension!r} is not a file name "
                                                           "suffix: pass one like .txt")):
         check(args_for("--caption_extension", extension))
+
+
+def test_a_file_where_a_folder_belongs_is_named_as_a_file(args_for, tmp_path):
+    (tmp_path / "a-file").write_text("not a folder")
+    with pytest.raises(trainer.UserError, match="--instance_dir .*a-file is a file, not a folder: pass"):
+        check(args_for(instance_dir=tmp_path / "a-file"))
+    with pytest.raises(trainer.UserError, match="--class_dir .*a-file is a file, not a folder: pass"):
+        check(args_for("--with_prior_preservation", "--class_prompt", "a photo of dog", "--class_dir",
+                       tmp_path / "a-file"))
+    with pytest.raises(trainer.UserError, match="--output_dir .*a-file is a file, not a folder: choose"):
+        check(args_for("--output_dir", tmp_path / "a-file"))
+    assert (tmp_path / "a-file").read_text() == "not a folder"
