@@ -351,9 +351,27 @@ def refuse_file_as_folder(path, flag, fix):
 
 
 def list_images(folder):
-    """Image files of a folder, sorted; hidden files, other files and subfolders are skipped."""
-    return sorted(p for p in Path(folder).iterdir()
-                  if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS)
+    """Image files of a folder, sorted; hidden files, other files, subfolders and broken symlinks are skipped."""
+    return sorted(p for p in Path(folder).iterdir() if not p.name.startswith(".")
+                  and p.suffix.lower() in IMAGE_EXTENSIONS and not points_nowhere(p) and p.is_file())
+
+
+def points_nowhere(path):
+    """A symlink whose target is gone, or a loop of symlinks. Asked before is_file(), which raises OSError on a
+    loop on some Pythons."""
+    try:
+        path.stat()
+    except OSError:
+        return path.is_symlink()
+    return False
+
+
+def warn_broken_links(folder, what):
+    """Name the symlinks that list_images skips: each may be a photo the user meant to train on."""
+    broken = sorted(p.name for p in Path(folder).iterdir() if not p.name.startswith(".") and points_nowhere(p))
+    if broken:
+        warn(f"{len(broken)} broken symlink(s) in the {what} folder {folder} are skipped (the target is missing, "
+             f"or the links loop): {', '.join(broken)}")
 
 
 def say(message):
@@ -506,10 +524,12 @@ def check_same_schedule(state, saved, args):
 def check_inputs(args):
     """Everything that can be checked before a model loads. Returns the instance photos and their prompts."""
     instance_dir = resolve_instance_dir(args.instance_dir)
+    warn_broken_links(instance_dir, "instance")
     instance_images = list_images(instance_dir)
     if not instance_images:
         raise UserError(f"no images in {instance_dir}: add 3-20 photos (jpg, png, webp, ...) of the subject")
-    subfolders = [p.name for p in instance_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    subfolders = [p.name for p in instance_dir.iterdir()
+                  if not p.name.startswith(".") and not points_nowhere(p) and p.is_dir()]
     if subfolders:
         warn(f"subfolders of {instance_dir} are ignored: {', '.join(sorted(subfolders))}")
     check_images(instance_images, "instance", args.resolution)
@@ -517,6 +537,7 @@ def check_inputs(args):
     if args.with_prior_preservation:
         refuse_file_as_folder(args.class_dir, "--class_dir", "pass a folder for the class images (made if missing)")
     if args.with_prior_preservation and Path(args.class_dir).is_dir():
+        warn_broken_links(args.class_dir, "class")
         check_images(list_images(args.class_dir), "class", args.resolution)
     check_model_source(args.pretrained_model_name_or_path, "model_index.json",
                        "--pretrained_model_name_or_path", args.revision)

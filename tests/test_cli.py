@@ -1,7 +1,9 @@
 """Bad input: one line that names the problem and the fix, before any model loads; never a traceback."""
 
+import errno
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -267,3 +269,32 @@ def test_a_file_where_a_folder_belongs_is_named_as_a_file(args_for, tmp_path):
     with pytest.raises(trainer.UserError, match="--output_dir .*a-file is a file, not a folder: choose"):
         check(args_for("--output_dir", tmp_path / "a-file"))
     assert (tmp_path / "a-file").read_text() == "not a folder"
+
+
+def folder_with_broken_links(folder, photos):
+    """A copy of the demo photos plus a dangling symlink and a symlink loop, both named like photos."""
+    shutil.copytree(photos, folder)
+    (folder / "gone.jpg").symlink_to(folder / "deleted.jpg")
+    (folder / "loop.jpg").symlink_to(folder / "loop.jpg")
+    return folder
+
+
+@pytest.mark.parametrize("is_file_raises", [False, True])
+def test_broken_symlinks_among_the_photos_are_named_not_dropped_silently(args_for, photos, tmp_path, capsys,
+                                                                         monkeypatch, is_file_raises):
+    if is_file_raises:  # as Path.is_file() does on a symlink loop on some Pythons
+        real_is_file = Path.is_file
+
+        def is_file(path):
+            if path.name == "loop.jpg":
+                raise OSError(errno.ELOOP, "Too many levels of symbolic links", str(path))
+            return real_is_file(path)
+        monkeypatch.setattr(Path, "is_file", is_file)
+    instance = folder_with_broken_links(tmp_path / "instance", photos)
+    classes = folder_with_broken_links(tmp_path / "classes", photos)
+    images, _ = check(args_for("--with_prior_preservation", "--class_prompt", "a photo of dog", "--class_dir",
+                               classes, instance_dir=instance))
+    assert [p.name for p in images] == sorted(p.name for p in photos.iterdir())
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "symlink" in line]
+    assert len(warnings) == 2 and all("gone.jpg" in line and "loop.jpg" in line for line in warnings), warnings
+    assert str(instance) in warnings[0] and str(classes) in warnings[1]
