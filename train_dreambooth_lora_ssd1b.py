@@ -39,6 +39,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as installed_version
 from pathlib import Path
@@ -57,6 +58,11 @@ SETTINGS_FILE = "run_settings.json"
 KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"
 STATE_PREFIX = "state-"  # output_dir/state-stepN: accelerate's resumable state beside stepN's adapters
 TRAINER_STATE = "trainer_state.json"  # written last into a state folder: without it, the folder is no state
+# A photo's long side may be at most MAX_ASPECT times its short side. Training resizes it so the short side is
+# --resolution and crops one square, so a longer photo costs memory for pixels no crop shows: a 2x60000 PNG at
+# 1024 would become 1024 x 30.7M pixels (94 GB). With this bound, and --resolution at most 4096, one resized
+# photo is at most 4096 x 32768 RGB (400 MB; 25 MB at 1024); PIL's decompression-bomb limit bounds the decode.
+MAX_ASPECT = 8
 WARMUP_STEPS = 3  # steps left out of the steady-state time per step (allocator, kernels and caches warm up)
 
 
@@ -390,24 +396,42 @@ def oriented_size(image):
     return (width, height) if image.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (height, width)
 
 
+def decoded_size(path):
+    """Decode an image, so a broken one is found now rather than mid-run; its oriented (height, width). Over
+    PIL's decompression-bomb limit it raises DecompressionBombWarning, which PIL itself only warns about."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as image:
+            size = oriented_size(image)
+            image.draft("RGB", (256, 256))  # JPEG: decode at reduced size, enough to prove it decodes
+            image.load()
+    return size
+
+
 def check_images(paths, what, resolution):
-    """Open every image fully, so a broken one is found now rather than mid-run; name every bad file.
-    Warn once, listing them, about images that will be upscaled."""
-    bad, small = [], []
+    """Decode every image and name every bad file at once. Refuse images whose resize would need unbounded
+    memory (see MAX_ASPECT); warn once, listing them, about images that will be upscaled."""
+    bad, huge, small = [], [], []
     for path in paths:
         try:
-            with Image.open(path) as image:
-                height, width = oriented_size(image)
-                image.draft("RGB", (256, 256))  # JPEG: decode at reduced size, enough to prove it decodes
-                image.load()
+            height, width = decoded_size(path)
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+            huge.append(f"{path.name} (over PIL's limit of {Image.MAX_IMAGE_PIXELS} pixels)")
+            continue
         except Exception as e:
             bad.append(f"{path.name} ({type(e).__name__})")
             continue
-        if min(height, width) < resolution:
+        if max(height, width) > MAX_ASPECT * min(height, width):
+            huge.append(f"{path.name} ({width}x{height}: one side over {MAX_ASPECT} times the other)")
+        elif min(height, width) < resolution:
             small.append(f"{path.name} ({width}x{height})")
     if bad:
         raise UserError(f"{len(bad)} unreadable {what} image(s) in {paths[0].parent}: {', '.join(bad)}; "
                         "remove or re-export them")
+    if huge:
+        raise UserError(f"{len(huge)} {what} image(s) in {paths[0].parent} would need too much memory to train on: "
+                        f"{', '.join(huge)}; crop each to at most {MAX_ASPECT}:1 and downscale it below "
+                        f"{Image.MAX_IMAGE_PIXELS} pixels")
     if small:
         warn(f"{len(small)} {what} image(s) have a short side below --resolution {resolution} and will be "
              f"upscaled: {', '.join(small)}")

@@ -298,3 +298,29 @@ def test_broken_symlinks_among_the_photos_are_named_not_dropped_silently(args_fo
     warnings = [line for line in capsys.readouterr().err.splitlines() if "symlink" in line]
     assert len(warnings) == 2 and all("gone.jpg" in line and "loop.jpg" in line for line in warnings), warnings
     assert str(instance) in warnings[0] and str(classes) in warnings[1]
+
+
+def test_a_photo_too_long_to_resize_is_refused_before_any_model_loads(args_for, photos, tmp_path):
+    folder = tmp_path / "strip"
+    shutil.copytree(photos, folder)
+    Image.new("RGB", (2, 60000), "white").save(folder / "strip.png")  # a few hundred bytes on disk
+    Image.new("RGB", (800, 100), "white").save(folder / "banner.png")  # 8:1 is the limit: kept
+    with pytest.raises(trainer.UserError) as refused:  # resized to cover 1024 it would be 1024 x 30.7M pixels: 94 GB
+        check(args_for("--resolution", 1024, instance_dir=folder))
+    assert str(refused.value) == (f"1 instance image(s) in {folder} would need too much memory to train on: strip.png "
+                                  "(2x60000: one side over 8 times the other); crop each to at most 8:1 and "
+                                  f"downscale it below {Image.MAX_IMAGE_PIXELS} pixels")
+
+
+def test_photos_over_pils_decompression_bomb_limit_are_refused_in_one_line(args_for, photos, tmp_path,
+                                                                           monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 30000)  # PIL's own limit, lowered so the test images are small
+    folder = tmp_path / "bombs"
+    shutil.copytree(photos, folder)
+    Image.new("RGB", (200, 200)).save(folder / "warned.png")  # PIL only warns above the limit
+    Image.new("RGB", (300, 300)).save(folder / "refused.png")  # and refuses above twice the limit
+    with pytest.raises(trainer.UserError) as refused:
+        check(args_for(instance_dir=folder))
+    assert str(refused.value) == (f"2 instance image(s) in {folder} would need too much memory to train on: "
+                                  "refused.png (over PIL's limit of 30000 pixels), warned.png (over PIL's limit of "
+                                  "30000 pixels); crop each to at most 8:1 and downscale it below 30000 pixels")
