@@ -474,13 +474,15 @@ def check_model_source(name, filename, flag, revision=None):
 
 
 def step_of(folder):
-    """stepN -> N + 1, the number of optimiser steps behind that folder."""
-    return int(folder.name.removeprefix(STATE_PREFIX)[4:]) + 1
+    """stepN or state-stepN -> N + 1, the number of optimiser steps behind that folder. None for any other name
+    (stepfinal/, a copy the user named): such a folder is not this trainer's, and is left alone."""
+    match = re.fullmatch(rf"(?:{STATE_PREFIX})?step([0-9]+)", Path(folder).name)
+    return int(match[1]) + 1 if match else None
 
 
 def finished_adapters(output_dir):
     """The step dirs of an output dir that hold adapters, oldest first."""
-    return sorted((p.parent for p in Path(output_dir).glob(f"step*/{LORA_FILE}")), key=step_of)
+    return sorted((p.parent for p in Path(output_dir).glob(f"step*/{LORA_FILE}") if step_of(p.parent)), key=step_of)
 
 
 def remove_partial_dirs(output_dir):
@@ -1204,9 +1206,11 @@ def save_resumable_state(accelerator, output_dir, step, settings):
 
 
 def complete_states(output_dir):
-    """Resumable states by step, oldest first; a folder without its trainer_state.json is not one."""
-    states = [p for p in Path(output_dir).glob(f"{STATE_PREFIX}step*") if (p / TRAINER_STATE).is_file()]
-    return sorted(states, key=lambda p: json.loads((p / TRAINER_STATE).read_text())["step"])
+    """Resumable states by step, oldest first; a folder without its trainer_state.json is not one, nor is one
+    not named state-stepN. Sorted by name, which save_resumable_state derives from the step: pruning reads no
+    file that could be damaged."""
+    states = [p for p in Path(output_dir).glob(f"{STATE_PREFIX}step*") if step_of(p) and (p / TRAINER_STATE).is_file()]
+    return sorted(states, key=step_of)
 
 
 def prune_states(output_dir, keep):
@@ -1227,6 +1231,9 @@ def find_resume_state(output_dir, resume):
     if not (path / TRAINER_STATE).is_file():
         raise UserError(f"{resume} is not a resumable checkpoint (no {TRAINER_STATE}): pass a "
                         f"{STATE_PREFIX}stepN folder of the output dir, or 'latest'")
+    if step_of(path) is None:  # its step is read from its name, as for every state of the output dir
+        raise UserError(f"{path} is not named {STATE_PREFIX}stepN, as the trainer names the states it writes: "
+                        f"rename it to {STATE_PREFIX}step<its step - 1>, or pass 'latest'")
     return path
 
 

@@ -1,6 +1,7 @@
 """Bad input: one line that names the problem and the fix, before any model loads; never a traceback."""
 
 import errno
+import json
 import os
 import re
 import shutil
@@ -324,3 +325,22 @@ def test_photos_over_pils_decompression_bomb_limit_are_refused_in_one_line(args_
     assert str(refused.value) == (f"2 instance image(s) in {folder} would need too much memory to train on: "
                                   "refused.png (over PIL's limit of 30000 pixels), warned.png (over PIL's limit of "
                                   "30000 pixels); crop each to at most 8:1 and downscale it below 30000 pixels")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What an earlier run left in the output dir
+# ----------------------------------------------------------------------------------------------------------
+
+def test_folders_not_named_by_the_trainer_are_left_alone(args_for, tmp_path):
+    out = tmp_path / "out"
+    (out / "stepfinal").mkdir(parents=True)
+    (out / "stepfinal" / trainer.LORA_FILE).write_bytes(b"weights")  # e.g. a copy the user made and named
+    (out / "state-stepX").mkdir()
+    (out / "state-stepX" / trainer.TRAINER_STATE).write_text(json.dumps({"step": 3, "settings": {}}))
+    check(args_for())  # neither is the trainer's: a fresh run starts
+    check(args_for("--resume_from_checkpoint", "latest"))  # and 'latest' is neither of them
+    assert trainer.finished_adapters(out) == [] and trainer.complete_states(out) == []
+    with pytest.raises(trainer.UserError, match=re.escape(f"{out / 'state-stepX'} is not named state-stepN")):
+        check(args_for("--resume_from_checkpoint", out / "state-stepX"))
+    assert (out / "stepfinal" / trainer.LORA_FILE).read_bytes() == b"weights"
+
