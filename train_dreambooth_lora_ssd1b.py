@@ -521,7 +521,7 @@ def check_resume(args):
     if state is None:
         say(f"no resumable state in {args.output_dir} yet: starting a new run")
         return None
-    saved = json.loads((state / TRAINER_STATE).read_text())
+    saved = read_trainer_state(state)
     for key in ["pretrained_model_name_or_path", "rank", "lora_alpha", "train_text_encoder"]:
         if saved["settings"].get(key) != getattr(args, key):
             raise UserError(f"{state} was trained with --{key} {saved['settings'].get(key)}, not "
@@ -531,6 +531,21 @@ def check_resume(args):
                         "to extend the run")
     check_same_schedule(state, saved["settings"], args)
     return state
+
+
+def read_trainer_state(state):
+    """A state folder's trainer_state.json: {"step": int, "settings": dict}. Anything else (a truncated copy, an
+    edit) is refused naming the file, rather than resuming from a state whose step is unknown."""
+    file = state / TRAINER_STATE
+    try:
+        saved = json.loads(file.read_text(encoding="utf-8"))
+        valid = isinstance(saved["step"], int) and isinstance(saved["settings"], dict)
+    except (OSError, ValueError, TypeError, KeyError):  # ValueError: not UTF-8 or not JSON; TypeError: not a dict
+        valid = False
+    if not valid:
+        raise UserError(f"{file} is damaged (not the JSON with step and settings that this trainer writes): delete "
+                        f"{state}, or resume from another {STATE_PREFIX}stepN folder")
+    return saved
 
 
 def check_same_schedule(state, saved, args):
@@ -1712,7 +1727,7 @@ def start_checkpointing(accelerator, args, dataloader):
         raise UserError(f"{args.resume_state} holds more than tensors and plain values, so it was not loaded "
                         f"({str(e).splitlines()[0][:120]}); it was not written by this trainer: delete it, or "
                         "resume from another state") from None
-    start_step = json.loads((args.resume_state / TRAINER_STATE).read_text())["step"]
+    start_step = read_trainer_state(args.resume_state)["step"]
     accelerator.print(f"resumed from {args.resume_state} at step {start_step}")
     # sample k is a pure function of (seed, k), so skipping the batches already seen restores the data position
     return start_step, accelerator.skip_first_batches(dataloader, start_step * args.gradient_accumulation_steps)

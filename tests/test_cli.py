@@ -344,3 +344,19 @@ def test_folders_not_named_by_the_trainer_are_left_alone(args_for, tmp_path):
         check(args_for("--resume_from_checkpoint", out / "state-stepX"))
     assert (out / "stepfinal" / trainer.LORA_FILE).read_bytes() == b"weights"
 
+
+@pytest.mark.parametrize("content", [b"{not json", b"", b"\xff\xfe", b"[]", json.dumps({"step": 4}).encode(),
+                                     json.dumps({"settings": {}}).encode(),
+                                     json.dumps({"step": "4", "settings": {}}).encode()])
+def test_a_damaged_trainer_state_is_refused_in_one_line(args_for, tmp_path, content):
+    out = tmp_path / "out"
+    (out / "state-step1").mkdir(parents=True)
+    (out / "state-step1" / trainer.TRAINER_STATE).write_text(json.dumps({"step": 2, "settings": {}}))
+    (out / "state-step3").mkdir()
+    (out / "state-step3" / trainer.TRAINER_STATE).write_bytes(content)  # the newest: what 'latest' picks
+    for resume in ["latest", out / "state-step3"]:
+        with pytest.raises(trainer.UserError) as refused:
+            check(args_for("--resume_from_checkpoint", resume))
+        assert str(refused.value) == (
+            f"{out / 'state-step3' / trainer.TRAINER_STATE} is damaged (not the JSON with step and settings that "
+            f"this trainer writes): delete {out / 'state-step3'}, or resume from another state-stepN folder")
