@@ -40,6 +40,7 @@ import socket
 import sys
 import threading
 import time
+import warnings
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as installed_version
 from pathlib import Path
@@ -59,6 +60,11 @@ KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"
 STATE_PREFIX = "state-"  # output_dir/state-stepN: accelerate's resumable state beside stepN's adapters
 LOCK_FILE = ".lock"  # output_dir/.lock: the PID and host of the trainer that holds the folder
 TRAINER_STATE = "trainer_state.json"  # written last into a state folder: without it, the folder is no state
+# A photo's long side may be at most MAX_ASPECT times its short side. Training resizes it so the short side is
+# --resolution and crops one square, so a longer photo costs memory for pixels no crop shows: a 2x60000 PNG at
+# 1024 would become 1024 x 30.7M pixels (94 GB). With this bound, and --resolution at most 4096, one resized
+# photo is at most 4096 x 32768 RGB (400 MB; 25 MB at 1024); PIL's decompression-bomb limit bounds the decode.
+MAX_ASPECT = 8
 WARMUP_STEPS = 3  # steps left out of the steady-state time per step (allocator, kernels and caches warm up)
 
 
@@ -103,13 +109,79 @@ def check_versions(packages):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def parse_args(argv=None):
+INF = math.inf
+# Every numeric flag's valid values: (low, high, which ends are included, an example that a refusal offers).
+# Checked before any model loads; floats must also be finite, and None (a flag left unset) is always allowed.
+# Each flag's --help states its range. A numeric flag without a row here fails tests/test_cli.py.
+FLAG_RANGES = {
+    "resolution": (8, 4096, "[]", 1024),  # and a multiple of 8; SDXL-family models are trained at 1024
+    "train_batch_size": (1, INF, "[)", 1),
+    "dataloader_num_workers": (0, INF, "[)", 0),
+    "num_class_images": (1, INF, "[)", 100),
+    "prior_loss_weight": (0, INF, "[)", 1.0),
+    "sample_batch_size": (1, INF, "[)", 4),
+    "rank": (1, INF, "[)", 8),
+    "lora_alpha": (1, INF, "[)", 8),  # 0 would switch LoRA off, a negative one flip its sign
+    "lora_dropout": (0, 1, "[)", 0.0),
+    "text_encoder_lr": (0, INF, "()", 5e-6),
+    "learning_rate": (0, INF, "()", 1e-4),
+    "adam_beta1": (0, 1, "[)", 0.9),  # torch's AdamW refuses betas outside [0, 1)
+    "adam_beta2": (0, 1, "[)", 0.999),
+    "adam_weight_decay": (0, INF, "[)", 1e-4),
+    "adam_epsilon": (0, INF, "()", 1e-8),
+    "max_grad_norm": (0, INF, "()", 1.0),
+    "lr_warmup_steps": (0, INF, "[)", 0),  # and at most --max_train_steps
+    "max_train_steps": (1, INF, "[)", 500),
+    "gradient_accumulation_steps": (1, INF, "[)", 1),
+    "snr_gamma": (0, INF, "()", 5.0),
+    "noise_offset": (0, 1, "[]", 0.1),  # in noise standard deviations: beyond 1 the offset drowns the noise
+    "seed": (0, 2**32 - 1, "[]", 0),  # numpy's seed range: accelerate's set_seed seeds numpy too
+    "num_validation_images": (1, INF, "[)", 4),
+    "validation_steps": (1, INF, "[)", 100),
+    "validation_inference_steps": (1, INF, "[)", 50),
+    "logging_steps": (1, INF, "[)", 10),
+    "peak_tflops": (0, INF, "()", 989),
+    "checkpointing_steps": (1, INF, "[)", 100),
+    "checkpoints_total_limit": (1, INF, "[)", 3),
+}
+
+
+def describe_range(low, high, ends):
+    """A range as --help and refusals say it: 'at least 1', 'above 0', 'in [0, 1)'."""
+    if high == INF:
+        return f"at least {low}" if ends[0] == "[" else f"above {low}"
+    return f"in {ends[0]}{low}, {high}{ends[1]}"
+
+
+def check_range(name, value):
+    """Refuse a number outside its flag's FLAG_RANGES row, and nan or inf anywhere; None means unset."""
+    if value is None:
+        return
+    low, high, ends, example = FLAG_RANGES[name]
+    finite = math.isfinite(value)
+    above_low = low <= value if ends[0] == "[" else low < value
+    below_high = value <= high if ends[1] == "]" else value < high
+    if not (finite and above_low and below_high):
+        raise UserError(f"--{name} must be {'' if finite else 'finite and '}{describe_range(low, high, ends)} "
+                        f"(got {value}), e.g. --{name} {example}")
+
+
+def make_parser():
+    """Every flag; a numeric one's --help ends with its range from FLAG_RANGES."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_data_flags(p)
     add_training_flags(p)
     add_output_flags(p)
+    for action in p._actions:
+        if action.dest in FLAG_RANGES:
+            valid = describe_range(*FLAG_RANGES[action.dest][:3])
+            action.help = f"{action.help}; {valid}" if action.help else valid
+    return p
+
+
+def parse_args(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = p.parse_args(argv)
+    args = make_parser().parse_args(argv)
     args.argv = argv  # to print the exact command that resumes an interrupted run
     check_args(args)
     return args
@@ -129,7 +201,7 @@ def add_data_flags(p):
     g.add_argument("--instance_prompt", required=True, help='e.g. "a photo of sks dog"')
     g.add_argument("--caption_extension", default=".txt",
                    help="photo.txt beside photo.jpg replaces the instance prompt for that photo")
-    g.add_argument("--resolution", type=int, default=1024)
+    g.add_argument("--resolution", type=int, default=1024, help="a multiple of 8")
     g.add_argument("--center_crop", action="store_true", help="default: a random crop, drawn anew every time")
     g.add_argument("--random_flip", action="store_true")
     g.add_argument("--train_batch_size", type=int, default=1)
@@ -166,7 +238,7 @@ def add_training_flags(p):
     g.add_argument("--lr_scheduler", default="constant",
                    choices=["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
                             "polynomial"])
-    g.add_argument("--lr_warmup_steps", type=int, default=0)
+    g.add_argument("--lr_warmup_steps", type=int, default=0, help="at most --max_train_steps")
     g.add_argument("--max_train_steps", type=int, default=500)
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)
     g.add_argument("--gradient_checkpointing", action="store_true")
@@ -178,7 +250,7 @@ def add_training_flags(p):
     g.add_argument("--snr_gamma", type=float, default=None,
                    help="min-SNR weighting, 5.0 is the paper's choice; it weights the class half too (diffusers' "
                         "script: only the instance half), so --prior_loss_weight means the same at every timestep")
-    g.add_argument("--noise_offset", type=float, default=0.0)
+    g.add_argument("--noise_offset", type=float, default=0.0, help="e.g. 0.1")
     g.add_argument("--seed", type=int, default=0)
 
 
@@ -210,31 +282,18 @@ def add_output_flags(p):
 
 def check_args(args):
     """Every check of the flags on their own, in one place; raises UserError naming the fix."""
+    check_numbers(args)
     if args.with_prior_preservation and not args.class_prompt:
         raise UserError("--with_prior_preservation needs --class_prompt, e.g. --class_prompt 'a photo of dog'")
-    if args.resolution <= 0 or args.resolution % 8:
-        raise UserError(f"--resolution {args.resolution} must be a positive multiple of 8, e.g. 1024")
     for name in ["validation_steps", "num_validation_images"]:
         if getattr(args, name) is not None and not args.validation_prompt:
             raise UserError(f"--{name} needs --validation_prompt, e.g. --validation_prompt 'a photo of sks dog "
                             "in a bucket'")
-    args.validation_steps = args.validation_steps or 100
-    args.num_validation_images = args.num_validation_images or 4
-    if not args.caption_extension.startswith("."):
-        args.caption_extension = f".{args.caption_extension}"
-    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
-        raise UserError(f"--checkpoints_total_limit must be at least 1 (got {args.checkpoints_total_limit})")
-    positive = ["rank", "max_train_steps", "logging_steps", "train_batch_size", "gradient_accumulation_steps",
-                "checkpointing_steps", "validation_steps", "num_validation_images", "validation_inference_steps",
-                "num_class_images", "sample_batch_size"]
-    for name in positive:
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name} must be at least 1 (got {getattr(args, name)})")
-    for name in ["learning_rate", "text_encoder_lr"]:
-        if getattr(args, name) <= 0:
-            raise UserError(f"--{name} must be above 0 (got {getattr(args, name)})")
-    if not 0 <= args.lora_dropout < 1:
-        raise UserError(f"--lora_dropout must be in [0, 1) (got {args.lora_dropout})")
+    if args.validation_steps is None:
+        args.validation_steps = 100
+    if args.num_validation_images is None:
+        args.num_validation_images = 4
+    args.caption_extension = caption_suffix(args.caption_extension)
     if args.lora_alpha is None:
         args.lora_alpha = args.rank
     if args.pretrained_vae_model_name_or_path in ("", "none", "None"):
@@ -243,6 +302,29 @@ def check_args(args):
         args.output_dir = f"work_dirs/ssd_1b_dreambooth_lora_{Path(args.instance_dir.rstrip('/')).name}"
     if args.class_dir is None:
         args.class_dir = str(Path(args.output_dir) / "class_images")
+
+
+def check_numbers(args):
+    """Every numeric flag within its FLAG_RANGES row, then the rules that tie two of them together."""
+    for name in FLAG_RANGES:
+        check_range(name, getattr(args, name))
+    if args.resolution % 8:
+        raise UserError(f"--resolution {args.resolution} must be a positive multiple of 8, e.g. 1024")
+    if args.lr_warmup_steps > args.max_train_steps:
+        raise UserError(f"--lr_warmup_steps {args.lr_warmup_steps} is more than --max_train_steps "
+                        f"{args.max_train_steps}: the run would end still warming up; pass --lr_warmup_steps "
+                        f"{args.max_train_steps} or less, or a larger --max_train_steps")
+
+
+def caption_suffix(extension):
+    """--caption_extension as the suffix read_captions puts on each photo's name: 'txt' means '.txt'."""
+    suffix = extension if extension.startswith(".") else f".{extension}"
+    try:
+        Path("photo").with_suffix(suffix)  # the call read_captions makes: refuse now what it would refuse then
+    except ValueError:
+        raise UserError(f"--caption_extension {extension!r} is not a file name suffix: pass one like .txt, the "
+                        "ending of photo.txt beside photo.jpg") from None
+    return suffix
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -258,6 +340,7 @@ def resolve_instance_dir(name, revision=None):
     """A local folder as it is; a hub dataset id (e.g. diffusers/dog-example) is fetched with huggingface_hub."""
     if Path(name).is_dir():
         return Path(name)
+    refuse_file_as_folder(name, "--instance_dir", "pass the folder that holds the photos")
     if not looks_like_hub_id(name):
         raise UserError(f"instance folder {name} does not exist: pass --instance_dir a folder of 3-20 photos")
     from huggingface_hub import snapshot_download
@@ -269,10 +352,34 @@ def resolve_instance_dir(name, revision=None):
                         "or set HF_HUB_OFFLINE=1 once it is cached, or log in with `hf auth login`") from None
 
 
+def refuse_file_as_folder(path, flag, fix):
+    """A file given where a folder belongs is named as one, rather than as missing or by a later OS error."""
+    if Path(path).exists() and not Path(path).is_dir():
+        raise UserError(f"{flag} {path} is a file, not a folder: {fix}")
+
+
 def list_images(folder):
-    """Image files of a folder, sorted; hidden files, other files and subfolders are skipped."""
-    return sorted(p for p in Path(folder).iterdir()
-                  if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS)
+    """Image files of a folder, sorted; hidden files, other files, subfolders and broken symlinks are skipped."""
+    return sorted(p for p in Path(folder).iterdir() if not p.name.startswith(".")
+                  and p.suffix.lower() in IMAGE_EXTENSIONS and not points_nowhere(p) and p.is_file())
+
+
+def points_nowhere(path):
+    """A symlink whose target is gone, or a loop of symlinks. Asked before is_file(), which raises OSError on a
+    loop on some Pythons."""
+    try:
+        path.stat()
+    except OSError:
+        return path.is_symlink()
+    return False
+
+
+def warn_broken_links(folder, what):
+    """Name the symlinks that list_images skips: each may be a photo the user meant to train on."""
+    broken = sorted(p.name for p in Path(folder).iterdir() if not p.name.startswith(".") and points_nowhere(p))
+    if broken:
+        warn(f"{len(broken)} broken symlink(s) in the {what} folder {folder} are skipped (the target is missing, "
+             f"or the links loop): {', '.join(broken)}")
 
 
 def say(message):
@@ -291,24 +398,42 @@ def oriented_size(image):
     return (width, height) if image.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (height, width)
 
 
+def decoded_size(path):
+    """Decode an image, so a broken one is found now rather than mid-run; its oriented (height, width). Over
+    PIL's decompression-bomb limit it raises DecompressionBombWarning, which PIL itself only warns about."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as image:
+            size = oriented_size(image)
+            image.draft("RGB", (256, 256))  # JPEG: decode at reduced size, enough to prove it decodes
+            image.load()
+    return size
+
+
 def check_images(paths, what, resolution):
-    """Open every image fully, so a broken one is found now rather than mid-run; name every bad file.
-    Warn once, listing them, about images that will be upscaled."""
-    bad, small = [], []
+    """Decode every image and name every bad file at once. Refuse images whose resize would need unbounded
+    memory (see MAX_ASPECT); warn once, listing them, about images that will be upscaled."""
+    bad, huge, small = [], [], []
     for path in paths:
         try:
-            with Image.open(path) as image:
-                height, width = oriented_size(image)
-                image.draft("RGB", (256, 256))  # JPEG: decode at reduced size, enough to prove it decodes
-                image.load()
+            height, width = decoded_size(path)
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+            huge.append(f"{path.name} (over PIL's limit of {Image.MAX_IMAGE_PIXELS} pixels)")
+            continue
         except Exception as e:
             bad.append(f"{path.name} ({type(e).__name__})")
             continue
-        if min(height, width) < resolution:
+        if max(height, width) > MAX_ASPECT * min(height, width):
+            huge.append(f"{path.name} ({width}x{height}: one side over {MAX_ASPECT} times the other)")
+        elif min(height, width) < resolution:
             small.append(f"{path.name} ({width}x{height})")
     if bad:
         raise UserError(f"{len(bad)} unreadable {what} image(s) in {paths[0].parent}: {', '.join(bad)}; "
                         "remove or re-export them")
+    if huge:
+        raise UserError(f"{len(huge)} {what} image(s) in {paths[0].parent} would need too much memory to train on: "
+                        f"{', '.join(huge)}; crop each to at most {MAX_ASPECT}:1 and downscale it below "
+                        f"{Image.MAX_IMAGE_PIXELS} pixels")
     if small:
         warn(f"{len(small)} {what} image(s) have a short side below --resolution {resolution} and will be "
              f"upscaled: {', '.join(small)}")
@@ -351,13 +476,15 @@ def check_model_source(name, filename, flag, revision=None):
 
 
 def step_of(folder):
-    """stepN -> N + 1, the number of optimiser steps behind that folder."""
-    return int(folder.name.removeprefix(STATE_PREFIX)[4:]) + 1
+    """stepN or state-stepN -> N + 1, the number of optimiser steps behind that folder. None for any other name
+    (stepfinal/, a copy the user named): such a folder is not this trainer's, and is left alone."""
+    match = re.fullmatch(rf"(?:{STATE_PREFIX})?step([0-9]+)", Path(folder).name)
+    return int(match[1]) + 1 if match else None
 
 
 def finished_adapters(output_dir):
     """The step dirs of an output dir that hold adapters, oldest first."""
-    return sorted((p.parent for p in Path(output_dir).glob(f"step*/{LORA_FILE}")), key=step_of)
+    return sorted((p.parent for p in Path(output_dir).glob(f"step*/{LORA_FILE}") if step_of(p.parent)), key=step_of)
 
 
 def remove_partial_dirs(output_dir):
@@ -485,7 +612,7 @@ def check_resume(args):
     if state is None:
         say(f"no resumable state in {args.output_dir} yet: starting a new run")
         return None
-    saved = json.loads((state / TRAINER_STATE).read_text())
+    saved = read_trainer_state(state)
     for key in ["pretrained_model_name_or_path", "rank", "lora_alpha", "train_text_encoder"]:
         if saved["settings"].get(key) != getattr(args, key):
             raise UserError(f"{state} was trained with --{key} {saved['settings'].get(key)}, not "
@@ -495,6 +622,21 @@ def check_resume(args):
                         "to extend the run")
     check_same_schedule(state, saved["settings"], args)
     return state
+
+
+def read_trainer_state(state):
+    """A state folder's trainer_state.json: {"step": int, "settings": dict}. Anything else (a truncated copy, an
+    edit) is refused naming the file, rather than resuming from a state whose step is unknown."""
+    file = state / TRAINER_STATE
+    try:
+        saved = json.loads(file.read_text(encoding="utf-8"))
+        valid = isinstance(saved["step"], int) and isinstance(saved["settings"], dict)
+    except (OSError, ValueError, TypeError, KeyError):  # ValueError: not UTF-8 or not JSON; TypeError: not a dict
+        valid = False
+    if not valid:
+        raise UserError(f"{file} is damaged (not the JSON with step and settings that this trainer writes): delete "
+                        f"{state}, or resume from another {STATE_PREFIX}stepN folder")
+    return saved
 
 
 def check_same_schedule(state, saved, args):
@@ -514,21 +656,27 @@ def check_same_schedule(state, saved, args):
 def check_inputs(args):
     """Everything that can be checked before a model loads. Returns the instance photos and their prompts."""
     instance_dir = resolve_instance_dir(args.instance_dir)
+    warn_broken_links(instance_dir, "instance")
     instance_images = list_images(instance_dir)
     if not instance_images:
         raise UserError(f"no images in {instance_dir}: add 3-20 photos (jpg, png, webp, ...) of the subject")
-    subfolders = [p.name for p in instance_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    subfolders = [p.name for p in instance_dir.iterdir()
+                  if not p.name.startswith(".") and not points_nowhere(p) and p.is_dir()]
     if subfolders:
         warn(f"subfolders of {instance_dir} are ignored: {', '.join(sorted(subfolders))}")
     check_images(instance_images, "instance", args.resolution)
     instance_prompts = read_captions(instance_images, args.instance_prompt, args.caption_extension)
+    if args.with_prior_preservation:
+        refuse_file_as_folder(args.class_dir, "--class_dir", "pass a folder for the class images (made if missing)")
     if args.with_prior_preservation and Path(args.class_dir).is_dir():
+        warn_broken_links(args.class_dir, "class")
         check_images(list_images(args.class_dir), "class", args.resolution)
     check_model_source(args.pretrained_model_name_or_path, "model_index.json",
                        "--pretrained_model_name_or_path", args.revision)
     if args.pretrained_vae_model_name_or_path:
         check_model_source(args.pretrained_vae_model_name_or_path, "config.json",
                            "--pretrained_vae_model_name_or_path")
+    refuse_file_as_folder(args.output_dir, "--output_dir", "choose another --output_dir")
     remove_partial_dirs(args.output_dir)
     args.resume_state = check_resume(args)
     check_output_dir(args.output_dir, args.overwrite_output_dir, args.resume_state)
@@ -1164,9 +1312,11 @@ def save_resumable_state(accelerator, output_dir, step, settings):
 
 
 def complete_states(output_dir):
-    """Resumable states by step, oldest first; a folder without its trainer_state.json is not one."""
-    states = [p for p in Path(output_dir).glob(f"{STATE_PREFIX}step*") if (p / TRAINER_STATE).is_file()]
-    return sorted(states, key=lambda p: json.loads((p / TRAINER_STATE).read_text())["step"])
+    """Resumable states by step, oldest first; a folder without its trainer_state.json is not one, nor is one
+    not named state-stepN. Sorted by name, which save_resumable_state derives from the step: pruning reads no
+    file that could be damaged."""
+    states = [p for p in Path(output_dir).glob(f"{STATE_PREFIX}step*") if step_of(p) and (p / TRAINER_STATE).is_file()]
+    return sorted(states, key=step_of)
 
 
 def prune_states(output_dir, keep):
@@ -1187,6 +1337,9 @@ def find_resume_state(output_dir, resume):
     if not (path / TRAINER_STATE).is_file():
         raise UserError(f"{resume} is not a resumable checkpoint (no {TRAINER_STATE}): pass a "
                         f"{STATE_PREFIX}stepN folder of the output dir, or 'latest'")
+    if step_of(path) is None:  # its step is read from its name, as for every state of the output dir
+        raise UserError(f"{path} is not named {STATE_PREFIX}stepN, as the trainer names the states it writes: "
+                        f"rename it to {STATE_PREFIX}step<its step - 1>, or pass 'latest'")
     return path
 
 
@@ -1666,7 +1819,7 @@ def start_checkpointing(accelerator, args, dataloader):
         raise UserError(f"{args.resume_state} holds more than tensors and plain values, so it was not loaded "
                         f"({str(e).splitlines()[0][:120]}); it was not written by this trainer: delete it, or "
                         "resume from another state") from None
-    start_step = json.loads((args.resume_state / TRAINER_STATE).read_text())["step"]
+    start_step = read_trainer_state(args.resume_state)["step"]
     accelerator.print(f"resumed from {args.resume_state} at step {start_step}")
     # sample k is a pure function of (seed, k), so skipping the batches already seen restores the data position
     return start_step, accelerator.skip_first_batches(dataloader, start_step * args.gradient_accumulation_steps)

@@ -1,7 +1,10 @@
 """Bad input: one line that names the problem and the fix, before any model loads; never a traceback."""
 
+import errno
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -170,3 +173,190 @@ def test_infer_and_evaluate_refuse_a_broken_install_first(monkeypatch, tmp_path,
                          "--class_noun", "dog", "--subject_kind", "live", "--output_dir", str(tmp_path / "eval")]}[script]
     with pytest.raises(trainer.UserError, match=re.escape("run pip install 'transformers>=4.43,<5.24'")):
         importlib.import_module(script).main(argv)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Numeric flags: each has a stated range, checked before any model loads
+# ----------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("extra, message", [
+    (["--resolution", "-8"], "--resolution must be in [8, 4096] (got -8)"),
+    (["--resolution", "8192"], "--resolution must be in [8, 4096] (got 8192)"),
+    (["--train_batch_size", "0"], "--train_batch_size must be at least 1 (got 0)"),
+    (["--dataloader_num_workers", "-1"], "--dataloader_num_workers must be at least 0 (got -1)"),
+    (["--num_class_images", "0"], "--num_class_images must be at least 1 (got 0)"),
+    (["--prior_loss_weight", "-1"], "--prior_loss_weight must be at least 0 (got -1.0)"),
+    (["--prior_loss_weight", "nan"], "--prior_loss_weight must be finite and at least 0 (got nan)"),
+    (["--sample_batch_size", "0"], "--sample_batch_size must be at least 1 (got 0)"),
+    (["--rank", "-1"], "--rank must be at least 1 (got -1)"),
+    (["--lora_alpha", "0"], "--lora_alpha must be at least 1 (got 0)"),
+    (["--lora_dropout", "nan"], "--lora_dropout must be finite and in [0, 1) (got nan)"),
+    (["--text_encoder_lr", "nan"], "--text_encoder_lr must be finite and above 0 (got nan)"),
+    (["--learning_rate", "nan"], "--learning_rate must be finite and above 0 (got nan)"),
+    (["--learning_rate", "inf"], "--learning_rate must be finite and above 0 (got inf)"),
+    (["--learning_rate", "1e400"], "--learning_rate must be finite and above 0 (got inf)"),
+    (["--adam_beta1", "2"], "--adam_beta1 must be in [0, 1) (got 2.0)"),
+    (["--adam_beta1", "-0.1"], "--adam_beta1 must be in [0, 1) (got -0.1)"),
+    (["--adam_beta2", "1"], "--adam_beta2 must be in [0, 1) (got 1.0)"),
+    (["--adam_weight_decay", "-0.01"], "--adam_weight_decay must be at least 0 (got -0.01)"),
+    (["--adam_weight_decay", "inf"], "--adam_weight_decay must be finite and at least 0 (got inf)"),
+    (["--adam_epsilon", "0"], "--adam_epsilon must be above 0 (got 0.0)"),
+    (["--adam_epsilon=-1e-8"], "--adam_epsilon must be above 0 (got -1e-08)"),
+    (["--max_grad_norm", "0"], "--max_grad_norm must be above 0 (got 0.0)"),
+    (["--max_grad_norm", "-1"], "--max_grad_norm must be above 0 (got -1.0)"),
+    (["--max_grad_norm", "nan"], "--max_grad_norm must be finite and above 0 (got nan)"),
+    (["--lr_warmup_steps", "-1"], "--lr_warmup_steps must be at least 0 (got -1)"),
+    (["--max_train_steps", "-5"], "--max_train_steps must be at least 1 (got -5)"),
+    (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps must be at least 1 (got 0)"),
+    (["--snr_gamma", "0"], "--snr_gamma must be above 0 (got 0.0)"),
+    (["--snr_gamma", "-5"], "--snr_gamma must be above 0 (got -5.0)"),
+    (["--snr_gamma", "inf"], "--snr_gamma must be finite and above 0 (got inf)"),
+    (["--noise_offset", "-0.1"], "--noise_offset must be in [0, 1] (got -0.1)"),
+    (["--noise_offset", "nan"], "--noise_offset must be finite and in [0, 1] (got nan)"),
+    (["--seed", "-1"], "--seed must be in [0, 4294967295] (got -1)"),
+    (["--seed", str(2**32)], "--seed must be in [0, 4294967295] (got 4294967296)"),
+    (["--validation_inference_steps", "0"], "--validation_inference_steps must be at least 1 (got 0)"),
+    (["--logging_steps", "0"], "--logging_steps must be at least 1 (got 0)"),
+    (["--peak_tflops", "0"], "--peak_tflops must be above 0 (got 0.0)"),
+    (["--peak_tflops", "-989"], "--peak_tflops must be above 0 (got -989.0)"),
+    (["--checkpointing_steps", "0"], "--checkpointing_steps must be at least 1 (got 0)"),
+    (["--checkpoints_total_limit", "0"], "--checkpoints_total_limit must be at least 1 (got 0)"),
+    (["--lr_warmup_steps", "600", "--max_train_steps", "500"],
+     "--lr_warmup_steps 600 is more than --max_train_steps 500"),
+])
+def test_numbers_out_of_range_are_refused(args_for, extra, message):
+    with pytest.raises(trainer.UserError, match=re.escape(message)) as refused:
+        check(args_for(*extra))
+    assert "\n" not in str(refused.value), "one line"
+    assert re.search(r"(e\.g\.|pass) --", str(refused.value)), "naming a valid value"
+
+
+def test_every_numeric_flag_has_a_range_and_says_it_in_help():
+    parser = trainer.make_parser()
+    numeric = {action.dest: action for action in parser._actions if action.type in (int, float)}
+    assert set(numeric) == set(trainer.FLAG_RANGES), "a new numeric flag needs a row in FLAG_RANGES"
+    for name, action in numeric.items():
+        assert trainer.describe_range(*trainer.FLAG_RANGES[name][:3]) in action.help, name
+    for name, (_, _, _, example) in trainer.FLAG_RANGES.items():  # the example each refusal offers is valid
+        trainer.check_range(name, numeric[name].type(example))
+
+
+def test_the_edges_of_each_range_are_accepted(args_for):
+    check(args_for("--adam_beta1", "0", "--noise_offset", "1", "--prior_loss_weight", "0", "--lr_warmup_steps",
+                   "500", "--max_train_steps", "500", "--dataloader_num_workers", "0", "--seed", str(2**32 - 1),
+                   "--resolution", "8", "--adam_weight_decay", "0", "--lora_alpha", "1"))
+
+
+@pytest.mark.parametrize("flag", ["--validation_steps", "--num_validation_images"])
+def test_zero_validation_counts_are_refused_not_replaced_by_the_default(args_for, flag):
+    with pytest.raises(trainer.UserError, match=re.escape(f"{flag} must be at least 1 (got 0)")):
+        check(args_for("--validation_prompt", "a photo of sks dog in a bucket", flag, "0"))
+
+
+@pytest.mark.parametrize("extension", ["", ".", "/x", ".a/b"])
+def test_caption_extension_that_is_no_suffix_is_refused(args_for, extension):
+    with pytest.raises(trainer.UserError, match=re.escape(f"--caption_extension {extension!r} is not a file name "
+                                                          "suffix: pass one like .txt")):
+        check(args_for("--caption_extension", extension))
+
+
+def test_a_file_where_a_folder_belongs_is_named_as_a_file(args_for, tmp_path):
+    (tmp_path / "a-file").write_text("not a folder")
+    with pytest.raises(trainer.UserError, match="--instance_dir .*a-file is a file, not a folder: pass"):
+        check(args_for(instance_dir=tmp_path / "a-file"))
+    with pytest.raises(trainer.UserError, match="--class_dir .*a-file is a file, not a folder: pass"):
+        check(args_for("--with_prior_preservation", "--class_prompt", "a photo of dog", "--class_dir",
+                       tmp_path / "a-file"))
+    with pytest.raises(trainer.UserError, match="--output_dir .*a-file is a file, not a folder: choose"):
+        check(args_for("--output_dir", tmp_path / "a-file"))
+    assert (tmp_path / "a-file").read_text() == "not a folder"
+
+
+def folder_with_broken_links(folder, photos):
+    """A copy of the demo photos plus a dangling symlink and a symlink loop, both named like photos."""
+    shutil.copytree(photos, folder)
+    (folder / "gone.jpg").symlink_to(folder / "deleted.jpg")
+    (folder / "loop.jpg").symlink_to(folder / "loop.jpg")
+    return folder
+
+
+@pytest.mark.parametrize("is_file_raises", [False, True])
+def test_broken_symlinks_among_the_photos_are_named_not_dropped_silently(args_for, photos, tmp_path, capsys,
+                                                                         monkeypatch, is_file_raises):
+    if is_file_raises:  # as Path.is_file() does on a symlink loop on some Pythons
+        real_is_file = Path.is_file
+
+        def is_file(path):
+            if path.name == "loop.jpg":
+                raise OSError(errno.ELOOP, "Too many levels of symbolic links", str(path))
+            return real_is_file(path)
+        monkeypatch.setattr(Path, "is_file", is_file)
+    instance = folder_with_broken_links(tmp_path / "instance", photos)
+    classes = folder_with_broken_links(tmp_path / "classes", photos)
+    images, _ = check(args_for("--with_prior_preservation", "--class_prompt", "a photo of dog", "--class_dir",
+                               classes, instance_dir=instance))
+    assert [p.name for p in images] == sorted(p.name for p in photos.iterdir())
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "symlink" in line]
+    assert len(warnings) == 2 and all("gone.jpg" in line and "loop.jpg" in line for line in warnings), warnings
+    assert str(instance) in warnings[0] and str(classes) in warnings[1]
+
+
+def test_a_photo_too_long_to_resize_is_refused_before_any_model_loads(args_for, photos, tmp_path):
+    folder = tmp_path / "strip"
+    shutil.copytree(photos, folder)
+    Image.new("RGB", (2, 60000), "white").save(folder / "strip.png")  # a few hundred bytes on disk
+    Image.new("RGB", (800, 100), "white").save(folder / "banner.png")  # 8:1 is the limit: kept
+    with pytest.raises(trainer.UserError) as refused:  # resized to cover 1024 it would be 1024 x 30.7M pixels: 94 GB
+        check(args_for("--resolution", 1024, instance_dir=folder))
+    assert str(refused.value) == (f"1 instance image(s) in {folder} would need too much memory to train on: strip.png "
+                                  "(2x60000: one side over 8 times the other); crop each to at most 8:1 and "
+                                  f"downscale it below {Image.MAX_IMAGE_PIXELS} pixels")
+
+
+def test_photos_over_pils_decompression_bomb_limit_are_refused_in_one_line(args_for, photos, tmp_path,
+                                                                           monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 30000)  # PIL's own limit, lowered so the test images are small
+    folder = tmp_path / "bombs"
+    shutil.copytree(photos, folder)
+    Image.new("RGB", (200, 200)).save(folder / "warned.png")  # PIL only warns above the limit
+    Image.new("RGB", (300, 300)).save(folder / "refused.png")  # and refuses above twice the limit
+    with pytest.raises(trainer.UserError) as refused:
+        check(args_for(instance_dir=folder))
+    assert str(refused.value) == (f"2 instance image(s) in {folder} would need too much memory to train on: "
+                                  "refused.png (over PIL's limit of 30000 pixels), warned.png (over PIL's limit of "
+                                  "30000 pixels); crop each to at most 8:1 and downscale it below 30000 pixels")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What an earlier run left in the output dir
+# ----------------------------------------------------------------------------------------------------------
+
+def test_folders_not_named_by_the_trainer_are_left_alone(args_for, tmp_path):
+    out = tmp_path / "out"
+    (out / "stepfinal").mkdir(parents=True)
+    (out / "stepfinal" / trainer.LORA_FILE).write_bytes(b"weights")  # e.g. a copy the user made and named
+    (out / "state-stepX").mkdir()
+    (out / "state-stepX" / trainer.TRAINER_STATE).write_text(json.dumps({"step": 3, "settings": {}}))
+    check(args_for())  # neither is the trainer's: a fresh run starts
+    check(args_for("--resume_from_checkpoint", "latest"))  # and 'latest' is neither of them
+    assert trainer.finished_adapters(out) == [] and trainer.complete_states(out) == []
+    with pytest.raises(trainer.UserError, match=re.escape(f"{out / 'state-stepX'} is not named state-stepN")):
+        check(args_for("--resume_from_checkpoint", out / "state-stepX"))
+    assert (out / "stepfinal" / trainer.LORA_FILE).read_bytes() == b"weights"
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"", b"\xff\xfe", b"[]", json.dumps({"step": 4}).encode(),
+                                     json.dumps({"settings": {}}).encode(),
+                                     json.dumps({"step": "4", "settings": {}}).encode()])
+def test_a_damaged_trainer_state_is_refused_in_one_line(args_for, tmp_path, content):
+    out = tmp_path / "out"
+    (out / "state-step1").mkdir(parents=True)
+    (out / "state-step1" / trainer.TRAINER_STATE).write_text(json.dumps({"step": 2, "settings": {}}))
+    (out / "state-step3").mkdir()
+    (out / "state-step3" / trainer.TRAINER_STATE).write_bytes(content)  # the newest: what 'latest' picks
+    for resume in ["latest", out / "state-step3"]:
+        with pytest.raises(trainer.UserError) as refused:
+            check(args_for("--resume_from_checkpoint", resume))
+        assert str(refused.value) == (
+            f"{out / 'state-step3' / trainer.TRAINER_STATE} is damaged (not the JSON with step and settings that "
+            f"this trainer writes): delete {out / 'state-step3'}, or resume from another state-stepN folder")
