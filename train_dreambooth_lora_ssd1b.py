@@ -274,6 +274,8 @@ def add_output_flags(p):
                    help="allow replacing adapters that an earlier run left in the output dir")
     g.add_argument("--resume_from_checkpoint", default=None,
                    help="'latest', or a state-stepN folder: restores LoRA, optimizer, scheduler, RNGs, data position")
+    g.add_argument("--accept_changed_settings", action="store_true",
+                   help="resume although flags that shape training (learning rate, prompts, seed, ...) changed")
     g.add_argument("--checkpoints_total_limit", type=int, default=None,
                    help="keep only the newest N resumable states (adapters are always kept)")
     g.add_argument("--output_kohya_format", action="store_true",
@@ -613,10 +615,8 @@ def check_resume(args):
         say(f"no resumable state in {args.output_dir} yet: starting a new run")
         return None
     saved = read_trainer_state(state)
-    for key in ["pretrained_model_name_or_path", "rank", "lora_alpha", "train_text_encoder"]:
-        if saved["settings"].get(key) != getattr(args, key):
-            raise UserError(f"{state} was trained with --{key} {saved['settings'].get(key)}, not "
-                            f"{getattr(args, key)}: resume with the same flags")
+    verify_state_files(state, saved)
+    check_same_settings(state, saved["settings"], args)
     if saved["step"] >= args.max_train_steps:
         raise UserError(f"{state} has already done {saved['step']} steps: pass a larger --max_train_steps "
                         "to extend the run")
@@ -637,6 +637,70 @@ def read_trainer_state(state):
         raise UserError(f"{file} is damaged (not the JSON with step and settings that this trainer writes): delete "
                         f"{state}, or resume from another {STATE_PREFIX}stepN folder")
     return saved
+
+
+# What a resumed run must share with its state: the first ones shape the saved tensors themselves, the others
+# what the run learns (--accept_changed_settings accepts a change of those)
+STATE_SHAPING_FLAGS = ["pretrained_model_name_or_path", "rank", "lora_alpha", "train_text_encoder", "optimizer"]
+TRAINING_FLAGS = ["pretrained_vae_model_name_or_path", "revision", "variant", "instance_dir", "instance_prompt",
+                  "caption_extension", "with_prior_preservation", "class_prompt", "num_class_images",
+                  "prior_loss_weight", "resolution", "center_crop", "random_flip", "train_batch_size", "lora_dropout",
+                  "learning_rate", "text_encoder_lr", "scale_lr", "adam_beta1", "adam_beta2", "adam_weight_decay",
+                  "adam_epsilon", "max_grad_norm", "gradient_accumulation_steps", "snr_gamma", "noise_offset", "seed",
+                  "mixed_precision"]
+
+
+def check_same_settings(state, saved, args):
+    """Refuse a resume whose flags differ from its state's, listing every difference in one line."""
+    for key in STATE_SHAPING_FLAGS:
+        if saved.get(key) != getattr(args, key):
+            raise UserError(f"{state} was trained with --{key} {saved.get(key)}, not {getattr(args, key)}: resume "
+                            "with the same flags")
+    changed = [f"--{key} {saved.get(key)} (now {getattr(args, key)})" for key in TRAINING_FLAGS
+               if key in saved and saved[key] != getattr(args, key)]
+    if changed and not args.accept_changed_settings:
+        raise UserError(f"{state} was trained with other settings: {', '.join(changed)}; resume with the same flags, "
+                        "or pass --accept_changed_settings to go on with the new ones")
+    if changed:
+        say(f"resuming with changed settings, as --accept_changed_settings asks: {', '.join(changed)}")
+
+
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def state_record(folder, step, settings):
+    """trainer_state.json's content: the step, the settings, a checksum of every file, and a seal over all three,
+    so a corrupted, truncated, swapped or edited file is found before any model loads."""
+    files = {p.relative_to(folder).as_posix(): file_sha256(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+    record = {"step": step, "settings": settings, "files": files}
+    return {**record, "seal": seal(record)}
+
+
+def seal(record):
+    fields = {key: record.get(key) for key in ("step", "settings", "files")}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+def verify_state_files(state, saved):
+    """Every file of a state as it was saved, and nothing added; refused in one line naming what differs."""
+    fix = f"delete {state} to resume from the state before it, or start a new run"
+    if "files" not in saved:
+        say(f"{state} was written by an older trainer without checksums: its files are not verified")
+        return
+    if saved.get("seal") != seal(saved):
+        raise UserError(f"{state / TRAINER_STATE} was changed after it was saved (its seal does not match): {fix}")
+    on_disk = {p.relative_to(state).as_posix() for p in state.rglob("*") if p.is_file()} - {TRAINER_STATE}
+    for name in sorted(on_disk | set(saved["files"])):
+        if name not in saved["files"]:
+            raise UserError(f"{state} holds {name}, which it was not saved with: {fix}")
+        if name not in on_disk or file_sha256(state / name) != saved["files"][name]:
+            raise UserError(f"{state / name} is {'missing' if name not in on_disk else 'corrupt'} (its checksum "
+                            f"does not match the one saved): {fix}")
 
 
 def check_same_schedule(state, saved, args):
@@ -1305,7 +1369,7 @@ def save_resumable_state(accelerator, output_dir, step, settings):
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / TRAINER_STATE).write_text(json.dumps({"step": step, "settings": settings}, indent=2))
+        (tmp / TRAINER_STATE).write_text(json.dumps(state_record(tmp, step, settings), indent=2))
         publish(tmp, final)
     accelerator.wait_for_everyone()
     return final

@@ -1,6 +1,7 @@
 """Runs that are never lost: exact resume, interruption, atomic saves, retention."""
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -228,3 +229,76 @@ def test_second_signal_exits_at_once(monkeypatch):
         assert stop.signum == signal.SIGINT and exits == []
         stop.handle(signal.SIGINT, None)
     assert exits == [128 + signal.SIGINT]
+
+
+@pytest.fixture(scope="module")
+def one_step_run(tiny_model, photos, tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("one_step") / "out"
+    run_trainer(*tiny_args(tiny_model, photos, output_dir, "--max_train_steps", 1, "--optimizer", "adamw"))
+    return output_dir
+
+
+def damaged_copy(one_step_run, tmp_path, damage):
+    output_dir = tmp_path / "out"
+    shutil.copytree(one_step_run, output_dir)
+    damage(output_dir / "state-step0")
+    return output_dir
+
+
+def flip_a_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def edit_step(state):
+    record = json.loads((state / trainer.TRAINER_STATE).read_text())
+    (state / trainer.TRAINER_STATE).write_text(json.dumps({**record, "step": 5}))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda state: flip_a_byte(state / "lora_0.safetensors"), r"lora_0.safetensors is corrupt \(its checksum"),
+    (lambda state: (state / "random_states_0.pkl").write_bytes((state / "random_states_0.pkl").read_bytes()[:50]),
+     r"random_states_0.pkl is corrupt"),
+    (lambda state: (state / "optimizer.bin").unlink(), r"optimizer.bin is missing"),
+    (lambda state: (state / "custom_checkpoint_0.pkl").write_bytes(b"x"),
+     r"holds custom_checkpoint_0.pkl, which it was not saved with"),
+    (edit_step, r"trainer_state.json was changed after it was saved"),
+])
+def test_a_damaged_state_is_refused_before_any_model_loads(one_step_run, tiny_model, photos, tmp_path, monkeypatch,
+                                                           damage, message):
+    output_dir = damaged_copy(one_step_run, tmp_path, damage)
+    monkeypatch.setattr(trainer, "load_models", lambda *a: pytest.fail("a model loaded"))
+    with pytest.raises(trainer.UserError, match=message + ".*delete .*state-step0 to resume from the state before"):
+        run_trainer(*tiny_args(tiny_model, photos, output_dir, "--max_train_steps", 2, "--optimizer", "adamw",
+                               "--resume_from_checkpoint", "latest"))
+
+
+def test_changed_settings_are_listed_and_refused_unless_accepted(one_step_run, tiny_model, photos, tmp_path,
+                                                                 capsys):
+    output_dir = damaged_copy(one_step_run, tmp_path, lambda state: None)
+    changed = ["--learning_rate", 2e-4, "--instance_prompt", "a photo of zwx dog", "--seed", 7, "--resolution", 32]
+    argv = tiny_args(tiny_model, photos, output_dir, "--max_train_steps", 2, "--optimizer", "adamw",
+                     "--resume_from_checkpoint", "latest")
+    with pytest.raises(trainer.UserError) as refused:
+        run_trainer(*argv, *changed)
+    assert str(refused.value) == (
+        f"{output_dir / 'state-step0'} was trained with other settings: --instance_prompt a photo of sks dog (now a "
+        "photo of zwx dog), --resolution 64 (now 32), --learning_rate 0.0001 (now 0.0002), --seed 0 (now 7); resume "
+        "with the same flags, or pass --accept_changed_settings to go on with the new ones")
+    run_trainer(*argv, *changed, "--accept_changed_settings")
+    assert "resuming with changed settings, as --accept_changed_settings asks" in capsys.readouterr().err
+    assert (output_dir / "step1" / trainer.LORA_FILE).is_file()
+
+
+def test_state_of_an_older_trainer_without_checksums_still_resumes(one_step_run, tiny_model, photos, tmp_path,
+                                                                   capsys):
+    def strip_checksums(state):
+        record = json.loads((state / trainer.TRAINER_STATE).read_text())
+        (state / trainer.TRAINER_STATE).write_text(json.dumps({"step": record["step"], "settings": record["settings"]}))
+
+    output_dir = damaged_copy(one_step_run, tmp_path, strip_checksums)
+    run_trainer(*tiny_args(tiny_model, photos, output_dir, "--max_train_steps", 2, "--optimizer", "adamw",
+                           "--resume_from_checkpoint", "latest"))
+    assert "written by an older trainer without checksums" in capsys.readouterr().err
+    assert (output_dir / "step1" / trainer.LORA_FILE).is_file()
