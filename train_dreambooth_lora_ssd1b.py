@@ -401,10 +401,11 @@ def oriented_size(image):
 
 
 def decoded_size(path):
-    """Decode an image, so a broken one is found now rather than mid-run; its oriented (height, width). Over
-    PIL's decompression-bomb limit it raises DecompressionBombWarning, which PIL itself only warns about."""
+    """Decode an image, so a broken one is found now rather than mid-run; its oriented (height, width). PIL
+    refuses over twice its decompression-bomb limit (about 179 megapixels) with DecompressionBombError; between
+    once and twice it only warns, and a large camera photo is welcome there (a JPEG decodes at reduced size)."""
     with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         with Image.open(path) as image:
             size = oriented_size(image)
             image.draft("RGB", (256, 256))  # JPEG: decode at reduced size, enough to prove it decodes
@@ -419,8 +420,8 @@ def check_images(paths, what, resolution):
     for path in paths:
         try:
             height, width = decoded_size(path)
-        except (Image.DecompressionBombWarning, Image.DecompressionBombError):
-            huge.append(f"{path.name} (over PIL's limit of {Image.MAX_IMAGE_PIXELS} pixels)")
+        except Image.DecompressionBombError:
+            huge.append(f"{path.name} (over PIL's limit of {2 * Image.MAX_IMAGE_PIXELS} pixels)")
             continue
         except Exception as e:
             bad.append(f"{path.name} ({type(e).__name__})")
@@ -435,7 +436,7 @@ def check_images(paths, what, resolution):
     if huge:
         raise UserError(f"{len(huge)} {what} image(s) in {paths[0].parent} would need too much memory to train on: "
                         f"{', '.join(huge)}; crop each to at most {MAX_ASPECT}:1 and downscale it below "
-                        f"{Image.MAX_IMAGE_PIXELS} pixels")
+                        f"{2 * Image.MAX_IMAGE_PIXELS} pixels")
     if small:
         warn(f"{len(small)} {what} image(s) have a short side below --resolution {resolution} and will be "
              f"upscaled: {', '.join(small)}")

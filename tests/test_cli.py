@@ -318,13 +318,15 @@ def test_photos_over_pils_decompression_bomb_limit_are_refused_in_one_line(args_
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 30000)  # PIL's own limit, lowered so the test images are small
     folder = tmp_path / "bombs"
     shutil.copytree(photos, folder)
-    Image.new("RGB", (200, 200)).save(folder / "warned.png")  # PIL only warns above the limit
+    Image.new("RGB", (200, 200)).save(folder / "large.png")  # PIL only warns above its limit: a big camera photo
     Image.new("RGB", (300, 300)).save(folder / "refused.png")  # and refuses above twice the limit
     with pytest.raises(trainer.UserError) as refused:
         check(args_for(instance_dir=folder))
-    assert str(refused.value) == (f"2 instance image(s) in {folder} would need too much memory to train on: "
-                                  "refused.png (over PIL's limit of 30000 pixels), warned.png (over PIL's limit of "
-                                  "30000 pixels); crop each to at most 8:1 and downscale it below 30000 pixels")
+    assert str(refused.value) == (f"1 instance image(s) in {folder} would need too much memory to train on: "
+                                  "refused.png (over PIL's limit of 60000 pixels); crop each to at most 8:1 and "
+                                  "downscale it below 60000 pixels")
+    (folder / "refused.png").unlink()
+    assert len(check(args_for(instance_dir=folder))[0]) == 6, "a photo between once and twice the limit trains"
 
 
 # ----------------------------------------------------------------------------------------------------------
