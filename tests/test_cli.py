@@ -310,7 +310,7 @@ def test_a_photo_too_long_to_resize_is_refused_before_any_model_loads(args_for, 
         check(args_for("--resolution", 1024, instance_dir=folder))
     assert str(refused.value) == (f"1 instance image(s) in {folder} would need too much memory to train on: strip.png "
                                   "(2x60000: one side over 8 times the other); crop each to at most 8:1 and "
-                                  f"downscale it below {Image.MAX_IMAGE_PIXELS} pixels")
+                                  f"downscale it below {2 * Image.MAX_IMAGE_PIXELS} pixels")
 
 
 def test_photos_over_pils_decompression_bomb_limit_are_refused_in_one_line(args_for, photos, tmp_path,
