@@ -500,14 +500,14 @@ def remove_partial_dirs(output_dir):
 def hold_output_dir(output_dir):
     """One trainer per output dir: a lock file with this run's PID and host, made atomically before anything is
     written and removed at exit. A lock whose process is gone (same host) is stale and taken over. Only the
-    first process of a multi-process run takes it. A folder made just for the lock goes again if left empty."""
+    first process of a multi-process run takes it. Folders made just for the lock go again if left empty."""
     lock = Path(output_dir) / LOCK_FILE
     if os.environ.get("RANK", "0") != "0":
         yield
         return
     if lock.parent.is_file():
         raise UserError(f"--output_dir {lock.parent} is a file, not a folder: choose a folder")
-    created = not lock.parent.exists()
+    created = [folder for folder in [lock.parent, *lock.parent.parents] if not folder.exists()]  # deepest first
     try:
         lock.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -528,8 +528,10 @@ def hold_output_dir(output_dir):
         yield
     finally:
         lock.unlink(missing_ok=True)
-        if created and not any(lock.parent.iterdir()):
-            lock.parent.rmdir()
+        for folder in created:
+            if any(folder.iterdir()):
+                break
+            folder.rmdir()
 
 
 def create_exclusive(path, text):
