@@ -11,6 +11,7 @@ settings in a `parameters` text chunk (the A1111 convention).
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -21,8 +22,22 @@ from train_dreambooth_lora_ssd1b import (LORA_FILE, SETTINGS_FILE, UserError, ap
                                          check_model_source, check_versions, generate_images, load_models,
                                          save_png_atomic)
 
+SEED_MAX = 2**64 - 1  # the largest seed torch.Generator takes; it takes negative ones too, as aliases of large ones
+# Every numeric flag of infer.py and evaluate.py: what a valid value is, and the test of it (floats must also be
+# finite). Out of range, each fails only after the base model has loaded, or worse renders noise with exit 0.
+NUMBER_RANGES = {
+    "num_images": ("at least 1", lambda v: v >= 1),
+    "images_per_prompt": ("at least 1", lambda v: v >= 1),
+    "seed": ("in [0, 2**64 - 1]", lambda v: 0 <= v <= SEED_MAX),
+    "num_inference_steps": ("at least 1", lambda v: v >= 1),
+    "guidance_scale": ("a finite number >= 0 (1 or below turns guidance off)", lambda v: v >= 0),
+    "lora_scale": ("a finite number (0 renders the base model)", lambda v: True),
+    "height": ("a positive multiple of 8", lambda v: v > 0 and v % 8 == 0),
+    "width": ("a positive multiple of 8", lambda v: v > 0 and v % 8 == 0),
+}
 
-def parse_args(argv=None):
+
+def parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True, help="a step dir, e.g. work_dirs/<run>/step499")
     p.add_argument("--prompt", default=None, help="default: the run's instance prompt")
@@ -41,7 +56,25 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default=None,
                    help="default: fp16 on GPU, fp32 on CPU")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    args = parser().parse_args(argv)
+    check_numbers(args, "num_images")
+    return args
+
+
+def check_numbers(args, count_flag):
+    """Each numeric flag within NUMBER_RANGES; count_flag names the flag that says how many seeds follow --seed."""
+    for name, (valid, within) in NUMBER_RANGES.items():
+        value = getattr(args, name, None)
+        if value is not None and ((isinstance(value, float) and not math.isfinite(value)) or not within(value)):
+            raise UserError(f"--{name} must be {valid} (got {value})")
+    count = getattr(args, count_flag)
+    if args.seed + count - 1 > SEED_MAX:
+        raise UserError(f"--seed {args.seed} leaves no room for {count} images (image i uses seed + i, and seeds "
+                        f"end at 2**64 - 1): pass --seed {SEED_MAX - count + 1} or less")
 
 
 def read_settings(checkpoint):
@@ -63,8 +96,6 @@ def resolve(args, settings):
         raise UserError("no --prompt given and the checkpoint records none: pass --prompt 'a photo of sks dog'")
     if args.height % 8 or args.width % 8:
         raise UserError(f"--height and --width must be multiples of 8 (got {args.height}x{args.width})")
-    if args.num_images < 1:
-        raise UserError(f"--num_images must be at least 1 (got {args.num_images})")
     args.pretrained_model_name_or_path = (args.pretrained_model_name_or_path
                                           or settings.get("pretrained_model_name_or_path", "segmind/SSD-1B"))
     if args.pretrained_vae_model_name_or_path is None:

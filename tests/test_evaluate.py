@@ -15,6 +15,7 @@ from PIL.PngImagePlugin import PngInfo
 import evaluate
 import infer
 from conftest import ROOT
+from test_infer import numeric_flags
 from train_dreambooth_lora_ssd1b import UserError
 
 
@@ -260,3 +261,22 @@ def test_mistakes_are_refused_in_one_line(case, message, trained_run, photos, sc
         evaluate.main([*scorer_flags(scorer_dirs), *argv, "--instance_dir", str(photos_dir),
                        "--output_dir", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
+
+
+EVALUATE_BAD_NUMBERS = [("--images_per_prompt", "0"), ("--images_per_prompt", "-4"), ("--seed", "-1"),
+                        ("--seed", str(2**64)), ("--num_inference_steps", "0"), ("--num_inference_steps", "-1"),
+                        ("--guidance_scale", "nan"), ("--guidance_scale", "-inf"), ("--guidance_scale", "-1"),
+                        ("--height", "-64"), ("--height", "12"), ("--width", "0")]
+
+
+@pytest.mark.parametrize("flag, value", EVALUATE_BAD_NUMBERS)
+def test_number_out_of_range_is_refused_with_the_flags(flag, value, tmp_path):
+    with pytest.raises(UserError, match=f"^{flag} must be .* \\(got "):
+        evaluate.parse_args(["--images", str(tmp_path), "--instance_dir", str(tmp_path), "--output_dir",
+                             str(tmp_path / "out"), f"{flag}={value}"])
+
+
+def test_every_numeric_flag_has_a_range_and_a_refusal_test():
+    numeric = numeric_flags(evaluate.parser())
+    assert {f"--{name}" for name in infer.NUMBER_RANGES} >= numeric, "give a new flag a range in NUMBER_RANGES"
+    assert {flag for flag, _ in EVALUATE_BAD_NUMBERS} == numeric, "give a new flag a case in EVALUATE_BAD_NUMBERS"

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 import infer
+from train_dreambooth_lora_ssd1b import UserError
 
 ROOT = infer.Path(infer.__file__).resolve().parent
 
@@ -88,3 +89,43 @@ def test_flags_override_what_the_checkpoint_recorded(trained_run):
                                            "--pretrained_vae_model_name_or_path", "none", "--dtype", "bf16"]),
                          settings)
     assert (args.pretrained_vae_model_name_or_path, args.height, args.width, args.dtype) == (None, 128, 64, "bf16")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Mistakes: one line, before any model loads
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """Loading the base model fails the test: every check of the user's input must come before it."""
+    monkeypatch.setattr(infer, "load_models", lambda *a, **k: pytest.fail("the base model loaded first"))
+
+
+BAD_NUMBERS = [("--height", "-64"), ("--height", "0"), ("--height", "12"), ("--width", "0"),
+               ("--num_inference_steps", "0"), ("--num_inference_steps", "-1"), ("--num_images", "0"),
+               ("--guidance_scale", "nan"), ("--guidance_scale", "inf"), ("--guidance_scale", "-1"),
+               ("--lora_scale", "nan"), ("--lora_scale", "inf"), ("--lora_scale", "-inf"),
+               ("--seed", "-1"), ("--seed", str(2**64))]
+
+
+def numeric_flags(parser):
+    """The flags an argparse parser reads as int or float."""
+    return {action.option_strings[0] for action in parser._actions if action.type in (int, float)}
+
+
+@pytest.mark.parametrize("flag, value", BAD_NUMBERS)
+def test_number_out_of_range_is_refused_before_any_model_loads(flag, value, trained_run, tmp_path, no_model_loads):
+    with pytest.raises(UserError, match=f"^{flag} must be .* \\(got "):
+        infer.main(["--checkpoint", str(trained_run / "step3"), f"{flag}={value}", "--output", str(tmp_path)])
+
+
+def test_seeds_past_the_generators_range_are_refused(trained_run, no_model_loads):
+    with pytest.raises(UserError, match=f"--seed {2**64 - 1} leaves no room for 2 images.*--seed {2**64 - 2} or less"):
+        infer.main(["--checkpoint", str(trained_run / "step3"), "--seed", str(2**64 - 1), "--num_images", "2"])
+
+
+def test_every_numeric_flag_has_a_range_and_a_refusal_test():
+    numeric = numeric_flags(infer.parser())
+    assert {f"--{name}" for name in infer.NUMBER_RANGES} >= numeric, "give a new flag a range in NUMBER_RANGES"
+    assert {flag for flag, _ in BAD_NUMBERS} == numeric, "give a new flag a case in BAD_NUMBERS"
