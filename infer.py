@@ -36,6 +36,8 @@ NUMBER_RANGES = {
     "width": ("a positive multiple of 8", lambda v: v > 0 and v % 8 == 0),
 }
 
+LORA_PREFIXES = ("unet.", "text_encoder.", "text_encoder_2.")  # the components of a diffusers-format adapter file
+
 
 def parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -78,12 +80,41 @@ def check_numbers(args, count_flag):
 
 
 def read_settings(checkpoint):
-    """The run's settings, recorded by the trainer in every step dir."""
+    """The run's settings, recorded by the trainer in every step dir, once the step dir's adapter file is known
+    to be sound: both are read before any model loads, so a damaged one costs no minutes of loading."""
     checkpoint = Path(checkpoint)
     if not (checkpoint / LORA_FILE).is_file():
         raise UserError(f"{checkpoint} is not a step dir (no {LORA_FILE}): pass e.g. work_dirs/<run>/step499")
+    check_adapter_file(checkpoint / LORA_FILE)
     settings_file = checkpoint / SETTINGS_FILE
     return json.loads(settings_file.read_text()) if settings_file.is_file() else {}
+
+
+def check_adapter_file(lora_file):
+    """A safetensors file of LoRA tensors, every one finite. A truncated or mislabelled file would otherwise fail
+    only once the base model has loaded, and a nan one renders all-black images with exit 0."""
+    from safetensors import SafetensorError, safe_open
+
+    if lora_file.stat().st_size == 0:
+        raise UserError(f"{lora_file} is empty: copy it again from the run, or use another stepN")
+    try:
+        with safe_open(str(lora_file), framework="pt") as f:
+            keys = list(f.keys())
+            broken = [k for k in keys if not torch.isfinite(f.get_tensor(k)).all()]
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{lora_file} is not a readable safetensors file ({one_line(e)}): it is truncated or not "
+                        "the trainer's; copy it again from the run, or use another stepN") from None
+    if not any(k.startswith(LORA_PREFIXES) and "lora" in k.lower() for k in keys):
+        raise UserError(f"{lora_file} holds no LoRA tensors (no {', '.join(LORA_PREFIXES)} keys): pass a step dir "
+                        "the trainer wrote")
+    if broken:
+        raise UserError(f"{lora_file}: the adapter holds nan/inf ({len(broken)} of {len(keys)} tensors, e.g. "
+                        f"{broken[0]}); it would render black images: use an earlier stepN")
+
+
+def one_line(error):
+    """An exception's message cut to one short line, for a UserError."""
+    return (str(error).splitlines() or [""])[0][:200]
 
 
 def resolve(args, settings):

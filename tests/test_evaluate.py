@@ -15,8 +15,8 @@ from PIL.PngImagePlugin import PngInfo
 import evaluate
 import infer
 from conftest import ROOT
-from test_infer import numeric_flags
-from train_dreambooth_lora_ssd1b import UserError
+from test_infer import DAMAGES, numeric_flags, step_copy
+from train_dreambooth_lora_ssd1b import LORA_FILE, UserError
 
 
 def make_tiny_scorers(folder, tokenizer_dir):
@@ -280,3 +280,26 @@ def test_every_numeric_flag_has_a_range_and_a_refusal_test():
     numeric = numeric_flags(evaluate.parser())
     assert {f"--{name}" for name in infer.NUMBER_RANGES} >= numeric, "give a new flag a range in NUMBER_RANGES"
     assert {flag for flag, _ in EVALUATE_BAD_NUMBERS} == numeric, "give a new flag a case in EVALUATE_BAD_NUMBERS"
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """Loading the scorers or the base model fails the test: every check must come before them."""
+    monkeypatch.setattr(evaluate, "Scorers", lambda *a, **k: pytest.fail("the scorers loaded first"))
+    monkeypatch.setattr(evaluate, "load_models", lambda *a, **k: pytest.fail("the base model loaded first"))
+
+
+def render_argv(step, photos, scorer_dirs, output_dir):
+    return ["--checkpoint", str(step), "--instance_dir", str(photos), "--class_noun", "dog", "--subject_kind", "live",
+            "--output_dir", str(output_dir), *scorer_flags(scorer_dirs)]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "all nan"])
+def test_damaged_adapter_file_is_refused_as_infer_py_refuses_it(damage, trained_run, photos, scorer_dirs, tmp_path,
+                                                                 no_model_loads):
+    step = step_copy(trained_run, tmp_path)
+    apply_damage, message = DAMAGES[damage]
+    apply_damage(step / LORA_FILE)
+    with pytest.raises(UserError, match=message):
+        evaluate.main(render_argv(step, photos, scorer_dirs, tmp_path / "out"))
+    assert not (tmp_path / "out").exists()

@@ -1,5 +1,6 @@
 """infer.py: a seed is one picture, exactly the plain diffusers one; PNGs carry their parameters."""
 
+import shutil
 import subprocess
 import sys
 
@@ -7,9 +8,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 import infer
-from train_dreambooth_lora_ssd1b import UserError
+from train_dreambooth_lora_ssd1b import LORA_FILE, UserError
 
 ROOT = infer.Path(infer.__file__).resolve().parent
 
@@ -129,3 +132,54 @@ def test_every_numeric_flag_has_a_range_and_a_refusal_test():
     numeric = numeric_flags(infer.parser())
     assert {f"--{name}" for name in infer.NUMBER_RANGES} >= numeric, "give a new flag a range in NUMBER_RANGES"
     assert {flag for flag, _ in BAD_NUMBERS} == numeric, "give a new flag a case in BAD_NUMBERS"
+
+
+def step_copy(trained_run, tmp_path):
+    """A copy of the trained run's step3, to damage without touching the session's run."""
+    return shutil.copytree(trained_run / "step3", tmp_path / "step3")
+
+
+def with_nan(path, every=True):
+    """Every value nan (a run that diverged), or a single inf in one tensor; the file's metadata kept."""
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(path)
+    if every:
+        tensors = {k: torch.full_like(v, float("nan")) for k, v in tensors.items()}
+    else:
+        next(iter(tensors.values())).view(-1)[0] = float("inf")
+    save_file(tensors, path, metadata=metadata)
+
+
+DAMAGES = {  # how a step dir's adapter file gets damaged -> what the refusal says
+    "truncated": (lambda f: f.write_bytes(f.read_bytes()[:f.stat().st_size // 2]), "is not a readable safetensors"),
+    "pickle": (lambda f: torch.save({"unet.a.lora_A.weight": torch.ones(2)}, f), "is not a readable safetensors"),
+    "random bytes": (lambda f: f.write_bytes(np.random.default_rng(0).bytes(4096)), "is not a readable safetensors"),
+    "empty": (lambda f: f.write_bytes(b""), "is empty"),
+    "not lora": (lambda f: save_file({"down_blocks.0.weight": torch.ones(2)}, f), "holds no LoRA tensors"),
+    "all nan": (with_nan, "the adapter holds nan/inf"),
+    "one inf": (lambda f: with_nan(f, every=False), "the adapter holds nan/inf"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_damaged_adapter_file_is_refused_before_any_model_loads(damage, trained_run, tmp_path, no_model_loads):
+    step = step_copy(trained_run, tmp_path)
+    apply_damage, message = DAMAGES[damage]
+    apply_damage(step / LORA_FILE)
+    with pytest.raises(UserError, match=message) as refused:
+        infer.main(["--checkpoint", str(step), "--output", str(tmp_path / "out")])
+    assert str(refused.value).startswith(str(step / LORA_FILE)) and "\n" not in str(refused.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_nan_adapter_exits_1_in_one_line_instead_of_a_black_image(trained_run, tmp_path):
+    step = step_copy(trained_run, tmp_path)
+    with_nan(step / LORA_FILE)
+    result = subprocess.run([sys.executable, str(ROOT / "infer.py"), "--checkpoint", str(step), "--output",
+                             str(tmp_path / "out"), "--num_inference_steps", "1"], capture_output=True, text=True)
+    assert (result.returncode, result.stdout, "Traceback" in result.stderr) == (1, "", False)
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: {step / LORA_FILE}: the adapter holds nan/inf (")
+    assert line.endswith("; it would render black images: use an earlier stepN")
+    assert not (tmp_path / "out").exists()
