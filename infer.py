@@ -37,6 +37,20 @@ NUMBER_RANGES = {
 }
 
 LORA_PREFIXES = ("unet.", "text_encoder.", "text_encoder_2.")  # the components of a diffusers-format adapter file
+# what run_settings.json may hold, where infer.py reads it: (what a valid value is, its test, the flags that replace
+# it or None where only the file records it)
+RECORDED = {
+    "resolution": ("a positive multiple of 8", lambda v: type(v) is int and v > 0 and v % 8 == 0,
+                   "--height and --width"),
+    "instance_prompt": ("a string", lambda v: isinstance(v, str), "--prompt"),
+    "pretrained_model_name_or_path": ("a non-empty string", lambda v: isinstance(v, str) and v.strip() != "",
+                                      "--pretrained_model_name_or_path"),
+    "pretrained_vae_model_name_or_path": ("a string or null", lambda v: v is None or isinstance(v, str),
+                                          "--pretrained_vae_model_name_or_path"),
+    "revision": ("a string or null", lambda v: v is None or isinstance(v, str), None),
+    "variant": ("a string or null", lambda v: v is None or isinstance(v, str), None),
+}
+SETTINGS_FLAGS = "--pretrained_model_name_or_path, --pretrained_vae_model_name_or_path, --height, --width, --prompt"
 
 
 def parser():
@@ -87,7 +101,16 @@ def read_settings(checkpoint):
         raise UserError(f"{checkpoint} is not a step dir (no {LORA_FILE}): pass e.g. work_dirs/<run>/step499")
     check_adapter_file(checkpoint / LORA_FILE)
     settings_file = checkpoint / SETTINGS_FILE
-    return json.loads(settings_file.read_text()) if settings_file.is_file() else {}
+    if not settings_file.is_file():
+        return {}
+    fix = f"restore it from the run, or delete it and pass {SETTINGS_FLAGS} explicitly"
+    try:
+        settings = json.loads(settings_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read {settings_file} ({type(e).__name__}: {one_line(e)}): {fix}") from None
+    if not isinstance(settings, dict):
+        raise UserError(f"{settings_file} holds a JSON {type(settings).__name__}, not an object: {fix}")
+    return settings
 
 
 def check_adapter_file(lora_file):
@@ -117,26 +140,42 @@ def one_line(error):
     return (str(error).splitlines() or [""])[0][:200]
 
 
+def recorded(settings, name, checkpoint, default=None):
+    """A field of run_settings.json, read only where no flag replaces it, refused unless it is what the
+    trainer writes there (a hand-edited file can hold anything)."""
+    if name not in settings:
+        return default
+    valid, within, flags = RECORDED[name]
+    value = settings[name]
+    if not within(value):
+        fix = f"pass {flags} explicitly, or restore the file from the run" if flags else "restore it from the run"
+        raise UserError(f"{Path(checkpoint) / SETTINGS_FILE} records {name} {json.dumps(value)[:60]}, which is not "
+                        f"{valid}: {fix}")
+    return value
+
+
 def resolve(args, settings):
     """Fill every unset flag from the checkpoint's settings, then check the models before loading them."""
-    resolution = settings.get("resolution", 1024)
-    args.height = args.height or resolution
-    args.width = args.width or resolution
-    args.prompt = args.prompt or settings.get("instance_prompt")
+    if args.height is None or args.width is None:
+        resolution = recorded(settings, "resolution", args.checkpoint, 1024)
+        args.height = args.height or resolution
+        args.width = args.width or resolution
+    args.prompt = args.prompt or recorded(settings, "instance_prompt", args.checkpoint)
     if not args.prompt:
         raise UserError("no --prompt given and the checkpoint records none: pass --prompt 'a photo of sks dog'")
-    if args.height % 8 or args.width % 8:
-        raise UserError(f"--height and --width must be multiples of 8 (got {args.height}x{args.width})")
-    args.pretrained_model_name_or_path = (args.pretrained_model_name_or_path
-                                          or settings.get("pretrained_model_name_or_path", "segmind/SSD-1B"))
+    args.pretrained_model_name_or_path = (args.pretrained_model_name_or_path or recorded(
+        settings, "pretrained_model_name_or_path", args.checkpoint, "segmind/SSD-1B"))
     if args.pretrained_vae_model_name_or_path is None:
-        args.pretrained_vae_model_name_or_path = settings.get("pretrained_vae_model_name_or_path")
+        args.pretrained_vae_model_name_or_path = recorded(settings, "pretrained_vae_model_name_or_path",
+                                                          args.checkpoint)
     elif args.pretrained_vae_model_name_or_path.lower() == "none":
         args.pretrained_vae_model_name_or_path = None
+    revision = recorded(settings, "revision", args.checkpoint)
+    recorded(settings, "variant", args.checkpoint)  # checked here, as main() and evaluate.py load with it
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.dtype = args.dtype or ("fp32" if args.device == "cpu" else "fp16")
     check_model_source(args.pretrained_model_name_or_path, "model_index.json", "--pretrained_model_name_or_path",
-                       settings.get("revision"))
+                       revision)
     if args.pretrained_vae_model_name_or_path:
         check_model_source(args.pretrained_vae_model_name_or_path, "config.json",
                            "--pretrained_vae_model_name_or_path")

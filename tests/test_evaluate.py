@@ -15,7 +15,7 @@ from PIL.PngImagePlugin import PngInfo
 import evaluate
 import infer
 from conftest import ROOT
-from test_infer import DAMAGES, numeric_flags, step_copy
+from test_infer import DAMAGES, SETTINGS_DAMAGES, numeric_flags, step_copy
 from train_dreambooth_lora_ssd1b import LORA_FILE, UserError
 
 
@@ -300,6 +300,17 @@ def test_damaged_adapter_file_is_refused_as_infer_py_refuses_it(damage, trained_
     step = step_copy(trained_run, tmp_path)
     apply_damage, message = DAMAGES[damage]
     apply_damage(step / LORA_FILE)
+    with pytest.raises(UserError, match=message):
+        evaluate.main(render_argv(step, photos, scorer_dirs, tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("damage", ["not json", "resolution abc"])
+def test_damaged_run_settings_are_refused_as_infer_py_refuses_them(damage, trained_run, photos, scorer_dirs, tmp_path,
+                                                                    no_model_loads):
+    step = step_copy(trained_run, tmp_path)
+    apply_damage, message = SETTINGS_DAMAGES[damage]
+    apply_damage(step)
     with pytest.raises(UserError, match=message):
         evaluate.main(render_argv(step, photos, scorer_dirs, tmp_path / "out"))
     assert not (tmp_path / "out").exists()

@@ -1,5 +1,6 @@
 """infer.py: a seed is one picture, exactly the plain diffusers one; PNGs carry their parameters."""
 
+import json
 import shutil
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import infer
-from train_dreambooth_lora_ssd1b import LORA_FILE, UserError
+from train_dreambooth_lora_ssd1b import LORA_FILE, SETTINGS_FILE, UserError
 
 ROOT = infer.Path(infer.__file__).resolve().parent
 
@@ -183,3 +184,45 @@ def test_nan_adapter_exits_1_in_one_line_instead_of_a_black_image(trained_run, t
     assert line.startswith(f"error: {step / LORA_FILE}: the adapter holds nan/inf (")
     assert line.endswith("; it would render black images: use an earlier stepN")
     assert not (tmp_path / "out").exists()
+
+
+def edit_settings(step, **fields):
+    settings = json.loads((step / SETTINGS_FILE).read_text())
+    (step / SETTINGS_FILE).write_text(json.dumps({**settings, **fields}))
+
+
+SETTINGS_DAMAGES = {  # how run_settings.json gets damaged -> what the refusal says
+    "not json": (lambda s: (s / SETTINGS_FILE).write_text('{"resolution": 64,'), r"\(JSONDecodeError: .*: restore it "
+                 "from the run, or delete it and pass --pretrained_model_name_or_path, "),
+    "not utf-8": (lambda s: (s / SETTINGS_FILE).write_bytes(b"\xff\xfe{}"), r"\(UnicodeDecodeError: "),
+    "not an object": (lambda s: (s / SETTINGS_FILE).write_text("[64]"), "holds a JSON list, not an object"),
+    "resolution abc": (lambda s: edit_settings(s, resolution="abc"), 'records resolution "abc", which is not a '
+                       "positive multiple of 8: pass --height and --width explicitly, or restore the file"),
+    "resolution -64": (lambda s: edit_settings(s, resolution=-64), "records resolution -64"),
+    "model a number": (lambda s: edit_settings(s, pretrained_model_name_or_path=5),
+                       "records pretrained_model_name_or_path 5, which is not a non-empty string: pass "
+                       "--pretrained_model_name_or_path explicitly"),
+    "prompt a list": (lambda s: edit_settings(s, instance_prompt=["a", "b"]), "pass --prompt explicitly"),
+    "revision a list": (lambda s: edit_settings(s, revision=["main"]),
+                        r'records revision \["main"\], which is not a string or null: restore it from the run$'),
+}
+
+
+@pytest.mark.parametrize("damage", list(SETTINGS_DAMAGES))
+def test_damaged_run_settings_are_refused_before_any_model_loads(damage, trained_run, tmp_path, no_model_loads):
+    step = step_copy(trained_run, tmp_path)
+    apply_damage, message = SETTINGS_DAMAGES[damage]
+    apply_damage(step)
+    with pytest.raises(UserError, match=message) as refused:
+        infer.main(["--checkpoint", str(step), "--output", str(tmp_path / "out")])
+    assert str(step / SETTINGS_FILE) in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_flags_named_in_the_refusal_replace_the_damaged_fields(trained_run, tiny_model, tmp_path):
+    step = step_copy(trained_run, tmp_path)
+    edit_settings(step, resolution="abc", pretrained_model_name_or_path=5, instance_prompt=None)
+    argv = ["--checkpoint", str(step), "--height", "32", "--width", "48", "--prompt", "a dog",
+            "--pretrained_model_name_or_path", str(tiny_model)]
+    args = infer.resolve(infer.parse_args(argv), infer.read_settings(step))
+    assert (args.height, args.width, args.prompt, args.pretrained_model_name_or_path) == (32, 48, "a dog",
+                                                                                           str(tiny_model))
