@@ -153,6 +153,9 @@ def prompted_images(folder):
     """{prompt: [PNG paths]} of a folder, prompts in file-name order; PNGs without a prompt are skipped."""
     if not Path(folder).is_dir():
         raise UserError(f"--images {folder} is not a folder")
+    pngs = [path for path in list_images(folder) if path.suffix.lower() == ".png"]
+    if pngs:
+        check_images(pngs, "PNG", 0)  # name every unreadable one now, not one traceback after the scorers load
     groups, skipped = {}, []
     for path in list_images(folder):
         prompt = prompt_of(path) if path.suffix.lower() == ".png" else None

@@ -314,3 +314,18 @@ def test_damaged_run_settings_are_refused_as_infer_py_refuses_them(damage, train
     with pytest.raises(UserError, match=message):
         evaluate.main(render_argv(step, photos, scorer_dirs, tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_unreadable_pngs_are_named_in_one_line_before_the_scorers_load(photos, scorer_dirs, tmp_path, no_model_loads):
+    info = PngInfo()
+    info.add_text("parameters", "a sks dog\nSteps: 2, Sampler: Euler, Seed: 0")
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    noise.save(tmp_path / "good.png", pnginfo=info)
+    data = (tmp_path / "good.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[:len(data) // 2])
+    (tmp_path / "garbage.png").write_bytes(b"not a png at all")
+    with pytest.raises(UserError) as refused:
+        evaluate.main(["--images", str(tmp_path), "--instance_dir", str(photos), "--output_dir",
+                       str(tmp_path / "out"), *scorer_flags(scorer_dirs)])
+    assert str(refused.value) == (f"2 unreadable PNG image(s) in {tmp_path}: cut.png (OSError), garbage.png "
+                                  "(UnidentifiedImageError); remove or re-export them")
