@@ -49,7 +49,7 @@ CELL = 256  # side of one image on the contact sheet
 LABEL_HEIGHT = 14  # the strip above each row of the contact sheet that names its prompt
 
 
-def parse_args(argv=None):
+def parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     g = p.add_argument_group("what to score")
     g.add_argument("--checkpoint", default=None, help="a step dir, e.g. work_dirs/<run>/step499: render and score")
@@ -79,7 +79,11 @@ def parse_args(argv=None):
     g.add_argument("--dino_model", default="facebook/dino-vits16", help="DINO ViT-S/16, as in the paper")
     g.add_argument("--clip_model", default="openai/clip-vit-base-patch32",
                    help="the paper names no CLIP variant; ViT-B/32 is what DreamBench re-evaluations use")
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    args = parser().parse_args(argv)
     check_args(args)
     return args
 
@@ -93,8 +97,7 @@ def check_args(args):
                         "baseline, pass --images OUTPUT_DIR/baseline_images")
     if args.checkpoint and not (args.class_noun and args.subject_kind):
         raise UserError("rendering needs --class_noun (e.g. dog) and --subject_kind (live for pets, else object)")
-    if args.images_per_prompt < 1:
-        raise UserError(f"--images_per_prompt must be at least 1 (got {args.images_per_prompt})")
+    infer.check_numbers(args, "images_per_prompt")  # infer.py's ranges, so the two scripts refuse alike
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -150,6 +153,9 @@ def prompted_images(folder):
     """{prompt: [PNG paths]} of a folder, prompts in file-name order; PNGs without a prompt are skipped."""
     if not Path(folder).is_dir():
         raise UserError(f"--images {folder} is not a folder")
+    pngs = [path for path in list_images(folder) if path.suffix.lower() == ".png"]
+    if pngs:
+        check_images(pngs, "PNG", 0)  # name every unreadable one now, not one traceback after the scorers load
     groups, skipped = {}, []
     for path in list_images(folder):
         prompt = prompt_of(path) if path.suffix.lower() == ".png" else None

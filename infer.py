@@ -11,6 +11,7 @@ settings in a `parameters` text chunk (the A1111 convention).
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -21,8 +22,38 @@ from train_dreambooth_lora_ssd1b import (LORA_FILE, SETTINGS_FILE, UserError, ap
                                          check_model_source, check_versions, generate_images, load_models,
                                          save_png_atomic)
 
+SEED_MAX = 2**64 - 1  # the largest seed torch.Generator takes; it takes negative ones too, as aliases of large ones
+# Every numeric flag of infer.py and evaluate.py: what a valid value is, and the test of it (floats must also be
+# finite). Out of range, each fails only after the base model has loaded, or worse renders noise with exit 0.
+NUMBER_RANGES = {
+    "num_images": ("at least 1", lambda v: v >= 1),
+    "images_per_prompt": ("at least 1", lambda v: v >= 1),
+    "seed": ("in [0, 2**64 - 1]", lambda v: 0 <= v <= SEED_MAX),
+    "num_inference_steps": ("at least 1", lambda v: v >= 1),
+    "guidance_scale": ("a finite number >= 0 (1 or below turns guidance off)", lambda v: v >= 0),
+    "lora_scale": ("a finite number (0 renders the base model)", lambda v: True),
+    "height": ("a positive multiple of 8", lambda v: v > 0 and v % 8 == 0),
+    "width": ("a positive multiple of 8", lambda v: v > 0 and v % 8 == 0),
+}
 
-def parse_args(argv=None):
+LORA_PREFIXES = ("unet.", "text_encoder.", "text_encoder_2.")  # the components of a diffusers-format adapter file
+# what run_settings.json may hold, where infer.py reads it: (what a valid value is, its test, the flags that replace
+# it or None where only the file records it)
+RECORDED = {
+    "resolution": ("a positive multiple of 8", lambda v: type(v) is int and v > 0 and v % 8 == 0,
+                   "--height and --width"),
+    "instance_prompt": ("a string", lambda v: isinstance(v, str), "--prompt"),
+    "pretrained_model_name_or_path": ("a non-empty string", lambda v: isinstance(v, str) and v.strip() != "",
+                                      "--pretrained_model_name_or_path"),
+    "pretrained_vae_model_name_or_path": ("a string or null", lambda v: v is None or isinstance(v, str),
+                                          "--pretrained_vae_model_name_or_path"),
+    "revision": ("a string or null", lambda v: v is None or isinstance(v, str), None),
+    "variant": ("a string or null", lambda v: v is None or isinstance(v, str), None),
+}
+SETTINGS_FLAGS = "--pretrained_model_name_or_path, --pretrained_vae_model_name_or_path, --height, --width, --prompt"
+
+
+def parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True, help="a step dir, e.g. work_dirs/<run>/step499")
     p.add_argument("--prompt", default=None, help="default: the run's instance prompt")
@@ -41,40 +72,110 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default=None,
                    help="default: fp16 on GPU, fp32 on CPU")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    args = parser().parse_args(argv)
+    check_numbers(args, "num_images")
+    return args
+
+
+def check_numbers(args, count_flag):
+    """Each numeric flag within NUMBER_RANGES; count_flag names the flag that says how many seeds follow --seed."""
+    for name, (valid, within) in NUMBER_RANGES.items():
+        value = getattr(args, name, None)
+        if value is not None and ((isinstance(value, float) and not math.isfinite(value)) or not within(value)):
+            raise UserError(f"--{name} must be {valid} (got {value})")
+    count = getattr(args, count_flag)
+    if args.seed + count - 1 > SEED_MAX:
+        raise UserError(f"--seed {args.seed} leaves no room for {count} images (image i uses seed + i, and seeds "
+                        f"end at 2**64 - 1): pass --seed {SEED_MAX - count + 1} or less")
 
 
 def read_settings(checkpoint):
-    """The run's settings, recorded by the trainer in every step dir."""
+    """The run's settings, recorded by the trainer in every step dir, once the step dir's adapter file is known
+    to be sound: both are read before any model loads, so a damaged one costs no minutes of loading."""
     checkpoint = Path(checkpoint)
     if not (checkpoint / LORA_FILE).is_file():
         raise UserError(f"{checkpoint} is not a step dir (no {LORA_FILE}): pass e.g. work_dirs/<run>/step499")
+    check_adapter_file(checkpoint / LORA_FILE)
     settings_file = checkpoint / SETTINGS_FILE
-    return json.loads(settings_file.read_text()) if settings_file.is_file() else {}
+    if not settings_file.is_file():
+        return {}
+    fix = f"restore it from the run, or delete it and pass {SETTINGS_FLAGS} explicitly"
+    try:
+        settings = json.loads(settings_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read {settings_file} ({type(e).__name__}: {one_line(e)}): {fix}") from None
+    if not isinstance(settings, dict):
+        raise UserError(f"{settings_file} holds a JSON {type(settings).__name__}, not an object: {fix}")
+    return settings
+
+
+def check_adapter_file(lora_file):
+    """A safetensors file of LoRA tensors, every one finite. A truncated or mislabelled file would otherwise fail
+    only once the base model has loaded, and a nan one renders all-black images with exit 0."""
+    from safetensors import SafetensorError, safe_open
+
+    if lora_file.stat().st_size == 0:
+        raise UserError(f"{lora_file} is empty: copy it again from the run, or use another stepN")
+    try:
+        with safe_open(str(lora_file), framework="pt") as f:
+            keys = list(f.keys())
+            broken = [k for k in keys if not torch.isfinite(f.get_tensor(k)).all()]
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{lora_file} is not a readable safetensors file ({one_line(e)}): it is truncated or not "
+                        "the trainer's; copy it again from the run, or use another stepN") from None
+    if not any(k.startswith(LORA_PREFIXES) and "lora" in k.lower() for k in keys):
+        raise UserError(f"{lora_file} holds no LoRA tensors (no {', '.join(LORA_PREFIXES)} keys): pass a step dir "
+                        "the trainer wrote")
+    if broken:
+        raise UserError(f"{lora_file}: the adapter holds nan/inf ({len(broken)} of {len(keys)} tensors, e.g. "
+                        f"{broken[0]}); it would render black images: use an earlier stepN")
+
+
+def one_line(error):
+    """An exception's message cut to one short line, for a UserError."""
+    return (str(error).splitlines() or [""])[0][:200]
+
+
+def recorded(settings, name, checkpoint, default=None):
+    """A field of run_settings.json, read only where no flag replaces it, refused unless it is what the
+    trainer writes there (a hand-edited file can hold anything)."""
+    if name not in settings:
+        return default
+    valid, within, flags = RECORDED[name]
+    value = settings[name]
+    if not within(value):
+        fix = f"pass {flags} explicitly, or restore the file from the run" if flags else "restore it from the run"
+        raise UserError(f"{Path(checkpoint) / SETTINGS_FILE} records {name} {json.dumps(value)[:60]}, which is not "
+                        f"{valid}: {fix}")
+    return value
 
 
 def resolve(args, settings):
     """Fill every unset flag from the checkpoint's settings, then check the models before loading them."""
-    resolution = settings.get("resolution", 1024)
-    args.height = args.height or resolution
-    args.width = args.width or resolution
-    args.prompt = args.prompt or settings.get("instance_prompt")
+    if args.height is None or args.width is None:
+        resolution = recorded(settings, "resolution", args.checkpoint, 1024)
+        args.height = args.height or resolution
+        args.width = args.width or resolution
+    args.prompt = args.prompt or recorded(settings, "instance_prompt", args.checkpoint)
     if not args.prompt:
         raise UserError("no --prompt given and the checkpoint records none: pass --prompt 'a photo of sks dog'")
-    if args.height % 8 or args.width % 8:
-        raise UserError(f"--height and --width must be multiples of 8 (got {args.height}x{args.width})")
-    if args.num_images < 1:
-        raise UserError(f"--num_images must be at least 1 (got {args.num_images})")
-    args.pretrained_model_name_or_path = (args.pretrained_model_name_or_path
-                                          or settings.get("pretrained_model_name_or_path", "segmind/SSD-1B"))
+    args.pretrained_model_name_or_path = (args.pretrained_model_name_or_path or recorded(
+        settings, "pretrained_model_name_or_path", args.checkpoint, "segmind/SSD-1B"))
     if args.pretrained_vae_model_name_or_path is None:
-        args.pretrained_vae_model_name_or_path = settings.get("pretrained_vae_model_name_or_path")
+        args.pretrained_vae_model_name_or_path = recorded(settings, "pretrained_vae_model_name_or_path",
+                                                          args.checkpoint)
     elif args.pretrained_vae_model_name_or_path.lower() == "none":
         args.pretrained_vae_model_name_or_path = None
+    revision = recorded(settings, "revision", args.checkpoint)
+    recorded(settings, "variant", args.checkpoint)  # checked here, as main() and evaluate.py load with it
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.dtype = args.dtype or ("fp32" if args.device == "cpu" else "fp16")
     check_model_source(args.pretrained_model_name_or_path, "model_index.json", "--pretrained_model_name_or_path",
-                       settings.get("revision"))
+                       revision)
     if args.pretrained_vae_model_name_or_path:
         check_model_source(args.pretrained_vae_model_name_or_path, "config.json",
                            "--pretrained_vae_model_name_or_path")

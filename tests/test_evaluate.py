@@ -15,7 +15,8 @@ from PIL.PngImagePlugin import PngInfo
 import evaluate
 import infer
 from conftest import ROOT
-from train_dreambooth_lora_ssd1b import UserError
+from test_infer import DAMAGES, SETTINGS_DAMAGES, numeric_flags, step_copy
+from train_dreambooth_lora_ssd1b import LORA_FILE, UserError
 
 
 def make_tiny_scorers(folder, tokenizer_dir):
@@ -260,3 +261,71 @@ def test_mistakes_are_refused_in_one_line(case, message, trained_run, photos, sc
         evaluate.main([*scorer_flags(scorer_dirs), *argv, "--instance_dir", str(photos_dir),
                        "--output_dir", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
+
+
+EVALUATE_BAD_NUMBERS = [("--images_per_prompt", "0"), ("--images_per_prompt", "-4"), ("--seed", "-1"),
+                        ("--seed", str(2**64)), ("--num_inference_steps", "0"), ("--num_inference_steps", "-1"),
+                        ("--guidance_scale", "nan"), ("--guidance_scale", "-inf"), ("--guidance_scale", "-1"),
+                        ("--height", "-64"), ("--height", "12"), ("--width", "0")]
+
+
+@pytest.mark.parametrize("flag, value", EVALUATE_BAD_NUMBERS)
+def test_number_out_of_range_is_refused_with_the_flags(flag, value, tmp_path):
+    with pytest.raises(UserError, match=f"^{flag} must be .* \\(got "):
+        evaluate.parse_args(["--images", str(tmp_path), "--instance_dir", str(tmp_path), "--output_dir",
+                             str(tmp_path / "out"), f"{flag}={value}"])
+
+
+def test_every_numeric_flag_has_a_range_and_a_refusal_test():
+    numeric = numeric_flags(evaluate.parser())
+    assert {f"--{name}" for name in infer.NUMBER_RANGES} >= numeric, "give a new flag a range in NUMBER_RANGES"
+    assert {flag for flag, _ in EVALUATE_BAD_NUMBERS} == numeric, "give a new flag a case in EVALUATE_BAD_NUMBERS"
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """Loading the scorers or the base model fails the test: every check must come before them."""
+    monkeypatch.setattr(evaluate, "Scorers", lambda *a, **k: pytest.fail("the scorers loaded first"))
+    monkeypatch.setattr(evaluate, "load_models", lambda *a, **k: pytest.fail("the base model loaded first"))
+
+
+def render_argv(step, photos, scorer_dirs, output_dir):
+    return ["--checkpoint", str(step), "--instance_dir", str(photos), "--class_noun", "dog", "--subject_kind", "live",
+            "--output_dir", str(output_dir), *scorer_flags(scorer_dirs)]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "all nan"])
+def test_damaged_adapter_file_is_refused_as_infer_py_refuses_it(damage, trained_run, photos, scorer_dirs, tmp_path,
+                                                                 no_model_loads):
+    step = step_copy(trained_run, tmp_path)
+    apply_damage, message = DAMAGES[damage]
+    apply_damage(step / LORA_FILE)
+    with pytest.raises(UserError, match=message):
+        evaluate.main(render_argv(step, photos, scorer_dirs, tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("damage", ["not json", "resolution abc"])
+def test_damaged_run_settings_are_refused_as_infer_py_refuses_them(damage, trained_run, photos, scorer_dirs, tmp_path,
+                                                                    no_model_loads):
+    step = step_copy(trained_run, tmp_path)
+    apply_damage, message = SETTINGS_DAMAGES[damage]
+    apply_damage(step)
+    with pytest.raises(UserError, match=message):
+        evaluate.main(render_argv(step, photos, scorer_dirs, tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_unreadable_pngs_are_named_in_one_line_before_the_scorers_load(photos, scorer_dirs, tmp_path, no_model_loads):
+    info = PngInfo()
+    info.add_text("parameters", "a sks dog\nSteps: 2, Sampler: Euler, Seed: 0")
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    noise.save(tmp_path / "good.png", pnginfo=info)
+    data = (tmp_path / "good.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[:len(data) // 2])
+    (tmp_path / "garbage.png").write_bytes(b"not a png at all")
+    with pytest.raises(UserError) as refused:
+        evaluate.main(["--images", str(tmp_path), "--instance_dir", str(photos), "--output_dir",
+                       str(tmp_path / "out"), *scorer_flags(scorer_dirs)])
+    assert str(refused.value) == (f"2 unreadable PNG image(s) in {tmp_path}: cut.png (OSError), garbage.png "
+                                  "(UnidentifiedImageError); remove or re-export them")

@@ -1,5 +1,7 @@
 """infer.py: a seed is one picture, exactly the plain diffusers one; PNGs carry their parameters."""
 
+import json
+import shutil
 import subprocess
 import sys
 
@@ -7,8 +9,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 import infer
+from train_dreambooth_lora_ssd1b import LORA_FILE, SETTINGS_FILE, UserError
 
 ROOT = infer.Path(infer.__file__).resolve().parent
 
@@ -88,3 +93,136 @@ def test_flags_override_what_the_checkpoint_recorded(trained_run):
                                            "--pretrained_vae_model_name_or_path", "none", "--dtype", "bf16"]),
                          settings)
     assert (args.pretrained_vae_model_name_or_path, args.height, args.width, args.dtype) == (None, 128, 64, "bf16")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Mistakes: one line, before any model loads
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """Loading the base model fails the test: every check of the user's input must come before it."""
+    monkeypatch.setattr(infer, "load_models", lambda *a, **k: pytest.fail("the base model loaded first"))
+
+
+BAD_NUMBERS = [("--height", "-64"), ("--height", "0"), ("--height", "12"), ("--width", "0"),
+               ("--num_inference_steps", "0"), ("--num_inference_steps", "-1"), ("--num_images", "0"),
+               ("--guidance_scale", "nan"), ("--guidance_scale", "inf"), ("--guidance_scale", "-1"),
+               ("--lora_scale", "nan"), ("--lora_scale", "inf"), ("--lora_scale", "-inf"),
+               ("--seed", "-1"), ("--seed", str(2**64))]
+
+
+def numeric_flags(parser):
+    """The flags an argparse parser reads as int or float."""
+    return {action.option_strings[0] for action in parser._actions if action.type in (int, float)}
+
+
+@pytest.mark.parametrize("flag, value", BAD_NUMBERS)
+def test_number_out_of_range_is_refused_before_any_model_loads(flag, value, trained_run, tmp_path, no_model_loads):
+    with pytest.raises(UserError, match=f"^{flag} must be .* \\(got "):
+        infer.main(["--checkpoint", str(trained_run / "step3"), f"{flag}={value}", "--output", str(tmp_path)])
+
+
+def test_seeds_past_the_generators_range_are_refused(trained_run, no_model_loads):
+    with pytest.raises(UserError, match=f"--seed {2**64 - 1} leaves no room for 2 images.*--seed {2**64 - 2} or less"):
+        infer.main(["--checkpoint", str(trained_run / "step3"), "--seed", str(2**64 - 1), "--num_images", "2"])
+
+
+def test_every_numeric_flag_has_a_range_and_a_refusal_test():
+    numeric = numeric_flags(infer.parser())
+    assert {f"--{name}" for name in infer.NUMBER_RANGES} >= numeric, "give a new flag a range in NUMBER_RANGES"
+    assert {flag for flag, _ in BAD_NUMBERS} == numeric, "give a new flag a case in BAD_NUMBERS"
+
+
+def step_copy(trained_run, tmp_path):
+    """A copy of the trained run's step3, to damage without touching the session's run."""
+    return shutil.copytree(trained_run / "step3", tmp_path / "step3")
+
+
+def with_nan(path, every=True):
+    """Every value nan (a run that diverged), or a single inf in one tensor; the file's metadata kept."""
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(path)
+    if every:
+        tensors = {k: torch.full_like(v, float("nan")) for k, v in tensors.items()}
+    else:
+        next(iter(tensors.values())).view(-1)[0] = float("inf")
+    save_file(tensors, path, metadata=metadata)
+
+
+DAMAGES = {  # how a step dir's adapter file gets damaged -> what the refusal says
+    "truncated": (lambda f: f.write_bytes(f.read_bytes()[:f.stat().st_size // 2]), "is not a readable safetensors"),
+    "pickle": (lambda f: torch.save({"unet.a.lora_A.weight": torch.ones(2)}, f), "is not a readable safetensors"),
+    "random bytes": (lambda f: f.write_bytes(np.random.default_rng(0).bytes(4096)), "is not a readable safetensors"),
+    "empty": (lambda f: f.write_bytes(b""), "is empty"),
+    "not lora": (lambda f: save_file({"down_blocks.0.weight": torch.ones(2)}, f), "holds no LoRA tensors"),
+    "all nan": (with_nan, "the adapter holds nan/inf"),
+    "one inf": (lambda f: with_nan(f, every=False), "the adapter holds nan/inf"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_damaged_adapter_file_is_refused_before_any_model_loads(damage, trained_run, tmp_path, no_model_loads):
+    step = step_copy(trained_run, tmp_path)
+    apply_damage, message = DAMAGES[damage]
+    apply_damage(step / LORA_FILE)
+    with pytest.raises(UserError, match=message) as refused:
+        infer.main(["--checkpoint", str(step), "--output", str(tmp_path / "out")])
+    assert str(refused.value).startswith(str(step / LORA_FILE)) and "\n" not in str(refused.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_nan_adapter_exits_1_in_one_line_instead_of_a_black_image(trained_run, tmp_path):
+    step = step_copy(trained_run, tmp_path)
+    with_nan(step / LORA_FILE)
+    result = subprocess.run([sys.executable, str(ROOT / "infer.py"), "--checkpoint", str(step), "--output",
+                             str(tmp_path / "out"), "--num_inference_steps", "1"], capture_output=True, text=True)
+    assert (result.returncode, result.stdout, "Traceback" in result.stderr) == (1, "", False)
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: {step / LORA_FILE}: the adapter holds nan/inf (")
+    assert line.endswith("; it would render black images: use an earlier stepN")
+    assert not (tmp_path / "out").exists()
+
+
+def edit_settings(step, **fields):
+    settings = json.loads((step / SETTINGS_FILE).read_text())
+    (step / SETTINGS_FILE).write_text(json.dumps({**settings, **fields}))
+
+
+SETTINGS_DAMAGES = {  # how run_settings.json gets damaged -> what the refusal says
+    "not json": (lambda s: (s / SETTINGS_FILE).write_text('{"resolution": 64,'), r"\(JSONDecodeError: .*: restore it "
+                 "from the run, or delete it and pass --pretrained_model_name_or_path, "),
+    "not utf-8": (lambda s: (s / SETTINGS_FILE).write_bytes(b"\xff\xfe{}"), r"\(UnicodeDecodeError: "),
+    "not an object": (lambda s: (s / SETTINGS_FILE).write_text("[64]"), "holds a JSON list, not an object"),
+    "resolution abc": (lambda s: edit_settings(s, resolution="abc"), 'records resolution "abc", which is not a '
+                       "positive multiple of 8: pass --height and --width explicitly, or restore the file"),
+    "resolution -64": (lambda s: edit_settings(s, resolution=-64), "records resolution -64"),
+    "model a number": (lambda s: edit_settings(s, pretrained_model_name_or_path=5),
+                       "records pretrained_model_name_or_path 5, which is not a non-empty string: pass "
+                       "--pretrained_model_name_or_path explicitly"),
+    "prompt a list": (lambda s: edit_settings(s, instance_prompt=["a", "b"]), "pass --prompt explicitly"),
+    "revision a list": (lambda s: edit_settings(s, revision=["main"]),
+                        r'records revision \["main"\], which is not a string or null: restore it from the run$'),
+}
+
+
+@pytest.mark.parametrize("damage", list(SETTINGS_DAMAGES))
+def test_damaged_run_settings_are_refused_before_any_model_loads(damage, trained_run, tmp_path, no_model_loads):
+    step = step_copy(trained_run, tmp_path)
+    apply_damage, message = SETTINGS_DAMAGES[damage]
+    apply_damage(step)
+    with pytest.raises(UserError, match=message) as refused:
+        infer.main(["--checkpoint", str(step), "--output", str(tmp_path / "out")])
+    assert str(step / SETTINGS_FILE) in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_flags_named_in_the_refusal_replace_the_damaged_fields(trained_run, tiny_model, tmp_path):
+    step = step_copy(trained_run, tmp_path)
+    edit_settings(step, resolution="abc", pretrained_model_name_or_path=5, instance_prompt=None)
+    argv = ["--checkpoint", str(step), "--height", "32", "--width", "48", "--prompt", "a dog",
+            "--pretrained_model_name_or_path", str(tiny_model)]
+    args = infer.resolve(infer.parse_args(argv), infer.read_settings(step))
+    assert (args.height, args.width, args.prompt, args.pretrained_model_name_or_path) == (32, 48, "a dog",
+                                                                                           str(tiny_model))
