@@ -1190,14 +1190,16 @@ def find_resume_state(output_dir, resume):
     return path
 
 
+@functools.cache
 def parent_command_line():
     """The command line of the process that started this one (a shell, `accelerate launch`, torchrun), from Linux's
-    /proc; [] where there is none."""
+    /proc; () where there is none. Read once, at start: accelerate's launcher dies of the same Ctrl-C or SIGTERM
+    before the run has saved, and its orphan is adopted by another parent."""
     try:
         raw = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
     except OSError:
-        return []
-    return [os.fsdecode(arg) for arg in raw.split(b"\0")[:-1]]
+        return ()
+    return tuple(os.fsdecode(arg) for arg in raw.split(b"\0")[:-1])
 
 
 def resume_command(argv, parent=None, own=None, cwd=None):
@@ -1207,7 +1209,7 @@ def resume_command(argv, parent=None, own=None, cwd=None):
 
     parent: the parent process's command line ([] when unknown); own: this interpreter's (sys.orig_argv); cwd: the
     folder the run was started in. Each is read from the system when not given."""
-    parent = parent_command_line() if parent is None else list(parent)
+    parent = list(parent_command_line() if parent is None else parent)
     own = list(getattr(sys, "orig_argv", [])) if own is None else list(own)
     cwd = os.getcwd() if cwd is None else cwd
     argv = list(argv)
@@ -1758,6 +1760,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    parent_command_line()  # while the launcher is alive, for the resume command
     try:
         main()
     except UserError as error:

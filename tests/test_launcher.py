@@ -58,13 +58,10 @@ print(resume_command(sys.argv[1:]))
 """
 
 
-@pytest.mark.parametrize("launcher", [
-    [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-     "--mixed_precision", "no", "--dynamo_backend", "no"],
-    [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1"]])
-def test_a_real_launcher_is_read_from_proc(tmp_path, launcher):
+def test_torchrun_is_read_from_proc(tmp_path):
     if not os.path.exists(f"/proc/{os.getpid()}/cmdline"):
         pytest.skip("no /proc")
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1"]
     (tmp_path / SCRIPT).write_text(STUB)  # named like the trainer, so that the launcher's command line matches
     result = subprocess.run([*launcher, SCRIPT, "--output_dir", "my out"], cwd=tmp_path, capture_output=True,
                             text=True, timeout=120, env={**os.environ, "ACCELERATE_USE_CPU": "true"})
@@ -112,3 +109,23 @@ def test_ctrl_c_under_the_recommended_launch_ends_with_a_resume_command_that_wor
                                                                     f"{os.environ.get('PATH', '')}"})
     assert result.returncode == 0, result.stderr[-2000:]
     assert (out / "step4" / trainer.LORA_FILE).is_file()
+
+
+def test_sigterm_under_accelerate_launch_resumes_with_the_launcher_and_its_flags(tiny_model, photos, tmp_path):
+    # the launcher dies of the signal at once, long before the save: its command line is read at start
+    if not os.path.exists(f"/proc/{os.getpid()}/cmdline"):
+        pytest.skip("no /proc")
+    out = tmp_path / "out"
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no"]
+    flags = [*map(str, tiny_args(tiny_model, photos, out, "--max_train_steps", 1000, "--checkpointing_steps", 1,
+                                 "--optimizer", "adamw"))]
+    process = subprocess.Popen([*launcher, SCRIPT, *flags], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while not (out / "state-step0").is_dir() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGTERM)  # as a scheduler does: the launcher and the trainer
+    _, stderr = process.communicate(timeout=60)  # until the trainer, still saving, closes the pipe
+    assert stderr.strip().splitlines()[-1].strip() == (
+        f"cd {shlex.quote(str(ROOT))} && {shlex.join([*launcher, SCRIPT, *flags])} --resume_from_checkpoint latest")
