@@ -1410,8 +1410,42 @@ def find_resume_state(output_dir, resume):
     return path
 
 
-def resume_command(argv):
-    """The command that resumes this run: the same flags, plus --resume_from_checkpoint latest."""
+@functools.cache
+def parent_command_line():
+    """The command line of the process that started this one (a shell, `accelerate launch`, torchrun), from Linux's
+    /proc; () where there is none. Read once, at start: accelerate's launcher dies of the same Ctrl-C or SIGTERM
+    before the run has saved, and its orphan is adopted by another parent."""
+    try:
+        raw = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
+    except OSError:
+        return ()
+    return tuple(os.fsdecode(arg) for arg in raw.split(b"\0")[:-1])
+
+
+def resume_command(argv, parent=None, own=None, cwd=None):
+    """The command that resumes this run from any folder: `cd` to the folder it was started in, then the launch as
+    typed (`accelerate launch` or torchrun with their flags, or the interpreter), the script, the same flags, and
+    --resume_from_checkpoint latest.
+
+    parent: the parent process's command line ([] when unknown); own: this interpreter's (sys.orig_argv); cwd: the
+    folder the run was started in. Each is read from the system when not given."""
+    parent = list(parent_command_line() if parent is None else parent)
+    own = list(getattr(sys, "orig_argv", [])) if own is None else list(own)
+    cwd = os.getcwd() if cwd is None else cwd
+    argv = list(argv)
+
+    def launch_in(command):
+        """The words before this run's flags when `command` ends with the script and them (a launcher passes both
+        on as typed), else None."""
+        n = len(command) - len(argv)
+        if n > 0 and command[n:] == argv and Path(command[n - 1]).name == Path(__file__).name:
+            return command[:n]
+        return None
+
+    launch = launch_in(parent) or launch_in(own) or ["python", str(Path(__file__).resolve())]
+    if len(launch) > 2 and Path(launch[0]).name.startswith("python") and Path(launch[1]).is_absolute() \
+            and Path(launch[1]).suffix != ".py":
+        launch = [Path(launch[1]).name, *launch[2:]]  # a console script run by its shebang: `accelerate launch ...`
     kept, skip = [], False
     for arg in argv:
         if skip or arg.startswith("--resume_from_checkpoint="):
@@ -1421,7 +1455,7 @@ def resume_command(argv):
             skip = True
             continue
         kept.append(arg)
-    return shlex.join(["accelerate", "launch", Path(__file__).name, *kept, "--resume_from_checkpoint", "latest"])
+    return f"cd {shlex.quote(str(cwd))} && " + shlex.join([*launch, *kept, "--resume_from_checkpoint", "latest"])
 
 
 class Interrupted(Exception):
@@ -1946,12 +1980,14 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    parent_command_line()  # while the launcher is alive, for the resume command
     try:
         main()
     except UserError as error:
         sys.exit(f"error: {error}")
     except Interrupted as stopped:
-        print(stopped, file=sys.stderr)
+        if os.environ.get("LOCAL_RANK", "0") == "0":  # all processes stop at the same step: say it once a machine
+            print(stopped, file=sys.stderr)
         sys.exit(stopped.exit_code)
     except KeyboardInterrupt:
         print("interrupted before training started: nothing to resume", file=sys.stderr)

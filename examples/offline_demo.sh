@@ -8,8 +8,7 @@ work=${1:-work_dirs/offline_demo}
 export HF_HUB_OFFLINE=1
 
 python examples/make_tiny_ssd1b.py "$work/tiny-ssd1b"
-accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
-  train_dreambooth_lora_ssd1b.py \
+python train_dreambooth_lora_ssd1b.py \
   --pretrained_model_name_or_path "$work/tiny-ssd1b" \
   --pretrained_vae_model_name_or_path "$work/tiny-ssd1b/vae" \
   --instance_dir examples/dog --instance_prompt "a photo of sks dog" \

@@ -3,9 +3,11 @@
 # 5 dog photos, "a photo of sks dog", 1024x1024, LoRA rank 8 on to_q/to_k/to_v/to_out.0, lr 1e-4, 500 steps,
 # 4 validation images of "A photo of sks dog in a bucket" every 100 steps. The adapters end in
 # work_dirs/ssd_1b_dreambooth_lora_dog-example/step499. Extra flags are passed on, e.g. --with_prior_preservation.
+# One process runs without a launcher, so a mistake is one line; LAUNCH picks one for several GPUs, e.g.
+#   LAUNCH="accelerate launch --config_file examples/accelerate/multi_gpu.yaml" bash examples/train_dog.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-accelerate launch train_dreambooth_lora_ssd1b.py \
+${LAUNCH:-python} train_dreambooth_lora_ssd1b.py \
   --pretrained_model_name_or_path segmind/SSD-1B \
   --pretrained_vae_model_name_or_path madebyollin/sdxl-vae-fp16-fix \
   --instance_dir diffusers/dog-example \

@@ -1,6 +1,8 @@
 """Runs that are never lost: exact resume, interruption, atomic saves, retention."""
 
 import json
+import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -214,7 +216,8 @@ def test_sigterm_saves_prints_the_resume_command_and_exits_within_seconds(tiny_m
     assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
     assert "Traceback" not in stderr
     command = stderr.strip().splitlines()[-1].strip()
-    assert command.startswith("accelerate launch train_dreambooth_lora_ssd1b.py ")
+    assert command.startswith(f"cd {shlex.quote(os.getcwd())} && "  # the launch as typed, from any folder
+                              f"{shlex.join([sys.executable, str(ROOT / 'train_dreambooth_lora_ssd1b.py')])} ")
     assert command.endswith(f"--output_dir {out} --report_to none --max_train_steps 100000 --checkpointing_steps 5 "
                             "--optimizer adamw --resume_from_checkpoint latest")
     last = trainer.complete_states(out)[-1]
