@@ -77,10 +77,10 @@ class UserError(Exception):
 # ----------------------------------------------------------------------------------------------------------
 
 # requirements.txt's lower bounds; diffusers before 0.35.2 fails at import under transformers 5
-MINIMUM_VERSIONS = {"torch": "2.4", "diffusers": "0.35.2", "transformers": "4.43", "peft": "0.15",
+MINIMUM_VERSIONS = {"torch": "2.4", "diffusers": "0.35.2", "transformers": "4.44", "peft": "0.17",
                     "accelerate": "1.2", "bitsandbytes": "0.50"}
 KNOWN_CLASHES = [  # (package, from version, other package, below version, the pip command that fixes it)
-    ("transformers", "5.24", "peft", "0.22", "pip install 'transformers>=4.43,<5.24'"),  # add_adapter refuses
+    ("transformers", "5.24", "peft", "0.22", "pip install 'transformers>=4.44,<5.24'"),  # add_adapter refuses
 ]
 
 

@@ -141,7 +141,7 @@ def test_installed_packages_pass_the_version_check():
 @pytest.mark.parametrize("versions, message", [
     ({"transformers": "5.24.0", "peft": "0.21.2"},
      "transformers 5.24.0 does not work with peft 0.21.2 (it needs peft >= 0.22): run pip install "
-     "'transformers>=4.43,<5.24'"),
+     "'transformers>=4.44,<5.24'"),
     ({"transformers": "5.0.0", "diffusers": "0.34.0"},  # fails at import: diffusers' bound is where it stops
      "diffusers 0.34.0 is older than the 0.35.2 this needs: run pip install -U 'diffusers>=0.35.2'"),
     ({"accelerate": "1.1.1"}, "accelerate 1.1.1 is older than the 1.2 this needs: run pip install -U 'accelerate>=1.2'"),
@@ -171,7 +171,7 @@ def test_infer_and_evaluate_refuse_a_broken_install_first(monkeypatch, tmp_path,
     argv = {"infer": ["--checkpoint", str(tmp_path / "none")],
             "evaluate": ["--checkpoint", str(tmp_path / "none"), "--instance_dir", str(tmp_path / "none"),
                          "--class_noun", "dog", "--subject_kind", "live", "--output_dir", str(tmp_path / "eval")]}[script]
-    with pytest.raises(trainer.UserError, match=re.escape("run pip install 'transformers>=4.43,<5.24'")):
+    with pytest.raises(trainer.UserError, match=re.escape("run pip install 'transformers>=4.44,<5.24'")):
         importlib.import_module(script).main(argv)
 
 
