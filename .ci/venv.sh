@@ -24,8 +24,9 @@ ci_install_torch() {
     "$PY" -m pip install --quiet "$CI_TORCH"
 }
 
-# The versions this run tests, for the log.
+# The versions this run tests, and the seconds the script has taken so far (venv and installs), for the log.
 ci_print_versions() {
+    echo "venv and installs: ${SECONDS}s"
     "$PY" - <<'PY'
 import platform
 from importlib.metadata import PackageNotFoundError, version
