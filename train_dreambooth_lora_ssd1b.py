@@ -120,8 +120,8 @@ FLAG_RANGES = {
     "num_class_images": (1, INF, "[)", 100),
     "prior_loss_weight": (0, INF, "[)", 1.0),
     "sample_batch_size": (1, INF, "[)", 4),
-    "rank": (1, INF, "[)", 8),
-    "lora_alpha": (1, INF, "[)", 8),  # 0 would switch LoRA off, a negative one flip its sign
+    "rank": (1, 1024, "[]", 8),  # beyond 1024, LoRA is no longer low-rank for any layer of SDXL's UNet
+    "lora_alpha": (1, 65536, "[]", 8),  # 0 would switch LoRA off, a negative one flip its sign
     "lora_dropout": (0, 1, "[)", 0.0),
     "text_encoder_lr": (0, INF, "()", 5e-6),
     "learning_rate": (0, INF, "()", 1e-4),
@@ -131,7 +131,7 @@ FLAG_RANGES = {
     "adam_epsilon": (0, INF, "()", 1e-8),
     "max_grad_norm": (0, INF, "()", 1.0),
     "lr_warmup_steps": (0, INF, "[)", 0),  # and at most --max_train_steps
-    "max_train_steps": (1, INF, "[)", 500),
+    "max_train_steps": (1, 10**9, "[]", 500),
     "gradient_accumulation_steps": (1, INF, "[)", 1),
     "snr_gamma": (0, INF, "()", 5.0),
     "noise_offset": (0, 1, "[]", 0.1),  # in noise standard deviations: beyond 1 the offset drowns the noise
@@ -260,7 +260,7 @@ def add_output_flags(p):
     g.add_argument("--num_validation_images", type=int, default=None, help="default 4")
     g.add_argument("--validation_steps", type=int, default=None, help="default 100")
     g.add_argument("--validation_inference_steps", type=int, default=50)
-    g.add_argument("--report_to", default="tensorboard", help="tensorboard, wandb, all or none")
+    g.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "wandb", "all", "none"])
     g.add_argument("--logging_steps", type=int, default=10,
                    help="read the loss back from the device every N steps (each read waits for the device)")
     g.add_argument("--peak_tflops", type=float, default=None,
@@ -285,6 +285,9 @@ def add_output_flags(p):
 def check_args(args):
     """Every check of the flags on their own, in one place; raises UserError naming the fix."""
     check_numbers(args)
+    if args.accept_changed_settings and not args.resume_from_checkpoint:
+        raise UserError("--accept_changed_settings applies to a resumed run: add --resume_from_checkpoint latest, "
+                        "or drop it")
     if args.with_prior_preservation and not args.class_prompt:
         raise UserError("--with_prior_preservation needs --class_prompt, e.g. --class_prompt 'a photo of dog'")
     for name in ["validation_steps", "num_validation_images"]:
@@ -518,6 +521,9 @@ def hold_output_dir(output_dir):
         holder = read_lock(lock)
         if holder is None:
             continue  # removed in between: try again
+        if not holder:
+            raise UserError(f"{lock} is unreadable, so whether a trainer holds {lock.parent} is unknown: delete "
+                            "it if no trainer is running there")
         if holder.get("host") != me["host"] or process_alive(holder.get("pid")):
             raise UserError(f"{lock.parent} is in use by the trainer with PID {holder.get('pid')} on "
                             f"{holder.get('host')} (since {holder.get('started')}): wait for it, choose another "
@@ -546,7 +552,7 @@ def create_exclusive(path, text):
 
 
 def read_lock(lock):
-    """The holder recorded in a lock file; {} for an unreadable one (treated as held), None if it is gone."""
+    """The holder recorded in a lock file; {} for an unreadable one (never taken over), None if it is gone."""
     try:
         holder = json.loads(lock.read_text())
         return holder if isinstance(holder, dict) else {}
@@ -571,7 +577,7 @@ def process_alive(pid):
 def save_was_cut_short(step_dir, resume_state):
     """Adapters published just before a kill, whose state-stepN never was: the same run (its recorded settings
     are the resumed state's), so resuming remakes them exactly."""
-    if (step_dir.parent / f"{STATE_PREFIX}{step_dir.name}" / TRAINER_STATE).is_file():
+    if (step_dir.parent / f"{STATE_PREFIX}{step_dir.name}").exists():  # published whole: damaged, not cut short
         return False
     try:
         theirs = json.loads((step_dir / SETTINGS_FILE).read_text())
@@ -600,6 +606,10 @@ def check_output_dir(output_dir, overwrite, resume_state):
         raise UserError(f"{output_dir} already holds adapters ({finished[-1].name}); continue that run with "
                         "--resume_from_checkpoint latest, choose another --output_dir, or pass "
                         "--overwrite_output_dir to replace them")
+    elif complete_states(output_dir) and not overwrite:  # a run whose adapters were moved away: still a run
+        raise UserError(f"{output_dir} already holds a resumable state ({complete_states(output_dir)[-1].name}); "
+                        "continue that run with --resume_from_checkpoint latest, choose another --output_dir, or "
+                        "pass --overwrite_output_dir to replace it")
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
         probe = output_dir / f".write-test-{os.getpid()}"

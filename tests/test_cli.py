@@ -33,9 +33,9 @@ def args_for(tiny_model, photos, tmp_path):
 @pytest.mark.parametrize("extra, message", [
     (["--with_prior_preservation"], "--with_prior_preservation needs --class_prompt"),
     (["--resolution", "1020"], "--resolution 1020 must be a positive multiple of 8"),
-    (["--rank", "0"], "--rank must be at least 1"),
+    (["--rank", "0"], "--rank must be in [1, 1024]"),
     (["--learning_rate", "0"], "--learning_rate must be above 0"),
-    (["--max_train_steps", "0"], "--max_train_steps must be at least 1"),
+    (["--max_train_steps", "0"], "--max_train_steps must be in [1, 1000000000]"),
     (["--lora_dropout", "1.5"], "--lora_dropout must be in [0, 1)"),
 ])
 def test_contradictory_or_invalid_flags_are_refused(args_for, extra, message):
@@ -188,8 +188,8 @@ def test_infer_and_evaluate_refuse_a_broken_install_first(monkeypatch, tmp_path,
     (["--prior_loss_weight", "-1"], "--prior_loss_weight must be at least 0 (got -1.0)"),
     (["--prior_loss_weight", "nan"], "--prior_loss_weight must be finite and at least 0 (got nan)"),
     (["--sample_batch_size", "0"], "--sample_batch_size must be at least 1 (got 0)"),
-    (["--rank", "-1"], "--rank must be at least 1 (got -1)"),
-    (["--lora_alpha", "0"], "--lora_alpha must be at least 1 (got 0)"),
+    (["--rank", "-1"], "--rank must be in [1, 1024] (got -1)"),
+    (["--lora_alpha", "0"], "--lora_alpha must be in [1, 65536] (got 0)"),
     (["--lora_dropout", "nan"], "--lora_dropout must be finite and in [0, 1) (got nan)"),
     (["--text_encoder_lr", "nan"], "--text_encoder_lr must be finite and above 0 (got nan)"),
     (["--learning_rate", "nan"], "--learning_rate must be finite and above 0 (got nan)"),
@@ -206,7 +206,7 @@ def test_infer_and_evaluate_refuse_a_broken_install_first(monkeypatch, tmp_path,
     (["--max_grad_norm", "-1"], "--max_grad_norm must be above 0 (got -1.0)"),
     (["--max_grad_norm", "nan"], "--max_grad_norm must be finite and above 0 (got nan)"),
     (["--lr_warmup_steps", "-1"], "--lr_warmup_steps must be at least 0 (got -1)"),
-    (["--max_train_steps", "-5"], "--max_train_steps must be at least 1 (got -5)"),
+    (["--max_train_steps", "-5"], "--max_train_steps must be in [1, 1000000000] (got -5)"),
     (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps must be at least 1 (got 0)"),
     (["--snr_gamma", "0"], "--snr_gamma must be above 0 (got 0.0)"),
     (["--snr_gamma", "-5"], "--snr_gamma must be above 0 (got -5.0)"),
@@ -362,3 +362,40 @@ def test_a_damaged_trainer_state_is_refused_in_one_line(args_for, tmp_path, cont
         assert str(refused.value) == (
             f"{out / 'state-step3' / trainer.TRAINER_STATE} is damaged (not the JSON with step and settings that "
             f"this trainer writes): delete {out / 'state-step3'}, or resume from another state-stepN folder")
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--rank", "99999999999999999999"], "--rank must be in [1, 1024]"),
+    (["--max_train_steps", "99999999999999999999"], "--max_train_steps must be in [1, 1000000000]"),
+    (["--accept_changed_settings"], "--accept_changed_settings applies to a resumed run"),
+])
+def test_numbers_past_what_can_run_and_lone_resume_flags_are_refused(args_for, extra, message):
+    with pytest.raises(trainer.UserError, match=re.escape(message)):
+        check(args_for(*extra))
+
+
+def test_unknown_report_to_is_refused_by_the_parser_before_anything_loads(args_for, capsys):
+    with pytest.raises(SystemExit):
+        trainer.parse_args([str(a) for a in args_for("--report_to", "bogus")])
+    assert "argument --report_to: invalid choice: 'bogus'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content", ["{not json", None])
+def test_an_unreadable_lock_is_named_and_never_taken_over(tmp_path, content):
+    lock = tmp_path / trainer.LOCK_FILE
+    if content is None:
+        lock.mkdir()
+    else:
+        lock.write_text(content)
+    with pytest.raises(trainer.UserError, match=f"{lock} is unreadable.*delete it if no trainer is running there"):
+        with trainer.hold_output_dir(tmp_path):
+            pass
+    assert lock.exists()
+
+
+def test_a_fresh_run_never_replaces_resumable_states_silently(args_for, tmp_path):
+    state = tmp_path / "out" / "state-step0"
+    state.mkdir(parents=True)
+    (state / trainer.TRAINER_STATE).write_text(json.dumps({"step": 1, "settings": {}}))
+    with pytest.raises(trainer.UserError, match="already holds a resumable state \\(state-step0\\); continue that run"):
+        check(args_for())
