@@ -173,13 +173,29 @@ def resolve(args, settings):
     revision = recorded(settings, "revision", args.checkpoint)
     recorded(settings, "variant", args.checkpoint)  # checked here, as main() and evaluate.py load with it
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_device(args.device)
     args.dtype = args.dtype or ("fp32" if args.device == "cpu" else "fp16")
+    if Path(args.output).exists() and not Path(args.output).is_dir():
+        raise UserError(f"--output {args.output} is a file, not a folder: pass a folder for the PNGs")
     check_model_source(args.pretrained_model_name_or_path, "model_index.json", "--pretrained_model_name_or_path",
                        revision)
     if args.pretrained_vae_model_name_or_path:
         check_model_source(args.pretrained_vae_model_name_or_path, "config.json",
                            "--pretrained_vae_model_name_or_path")
     return args
+
+
+def check_device(device):
+    """A device torch knows and this machine has, named before any model loads."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise UserError(f"--device {device} is not a device: pass cpu, cuda or cuda:N") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: this torch has no usable CUDA device; pass --device cpu, or install "
+                        "torch's CUDA build on a GPU machine")
+    if kind not in ("cpu", "cuda"):
+        raise UserError(f"--device {device} is not supported here: pass cpu, cuda or cuda:N")
 
 
 def parameters_text(args, seed, sampler):

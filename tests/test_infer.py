@@ -1,6 +1,7 @@
 """infer.py: a seed is one picture, exactly the plain diffusers one; PNGs carry their parameters."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -122,6 +123,22 @@ def numeric_flags(parser):
 def test_number_out_of_range_is_refused_before_any_model_loads(flag, value, trained_run, tmp_path, no_model_loads):
     with pytest.raises(UserError, match=f"^{flag} must be .* \\(got "):
         infer.main(["--checkpoint", str(trained_run / "step3"), f"{flag}={value}", "--output", str(tmp_path)])
+
+
+@pytest.mark.parametrize("device, message", [
+    ("tpu", "--device tpu is not a device: pass cpu, cuda or cuda:N"),
+    ("meta", "--device meta is not supported here"),
+    *([("cuda", "--device cuda: this torch has no usable CUDA device")] if not torch.cuda.is_available() else [])])
+def test_a_device_this_machine_lacks_is_refused_before_any_model_loads(device, message, trained_run,
+                                                                       no_model_loads):
+    with pytest.raises(UserError, match=re.escape(message)):
+        infer.main(["--checkpoint", str(trained_run / "step3"), "--device", device])
+
+
+def test_an_output_that_is_a_file_is_refused_before_any_model_loads(trained_run, tmp_path, no_model_loads):
+    (tmp_path / "renders").write_text("")
+    with pytest.raises(UserError, match="--output .*renders is a file, not a folder"):
+        infer.main(["--checkpoint", str(trained_run / "step3"), "--output", str(tmp_path / "renders")])
 
 
 def test_seeds_past_the_generators_range_are_refused(trained_run, no_model_loads):
