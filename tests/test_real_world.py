@@ -2,6 +2,7 @@
 when training goes wrong. Every refusal is one line that names the problem and the fix; nothing on disk is lost."""
 
 import errno
+import json
 import pickle
 import subprocess
 import sys
@@ -191,7 +192,7 @@ def test_full_disk_during_a_save_keeps_earlier_checkpoints_intact(tiny_model, ph
         run_trainer(*training_args(tiny_model, photos, output_dir))
     after = snapshot(output_dir)
     assert {k: v for k, v in after.items() if k.name != "README.md"} == {
-        k: v for k, v in before.items() if ".partial" not in str(k) and k.name != "README.md"}
+        k: v for k, v in before.items() if ".partial" not in str(k) and k.name not in ("README.md", ".lock")}
     assert not list(output_dir.glob(".*.partial")), "the half-written step is removed"
 
 
@@ -206,7 +207,15 @@ def test_resume_never_unpickles_code(tiny_model, photos, tmp_path, monkeypatch):
     run_trainer(*argv, "--max_train_steps", 1)
     marker = tmp_path / "pwned"
     monkeypatch.setenv("PWNED_MARKER", str(marker))
-    (output_dir / "state-step0" / "scheduler.bin").write_bytes(pickle.dumps(RunsCode()))
+    state = output_dir / "state-step0"
+    (state / "scheduler.bin").write_bytes(pickle.dumps(RunsCode()))
+    with pytest.raises(trainer.UserError, match="scheduler.bin is corrupt \\(its checksum does not match"):
+        run_trainer(*argv, "--max_train_steps", 2, "--resume_from_checkpoint", "latest")
+    # a forger who also rewrites the checksums still gets no code run: state is read with weights_only=True
+    record = json.loads((state / trainer.TRAINER_STATE).read_text())
+    (state / trainer.TRAINER_STATE).unlink()
+    (state / trainer.TRAINER_STATE).write_text(json.dumps(trainer.state_record(state, record["step"],
+                                                                                 record["settings"])))
     with pytest.raises(trainer.UserError, match="state-step0 holds more than tensors and plain values, so it was "
                                                 "not loaded"):
         run_trainer(*argv, "--max_train_steps", 2, "--resume_from_checkpoint", "latest")
