@@ -31,7 +31,7 @@ from PIL import Image, ImageDraw, ImageOps
 from PIL.PngImagePlugin import PngInfo
 
 import infer
-from train_dreambooth_lora_ssd1b import (UserError, apply_adapters, build_pipeline, check_images,
+from train_dreambooth_lora_ssd1b import (ArgumentParser, UserError, apply_adapters, build_pipeline, check_images,
                                          check_model_source, check_versions, generate_images, list_images, load_image,
                                          load_models, looks_like_hub_id, resolve_instance_dir, save_png_atomic,
                                          warn, write_text_atomic)
@@ -50,7 +50,7 @@ LABEL_HEIGHT = 14  # the strip above each row of the contact sheet that names it
 
 
 def parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     g = p.add_argument_group("what to score")
     g.add_argument("--checkpoint", default=None, help="a step dir, e.g. work_dirs/<run>/step499: render and score")
     g.add_argument("--images", default=None, help="a folder of PNGs with `parameters` chunks: score them as they are")
@@ -61,6 +61,7 @@ def parser():
                    help="which DreamBench prompt list: 'live' for pets, 'object' for everything else")
     g.add_argument("--baseline", action="store_true", help="also render and score the base model, adapter off")
     g.add_argument("--output_dir", required=True, help="report.json, per_prompt.csv, contact_sheet.png, images/")
+    g.add_argument("--overwrite_output_dir", action="store_true", help="replace an earlier evaluation there")
 
     g = p.add_argument_group("rendering (as infer.py)")
     g.add_argument("--images_per_prompt", type=int, default=4)
@@ -180,6 +181,8 @@ def check_scorer(name, flag):
         if not any((folder / f).is_file() for f in PROCESSOR_FILES):
             raise UserError(f"{flag} {name} has no image processor (no {' or '.join(PROCESSOR_FILES)} in it): "
                             "save the model's processor into it too")
+    elif folder.exists():
+        raise UserError(f"{flag} {name} is a file, not a model folder: pass a local model folder or a hub id")
     elif not looks_like_hub_id(name):
         raise UserError(f"{flag} {name} does not exist: pass a local model folder or a hub id")
     else:
@@ -199,7 +202,11 @@ def render_settings(args, prompts):
     return infer.resolve(infer.parse_args([str(a) for a in argv]), settings), settings
 
 
-def make_output_dir(output_dir):
+def make_output_dir(output_dir, overwrite):
+    """The folder for the report, made if missing; one that holds an earlier evaluation is not replaced silently."""
+    if (Path(output_dir) / "report.json").is_file() and not overwrite:
+        raise UserError(f"{output_dir} already holds an evaluation (report.json): choose another --output_dir, or "
+                        "pass --overwrite_output_dir to replace it")
     try:
         Path(output_dir).mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -465,7 +472,7 @@ def main(argv=None):
     else:
         prompts = dreambench_prompts(args.subject_kind, args.identifier, args.class_noun)
         render_args, settings = render_settings(args, prompts)   # infer.py's own checks of checkpoint and models
-    output_dir = make_output_dir(args.output_dir)
+    output_dir = make_output_dir(args.output_dir, args.overwrite_output_dir)
 
     scorers = Scorers(args.dino_model, args.clip_model, args.device)  # small: loaded first, so a bad one fails fast
     real = scorers.embed_images([load_image(p)[0] for p in photos])

@@ -9,7 +9,6 @@ seed --seed + i through a CPU generator, so `--seed S` gives exactly the picture
 settings in a `parameters` text chunk (the A1111 convention).
 """
 
-import argparse
 import json
 import math
 import sys
@@ -18,9 +17,9 @@ from pathlib import Path
 import torch
 from PIL.PngImagePlugin import PngInfo
 
-from train_dreambooth_lora_ssd1b import (LORA_FILE, SETTINGS_FILE, UserError, apply_adapters, build_pipeline,
-                                         check_model_source, check_versions, generate_images, load_models,
-                                         save_png_atomic)
+from train_dreambooth_lora_ssd1b import (LORA_FILE, SETTINGS_FILE, ArgumentParser, UserError, apply_adapters,
+                                         build_pipeline, check_models, check_versions, generate_images, load_models,
+                                         one_line, save_png_new)
 
 SEED_MAX = 2**64 - 1  # the largest seed torch.Generator takes; it takes negative ones too, as aliases of large ones
 # Every numeric flag of infer.py and evaluate.py: what a valid value is, and the test of it (floats must also be
@@ -32,8 +31,9 @@ NUMBER_RANGES = {
     "num_inference_steps": ("at least 1", lambda v: v >= 1),
     "guidance_scale": ("a finite number >= 0 (1 or below turns guidance off)", lambda v: v >= 0),
     "lora_scale": ("a finite number (0 renders the base model)", lambda v: True),
-    "height": ("a positive multiple of 8", lambda v: v > 0 and v % 8 == 0),
-    "width": ("a positive multiple of 8", lambda v: v > 0 and v % 8 == 0),
+    # SDXL-family models are trained at 1024; past 4096 a render needs tens of GB and days on a CPU
+    "height": ("a multiple of 8 in [8, 4096]", lambda v: 8 <= v <= 4096 and v % 8 == 0),
+    "width": ("a multiple of 8 in [8, 4096]", lambda v: 8 <= v <= 4096 and v % 8 == 0),
 }
 
 LORA_PREFIXES = ("unet.", "text_encoder.", "text_encoder_2.")  # the components of a diffusers-format adapter file
@@ -54,7 +54,7 @@ SETTINGS_FLAGS = "--pretrained_model_name_or_path, --pretrained_vae_model_name_o
 
 
 def parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True, help="a step dir, e.g. work_dirs/<run>/step499")
     p.add_argument("--prompt", default=None, help="default: the run's instance prompt")
     p.add_argument("--negative_prompt", default=None)
@@ -135,11 +135,6 @@ def check_adapter_file(lora_file):
                         f"{broken[0]}); it would render black images: use an earlier stepN")
 
 
-def one_line(error):
-    """An exception's message cut to one short line, for a UserError."""
-    return (str(error).splitlines() or [""])[0][:200]
-
-
 def recorded(settings, name, checkpoint, default=None):
     """A field of run_settings.json, read only where no flag replaces it, refused unless it is what the
     trainer writes there (a hand-edited file can hold anything)."""
@@ -160,6 +155,8 @@ def resolve(args, settings):
         resolution = recorded(settings, "resolution", args.checkpoint, 1024)
         args.height = args.height or resolution
         args.width = args.width or resolution
+    if args.prompt is not None and not args.prompt.strip():
+        raise UserError("--prompt is empty: pass a prompt, or leave --prompt out to use the run's instance prompt")
     args.prompt = args.prompt or recorded(settings, "instance_prompt", args.checkpoint)
     if not args.prompt:
         raise UserError("no --prompt given and the checkpoint records none: pass --prompt 'a photo of sks dog'")
@@ -171,17 +168,13 @@ def resolve(args, settings):
     elif args.pretrained_vae_model_name_or_path.lower() == "none":
         args.pretrained_vae_model_name_or_path = None
     revision = recorded(settings, "revision", args.checkpoint)
-    recorded(settings, "variant", args.checkpoint)  # checked here, as main() and evaluate.py load with it
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     check_device(args.device)
     args.dtype = args.dtype or ("fp32" if args.device == "cpu" else "fp16")
     if Path(args.output).exists() and not Path(args.output).is_dir():
         raise UserError(f"--output {args.output} is a file, not a folder: pass a folder for the PNGs")
-    check_model_source(args.pretrained_model_name_or_path, "model_index.json", "--pretrained_model_name_or_path",
-                       revision)
-    if args.pretrained_vae_model_name_or_path:
-        check_model_source(args.pretrained_vae_model_name_or_path, "config.json",
-                           "--pretrained_vae_model_name_or_path")
+    check_models(args.pretrained_model_name_or_path, args.pretrained_vae_model_name_or_path, revision,
+                 recorded(settings, "variant", args.checkpoint))
     return args
 
 
@@ -231,8 +224,7 @@ def main(argv=None):
                                 negative_prompt=args.negative_prompt, guidance_scale=args.guidance_scale)[0]
         info = PngInfo()
         info.add_text("parameters", parameters_text(args, seed, type(pipe.scheduler).__name__))
-        path = output / f"{Path(args.checkpoint).name}_seed{seed}.png"
-        save_png_atomic(image, path, pnginfo=info)
+        path = save_png_new(image, output / f"{Path(args.checkpoint).name}_seed{seed}.png", pnginfo=info)
         paths.append(path)
         print(path)
     return paths

@@ -27,6 +27,7 @@ import dataclasses
 import datetime
 import functools
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -166,9 +167,51 @@ def check_range(name, value):
                         f"(got {value}), e.g. --{name} {example}")
 
 
+# Flags that act only beside another flag: typed without it, each would be ignored without a word.
+# flag -> (the flag it needs, how to add that one)
+NEEDS = {
+    "text_encoder_lr": ("train_text_encoder", "--train_text_encoder"),
+    **{flag: ("with_prior_preservation", "--with_prior_preservation")
+       for flag in ["class_prompt", "class_dir", "num_class_images", "prior_loss_weight", "sample_batch_size"]},
+    **{flag: ("validation_prompt", "--validation_prompt 'a photo of sks dog in a bucket'")
+       for flag in ["validation_steps", "num_validation_images", "validation_inference_steps"]},
+    "accept_changed_settings": ("resume_from_checkpoint", "--resume_from_checkpoint latest"),
+}
+FLAG_EXAMPLES = {"instance_prompt": "a photo of sks dog", "class_prompt": "a photo of dog",
+                 "validation_prompt": "a photo of sks dog in a bucket"}
+PROMPT_FLAGS = list(FLAG_EXAMPLES)
+# a negative number as a flag's value, in any notation float() reads: argparse takes -1e-4 for a flag
+NEGATIVE_NUMBER = re.compile(r"-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$|-(inf|infinity|nan)$", re.IGNORECASE)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with its refusals as one line like every other check (a UserError, not usage text and exit
+    2), and a negative value in any notation read as a value: --learning_rate -1e-4 reaches the range check."""
+
+    def parse_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        joined = []
+        for token in args:
+            if joined and NEGATIVE_NUMBER.match(token) and joined[-1].startswith("--") and "=" not in joined[-1] \
+                    and joined[-1] != "--":
+                joined[-1] = f"{joined[-1]}={token}"
+            else:
+                joined.append(token)
+        return super().parse_args(joined, namespace)
+
+    def error(self, message):
+        raise UserError(f"{message} (see --help)")
+
+    def flags_given(self, argv):
+        """The dests of the flags typed in argv, as opposed to those left at their defaults."""
+        unset = object()
+        typed = self.parse_args(argv, argparse.Namespace(**{a.dest: unset for a in self._actions}))
+        return {dest for dest, value in vars(typed).items() if value is not unset}
+
+
 def make_parser():
     """Every flag; a numeric one's --help ends with its range from FLAG_RANGES."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     add_data_flags(p)
     add_training_flags(p)
     add_output_flags(p)
@@ -181,9 +224,10 @@ def make_parser():
 
 def parse_args(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = make_parser().parse_args(argv)
+    parser = make_parser()
+    args = parser.parse_args(argv)
     args.argv = argv  # to print the exact command that resumes an interrupted run
-    check_args(args)
+    check_args(args, parser.flags_given(argv))
     return args
 
 
@@ -257,8 +301,8 @@ def add_training_flags(p):
 def add_output_flags(p):
     g = p.add_argument_group("validation")
     g.add_argument("--validation_prompt", default=None, help='e.g. "A photo of sks dog in a bucket"')
-    g.add_argument("--num_validation_images", type=int, default=None, help="default 4")
-    g.add_argument("--validation_steps", type=int, default=None, help="default 100")
+    g.add_argument("--num_validation_images", type=int, default=4)
+    g.add_argument("--validation_steps", type=int, default=100)
     g.add_argument("--validation_inference_steps", type=int, default=50)
     g.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "wandb", "all", "none"])
     g.add_argument("--logging_steps", type=int, default=10,
@@ -282,22 +326,21 @@ def add_output_flags(p):
                    help=f"also write stepN/{KOHYA_FILE} for WebUI and ComfyUI")
 
 
-def check_args(args):
-    """Every check of the flags on their own, in one place; raises UserError naming the fix."""
+def check_args(args, given):
+    """Every check of the flags on their own, in one place; raises UserError naming the fix. `given`: the flags
+    typed, so one that would be ignored beside the others is refused rather than dropped."""
     check_numbers(args)
-    if args.accept_changed_settings and not args.resume_from_checkpoint:
-        raise UserError("--accept_changed_settings applies to a resumed run: add --resume_from_checkpoint latest, "
-                        "or drop it")
+    for name in PROMPT_FLAGS:
+        if name in given and not getattr(args, name).strip():
+            raise UserError(f"--{name} is empty: pass a prompt, e.g. --{name} '{FLAG_EXAMPLES[name]}'")
+    for name, (needed, add) in NEEDS.items():
+        if name in given and not getattr(args, needed):
+            raise UserError(f"--{name} acts only with --{needed}: add {add}, or drop --{name}")
+    if args.lr_warmup_steps and args.lr_scheduler == "constant":
+        raise UserError(f"--lr_warmup_steps {args.lr_warmup_steps} has no effect with --lr_scheduler constant: "
+                        "pass --lr_scheduler constant_with_warmup (or another schedule), or drop --lr_warmup_steps")
     if args.with_prior_preservation and not args.class_prompt:
         raise UserError("--with_prior_preservation needs --class_prompt, e.g. --class_prompt 'a photo of dog'")
-    for name in ["validation_steps", "num_validation_images"]:
-        if getattr(args, name) is not None and not args.validation_prompt:
-            raise UserError(f"--{name} needs --validation_prompt, e.g. --validation_prompt 'a photo of sks dog "
-                            "in a bucket'")
-    if args.validation_steps is None:
-        args.validation_steps = 100
-    if args.num_validation_images is None:
-        args.num_validation_images = 4
     args.caption_extension = caption_suffix(args.caption_extension)
     if args.lora_alpha is None:
         args.lora_alpha = args.rank
@@ -447,29 +490,51 @@ def check_images(paths, what, resolution):
 
 def read_captions(images, instance_prompt, caption_extension):
     """photo.txt beside photo.jpg (UTF-8) replaces the instance prompt for that photo, as kohya users expect."""
-    prompts, bad = [], []
+    prompts, bad, blank = [], [], []
     for path in images:
         caption_file = path.with_suffix(caption_extension)
         try:
-            caption = caption_file.read_text(encoding="utf-8").strip() if caption_file.is_file() else ""
-        except UnicodeDecodeError:
+            caption = caption_file.read_text(encoding="utf-8").strip() if caption_file.is_file() else None
+        except (UnicodeDecodeError, OSError):
             bad.append(caption_file.name)
-            caption = ""
+            caption = None
+        if caption == "":  # a caption left empty is more likely a mistake than a wish for the instance prompt
+            blank.append(caption_file.name)
         prompts.append(caption or instance_prompt)
     if bad:
-        raise UserError(f"caption file(s) not in UTF-8: {', '.join(bad)}; re-save them as UTF-8")
+        raise UserError(f"caption file(s) unreadable or not UTF-8: {', '.join(bad)}; re-save them as UTF-8 text")
+    if blank:
+        raise UserError(f"caption file(s) empty: {', '.join(blank)}; write each photo's prompt in it, or delete it "
+                        "to use --instance_prompt for that photo")
     found = sum(p != instance_prompt for p in prompts)
     say(f"{found} of {len(images)} photos have a {caption_extension} caption"
         + ("; the others use the instance prompt" if found else ""))
     return prompts
 
 
-def check_model_source(name, filename, flag, revision=None):
-    """A local folder must hold `filename`; a hub id must answer (or be cached) before anything loads."""
-    if Path(name).is_dir():
-        if not (Path(name) / filename).is_file():
-            raise UserError(f"{flag} {name} is not a diffusers folder (no {filename} in it)")
+# The folders of an SDXL-layout model that load_models reads weights from
+MODEL_WEIGHTS = ["unet", "text_encoder", "text_encoder_2"]
+
+
+def check_model_source(name, filename, flag, revision=None, weights=(), variant=None, vae=False):
+    """A local folder must hold `filename` as JSON, and weights in each of its `weights` subfolders ("." for
+    itself) of `variant` if given; vae=True asks for an AutoencoderKL. A hub id must answer (or be cached).
+    What from_pretrained would otherwise find only after minutes of loading is refused now."""
+    folder = Path(name)
+    if folder.is_dir():
+        config = read_json_config(folder / filename, flag, name)
+        if vae and config.get("_class_name") != "AutoencoderKL":
+            kind = config.get("_class_name") or (config.get("architectures") or ["not a diffusers model"])[0]
+            raise UserError(f"{flag} {name} is not a VAE folder (its {filename} is for {kind}): pass an "
+                            "AutoencoderKL folder such as madebyollin/sdxl-vae-fp16-fix, or 'none'")
+        missing = [sub for sub in weights if not weight_files(folder / sub, variant)]
+        if missing:
+            what = f"{variant} weights (--variant {variant})" if variant else "weights"
+            fix = "drop --variant, or download that variant" if variant else "download the model again"
+            raise UserError(f"{flag} {name} has no {what} in {', '.join(missing)}: {fix}")
         return
+    if folder.exists():
+        raise UserError(f"{flag} {name} is a file, not a model folder: pass a local diffusers folder or a hub id")
     if not looks_like_hub_id(name):
         raise UserError(f"{flag} {name} does not exist: pass a local diffusers folder or a hub id")
     from huggingface_hub import hf_hub_download
@@ -479,6 +544,37 @@ def check_model_source(name, filename, flag, revision=None):
     except Exception as e:
         raise UserError(f"cannot reach {name} ({type(e).__name__}) for {flag}: pass a local folder, or set "
                         "HF_HUB_OFFLINE=1 once it is cached, or log in with `hf auth login`") from None
+
+
+def check_models(model, vae_model, revision, variant):
+    """What load_models will read: the model's folders (its VAE too, unless vae_model replaces it), and the VAE."""
+    check_model_source(model, "model_index.json", "--pretrained_model_name_or_path", revision,
+                       weights=MODEL_WEIGHTS + ([] if vae_model else ["vae"]), variant=variant)
+    if vae_model:
+        check_model_source(vae_model, "config.json", "--pretrained_vae_model_name_or_path", weights=["."], vae=True)
+
+
+def read_json_config(file, flag, name):
+    """A model folder's config or index: a JSON object, or a UserError naming it."""
+    if not file.is_file():
+        raise UserError(f"{flag} {name} is not a diffusers folder (no {file.name} in it)")
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{flag} {name}: {file.name} is unreadable ({type(e).__name__}): download the model "
+                        "again") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{flag} {name}: {file.name} is not a JSON object: download the model again")
+    return config
+
+
+def weight_files(folder, variant):
+    """The weight files from_pretrained picks in a folder: model.safetensors, diffusion_pytorch_model.bin, their
+    shards model-00001-of-00002.safetensors, and with a variant model.fp16.safetensors and its shards."""
+    if not folder.is_dir():
+        return []
+    names = [p.name for p in folder.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file()]
+    return [n for n in names if (f".{variant}" in Path(n).stem if variant else "." not in Path(n).stem)]
 
 
 def step_of(folder):
@@ -660,7 +756,23 @@ TRAINING_FLAGS = ["pretrained_vae_model_name_or_path", "revision", "variant", "i
                   "prior_loss_weight", "resolution", "center_crop", "random_flip", "train_batch_size", "lora_dropout",
                   "learning_rate", "text_encoder_lr", "scale_lr", "adam_beta1", "adam_beta2", "adam_weight_decay",
                   "adam_epsilon", "max_grad_norm", "gradient_accumulation_steps", "snr_gamma", "noise_offset", "seed",
-                  "mixed_precision"]
+                  "mixed_precision", "instance_data_sha256"]
+
+
+def instance_data_sha256(images, prompts, instance_prompt):
+    """One checksum of the photos' names and bytes and their own captions (--instance_prompt is compared as a
+    flag): a resume notices a photo swapped or edited in the folder."""
+    digest = hashlib.sha256()
+    for path, prompt in zip(images, prompts):
+        digest.update(json.dumps([path.name, file_sha256(path), prompt if prompt != instance_prompt else None])
+                      .encode())
+    return digest.hexdigest()
+
+
+def describe_change(key, was, now):
+    if key == "instance_data_sha256":
+        return "the instance photos or their captions"
+    return f"--{key} {was} (now {now})"
 
 
 def check_same_settings(state, saved, args):
@@ -669,7 +781,7 @@ def check_same_settings(state, saved, args):
         if saved.get(key) != getattr(args, key):
             raise UserError(f"{state} was trained with --{key} {saved.get(key)}, not {getattr(args, key)}: resume "
                             "with the same flags")
-    changed = [f"--{key} {saved.get(key)} (now {getattr(args, key)})" for key in TRAINING_FLAGS
+    changed = [describe_change(key, saved[key], getattr(args, key)) for key in TRAINING_FLAGS
                if key in saved and saved[key] != getattr(args, key)]
     if changed and not args.accept_changed_settings:
         raise UserError(f"{state} was trained with other settings: {', '.join(changed)}; resume with the same flags, "
@@ -745,16 +857,20 @@ def check_inputs(args):
     instance_prompts = read_captions(instance_images, args.instance_prompt, args.caption_extension)
     if args.with_prior_preservation:
         refuse_file_as_folder(args.class_dir, "--class_dir", "pass a folder for the class images (made if missing)")
+    class_images = []
     if args.with_prior_preservation and Path(args.class_dir).is_dir():
         warn_broken_links(args.class_dir, "class")
-        check_images(list_images(args.class_dir), "class", args.resolution)
-    check_model_source(args.pretrained_model_name_or_path, "model_index.json",
-                       "--pretrained_model_name_or_path", args.revision)
-    if args.pretrained_vae_model_name_or_path:
-        check_model_source(args.pretrained_vae_model_name_or_path, "config.json",
-                           "--pretrained_vae_model_name_or_path")
+        class_images = list_images(args.class_dir)
+        check_images(class_images, "class", args.resolution)
+    if args.cache_latents == "on" and not latent_cache_is_exact([*instance_images, *class_images], args.center_crop):
+        raise UserError("--cache_latents on would fix one random crop of each non-square image for the whole run "
+                        "(kohya refuses this too): add --center_crop, or pass --cache_latents auto, which caches "
+                        "only where no crop is lost")
+    check_models(args.pretrained_model_name_or_path, args.pretrained_vae_model_name_or_path, args.revision,
+                 args.variant)
     refuse_file_as_folder(args.output_dir, "--output_dir", "choose another --output_dir")
     remove_partial_dirs(args.output_dir)
+    args.instance_data_sha256 = instance_data_sha256(instance_images, instance_prompts, args.instance_prompt)
     args.resume_state = check_resume(args)
     check_output_dir(args.output_dir, args.overwrite_output_dir, args.resume_state)
     return instance_images, instance_prompts
@@ -783,16 +899,17 @@ def load_models(model, vae_model, revision, variant, dtype, device):
 
     common = dict(revision=revision, variant=variant)
     diffusers_common = dict(common, torch_dtype=dtype)  # at load: casting afterwards makes diffusers warn
-    tokenizers = [CLIPTokenizer.from_pretrained(model, subfolder=sub, revision=revision)
-                  for sub in ("tokenizer", "tokenizer_2")]
-    text_encoders = [CLIPTextModel.from_pretrained(model, subfolder="text_encoder", **common),
-                     CLIPTextModelWithProjection.from_pretrained(model, subfolder="text_encoder_2", **common)]
-    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", **diffusers_common)
-    if vae_model:
-        vae = AutoencoderKL.from_pretrained(vae_model, torch_dtype=dtype)
-    else:
-        vae = AutoencoderKL.from_pretrained(model, subfolder="vae", **diffusers_common)
-    noise_scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler", revision=revision)
+    with load_errors_named(model, vae_model):
+        tokenizers = [CLIPTokenizer.from_pretrained(model, subfolder=sub, revision=revision)
+                      for sub in ("tokenizer", "tokenizer_2")]
+        text_encoders = [CLIPTextModel.from_pretrained(model, subfolder="text_encoder", **common),
+                         CLIPTextModelWithProjection.from_pretrained(model, subfolder="text_encoder_2", **common)]
+        unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", **diffusers_common)
+        if vae_model:
+            vae = AutoencoderKL.from_pretrained(vae_model, torch_dtype=dtype)
+        else:
+            vae = AutoencoderKL.from_pretrained(model, subfolder="vae", **diffusers_common)
+        noise_scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler", revision=revision)
     for module in [*text_encoders, unet, vae]:
         module.requires_grad_(False)
     for module in text_encoders:
@@ -804,14 +921,32 @@ def load_models(model, vae_model, revision, variant, dtype, device):
     return Models(tokenizers, text_encoders, unet, vae, noise_scheduler)
 
 
+@contextlib.contextmanager
+def load_errors_named(model, vae_model=None):
+    """from_pretrained's OSError (a file missing from a hub snapshot, an unreachable hub, a damaged download) as
+    one line naming the models; check_models has refused what a local folder can show before loading."""
+    try:
+        yield
+    except OSError as e:
+        names = f"{model}" + (f" (VAE {vae_model})" if vae_model else "")
+        raise UserError(f"cannot load {names}: {one_line(e)}; check --pretrained_model_name_or_path, --revision "
+                        "and --variant, or download the model again") from None
+
+
+def one_line(error):
+    """An exception's message cut to one short line, for a UserError."""
+    return (str(error).splitlines() or [""])[0][:200]
+
+
 def build_pipeline(models, model, revision, variant):
     """An SDXL pipeline over the given parts; the sampling scheduler comes from the model's folder."""
     from diffusers import StableDiffusionXLPipeline
 
-    pipe = StableDiffusionXLPipeline.from_pretrained(
-        model, revision=revision, variant=variant, vae=models.vae, unet=models.unet,
-        text_encoder=models.text_encoders[0], text_encoder_2=models.text_encoders[1],
-        tokenizer=models.tokenizers[0], tokenizer_2=models.tokenizers[1])
+    with load_errors_named(model):
+        pipe = StableDiffusionXLPipeline.from_pretrained(
+            model, revision=revision, variant=variant, vae=models.vae, unet=models.unet,
+            text_encoder=models.text_encoders[0], text_encoder_2=models.text_encoders[1],
+            tokenizer=models.tokenizers[0], tokenizer_2=models.tokenizers[1])
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -1214,6 +1349,28 @@ def save_png_atomic(image, path, pnginfo=None):
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     image.save(tmp, format="PNG", pnginfo=pnginfo)
     os.replace(tmp, path)
+
+
+def save_png_new(image, path, pnginfo=None):
+    """Save under `path`, or path_2, path_3, ... where that name is taken: a render never replaces an earlier
+    one. The name is claimed with a hard link, which fails where a file exists, so two writers cannot collide;
+    where links are not supported, by creating the name exclusively, then renaming the finished file onto it."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    image.save(tmp, format="PNG", pnginfo=pnginfo)
+    try:
+        for n in itertools.count(1):
+            final = path if n == 1 else path.with_name(f"{path.stem}_{n}{path.suffix}")
+            try:
+                os.link(tmp, final)
+                return final
+            except FileExistsError:
+                continue
+            except OSError:  # a file system without hard links
+                if create_exclusive(final, ""):
+                    os.replace(tmp, final)
+                    return final
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_text_atomic(path, text):
@@ -1860,6 +2017,9 @@ def make_accelerator(args):
         kwargs_handlers=[
             # the others wait at barriers while the main process validates and saves
             InitProcessGroupKwargs(timeout=datetime.timedelta(hours=2))])
+    if accelerator.device.type == "cpu" and accelerator.mixed_precision == "fp16":  # CPU autocast would mix dtypes
+        raise UserError("mixed precision fp16 (from --mixed_precision or the accelerate config) needs a GPU; on "
+                        "this CPU pass --mixed_precision bf16 (faster where the CPU supports it) or no")
     accelerator.print(f"{accelerator.state}".strip())
     return accelerator
 

@@ -243,7 +243,8 @@ def test_every_numeric_flag_has_a_range_and_says_it_in_help():
 
 def test_the_edges_of_each_range_are_accepted(args_for):
     check(args_for("--adam_beta1", "0", "--noise_offset", "1", "--prior_loss_weight", "0", "--lr_warmup_steps",
-                   "500", "--max_train_steps", "500", "--dataloader_num_workers", "0", "--seed", str(2**32 - 1),
+                   "500", "--max_train_steps", "500", "--lr_scheduler", "constant_with_warmup",
+                   "--with_prior_preservation", "--class_prompt", "a photo of dog", "--dataloader_num_workers", "0", "--seed", str(2**32 - 1),
                    "--resolution", "8", "--adam_weight_decay", "0", "--lora_alpha", "1"))
 
 
@@ -367,17 +368,42 @@ def test_a_damaged_trainer_state_is_refused_in_one_line(args_for, tmp_path, cont
 @pytest.mark.parametrize("extra, message", [
     (["--rank", "99999999999999999999"], "--rank must be in [1, 1024]"),
     (["--max_train_steps", "99999999999999999999"], "--max_train_steps must be in [1, 1000000000]"),
-    (["--accept_changed_settings"], "--accept_changed_settings applies to a resumed run"),
+    (["--accept_changed_settings"], "--accept_changed_settings acts only with --resume_from_checkpoint: add "
+                                    "--resume_from_checkpoint latest, or drop --accept_changed_settings"),
 ])
 def test_numbers_past_what_can_run_and_lone_resume_flags_are_refused(args_for, extra, message):
     with pytest.raises(trainer.UserError, match=re.escape(message)):
         check(args_for(*extra))
 
 
-def test_unknown_report_to_is_refused_by_the_parser_before_anything_loads(args_for, capsys):
-    with pytest.raises(SystemExit):
+def test_unknown_report_to_is_refused_by_the_parser_before_anything_loads(args_for):
+    with pytest.raises(trainer.UserError, match="^argument --report_to: invalid choice: 'bogus'"):
         trainer.parse_args([str(a) for a in args_for("--report_to", "bogus")])
-    assert "argument --report_to: invalid choice: 'bogus'" in capsys.readouterr().err
+
+
+EVALUATE_ARGV = ["--checkpoint", "x", "--instance_dir", "d", "--output_dir", "o"]
+
+
+@pytest.mark.parametrize("script, argv, message", [
+    ("train_dreambooth_lora_ssd1b.py", ["--instance_dir", "d", "--instance_prompt", "x", "--resolution", "abc"],
+     "argument --resolution: invalid int value: 'abc'"),
+    ("train_dreambooth_lora_ssd1b.py", ["--instance_prompt", "x"], "the following arguments are required: "
+                                                                   "--instance_dir/--instance_data_dir"),
+    ("infer.py", ["--checkpoint", "x", "--num_images", "2.5"], "argument --num_images: invalid int value: '2.5'"),
+    ("infer.py", ["--checkpoint", "x", "--no_such_flag"], "unrecognized arguments: --no_such_flag"),
+    ("evaluate.py", [*EVALUATE_ARGV, "--seed", "abc"], "argument --seed: invalid int value: 'abc'"),
+])
+def test_what_argparse_refuses_is_one_line_not_usage_text(script, argv, message, tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / script), *argv], capture_output=True, text=True,
+                            cwd=tmp_path)
+    assert (result.returncode, result.stderr.strip()) == (1, f"error: {message} (see --help)")
+
+
+@pytest.mark.parametrize("value, shown", [("-1e-4", "-0.0001"), ("-.5", "-0.5"), ("-inf", "-inf"), ("-2E3", "-2000.0")])
+def test_a_negative_number_in_any_notation_reaches_the_range_check(args_for, value, shown):
+    with pytest.raises(trainer.UserError, match=re.escape(f"--learning_rate must be {'finite and ' * (value == '-inf')}"
+                                                          f"above 0 (got {shown})")):
+        check(args_for("--learning_rate", value))
 
 
 @pytest.mark.parametrize("content", ["{not json", None])
@@ -399,3 +425,72 @@ def test_a_fresh_run_never_replaces_resumable_states_silently(args_for, tmp_path
     (state / trainer.TRAINER_STATE).write_text(json.dumps({"step": 1, "settings": {}}))
     with pytest.raises(trainer.UserError, match="already holds a resumable state \\(state-step0\\); continue that run"):
         check(args_for())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Flags that would be ignored, and empty text: refused, never dropped or replaced
+# ----------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("extra, message", [
+    (["--class_prompt", "a photo of dog"], "--class_prompt acts only with --with_prior_preservation: add "
+                                           "--with_prior_preservation, or drop --class_prompt"),
+    (["--num_class_images", "50"], "--num_class_images acts only with --with_prior_preservation"),
+    (["--prior_loss_weight", "0.5"], "--prior_loss_weight acts only with --with_prior_preservation"),
+    (["--class_dir", "classes"], "--class_dir acts only with --with_prior_preservation"),
+    (["--text_encoder_lr", "1e-5"], "--text_encoder_lr acts only with --train_text_encoder"),
+    (["--validation_steps", "5"], "--validation_steps acts only with --validation_prompt"),
+    (["--num_validation_images", "2"], "--num_validation_images acts only with --validation_prompt"),
+    (["--validation_inference_steps", "20"], "--validation_inference_steps acts only with --validation_prompt"),
+    (["--lr_warmup_steps", "10"], "--lr_warmup_steps 10 has no effect with --lr_scheduler constant: pass "
+                                  "--lr_scheduler constant_with_warmup"),
+    (["--instance_prompt", ""], "--instance_prompt is empty: pass a prompt, e.g. --instance_prompt 'a photo of sks "
+                                "dog'"),
+    (["--validation_prompt", "  "], "--validation_prompt is empty"),
+    (["--with_prior_preservation", "--class_prompt", " "], "--class_prompt is empty"),
+])
+def test_a_flag_that_would_be_ignored_or_an_empty_prompt_is_refused(args_for, extra, message):
+    with pytest.raises(trainer.UserError, match=re.escape(message)):
+        check(args_for(*extra))
+
+
+def test_flags_at_their_default_value_are_not_refused_when_typed_in_context(args_for):
+    check(args_for("--with_prior_preservation", "--class_prompt", "a photo of dog", "--num_class_images", "100",
+                   "--train_text_encoder", "--text_encoder_lr", "5e-6", "--validation_prompt", "a sks dog",
+                   "--validation_steps", "100", "--lr_scheduler", "cosine", "--lr_warmup_steps", "10"))
+
+
+def test_an_empty_caption_file_is_named_not_replaced_by_the_instance_prompt(args_for, photos, tmp_path):
+    folder = tmp_path / "captions"
+    shutil.copytree(photos, folder)
+    (folder / "dog_0.txt").write_text("")
+    (folder / "dog_1.txt").write_text("  \n")
+    (folder / "dog_2.txt").write_text("a photo of sks dog on grass")
+    with pytest.raises(trainer.UserError, match=re.escape("caption file(s) empty: dog_0.txt, dog_1.txt; write each "
+                                                          "photo's prompt in it, or delete it")):
+        check(args_for(instance_dir=folder))
+
+
+def test_caching_latents_on_request_is_refused_where_it_would_freeze_a_random_crop(args_for, tmp_path):
+    folder = tmp_path / "wide"
+    folder.mkdir()
+    for i in range(3):
+        Image.new("RGB", (96, 64), (i * 80, 0, 0)).save(folder / f"wide_{i}.png")
+    with pytest.raises(trainer.UserError, match=re.escape("--cache_latents on would fix one random crop of each "
+                                                          "non-square image for the whole run")):
+        check(args_for("--cache_latents", "on", instance_dir=folder))
+    check(args_for("--cache_latents", "on", "--center_crop", instance_dir=folder))  # one crop is all there is
+    square = tmp_path / "square"
+    square.mkdir()
+    for i in range(3):
+        Image.new("RGB", (64, 64), (i * 80, 0, 0)).save(square / f"square_{i}.png")
+    check(args_for("--cache_latents", "on", instance_dir=square))  # square photos: no crop to lose
+
+
+def test_fp16_mixed_precision_on_a_cpu_is_refused_before_any_model_loads(args_for, tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "train_dreambooth_lora_ssd1b.py"),
+                             *map(str, args_for("--mixed_precision", "fp16"))], capture_output=True, text=True,
+                            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert result.returncode == 1 and "Traceback" not in result.stderr and "Loading" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "error: mixed precision fp16 (from --mixed_precision or the accelerate config) needs a GPU; on this CPU pass "
+        "--mixed_precision bf16")

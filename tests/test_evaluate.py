@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -241,6 +242,9 @@ def test_bad_dino_model_is_one_line_error_before_anything_loads(trained_run, pho
     ("no_class_noun", "rendering needs --class_noun"),
     ("scorer_without_processor", "has no image processor (no preprocessor_config.json or processor_config.json"),
     ("images_without_prompts", "carries a `parameters` chunk"),
+    ("scorer_is_a_file", "--clip_model {tmp}/afile is a file, not a model folder: pass a local model folder"),
+    ("earlier_report", "{tmp}/out already holds an evaluation (report.json): choose another --output_dir, or pass "
+                       "--overwrite_output_dir"),
 ])
 def test_mistakes_are_refused_in_one_line(case, message, trained_run, photos, scorer_dirs, tmp_path):
     (tmp_path / "empty").mkdir()
@@ -255,12 +259,19 @@ def test_mistakes_are_refused_in_one_line(case, message, trained_run, photos, sc
             "images_with_baseline": ["--images", str(tmp_path), "--baseline"],
             "no_class_noun": ["--checkpoint", str(trained_run / "step3"), "--subject_kind", "live"],
             "scorer_without_processor": [*render, "--dino_model", str(tmp_path / "half")],
-            "images_without_prompts": ["--images", str(tmp_path / "bare")]}[case]
+            "images_without_prompts": ["--images", str(tmp_path / "bare")],
+            "scorer_is_a_file": [*render, "--clip_model", str(tmp_path / "afile")],
+            "earlier_report": render}[case]
+    (tmp_path / "afile").write_text("not a model")
+    if case == "earlier_report":
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / "report.json").write_text("{}")
     photos_dir = tmp_path / "empty" if case == "empty_photos" else photos
-    with pytest.raises(UserError, match=message.replace("(", r"\(").replace("[", r"\[")):
+    with pytest.raises(UserError, match=re.escape(message.format(tmp=tmp_path))):
         evaluate.main([*scorer_flags(scorer_dirs), *argv, "--instance_dir", str(photos_dir),
                        "--output_dir", str(tmp_path / "out")])
-    assert not (tmp_path / "out").exists()
+    assert case == "earlier_report" or not (tmp_path / "out").exists()
+    assert case != "earlier_report" or (tmp_path / "out" / "report.json").read_text() == "{}"
 
 
 EVALUATE_BAD_NUMBERS = [("--images_per_prompt", "0"), ("--images_per_prompt", "-4"), ("--seed", "-1"),

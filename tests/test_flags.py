@@ -1,6 +1,8 @@
 """Each flag does what it says: the ones that no whole-run test already pins down."""
 
 import contextlib
+import re
+from pathlib import Path
 
 import accelerate
 import pytest
@@ -213,10 +215,23 @@ def test_variant_loads_the_variant_weights(tiny_model, tmp_path):
     from diffusers import StableDiffusionXLPipeline
 
     StableDiffusionXLPipeline.from_pretrained(tiny_model).save_pretrained(tmp_path / "fp16", variant="fp16")
+    trainer.check_models(tmp_path / "fp16", None, None, "fp16")
     models = trainer.load_models(tmp_path / "fp16", None, None, "fp16", torch.float32, "cpu")
     assert models.unet is not None
-    with pytest.raises(OSError):
-        trainer.load_models(tmp_path / "fp16", None, None, None, torch.float32, "cpu")
+    with pytest.raises(trainer.UserError, match="has no weights in unet, text_encoder, text_encoder_2, vae"):
+        trainer.check_models(tmp_path / "fp16", None, None, None)  # before any load: only fp16 files are there
+    with pytest.raises(trainer.UserError, match=r"^cannot load .*fp16: .*; check --pretrained_model_name_or_path"):
+        trainer.load_models(tmp_path / "fp16", None, None, None, torch.float32, "cpu")  # what a hub snapshot gets
+
+
+def test_a_variant_the_folder_lacks_and_a_vae_that_is_no_vae_are_refused_before_loading(tiny_model):
+    with pytest.raises(trainer.UserError, match=re.escape(
+            "has no fp16 weights (--variant fp16) in unet, text_encoder, text_encoder_2: drop --variant")):
+        trainer.check_models(tiny_model, Path(tiny_model) / "vae", None, "fp16")
+    with pytest.raises(trainer.UserError, match=re.escape(
+            "text_encoder is not a VAE folder (its config.json is for CLIPTextModel): pass an AutoencoderKL folder")):
+        trainer.check_models(tiny_model, Path(tiny_model) / "text_encoder", None, None)
+    trainer.check_models(tiny_model, Path(tiny_model) / "vae", None, None)
 
 
 def test_revision_is_asked_of_the_hub(monkeypatch):

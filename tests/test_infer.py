@@ -107,7 +107,8 @@ def no_model_loads(monkeypatch):
     monkeypatch.setattr(infer, "load_models", lambda *a, **k: pytest.fail("the base model loaded first"))
 
 
-BAD_NUMBERS = [("--height", "-64"), ("--height", "0"), ("--height", "12"), ("--width", "0"),
+BAD_NUMBERS = [("--height", "-64"), ("--height", "0"), ("--height", "12"), ("--width", "0"), ("--width", "1000000"),
+               ("--height", "4104"),
                ("--num_inference_steps", "0"), ("--num_inference_steps", "-1"), ("--num_images", "0"),
                ("--guidance_scale", "nan"), ("--guidance_scale", "inf"), ("--guidance_scale", "-1"),
                ("--lora_scale", "nan"), ("--lora_scale", "inf"), ("--lora_scale", "-inf"),
@@ -243,3 +244,19 @@ def test_flags_named_in_the_refusal_replace_the_damaged_fields(trained_run, tiny
     args = infer.resolve(infer.parse_args(argv), infer.read_settings(step))
     assert (args.height, args.width, args.prompt, args.pretrained_model_name_or_path) == (32, 48, "a dog",
                                                                                            str(tiny_model))
+
+
+def test_a_second_render_never_replaces_the_first(trained_run, tmp_path):
+    argv = ["--checkpoint", str(trained_run / "step3"), "--num_inference_steps", "1", "--output", str(tmp_path)]
+    [first] = infer.main([*argv, "--prompt", "a sks dog"])
+    before = first.read_bytes()
+    [second] = infer.main([*argv, "--prompt", "a sks dog on the moon"])  # the same step and seed: the same name
+    assert (first.name, second.name) == ("step3_seed0.png", "step3_seed0_2.png")
+    assert first.read_bytes() == before
+    assert "on the moon" in Image.open(second).text["parameters"]
+    assert not list(tmp_path.glob(".*tmp*")), "no temporary file is left behind"
+
+
+def test_an_empty_prompt_is_refused_not_replaced_by_the_runs_prompt(trained_run, tmp_path, no_model_loads):
+    with pytest.raises(UserError, match="^--prompt is empty: pass a prompt, or leave --prompt out"):
+        infer.main(["--checkpoint", str(trained_run / "step3"), "--prompt", " ", "--output", str(tmp_path)])

@@ -7,9 +7,7 @@ import pickle
 import subprocess
 import sys
 
-import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import train_dreambooth_lora_ssd1b as trainer
@@ -106,14 +104,8 @@ def test_caption_not_in_utf8_is_refused(tiny_model, tmp_path):
     folder.mkdir()
     make_photo(folder / "one.jpg")
     (folder / "one.txt").write_bytes("a photo of sks dog, café".encode("latin-1"))
-    with pytest.raises(trainer.UserError, match=r"caption file\(s\) not in UTF-8: one.txt; re-save them as UTF-8"):
+    with pytest.raises(trainer.UserError, match=r"caption file\(s\) unreadable or not UTF-8: one.txt; re-save them"):
         check(tiny_args(tiny_model, folder, tmp_path / "out"))
-
-
-@pytest.mark.parametrize("flag, value", [("--validation_steps", 50), ("--num_validation_images", 2)])
-def test_validation_flags_without_a_prompt_are_refused(tiny_model, photos, tmp_path, flag, value):
-    with pytest.raises(trainer.UserError, match=f"{flag} needs --validation_prompt"):
-        check(tiny_args(tiny_model, photos, tmp_path / "out", flag, value))
 
 
 def test_unwritable_output_dir_is_refused(tiny_model, photos, tmp_path):
@@ -129,8 +121,8 @@ def test_refusal_from_the_command_line_is_one_line(tiny_model, photos, tmp_path)
                             capture_output=True, text=True)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [
-        "error: --validation_steps needs --validation_prompt, e.g. --validation_prompt 'a photo of sks dog in a "
-        "bucket'"]
+        "error: --validation_steps acts only with --validation_prompt: add --validation_prompt 'a photo of sks dog "
+        "in a bucket', or drop --validation_steps"]
 
 
 def snapshot(folder):

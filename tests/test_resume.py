@@ -11,6 +11,7 @@ import time
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 import train_dreambooth_lora_ssd1b as trainer
@@ -292,6 +293,17 @@ def test_changed_settings_are_listed_and_refused_unless_accepted(one_step_run, t
     run_trainer(*argv, *changed, "--accept_changed_settings")
     assert "resuming with changed settings, as --accept_changed_settings asks" in capsys.readouterr().err
     assert (output_dir / "step1" / trainer.LORA_FILE).is_file()
+
+
+def test_a_photo_changed_in_the_same_folder_is_refused_on_resume(tiny_model, photos, tmp_path):
+    folder = tmp_path / "dog"
+    shutil.copytree(photos, folder)
+    argv = tiny_args(tiny_model, folder, tmp_path / "out", "--optimizer", "adamw")
+    run_trainer(*argv, "--max_train_steps", 1)
+    Image.new("RGB", (64, 64), "red").save(folder / "dog_0.jpg")  # same folder, same names, same flags
+    with pytest.raises(trainer.UserError, match="was trained with other settings: the instance photos or their "
+                                                "captions; resume with the same flags"):
+        run_trainer(*argv, "--max_train_steps", 2, "--resume_from_checkpoint", "latest")
 
 
 def test_state_of_an_older_trainer_without_checksums_still_resumes(one_step_run, tiny_model, photos, tmp_path,

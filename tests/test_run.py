@@ -1,6 +1,5 @@
 """Whole runs on the tiny model: through `accelerate launch`, and in-process to pin what single flags do."""
 
-import json
 import subprocess
 import sys
 
