@@ -11,6 +11,7 @@ settings in a `parameters` text chunk (the A1111 convention).
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -171,11 +172,23 @@ def resolve(args, settings):
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     check_device(args.device)
     args.dtype = args.dtype or ("fp32" if args.device == "cpu" else "fp16")
-    if Path(args.output).exists() and not Path(args.output).is_dir():
-        raise UserError(f"--output {args.output} is a file, not a folder: pass a folder for the PNGs")
+    check_output_folder(args.output)
     check_models(args.pretrained_model_name_or_path, args.pretrained_vae_model_name_or_path, revision,
                  recorded(settings, "variant", args.checkpoint))
     return args
+
+
+def check_output_folder(output):
+    """--output can be made and written: nothing on its path is a file, and the nearest existing folder on it
+    takes new files. Made only when the first image is ready."""
+    if not output.strip():
+        raise UserError("--output is empty: pass a folder for the PNGs, or leave it out for outputs/")
+    existing = next(p for p in [Path(output), *Path(output).parents] if p.exists())  # "." always exists
+    if not existing.is_dir():
+        what = "is a file" if existing == Path(output) else f"is under {existing}, which is a file"
+        raise UserError(f"--output {output} {what}, not a folder: pass a folder for the PNGs")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--output {output}: {existing} is not writable: pass a folder you can write to")
 
 
 def check_device(device):

@@ -27,6 +27,7 @@ import dataclasses
 import datetime
 import functools
 import hashlib
+import importlib.util
 import itertools
 import json
 import math
@@ -177,9 +178,15 @@ NEEDS = {
        for flag in ["validation_steps", "num_validation_images", "validation_inference_steps"]},
     "accept_changed_settings": ("resume_from_checkpoint", "--resume_from_checkpoint latest"),
 }
-FLAG_EXAMPLES = {"instance_prompt": "a photo of sks dog", "class_prompt": "a photo of dog",
-                 "validation_prompt": "a photo of sks dog in a bucket"}
-PROMPT_FLAGS = list(FLAG_EXAMPLES)
+FLAG_EXAMPLES = {"instance_prompt": "a prompt, e.g. --instance_prompt 'a photo of sks dog'",
+                 "class_prompt": "a prompt, e.g. --class_prompt 'a photo of dog'",
+                 "validation_prompt": "a prompt, e.g. --validation_prompt 'a photo of sks dog in a bucket'",
+                 "instance_dir": "the folder of photos", "class_dir": "a folder for the class images",
+                 "output_dir": "a folder, or leave --output_dir out for work_dirs/<name>",
+                 "pretrained_model_name_or_path": "a model folder or a hub id, e.g. segmind/SSD-1B",
+                 "resume_from_checkpoint": "latest or a state-stepN folder"}
+PROMPT_FLAGS = ["instance_prompt", "class_prompt", "validation_prompt"]
+PATH_FLAGS = ["instance_dir", "class_dir", "output_dir", "pretrained_model_name_or_path", "resume_from_checkpoint"]
 # a negative number as a flag's value, in any notation float() reads: argparse takes -1e-4 for a flag
 NEGATIVE_NUMBER = re.compile(r"-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$|-(inf|infinity|nan)$", re.IGNORECASE)
 
@@ -197,7 +204,18 @@ class ArgumentParser(argparse.ArgumentParser):
                 joined[-1] = f"{joined[-1]}={token}"
             else:
                 joined.append(token)
+        self.refuse_repeats(joined)
         return super().parse_args(joined, namespace)
+
+    def refuse_repeats(self, argv):
+        """A flag given twice (or under both its names) would keep the last value without a word."""
+        seen = {}
+        for token in argv:
+            action = self._option_string_actions.get(token.split("=", 1)[0]) if token.startswith("--") else None
+            if action is not None and action.dest in seen and action.dest != "help":
+                raise UserError(f"{seen[action.dest]} is given twice (then as {token.split('=', 1)[0]}): keep one")
+            if action is not None:
+                seen[action.dest] = token.split("=", 1)[0]
 
     def error(self, message):
         raise UserError(f"{message} (see --help)")
@@ -330,9 +348,13 @@ def check_args(args, given):
     """Every check of the flags on their own, in one place; raises UserError naming the fix. `given`: the flags
     typed, so one that would be ignored beside the others is refused rather than dropped."""
     check_numbers(args)
-    for name in PROMPT_FLAGS:
-        if name in given and not getattr(args, name).strip():
-            raise UserError(f"--{name} is empty: pass a prompt, e.g. --{name} '{FLAG_EXAMPLES[name]}'")
+    for name in [*PROMPT_FLAGS, *PATH_FLAGS]:
+        if name in given and not getattr(args, name).strip():  # an empty path is the current folder
+            raise UserError(f"--{name} is empty: pass {FLAG_EXAMPLES[name]}")
+    tracker = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(args.report_to)
+    if tracker and importlib.util.find_spec(tracker) is None:  # accelerate would drop the tracker without a word
+        raise UserError(f"--report_to {args.report_to} needs {tracker}: pip install {tracker}, or pass --report_to "
+                        "none")
     for name, (needed, add) in NEEDS.items():
         if name in given and not getattr(args, needed):
             raise UserError(f"--{name} acts only with --{needed}: add {add}, or drop --{name}")
@@ -372,6 +394,8 @@ def caption_suffix(extension):
     except ValueError:
         raise UserError(f"--caption_extension {extension!r} is not a file name suffix: pass one like .txt, the "
                         "ending of photo.txt beside photo.jpg") from None
+    if suffix.lower() in IMAGE_EXTENSIONS:  # photo.jpg would be its own caption
+        raise UserError(f"--caption_extension {extension} is an image's extension: pass the captions' own, like .txt")
     return suffix
 
 
@@ -512,8 +536,11 @@ def read_captions(images, instance_prompt, caption_extension):
     return prompts
 
 
-# The folders of an SDXL-layout model that load_models reads weights from
+# The folders of an SDXL-layout model that load_models reads weights from, and the others it reads, each with
+# the files of which it needs one (a tokenizer's vocabulary comes as vocab.json or within tokenizer.json)
 MODEL_WEIGHTS = ["unet", "text_encoder", "text_encoder_2"]
+MODEL_FILES = {"tokenizer": ["vocab.json", "tokenizer.json"], "tokenizer_2": ["vocab.json", "tokenizer.json"],
+               "scheduler": ["scheduler_config.json"]}
 
 
 def check_model_source(name, filename, flag, revision=None, weights=(), variant=None, vae=False):
@@ -527,6 +554,9 @@ def check_model_source(name, filename, flag, revision=None, weights=(), variant=
             kind = config.get("_class_name") or (config.get("architectures") or ["not a diffusers model"])[0]
             raise UserError(f"{flag} {name} is not a VAE folder (its {filename} is for {kind}): pass an "
                             "AutoencoderKL folder such as madebyollin/sdxl-vae-fp16-fix, or 'none'")
+        for sub, names in (MODEL_FILES.items() if filename == "model_index.json" else []):
+            if not any((folder / sub / file).is_file() for file in names):
+                raise UserError(f"{flag} {name} has no {sub}/{' or '.join(names)}: download the model again")
         missing = [sub for sub in weights if not weight_files(folder / sub, variant)]
         if missing:
             what = f"{variant} weights (--variant {variant})" if variant else "weights"

@@ -19,7 +19,21 @@ def run_trainer(*argv):
 
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
-    trainer.main([str(a) for a in argv])
+    trainer.main([str(a) for a in with_flags([], *argv)])
+
+
+def with_flags(argv, *extra):
+    """argv with the extra flags: a flag argv (or an earlier extra) already has takes the new value, as a test
+    that changes one flag means (the trainer refuses a flag given twice)."""
+    argv, extra = list(argv), list(extra)
+    while extra:
+        flag = extra.pop(0)
+        value = [extra.pop(0)] if extra and not str(extra[0]).startswith("--") else []
+        if flag in argv and value:
+            argv[argv.index(flag) + 1] = value[0]
+        elif flag not in argv:
+            argv += [flag, *value]
+    return argv
 
 
 @pytest.fixture(scope="session")
@@ -36,10 +50,10 @@ def photos(tmp_path_factory):
 
 def tiny_args(tiny_model, photos, output_dir, *extra):
     """Flags for a fast run on the tiny model: 64x64 pixels, plain AdamW, no tensorboard."""
-    return ["--pretrained_model_name_or_path", tiny_model,
-            "--pretrained_vae_model_name_or_path", Path(tiny_model) / "vae",
-            "--instance_dir", photos, "--instance_prompt", "a photo of sks dog",
-            "--resolution", 64, "--output_dir", output_dir, "--report_to", "none", *extra]
+    return with_flags(["--pretrained_model_name_or_path", tiny_model,
+                       "--pretrained_vae_model_name_or_path", Path(tiny_model) / "vae",
+                       "--instance_dir", photos, "--instance_prompt", "a photo of sks dog",
+                       "--resolution", 64, "--output_dir", output_dir, "--report_to", "none"], *extra)
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 import train_dreambooth_lora_ssd1b as trainer
-from conftest import ROOT, run_trainer, tiny_args
+from conftest import ROOT, run_trainer, tiny_args, with_flags
 
 
 def check(argv):
@@ -24,9 +24,9 @@ def check(argv):
 @pytest.fixture
 def args_for(tiny_model, photos, tmp_path):
     def make(*extra, instance_dir=photos):
-        argv = tiny_args(tiny_model, photos, tmp_path / "out", *extra)
+        argv = tiny_args(tiny_model, photos, tmp_path / "out")
         argv[argv.index("--instance_dir") + 1] = instance_dir
-        return argv
+        return with_flags(argv, *extra)
     return make
 
 
@@ -494,3 +494,56 @@ def test_fp16_mixed_precision_on_a_cpu_is_refused_before_any_model_loads(args_fo
     assert result.stderr.strip().splitlines()[-1].startswith(
         "error: mixed precision fp16 (from --mixed_precision or the accelerate config) needs a GPU; on this CPU pass "
         "--mixed_precision bf16")
+
+
+@pytest.mark.parametrize("flag", ["--instance_dir", "--output_dir", "--class_dir", "--pretrained_model_name_or_path",
+                                  "--resume_from_checkpoint"])
+def test_an_empty_path_is_refused_not_read_as_the_current_folder(args_for, flag, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv = [a for a in args_for("--with_prior_preservation", "--class_prompt", "a photo of dog")]
+    if flag in argv:
+        argv[argv.index(flag) + 1] = ""
+    else:
+        argv += [flag, ""]
+    with pytest.raises(trainer.UserError, match=f"^{flag} is empty: pass "):
+        check(argv)
+    assert list(tmp_path.iterdir()) == [], "nothing written to the current folder"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--rank", "4", "--rank", "8"], "--rank is given twice (then as --rank): keep one"),
+    (["--output_dir", "elsewhere"], "--output_dir is given twice (then as --output_dir): keep one"),
+    (["--instance_data_dir", "other"], "--instance_dir is given twice (then as --instance_data_dir): keep one"),
+    (["--seed=1", "--seed", "2"], "--seed is given twice"),
+])
+def test_a_flag_given_twice_is_refused_not_overridden_by_the_last(args_for, extra, message):
+    with pytest.raises(trainer.UserError, match=re.escape(message)):
+        check([*args_for(), *extra])
+
+
+def test_an_image_extension_as_caption_extension_is_refused(args_for):
+    with pytest.raises(trainer.UserError, match=re.escape("--caption_extension .JPG is an image's extension")):
+        check(args_for("--caption_extension", ".JPG"))
+
+
+def test_a_tracker_that_is_not_installed_is_refused_not_dropped(args_for, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(trainer.UserError, match=re.escape("--report_to wandb needs wandb: pip install wandb, or pass "
+                                                          "--report_to none")):
+        check(args_for("--report_to", "wandb"))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda m: shutil.rmtree(m / "tokenizer_2"), "has no tokenizer_2/vocab.json or tokenizer.json"),
+    (lambda m: shutil.rmtree(m / "scheduler"), "has no scheduler/scheduler_config.json"),
+    (lambda m: (m / "model_index.json").write_text("{not json"), "model_index.json is unreadable (JSONDecodeError)"),
+    (lambda m: [p.unlink() for p in (m / "unet").glob("*.safetensors")], "has no weights in unet: download"),
+])
+def test_a_model_folder_missing_a_part_is_refused_before_loading(args_for, tiny_model, tmp_path, damage, message):
+    model = shutil.copytree(tiny_model, tmp_path / "model")
+    damage(model)
+    with pytest.raises(trainer.UserError, match=re.escape(message)):
+        check(args_for("--pretrained_model_name_or_path", model))

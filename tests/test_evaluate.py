@@ -15,7 +15,7 @@ from PIL.PngImagePlugin import PngInfo
 
 import evaluate
 import infer
-from conftest import ROOT
+from conftest import ROOT, with_flags
 from test_infer import DAMAGES, SETTINGS_DAMAGES, numeric_flags, step_copy
 from train_dreambooth_lora_ssd1b import LORA_FILE, UserError
 
@@ -268,8 +268,8 @@ def test_mistakes_are_refused_in_one_line(case, message, trained_run, photos, sc
         (tmp_path / "out" / "report.json").write_text("{}")
     photos_dir = tmp_path / "empty" if case == "empty_photos" else photos
     with pytest.raises(UserError, match=re.escape(message.format(tmp=tmp_path))):
-        evaluate.main([*scorer_flags(scorer_dirs), *argv, "--instance_dir", str(photos_dir),
-                       "--output_dir", str(tmp_path / "out")])
+        evaluate.main(with_flags(scorer_flags(scorer_dirs), *argv, "--instance_dir", str(photos_dir),
+                                 "--output_dir", str(tmp_path / "out")))
     assert case == "earlier_report" or not (tmp_path / "out").exists()
     assert case != "earlier_report" or (tmp_path / "out" / "report.json").read_text() == "{}"
 

@@ -260,3 +260,14 @@ def test_a_second_render_never_replaces_the_first(trained_run, tmp_path):
 def test_an_empty_prompt_is_refused_not_replaced_by_the_runs_prompt(trained_run, tmp_path, no_model_loads):
     with pytest.raises(UserError, match="^--prompt is empty: pass a prompt, or leave --prompt out"):
         infer.main(["--checkpoint", str(trained_run / "step3"), "--prompt", " ", "--output", str(tmp_path)])
+
+
+@pytest.mark.parametrize("output, message", [("afile/renders", "is under {tmp}/afile, which is a file, not a folder"),
+                                             ("", "--output is empty: pass a folder")])
+def test_an_output_that_cannot_be_a_folder_is_refused_before_any_model_loads(output, message, trained_run, tmp_path,
+                                                                             no_model_loads, monkeypatch):
+    (tmp_path / "afile").write_text("not a folder")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=re.escape(message.format(tmp=tmp_path)) if output else re.escape(message)):
+        infer.main(["--checkpoint", str(trained_run / "step3"), "--output", str(tmp_path / output) if output else ""])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
