@@ -83,6 +83,11 @@ def parser():
     return p
 
 
+EMPTY_FIXES = {"checkpoint": "a step dir, e.g. work_dirs/<run>/step499", "images": "a folder of rendered PNGs",
+               "instance_dir": "the folder of the subject's photos", "output_dir": "a folder for the report",
+               "identifier": "the rare token of the instance prompt, e.g. sks", "class_noun": "the class, e.g. dog"}
+
+
 def parse_args(argv=None):
     args = parser().parse_args(argv)
     check_args(args)
@@ -91,6 +96,9 @@ def parse_args(argv=None):
 
 def check_args(args):
     """Every check of the flags on their own, in one place; raises UserError naming the fix."""
+    for name, fix in EMPTY_FIXES.items():
+        if getattr(args, name) is not None and not getattr(args, name).strip():  # an empty path is the current folder
+            raise UserError(f"--{name} is empty: pass {fix}")
     if bool(args.checkpoint) == bool(args.images):
         raise UserError("pass either --checkpoint STEP_DIR (render and score) or --images DIR (score existing PNGs)")
     if args.images and args.baseline:

@@ -97,6 +97,8 @@ def check_numbers(args, count_flag):
 def read_settings(checkpoint):
     """The run's settings, recorded by the trainer in every step dir, once the step dir's adapter file is known
     to be sound: both are read before any model loads, so a damaged one costs no minutes of loading."""
+    if not checkpoint.strip():  # an empty path is the current folder
+        raise UserError("--checkpoint is empty: pass a step dir, e.g. work_dirs/<run>/step499")
     checkpoint = Path(checkpoint)
     if not (checkpoint / LORA_FILE).is_file():
         raise UserError(f"{checkpoint} is not a step dir (no {LORA_FILE}): pass e.g. work_dirs/<run>/step499")

@@ -517,6 +517,9 @@ def read_captions(images, instance_prompt, caption_extension):
     prompts, bad, blank = [], [], []
     for path in images:
         caption_file = path.with_suffix(caption_extension)
+        if caption_file.exists() and not caption_file.is_file():  # a folder, say: not a caption to skip silently
+            bad.append(f"{caption_file.name} (not a file)")
+            continue
         try:
             caption = caption_file.read_text(encoding="utf-8").strip() if caption_file.is_file() else None
         except (UnicodeDecodeError, OSError):
@@ -530,9 +533,6 @@ def read_captions(images, instance_prompt, caption_extension):
     if blank:
         raise UserError(f"caption file(s) empty: {', '.join(blank)}; write each photo's prompt in it, or delete it "
                         "to use --instance_prompt for that photo")
-    found = sum(p != instance_prompt for p in prompts)
-    say(f"{found} of {len(images)} photos have a {caption_extension} caption"
-        + ("; the others use the instance prompt" if found else ""))
     return prompts
 
 
@@ -557,6 +557,9 @@ def check_model_source(name, filename, flag, revision=None, weights=(), variant=
         for sub, names in (MODEL_FILES.items() if filename == "model_index.json" else []):
             if not any((folder / sub / file).is_file() for file in names):
                 raise UserError(f"{flag} {name} has no {sub}/{' or '.join(names)}: download the model again")
+        for sub in weights:  # a damaged config fails only once the weights before it have loaded
+            if sub != ".":
+                read_json_config(folder / sub / "config.json", flag, name)
         missing = [sub for sub in weights if not weight_files(folder / sub, variant)]
         if missing:
             what = f"{variant} weights (--variant {variant})" if variant else "weights"
@@ -586,15 +589,16 @@ def check_models(model, vae_model, revision, variant):
 
 def read_json_config(file, flag, name):
     """A model folder's config or index: a JSON object, or a UserError naming it."""
+    shown = file.relative_to(name).as_posix()
     if not file.is_file():
-        raise UserError(f"{flag} {name} is not a diffusers folder (no {file.name} in it)")
+        raise UserError(f"{flag} {name} is not a diffusers folder (no {shown} in it)")
     try:
         config = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise UserError(f"{flag} {name}: {file.name} is unreadable ({type(e).__name__}): download the model "
+        raise UserError(f"{flag} {name}: {shown} is unreadable ({type(e).__name__}): download the model "
                         "again") from None
     if not isinstance(config, dict):
-        raise UserError(f"{flag} {name}: {file.name} is not a JSON object: download the model again")
+        raise UserError(f"{flag} {name}: {shown} is not a JSON object: download the model again")
     return config
 
 
@@ -903,6 +907,9 @@ def check_inputs(args):
     args.instance_data_sha256 = instance_data_sha256(instance_images, instance_prompts, args.instance_prompt)
     args.resume_state = check_resume(args)
     check_output_dir(args.output_dir, args.overwrite_output_dir, args.resume_state)
+    captioned = sum(p != args.instance_prompt for p in instance_prompts)
+    say(f"{captioned} of {len(instance_images)} photos have a {args.caption_extension} caption"
+        + ("; the others use the instance prompt" if captioned else ""))
     return instance_images, instance_prompts
 
 

@@ -541,9 +541,24 @@ def test_a_tracker_that_is_not_installed_is_refused_not_dropped(args_for, monkey
     (lambda m: shutil.rmtree(m / "scheduler"), "has no scheduler/scheduler_config.json"),
     (lambda m: (m / "model_index.json").write_text("{not json"), "model_index.json is unreadable (JSONDecodeError)"),
     (lambda m: [p.unlink() for p in (m / "unet").glob("*.safetensors")], "has no weights in unet: download"),
+    (lambda m: (m / "unet" / "config.json").write_text("{"), "unet/config.json is unreadable (JSONDecodeError)"),
 ])
 def test_a_model_folder_missing_a_part_is_refused_before_loading(args_for, tiny_model, tmp_path, damage, message):
     model = shutil.copytree(tiny_model, tmp_path / "model")
     damage(model)
     with pytest.raises(trainer.UserError, match=re.escape(message)):
         check(args_for("--pretrained_model_name_or_path", model))
+
+
+def test_a_folder_where_a_caption_file_belongs_is_named(args_for, photos, tmp_path):
+    folder = shutil.copytree(photos, tmp_path / "captions")
+    (folder / "dog_0.txt").mkdir()
+    with pytest.raises(trainer.UserError, match=re.escape("caption file(s) unreadable or not UTF-8: dog_0.txt (not a "
+                                                          "file)")):
+        check(args_for(instance_dir=folder))
+
+
+def test_a_refusal_is_the_only_line_printed(args_for, tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "train_dreambooth_lora_ssd1b.py"),
+                             *map(str, args_for("--cache_latents", "on"))], capture_output=True, text=True)
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr

@@ -340,3 +340,11 @@ def test_unreadable_pngs_are_named_in_one_line_before_the_scorers_load(photos, s
                        str(tmp_path / "out"), *scorer_flags(scorer_dirs)])
     assert str(refused.value) == (f"2 unreadable PNG image(s) in {tmp_path}: cut.png (OSError), garbage.png "
                                   "(UnidentifiedImageError); remove or re-export them")
+
+
+@pytest.mark.parametrize("flag", ["--output_dir", "--identifier", "--instance_dir"])
+def test_an_empty_value_is_refused_not_read_as_the_current_folder(flag, tmp_path):
+    argv = with_flags(["--images", str(tmp_path), "--instance_dir", str(tmp_path), "--output_dir", str(tmp_path)],
+                      flag, "")
+    with pytest.raises(UserError, match=f"^{flag} is empty: pass "):
+        evaluate.parse_args(argv)
