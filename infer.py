@@ -97,7 +97,7 @@ def check_numbers(args, count_flag):
 def read_settings(checkpoint):
     """The run's settings, recorded by the trainer in every step dir, once the step dir's adapter file is known
     to be sound: both are read before any model loads, so a damaged one costs no minutes of loading."""
-    if not checkpoint.strip():  # an empty path is the current folder
+    if not str(checkpoint).strip():  # an empty path is the current folder
         raise UserError("--checkpoint is empty: pass a step dir, e.g. work_dirs/<run>/step499")
     checkpoint = Path(checkpoint)
     if not (checkpoint / LORA_FILE).is_file():
@@ -183,7 +183,7 @@ def resolve(args, settings):
 def check_output_folder(output):
     """--output can be made and written: nothing on its path is a file, and the nearest existing folder on it
     takes new files. Made only when the first image is ready."""
-    if not output.strip():
+    if not str(output).strip():
         raise UserError("--output is empty: pass a folder for the PNGs, or leave it out for outputs/")
     existing = next(p for p in [Path(output), *Path(output).parents] if p.exists())  # "." always exists
     if not existing.is_dir():

@@ -351,6 +351,8 @@ def check_args(args, given):
     for name in [*PROMPT_FLAGS, *PATH_FLAGS]:
         if name in given and not getattr(args, name).strip():  # an empty path is the current folder
             raise UserError(f"--{name} is empty: pass {FLAG_EXAMPLES[name]}")
+    if args.mixed_precision == "fp16" and not has_accelerator():  # the accelerate config's fp16: make_accelerator
+        raise UserError(FP16_ON_CPU)
     tracker = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(args.report_to)
     if tracker and importlib.util.find_spec(tracker) is None:  # accelerate would drop the tracker without a word
         raise UserError(f"--report_to {args.report_to} needs {tracker}: pip install {tracker}, or pass --report_to "
@@ -372,6 +374,16 @@ def check_args(args, given):
         args.output_dir = f"work_dirs/ssd_1b_dreambooth_lora_{Path(args.instance_dir.rstrip('/')).name}"
     if args.class_dir is None:
         args.class_dir = str(Path(args.output_dir) / "class_images")
+
+
+FP16_ON_CPU = ("mixed precision fp16 (from --mixed_precision or the accelerate config) needs a GPU; on this CPU pass "
+               "--mixed_precision bf16 (faster where the CPU supports it) or no")
+
+
+def has_accelerator():
+    """A device that runs fp16 mixed precision: CUDA (or ROCm), Apple's MPS or Intel's XPU."""
+    xpu = getattr(torch, "xpu", None)
+    return torch.cuda.is_available() or torch.backends.mps.is_available() or bool(xpu and xpu.is_available())
 
 
 def check_numbers(args):
@@ -1603,6 +1615,8 @@ def find_resume_state(output_dir, resume):
         states = complete_states(output_dir)
         return states[-1] if states else None
     path = Path(resume)
+    if not path.exists() and len(path.parts) == 1:  # a bare name, as diffusers' script takes: in the output dir
+        path = Path(output_dir) / path
     if not (path / TRAINER_STATE).is_file() and (path.parent / f"{STATE_PREFIX}{path.name}").is_dir():
         path = path.parent / f"{STATE_PREFIX}{path.name}"
     if not (path / TRAINER_STATE).is_file():
@@ -2055,8 +2069,7 @@ def make_accelerator(args):
             # the others wait at barriers while the main process validates and saves
             InitProcessGroupKwargs(timeout=datetime.timedelta(hours=2))])
     if accelerator.device.type == "cpu" and accelerator.mixed_precision == "fp16":  # CPU autocast would mix dtypes
-        raise UserError("mixed precision fp16 (from --mixed_precision or the accelerate config) needs a GPU; on "
-                        "this CPU pass --mixed_precision bf16 (faster where the CPU supports it) or no")
+        raise UserError(FP16_ON_CPU)
     accelerator.print(f"{accelerator.state}".strip())
     return accelerator
 

@@ -486,11 +486,12 @@ def test_caching_latents_on_request_is_refused_where_it_would_freeze_a_random_cr
     check(args_for("--cache_latents", "on", instance_dir=square))  # square photos: no crop to lose
 
 
-def test_fp16_mixed_precision_on_a_cpu_is_refused_before_any_model_loads(args_for, tmp_path):
+def test_fp16_mixed_precision_on_a_cpu_is_refused_before_anything_else(args_for, tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "train_dreambooth_lora_ssd1b.py"),
                              *map(str, args_for("--mixed_precision", "fp16"))], capture_output=True, text=True,
                             env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert result.returncode == 1 and "Traceback" not in result.stderr and "Loading" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, "the flag is refused before the inputs are read"
     assert result.stderr.strip().splitlines()[-1].startswith(
         "error: mixed precision fp16 (from --mixed_precision or the accelerate config) needs a GPU; on this CPU pass "
         "--mixed_precision bf16")

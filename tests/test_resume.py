@@ -187,6 +187,8 @@ def test_resume_refuses_other_flags_and_accepts_a_step_dir(tiny_model, photos, t
         run_trainer(*argv, "--max_train_steps", 2, "--rank", 4, "--resume_from_checkpoint", "latest")
     state = trainer.find_resume_state(tmp_path / "out", str(tmp_path / "out" / "step0"))
     assert state.name == "state-step0", "a stepN adapter dir points at its resumable state"
+    for bare in ["step0", "state-step0"]:  # diffusers' habit: a bare name is looked up in the output dir
+        assert trainer.find_resume_state(tmp_path / "out", bare) == tmp_path / "out" / "state-step0"
     with pytest.raises(trainer.UserError, match="is not a resumable checkpoint"):
         trainer.find_resume_state(tmp_path / "out", str(tmp_path))
 
