@@ -33,8 +33,8 @@ from PIL.PngImagePlugin import PngInfo
 import infer
 from train_dreambooth_lora_ssd1b import (ArgumentParser, UserError, apply_adapters, build_pipeline, check_images,
                                          check_model_source, check_versions, generate_images, list_images, load_image,
-                                         load_models, looks_like_hub_id, resolve_instance_dir, save_png_atomic,
-                                         warn, write_text_atomic)
+                                         load_models, looks_like_hub_id, refuse_empty, resolve_instance_dir,
+                                         save_png_atomic, warn, write_text_atomic)
 
 DREAMBENCH = Path(__file__).resolve().parent / "dreambench_prompts.json"
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -83,6 +83,7 @@ def parser():
     return p
 
 
+# Text flags where an empty value is a mistake (an empty path is the current folder) -> what to pass instead
 EMPTY_FIXES = {"checkpoint": "a step dir, e.g. work_dirs/<run>/step499", "images": "a folder of rendered PNGs",
                "instance_dir": "the folder of the subject's photos", "output_dir": "a folder for the report",
                "identifier": "the rare token of the instance prompt, e.g. sks", "class_noun": "the class, e.g. dog"}
@@ -96,9 +97,7 @@ def parse_args(argv=None):
 
 def check_args(args):
     """Every check of the flags on their own, in one place; raises UserError naming the fix."""
-    for name, fix in EMPTY_FIXES.items():
-        if getattr(args, name) is not None and not getattr(args, name).strip():  # an empty path is the current folder
-            raise UserError(f"--{name} is empty: pass {fix}")
+    refuse_empty(args, EMPTY_FIXES)
     if bool(args.checkpoint) == bool(args.images):
         raise UserError("pass either --checkpoint STEP_DIR (render and score) or --images DIR (score existing PNGs)")
     if args.images and args.baseline:

@@ -20,7 +20,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from train_dreambooth_lora_ssd1b import (LORA_FILE, SETTINGS_FILE, ArgumentParser, UserError, apply_adapters,
                                          build_pipeline, check_models, check_versions, generate_images, load_models,
-                                         one_line, save_png_new)
+                                         one_line, refuse_empty, save_png_new)
 
 SEED_MAX = 2**64 - 1  # the largest seed torch.Generator takes; it takes negative ones too, as aliases of large ones
 # Every numeric flag of infer.py and evaluate.py: what a valid value is, and the test of it (floats must also be
@@ -76,8 +76,15 @@ def parser():
     return p
 
 
+# Text flags where an empty value is a mistake (an empty path is the current folder) -> what to pass instead
+EMPTY_FIXES = {"checkpoint": "a step dir, e.g. work_dirs/<run>/step499",
+               "prompt": "a prompt, or leave --prompt out to use the run's instance prompt",
+               "output": "a folder for the PNGs, or leave it out for outputs/"}
+
+
 def parse_args(argv=None):
     args = parser().parse_args(argv)
+    refuse_empty(args, EMPTY_FIXES)
     check_numbers(args, "num_images")
     return args
 
@@ -97,8 +104,6 @@ def check_numbers(args, count_flag):
 def read_settings(checkpoint):
     """The run's settings, recorded by the trainer in every step dir, once the step dir's adapter file is known
     to be sound: both are read before any model loads, so a damaged one costs no minutes of loading."""
-    if not str(checkpoint).strip():  # an empty path is the current folder
-        raise UserError("--checkpoint is empty: pass a step dir, e.g. work_dirs/<run>/step499")
     checkpoint = Path(checkpoint)
     if not (checkpoint / LORA_FILE).is_file():
         raise UserError(f"{checkpoint} is not a step dir (no {LORA_FILE}): pass e.g. work_dirs/<run>/step499")
@@ -158,8 +163,6 @@ def resolve(args, settings):
         resolution = recorded(settings, "resolution", args.checkpoint, 1024)
         args.height = args.height or resolution
         args.width = args.width or resolution
-    if args.prompt is not None and not args.prompt.strip():
-        raise UserError("--prompt is empty: pass a prompt, or leave --prompt out to use the run's instance prompt")
     args.prompt = args.prompt or recorded(settings, "instance_prompt", args.checkpoint)
     if not args.prompt:
         raise UserError("no --prompt given and the checkpoint records none: pass --prompt 'a photo of sks dog'")
@@ -183,8 +186,6 @@ def resolve(args, settings):
 def check_output_folder(output):
     """--output can be made and written: nothing on its path is a file, and the nearest existing folder on it
     takes new files. Made only when the first image is ready."""
-    if not str(output).strip():
-        raise UserError("--output is empty: pass a folder for the PNGs, or leave it out for outputs/")
     existing = next(p for p in [Path(output), *Path(output).parents] if p.exists())  # "." always exists
     if not existing.is_dir():
         what = "is a file" if existing == Path(output) else f"is under {existing}, which is a file"

@@ -178,15 +178,14 @@ NEEDS = {
        for flag in ["validation_steps", "num_validation_images", "validation_inference_steps"]},
     "accept_changed_settings": ("resume_from_checkpoint", "--resume_from_checkpoint latest"),
 }
-FLAG_EXAMPLES = {"instance_prompt": "a prompt, e.g. --instance_prompt 'a photo of sks dog'",
-                 "class_prompt": "a prompt, e.g. --class_prompt 'a photo of dog'",
-                 "validation_prompt": "a prompt, e.g. --validation_prompt 'a photo of sks dog in a bucket'",
-                 "instance_dir": "the folder of photos", "class_dir": "a folder for the class images",
-                 "output_dir": "a folder, or leave --output_dir out for work_dirs/<name>",
-                 "pretrained_model_name_or_path": "a model folder or a hub id, e.g. segmind/SSD-1B",
-                 "resume_from_checkpoint": "latest or a state-stepN folder"}
-PROMPT_FLAGS = ["instance_prompt", "class_prompt", "validation_prompt"]
-PATH_FLAGS = ["instance_dir", "class_dir", "output_dir", "pretrained_model_name_or_path", "resume_from_checkpoint"]
+# Text flags where an empty value is a mistake (an empty path is the current folder) -> what to pass instead
+EMPTY_FIXES = {"instance_prompt": "a prompt, e.g. --instance_prompt 'a photo of sks dog'",
+               "class_prompt": "a prompt, e.g. --class_prompt 'a photo of dog'",
+               "validation_prompt": "a prompt, e.g. --validation_prompt 'a photo of sks dog in a bucket'",
+               "instance_dir": "the folder of photos", "class_dir": "a folder for the class images",
+               "output_dir": "a folder, or leave --output_dir out for work_dirs/<name>",
+               "pretrained_model_name_or_path": "a model folder or a hub id, e.g. segmind/SSD-1B",
+               "resume_from_checkpoint": "latest or a state-stepN folder"}
 # a negative number as a flag's value, in any notation float() reads: argparse takes -1e-4 for a flag
 NEGATIVE_NUMBER = re.compile(r"-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$|-(inf|infinity|nan)$", re.IGNORECASE)
 
@@ -210,12 +209,13 @@ class ArgumentParser(argparse.ArgumentParser):
     def refuse_repeats(self, argv):
         """A flag given twice (or under both its names) would keep the last value without a word."""
         seen = {}
-        for token in argv:
-            action = self._option_string_actions.get(token.split("=", 1)[0]) if token.startswith("--") else None
-            if action is not None and action.dest in seen and action.dest != "help":
-                raise UserError(f"{seen[action.dest]} is given twice (then as {token.split('=', 1)[0]}): keep one")
-            if action is not None:
-                seen[action.dest] = token.split("=", 1)[0]
+        for flag in [token.split("=", 1)[0] for token in argv if token.startswith("--")]:
+            action = self._option_string_actions.get(flag)
+            if action is None or action.dest == "help":
+                continue
+            if action.dest in seen:
+                raise UserError(f"{seen[action.dest]} is given twice (then as {flag}): keep one")
+            seen[action.dest] = flag
 
     def error(self, message):
         raise UserError(f"{message} (see --help)")
@@ -225,6 +225,14 @@ class ArgumentParser(argparse.ArgumentParser):
         unset = object()
         typed = self.parse_args(argv, argparse.Namespace(**{a.dest: unset for a in self._actions}))
         return {dest for dest, value in vars(typed).items() if value is not unset}
+
+
+def refuse_empty(args, fixes):
+    """A text flag typed as "" or blanks, named with what to pass: `fixes` maps each flag to that."""
+    for name, fix in fixes.items():
+        value = getattr(args, name)
+        if value is not None and not value.strip():
+            raise UserError(f"--{name} is empty: pass {fix}")
 
 
 def make_parser():
@@ -348,9 +356,7 @@ def check_args(args, given):
     """Every check of the flags on their own, in one place; raises UserError naming the fix. `given`: the flags
     typed, so one that would be ignored beside the others is refused rather than dropped."""
     check_numbers(args)
-    for name in [*PROMPT_FLAGS, *PATH_FLAGS]:
-        if name in given and not getattr(args, name).strip():  # an empty path is the current folder
-            raise UserError(f"--{name} is empty: pass {FLAG_EXAMPLES[name]}")
+    refuse_empty(args, EMPTY_FIXES)
     if args.mixed_precision == "fp16" and not has_accelerator():  # the accelerate config's fp16: make_accelerator
         raise UserError(FP16_ON_CPU)
     tracker = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(args.report_to)
@@ -555,9 +561,10 @@ MODEL_FILES = {"tokenizer": ["vocab.json", "tokenizer.json"], "tokenizer_2": ["v
                "scheduler": ["scheduler_config.json"]}
 
 
-def check_model_source(name, filename, flag, revision=None, weights=(), variant=None, vae=False):
-    """A local folder must hold `filename` as JSON, and weights in each of its `weights` subfolders ("." for
-    itself) of `variant` if given; vae=True asks for an AutoencoderKL. A hub id must answer (or be cached).
+def check_model_source(name, filename, flag, revision=None, parts=None, weights=(), variant=None, vae=False):
+    """A local folder must hold `filename` as JSON, one of the files `parts` names in each of its subfolders, and
+    weights in each of its `weights` subfolders ("." for itself) of `variant` if given; vae=True asks for an
+    AutoencoderKL. A hub id must answer (or be cached).
     What from_pretrained would otherwise find only after minutes of loading is refused now."""
     folder = Path(name)
     if folder.is_dir():
@@ -566,7 +573,7 @@ def check_model_source(name, filename, flag, revision=None, weights=(), variant=
             kind = config.get("_class_name") or (config.get("architectures") or ["not a diffusers model"])[0]
             raise UserError(f"{flag} {name} is not a VAE folder (its {filename} is for {kind}): pass an "
                             "AutoencoderKL folder such as madebyollin/sdxl-vae-fp16-fix, or 'none'")
-        for sub, names in (MODEL_FILES.items() if filename == "model_index.json" else []):
+        for sub, names in (parts or {}).items():
             if not any((folder / sub / file).is_file() for file in names):
                 raise UserError(f"{flag} {name} has no {sub}/{' or '.join(names)}: download the model again")
         for sub in weights:  # a damaged config fails only once the weights before it have loaded
@@ -593,7 +600,7 @@ def check_model_source(name, filename, flag, revision=None, weights=(), variant=
 
 def check_models(model, vae_model, revision, variant):
     """What load_models will read: the model's folders (its VAE too, unless vae_model replaces it), and the VAE."""
-    check_model_source(model, "model_index.json", "--pretrained_model_name_or_path", revision,
+    check_model_source(model, "model_index.json", "--pretrained_model_name_or_path", revision, parts=MODEL_FILES,
                        weights=MODEL_WEIGHTS + ([] if vae_model else ["vae"]), variant=variant)
     if vae_model:
         check_model_source(vae_model, "config.json", "--pretrained_vae_model_name_or_path", weights=["."], vae=True)

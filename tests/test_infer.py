@@ -14,6 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import infer
+from conftest import with_flags
 from train_dreambooth_lora_ssd1b import LORA_FILE, SETTINGS_FILE, UserError
 
 ROOT = infer.Path(infer.__file__).resolve().parent
@@ -271,3 +272,12 @@ def test_an_output_that_cannot_be_a_folder_is_refused_before_any_model_loads(out
     with pytest.raises(UserError, match=re.escape(message.format(tmp=tmp_path)) if output else re.escape(message)):
         infer.main(["--checkpoint", str(trained_run / "step3"), "--output", str(tmp_path / output) if output else ""])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+@pytest.mark.parametrize("flag, message", [("--checkpoint", "a step dir, e.g. work_dirs/<run>/step499"),
+                                           ("--prompt", "a prompt, or leave --prompt out"),
+                                           ("--output", "a folder for the PNGs")])
+def test_an_empty_value_is_refused_with_what_to_pass(flag, message):
+    argv = with_flags(["--checkpoint", "work_dirs/run/step3"], flag, " ")
+    with pytest.raises(UserError, match=re.escape(f"{flag} is empty: pass {message}")):
+        infer.parse_args(argv)
