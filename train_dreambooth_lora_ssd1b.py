@@ -3,18 +3,22 @@
 
     accelerate launch train_dreambooth_lora_ssd1b.py --instance_dir dog/ --instance_prompt "a photo of sks dog"
 
-Reads top to bottom as the method does (Ruiz et al., "DreamBooth", CVPR 2023):
-  parse_args         flags, and every check of them
-  check_inputs       photos, captions, models, output dir: all checked before any model loads
+Reads top to bottom as the method does (Ruiz et al., "DreamBooth", CVPR 2023); the sections, in file order:
+  parse_args         flags, and every check of them; then frozen (derive_settings: what they came to)
+  check_inputs       photos, captions, models, output dir, resume state: all checked before any model loads
   load_models        tokenizers, both CLIP text encoders, UNet, fp16-fix VAE, noise scheduler
   class images       the base model makes the missing ones, split across processes, kept for the next run
-  build_caches       VAE latents and prompt embeddings that are the same every step, computed once
-  add_lora           peft LoRA on the UNet's attention (and both text encoders if asked)
+  add_lora           peft LoRA on the UNet's attention (and both text encoders if asked); 8-bit AdamW
   DreamBoothDataset  photo -> pixels + SDXL time ids (the crop actually taken), drawn anew per sample
-  dreambooth_loss    instance MSE + prior_loss_weight * class MSE
-  save_checkpoint    stepN/ adapters (PEFT, diffusers, kohya) + state-stepN/ to resume, each renamed into place
-  log_validation     fixed-seed images of the validation prompt
-  report             steady-state ms/step, MFU, peak memory, where the time went
+  caches             VAE latents and prompt embeddings that are the same every step, computed once
+  training_step      noise, UNet, dreambooth_loss: instance MSE + prior_loss_weight * class MSE
+  save_adapters      stepN/ adapters (PEFT, diffusers, kohya) + state-stepN/ to resume, each renamed into place
+  log_validation     fixed-seed images of the validation prompt; the model card; push_to_hub
+  train              the loop: step, then log, save and validate where their schedules say
+  main               the story, in named stages
+
+Settings reach functions one way: the stages that main() calls take `args` (the flags as typed) and `settings`
+(what they came to); the method's own functions take the values they use, by name.
 
 Every random choice (which photo, crop, flip, noise, timesteps, dropout) is derived from (seed, sample or
 step), so a run is reproducible by construction and a resumed run ends where the uninterrupted one would.
@@ -30,11 +34,13 @@ import hashlib
 import importlib.util
 import itertools
 import json
+import logging
 import math
 import os
 import pickle
 import random
 import re
+import resource
 import shlex
 import shutil
 import signal
@@ -46,10 +52,12 @@ import warnings
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as installed_version
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from packaging.version import Version
 from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
@@ -62,6 +70,7 @@ KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"
 STATE_PREFIX = "state-"  # output_dir/state-stepN: accelerate's resumable state beside stepN's adapters
 LOCK_FILE = ".lock"  # output_dir/.lock: the PID and host of the trainer that holds the folder
 TRAINER_STATE = "trainer_state.json"  # written last into a state folder: without it, the folder is no state
+SECRET_FLAGS = {"hub_token"}  # never written to run_settings.json, a tracker or a printed command
 # A photo's long side may be at most MAX_ASPECT times its short side. Training resizes it so the short side is
 # --resolution and crops one square, so a longer photo costs memory for pixels no crop shows: a 2x60000 PNG at
 # 1024 would become 1024 x 30.7M pixels (94 GB). With this bound, and --resolution at most 4096, one resized
@@ -88,8 +97,6 @@ KNOWN_CLASHES = [  # (package, from version, other package, below version, the p
 
 def check_versions(packages):
     """Refuse, in one line naming the pip command, installed packages that are too old or known to clash."""
-    from packaging.version import Version
-
     found = {}
     for name in packages:
         try:
@@ -104,6 +111,34 @@ def check_versions(packages):
             raise UserError(f"{name} {found[name]} does not work with {other} {found[other]} (it needs {other} >= "
                             f"{below}): run {fix}")
     return found
+
+
+# The libraries whose versions check_versions() knows, imported once it has refused a mismatched install in one
+# line: a known clash (diffusers 0.34 with transformers 5) fails inside the import itself. bitsandbytes is imported
+# by make_optimizer(), as only 8-bit AdamW needs it.
+try:
+    check_versions([name for name in MINIMUM_VERSIONS if name != "bitsandbytes"])
+except UserError as error:
+    sys.exit(f"error: {error}")
+# Third-party notices about nothing the user did: transformers falls back to its PIL image processors without
+# torchvision, as this project means it to; diffusers says an adapter file holds no text-encoder LoRA, as one
+# trained without --train_text_encoder does not.
+logging.getLogger("transformers.utils.import_utils").addFilter(lambda r: "requires torchvision" not in r.getMessage())
+for _name in ("diffusers.loaders.lora_base", "diffusers.loaders.peft"):
+    logging.getLogger(_name).addFilter(lambda r: "No LoRA keys associated to" not in r.getMessage())
+import huggingface_hub  # noqa: E402
+from accelerate import Accelerator  # noqa: E402
+from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed  # noqa: E402
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel  # noqa: E402
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution  # noqa: E402
+from diffusers.optimization import get_scheduler  # noqa: E402
+from diffusers.training_utils import cast_training_params, compute_snr  # noqa: E402
+from diffusers.utils import convert_state_dict_to_diffusers, make_image_grid  # noqa: E402
+from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card  # noqa: E402
+from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
+from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict  # noqa: E402
+import safetensors.torch  # noqa: E402
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -142,7 +177,6 @@ FLAG_RANGES = {
     "validation_steps": (1, INF, "[)", 100),
     "validation_inference_steps": (1, INF, "[)", 50),
     "logging_steps": (1, INF, "[)", 10),
-    "peak_tflops": (0, INF, "()", 989),
     "checkpointing_steps": (1, INF, "[)", 100),
     "checkpoints_total_limit": (1, INF, "[)", 3),
 }
@@ -177,6 +211,8 @@ NEEDS = {
     **{flag: ("validation_prompt", "--validation_prompt 'a photo of sks dog in a bucket'")
        for flag in ["validation_steps", "num_validation_images", "validation_inference_steps"]},
     "accept_changed_settings": ("resume_from_checkpoint", "--resume_from_checkpoint latest"),
+    "hub_model_id": ("push_to_hub", "--push_to_hub"),
+    "hub_token": ("push_to_hub", "--push_to_hub"),
 }
 # Text flags where an empty value is a mistake (an empty path is the current folder) -> what to pass instead
 EMPTY_FIXES = {"instance_prompt": "a prompt, e.g. --instance_prompt 'a photo of sks dog'",
@@ -185,14 +221,31 @@ EMPTY_FIXES = {"instance_prompt": "a prompt, e.g. --instance_prompt 'a photo of 
                "instance_dir": "the folder of photos", "class_dir": "a folder for the class images",
                "output_dir": "a folder, or leave --output_dir out for work_dirs/<name>",
                "pretrained_model_name_or_path": "a model folder or a hub id, e.g. segmind/SSD-1B",
-               "resume_from_checkpoint": "latest or a state-stepN folder"}
+               "resume_from_checkpoint": "latest or a state-stepN folder",
+               "hub_model_id": "a repo id, e.g. you/sks-dog-lora, or leave it out for the output dir's name",
+               "hub_token": "a token, or leave it out to use the one of `hf auth login`"}
 # a negative number as a flag's value, in any notation float() reads: argparse takes -1e-4 for a flag
 NEGATIVE_NUMBER = re.compile(r"-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$|-(inf|infinity|nan)$", re.IGNORECASE)
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help states every default: '(default: X)' after a flag's help, unless the default is None or off (a
+    None default's help says what it means) or the help already says it."""
+
+    def _get_help_string(self, action):
+        unset = action.default is None or action.default is False or action.default is argparse.SUPPRESS  # 0 is set
+        if unset or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, with its refusals as one line like every other check (a UserError, not usage text and exit
-    2), and a negative value in any notation read as a value: --learning_rate -1e-4 reaches the range check."""
+    2), and a negative value in any notation read as a value: --learning_rate -1e-4 reaches the range check.
+    --help states the defaults."""
+
+    def __init__(self, *args, formatter_class=DefaultsHelpFormatter, **kwargs):
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
 
     def parse_args(self, args=None, namespace=None):
         args = sys.argv[1:] if args is None else list(args)
@@ -245,16 +298,57 @@ def make_parser():
         if action.dest in FLAG_RANGES:
             valid = describe_range(*FLAG_RANGES[action.dest][:3])
             action.help = f"{action.help}; {valid}" if action.help else valid
+        elif action.help is None and action.default not in (None, False):  # argparse shows no help line at all
+            action.help = "default: %(default)s"
     return p
+
+
+class Flags(argparse.Namespace):
+    """The flags as typed, once checked. Frozen: run_settings.json records what was asked, and what it came to
+    lives apart, in Settings."""
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"the flags are frozen after their checks: derive --{name}'s value in Settings")
 
 
 def parse_args(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = make_parser()
     args = parser.parse_args(argv)
-    args.argv = argv  # to print the exact command that resumes an interrupted run
     check_args(args, parser.flags_given(argv))
+    args.__class__ = Flags
     return args
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What the flags came to: the defaults that depend on other flags, and model folders as absolute paths, so a
+    step dir's run_settings.json works from any folder. Recorded beside the flags, as "derived"."""
+
+    command: tuple  # the flags as typed: an interrupted run prints the command that resumes it
+    output_dir: str
+    class_dir: str
+    lora_alpha: int
+    caption_extension: str
+    pretrained_model_name_or_path: str  # a local folder as an absolute path, a hub id as the id
+    pretrained_vae_model_name_or_path: str | None  # None: the model's own VAE
+    instance_data_sha256: str = None  # the photos and their captions, once check_inputs has read them
+    resume_state: Path = None  # the state-stepN folder that --resume_from_checkpoint names, if one exists yet
+
+
+def derive_settings(args, argv):
+    output_dir = args.output_dir or f"work_dirs/ssd_1b_dreambooth_lora_{Path(args.instance_dir.rstrip('/')).name}"
+    vae = args.pretrained_vae_model_name_or_path
+    return Settings(command=tuple(argv), output_dir=output_dir,
+                    class_dir=args.class_dir or str(Path(output_dir) / "class_images"),
+                    lora_alpha=args.lora_alpha or args.rank, caption_extension=caption_suffix(args.caption_extension),
+                    pretrained_model_name_or_path=absolute_if_local(args.pretrained_model_name_or_path),
+                    pretrained_vae_model_name_or_path=None if vae.strip().lower() in ("", "none")
+                    else absolute_if_local(vae))
+
+
+def absolute_if_local(name):
+    return os.path.abspath(name) if os.path.exists(name) else name
 
 
 def add_data_flags(p):
@@ -333,8 +427,6 @@ def add_output_flags(p):
     g.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "wandb", "all", "none"])
     g.add_argument("--logging_steps", type=int, default=10,
                    help="read the loss back from the device every N steps (each read waits for the device)")
-    g.add_argument("--peak_tflops", type=float, default=None,
-                   help="the device's peak for MFU; default: a table of GPUs' dense bf16 peaks")
 
     g = p.add_argument_group("output")
     g.add_argument("--output_dir", default=None,
@@ -350,6 +442,12 @@ def add_output_flags(p):
                    help="keep only the newest N resumable states (adapters are always kept)")
     g.add_argument("--output_kohya_format", action="store_true",
                    help=f"also write stepN/{KOHYA_FILE} for WebUI and ComfyUI")
+
+    g = p.add_argument_group("Hugging Face Hub")
+    g.add_argument("--push_to_hub", action="store_true",
+                   help="at the end, upload the final adapters, the model card and the last validation grid")
+    g.add_argument("--hub_model_id", default=None, help="default: the output dir's name, under your account")
+    g.add_argument("--hub_token", default=None, help="default: the token of `hf auth login`")
 
 
 def check_args(args, given):
@@ -371,15 +469,7 @@ def check_args(args, given):
                         "pass --lr_scheduler constant_with_warmup (or another schedule), or drop --lr_warmup_steps")
     if args.with_prior_preservation and not args.class_prompt:
         raise UserError("--with_prior_preservation needs --class_prompt, e.g. --class_prompt 'a photo of dog'")
-    args.caption_extension = caption_suffix(args.caption_extension)
-    if args.lora_alpha is None:
-        args.lora_alpha = args.rank
-    if args.pretrained_vae_model_name_or_path in ("", "none", "None"):
-        args.pretrained_vae_model_name_or_path = None
-    if args.output_dir is None:
-        args.output_dir = f"work_dirs/ssd_1b_dreambooth_lora_{Path(args.instance_dir.rstrip('/')).name}"
-    if args.class_dir is None:
-        args.class_dir = str(Path(args.output_dir) / "class_images")
+    caption_suffix(args.caption_extension)
 
 
 FP16_ON_CPU = ("mixed precision fp16 (from --mixed_precision or the accelerate config) needs a GPU; on this CPU pass "
@@ -433,10 +523,8 @@ def resolve_instance_dir(name, revision=None):
     refuse_file_as_folder(name, "--instance_dir", "pass the folder that holds the photos")
     if not looks_like_hub_id(name):
         raise UserError(f"instance folder {name} does not exist: pass --instance_dir a folder of 3-20 photos")
-    from huggingface_hub import snapshot_download
-
     try:
-        return Path(snapshot_download(name, repo_type="dataset", revision=revision))
+        return Path(huggingface_hub.snapshot_download(name, repo_type="dataset", revision=revision))
     except Exception as e:  # offline, missing, gated: all have the same fixes
         raise UserError(f"cannot fetch dataset {name} ({type(e).__name__}): pass a local folder of photos, "
                         "or set HF_HUB_OFFLINE=1 once it is cached, or log in with `hf auth login`") from None
@@ -589,10 +677,8 @@ def check_model_source(name, filename, flag, revision=None, parts=None, weights=
         raise UserError(f"{flag} {name} is a file, not a model folder: pass a local diffusers folder or a hub id")
     if not looks_like_hub_id(name):
         raise UserError(f"{flag} {name} does not exist: pass a local diffusers folder or a hub id")
-    from huggingface_hub import hf_hub_download
-
     try:
-        hf_hub_download(name, filename, revision=revision)
+        huggingface_hub.hf_hub_download(name, filename, revision=revision)
     except Exception as e:
         raise UserError(f"cannot reach {name} ({type(e).__name__}) for {flag}: pass a local folder, or set "
                         "HF_HUB_OFFLINE=1 once it is cached, or log in with `hf auth login`") from None
@@ -604,6 +690,20 @@ def check_models(model, vae_model, revision, variant):
                        weights=MODEL_WEIGHTS + ([] if vae_model else ["vae"]), variant=variant)
     if vae_model:
         check_model_source(vae_model, "config.json", "--pretrained_vae_model_name_or_path", weights=["."], vae=True)
+
+
+def check_hub(hub_model_id, output_name, token):
+    """--push_to_hub's repo id (--hub_model_id, else the output dir's name) is one the Hub takes, and a token is
+    at hand: both fail only after training otherwise. Whether the Hub answers is found at the upload, which keeps
+    the local run if it does not."""
+    try:
+        huggingface_hub.utils.validate_repo_id(hub_model_id or output_name)
+    except huggingface_hub.errors.HFValidationError as e:
+        what = f"--hub_model_id {hub_model_id}" if hub_model_id else f"the output dir's name {output_name!r}"
+        raise UserError(f"{what} is not a Hub repo id ({one_line(e)}): pass --hub_model_id like "
+                        "you/sks-dog-lora") from None
+    if not (token or huggingface_hub.get_token()):
+        raise UserError("--push_to_hub needs a Hub token: log in with `hf auth login`, or pass --hub_token")
 
 
 def read_json_config(file, flag, name):
@@ -768,22 +868,31 @@ def check_output_dir(output_dir, overwrite, resume_state):
         raise UserError(f"cannot write to --output_dir {output_dir} ({e.strerror}): choose a writable folder")
 
 
-def check_resume(args):
-    """The state to resume from, checked against this run's flags; None for a fresh run."""
+def check_resume(args, current):
+    """The state to resume from, checked against this run's settings (`current`, flags and what they came to);
+    None for a fresh run."""
+    output_dir = current["output_dir"]
     if not args.resume_from_checkpoint:
         return None
-    state = find_resume_state(args.output_dir, args.resume_from_checkpoint)
+    state = find_resume_state(output_dir, args.resume_from_checkpoint)
     if state is None:
-        say(f"no resumable state in {args.output_dir} yet: starting a new run")
+        say(f"no resumable state in {output_dir} yet: starting a new run")
         return None
     saved = read_trainer_state(state)
     verify_state_files(state, saved)
-    check_same_settings(state, saved["settings"], args)
+    saved_settings = ran(saved["settings"])
+    check_same_settings(state, saved_settings, current, args.accept_changed_settings)
     if saved["step"] >= args.max_train_steps:
         raise UserError(f"{state} has already done {saved['step']} steps: pass a larger --max_train_steps "
                         "to extend the run")
-    check_same_schedule(state, saved["settings"], args)
+    check_same_schedule(state, saved_settings, args)
     return state
+
+
+def ran(settings):
+    """A run's recorded settings as they ran: the flags, with what they came to in place of what was typed (a
+    record from before "derived" existed holds only those)."""
+    return {**settings, **settings.get("derived", {})}
 
 
 def read_trainer_state(state):
@@ -828,15 +937,15 @@ def describe_change(key, was, now):
     return f"--{key} {was} (now {now})"
 
 
-def check_same_settings(state, saved, args):
-    """Refuse a resume whose flags differ from its state's, listing every difference in one line."""
+def check_same_settings(state, saved, current, accept_changed_settings):
+    """Refuse a resume whose settings differ from its state's, listing every difference in one line."""
     for key in STATE_SHAPING_FLAGS:
-        if saved.get(key) != getattr(args, key):
-            raise UserError(f"{state} was trained with --{key} {saved.get(key)}, not {getattr(args, key)}: resume "
+        if saved.get(key) != current[key]:
+            raise UserError(f"{state} was trained with --{key} {saved.get(key)}, not {current[key]}: resume "
                             "with the same flags")
-    changed = [describe_change(key, saved[key], getattr(args, key)) for key in TRAINING_FLAGS
-               if key in saved and saved[key] != getattr(args, key)]
-    if changed and not args.accept_changed_settings:
+    changed = [describe_change(key, saved[key], current[key]) for key in TRAINING_FLAGS
+               if key in saved and saved[key] != current[key]]
+    if changed and not accept_changed_settings:
         raise UserError(f"{state} was trained with other settings: {', '.join(changed)}; resume with the same flags, "
                         "or pass --accept_changed_settings to go on with the new ones")
     if changed:
@@ -895,8 +1004,9 @@ def check_same_schedule(state, saved, args):
                         "another --output_dir (only constant schedules can be extended)")
 
 
-def check_inputs(args):
-    """Everything that can be checked before a model loads. Returns the instance photos and their prompts."""
+def check_inputs(args, settings):
+    """Everything that can be checked before a model loads. Returns the instance photos, their prompts, and the
+    settings completed with what the inputs decide: the photos' checksum and the state to resume from."""
     instance_dir = resolve_instance_dir(args.instance_dir)
     warn_broken_links(instance_dir, "instance")
     instance_images = list_images(instance_dir)
@@ -907,29 +1017,33 @@ def check_inputs(args):
     if subfolders:
         warn(f"subfolders of {instance_dir} are ignored: {', '.join(sorted(subfolders))}")
     check_images(instance_images, "instance", args.resolution)
-    instance_prompts = read_captions(instance_images, args.instance_prompt, args.caption_extension)
+    instance_prompts = read_captions(instance_images, args.instance_prompt, settings.caption_extension)
+    class_dir = settings.class_dir
     if args.with_prior_preservation:
-        refuse_file_as_folder(args.class_dir, "--class_dir", "pass a folder for the class images (made if missing)")
+        refuse_file_as_folder(class_dir, "--class_dir", "pass a folder for the class images (made if missing)")
     class_images = []
-    if args.with_prior_preservation and Path(args.class_dir).is_dir():
-        warn_broken_links(args.class_dir, "class")
-        class_images = list_images(args.class_dir)
+    if args.with_prior_preservation and Path(class_dir).is_dir():
+        warn_broken_links(class_dir, "class")
+        class_images = list_images(class_dir)
         check_images(class_images, "class", args.resolution)
     if args.cache_latents == "on" and not latent_cache_is_exact([*instance_images, *class_images], args.center_crop):
         raise UserError("--cache_latents on would fix one random crop of each non-square image for the whole run "
                         "(kohya refuses this too): add --center_crop, or pass --cache_latents auto, which caches "
                         "only where no crop is lost")
-    check_models(args.pretrained_model_name_or_path, args.pretrained_vae_model_name_or_path, args.revision,
+    check_models(settings.pretrained_model_name_or_path, settings.pretrained_vae_model_name_or_path, args.revision,
                  args.variant)
-    refuse_file_as_folder(args.output_dir, "--output_dir", "choose another --output_dir")
-    remove_partial_dirs(args.output_dir)
-    args.instance_data_sha256 = instance_data_sha256(instance_images, instance_prompts, args.instance_prompt)
-    args.resume_state = check_resume(args)
-    check_output_dir(args.output_dir, args.overwrite_output_dir, args.resume_state)
+    if args.push_to_hub:
+        check_hub(args.hub_model_id, Path(settings.output_dir).name, args.hub_token)
+    refuse_file_as_folder(settings.output_dir, "--output_dir", "choose another --output_dir")
+    remove_partial_dirs(settings.output_dir)
+    settings = dataclasses.replace(settings, instance_data_sha256=instance_data_sha256(
+        instance_images, instance_prompts, args.instance_prompt))
+    settings = dataclasses.replace(settings, resume_state=check_resume(args, ran(run_settings(args, settings))))
+    check_output_dir(settings.output_dir, args.overwrite_output_dir, settings.resume_state)
     captioned = sum(p != args.instance_prompt for p in instance_prompts)
-    say(f"{captioned} of {len(instance_images)} photos have a {args.caption_extension} caption"
+    say(f"{captioned} of {len(instance_images)} photos have a {settings.caption_extension} caption"
         + ("; the others use the instance prompt" if captioned else ""))
-    return instance_images, instance_prompts
+    return instance_images, instance_prompts, settings
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -950,9 +1064,6 @@ class Models:
 
 def load_models(model, vae_model, revision, variant, dtype, device):
     """SSD-1B's parts, frozen, in `dtype` on `device`. vae_model=None means the model's own VAE."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
     common = dict(revision=revision, variant=variant)
     diffusers_common = dict(common, torch_dtype=dtype)  # at load: casting afterwards makes diffusers warn
     with load_errors_named(model, vae_model):
@@ -994,16 +1105,15 @@ def one_line(error):
     return (str(error).splitlines() or [""])[0][:200]
 
 
-def build_pipeline(models, model, revision, variant):
-    """An SDXL pipeline over the given parts; the sampling scheduler comes from the model's folder."""
-    from diffusers import StableDiffusionXLPipeline
-
+def build_pipeline(models, model, revision, variant, progress=True):
+    """An SDXL pipeline over the given parts; the sampling scheduler comes from the model's folder. `progress`:
+    the pipeline's own bar over denoising steps (a 1024 px render takes minutes on a small GPU)."""
     with load_errors_named(model):
         pipe = StableDiffusionXLPipeline.from_pretrained(
             model, revision=revision, variant=variant, vae=models.vae, unet=models.unet,
             text_encoder=models.text_encoders[0], text_encoder_2=models.text_encoders[1],
             tokenizer=models.tokenizers[0], tokenizer_2=models.tokenizers[1])
-    pipe.set_progress_bar_config(disable=True)
+    pipe.set_progress_bar_config(disable=not progress, leave=False)
     return pipe
 
 
@@ -1018,9 +1128,7 @@ def apply_adapters(pipe, step_dir, lora_scale=1.0):
 def check_adapters_landed(pipe, lora_file, adapter_name):
     """Each component's LoRA weights hold what the file holds. A name mismatch (another library version's
     layout, say) leaves them at their initial values, and diffusers only logs a warning."""
-    from safetensors.torch import load_file
-
-    saved = load_file(str(lora_file))
+    saved = safetensors.torch.load_file(str(lora_file))
     for component in ("unet", "text_encoder", "text_encoder_2"):
         expected = sum(float(v.float().square().sum()) for k, v in saved.items()
                        if k.startswith(f"{component}.") and not k.endswith(".alpha"))
@@ -1057,12 +1165,14 @@ def generate_class_images(pipe, class_dir, class_prompt, names, batch_size, reso
                           num_inference_steps=50, disable_progress=False):
     """Make the named class images; each is seeded by (seed, name), so who makes it doesn't matter."""
     names = list(names)
-    batches = [names[i:i + batch_size] for i in range(0, len(names), batch_size)]
-    for batch in tqdm(batches, desc="class images", disable=disable_progress or not batches):
+    progress = tqdm(total=len(names), desc="class images", unit="image", disable=disable_progress or not names)
+    for batch in [names[i:i + batch_size] for i in range(0, len(names), batch_size)]:
         seeds = [derive_seed(seed, "class", name) % 2**63 for name in batch]
         images = generate_images(pipe, class_prompt, seeds, resolution, resolution, num_inference_steps)
         for name, image in zip(batch, images):
             save_png_atomic(image, Path(class_dir) / name)
+        progress.update(len(batch))
+    progress.close()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1072,9 +1182,6 @@ def generate_class_images(pipe, class_dir, class_prompt, names, batch_size, reso
 
 def add_lora(models, rank, alpha, dropout, train_text_encoder):
     """Inject LoRA; returns the modules that train. Their parameters are kept fp32 under mixed precision."""
-    from diffusers.training_utils import cast_training_params
-    from peft import LoraConfig
-
     def config(targets, exclude=None):
         return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian",
                           target_modules=targets, exclude_modules=exclude)
@@ -1189,7 +1296,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
     Which photo, the crop and the flip come from (seed, k), so any sample can be redrawn exactly.
     """
 
-    def __init__(self, instance_images, instance_prompts, class_images, class_prompt, resolution,
+    def __init__(self, instance_images, instance_prompts, class_images=None, *, class_prompt=None, resolution,
                  center_crop, random_flip, seed, num_samples, cached=False):
         # one prompt per photo (its caption, or the instance prompt); a single string means the same for all
         if isinstance(instance_prompts, str):
@@ -1251,12 +1358,12 @@ def latent_cache_is_exact(images, center_crop):
     return True
 
 
-def encode_latent_cache(vae, images, resolution, center_crop, random_flip, seed, device):
+def encode_latent_cache(vae, images, resolution, center_crop, random_flip, seed, device, disable_progress=False):
     """VAE posterior moments and time ids of each (image, flip), encoded once. Sampling from the moments with
     each step's generator gives exactly the latents that encoding every step would."""
     cache = {}
     with torch.no_grad():
-        for path in images:
+        for path in tqdm(images, desc="caching latents", unit="image", disable=disable_progress, leave=False):
             image, original_size = load_image(path, resolution)
             keys, pixels, time_ids = [], [], []
             for flipped in ([False, True] if random_flip else [False]):
@@ -1300,7 +1407,7 @@ def encode_prompt(text_encoders, tokenizers, prompts, device):
     return torch.cat(hidden_states, dim=-1), pooled
 
 
-def dreambooth_loss(model_pred, target, timesteps, noise_scheduler, with_prior, prior_loss_weight, snr_gamma):
+def dreambooth_loss(model_pred, target, timesteps, noise_scheduler, *, with_prior, prior_loss_weight, snr_gamma):
     """Instance MSE + prior_loss_weight * class MSE, the class half being the batch's second half.
 
     With snr_gamma, each sample is weighted by min(SNR, gamma) / SNR (Hang et al., "Min-SNR", 2023),
@@ -1309,8 +1416,6 @@ def dreambooth_loss(model_pred, target, timesteps, noise_scheduler, with_prior, 
     """
     per_sample = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if snr_gamma is not None:
-        from diffusers.training_utils import compute_snr
-
         snr = compute_snr(noise_scheduler, timesteps)
         weight = snr.clamp(max=snr_gamma)
         weight = weight / (snr + 1 if noise_scheduler.config.prediction_type == "v_prediction" else snr)
@@ -1338,7 +1443,6 @@ def draw_timesteps(generators, num_train_timesteps, batch_size, device):
 
 def latents_and_time_ids(batch, models, generators, device):
     """The batch's fp32 latents, sampled from the VAE posterior with the samples' generators, and time ids."""
-    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
     if "latent_key" in batch:
         moments, time_ids = zip(*(models.latent_cache[key] for key in batch["latent_key"]))
@@ -1361,26 +1465,26 @@ def prompt_embeddings(prompts, models, train_text_encoder, device):
         return encode_prompt(models.text_encoders, models.tokenizers, prompts, device)
 
 
-def training_step(batch, models, args, generators, device):
+def training_step(batch, models, generators, device, *, noise_offset, train_text_encoder, with_prior,
+                  prior_loss_weight, snr_gamma):
     """Noise the latents, predict with the UNet under SDXL's added conditions, return the DreamBooth loss.
 
     Latents, noise and add_noise stay fp32 under bf16/fp16: in bf16, t=0 and t=1 would add no noise at all while
     the target is the noise. Autocast runs the UNet in half precision. `generators`: one per sample
-    (sample_generators), or one for the whole batch.
+    (sample_generators), or one for the whole batch. The keywords are the flags of the same names
+    (method_settings).
     """
-    from diffusers.utils.torch_utils import randn_tensor
-
     device = torch.device(device)
     latents, time_ids = latents_and_time_ids(batch, models, generators, device)
     noise = randn_tensor(latents.shape, generator=generators, device=device, dtype=torch.float32)
-    if args.noise_offset:  # Guttenberg's offset noise: one shift per (sample, channel) lets brightness be learned
-        noise += args.noise_offset * randn_tensor((*latents.shape[:2], 1, 1), generator=generators, device=device,
-                                                  dtype=torch.float32)
+    if noise_offset:  # Guttenberg's offset noise: one shift per (sample, channel) lets brightness be learned
+        noise += noise_offset * randn_tensor((*latents.shape[:2], 1, 1), generator=generators, device=device,
+                                             dtype=torch.float32)
     num_train_timesteps = models.noise_scheduler.config.num_train_timesteps
     timesteps = draw_timesteps(generators, num_train_timesteps, latents.shape[0], device)
     noisy_latents = models.noise_scheduler.add_noise(latents, noise, timesteps)
 
-    prompt_embeds, pooled = prompt_embeddings(batch["prompts"], models, args.train_text_encoder, device)
+    prompt_embeds, pooled = prompt_embeddings(batch["prompts"], models, train_text_encoder, device)
     time_ids = time_ids.to(prompt_embeds.dtype)
     model_pred = models.unet(noisy_latents, timesteps, prompt_embeds,
                              added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
@@ -1392,8 +1496,8 @@ def training_step(batch, models, args, generators, device):
         target = models.noise_scheduler.get_velocity(latents, noise, timesteps)
     else:
         raise ValueError(f"unsupported prediction type {prediction_type}")
-    return dreambooth_loss(model_pred, target, timesteps, models.noise_scheduler, args.with_prior_preservation,
-                           args.prior_loss_weight, args.snr_gamma)
+    return dreambooth_loss(model_pred, target, timesteps, models.noise_scheduler, with_prior=with_prior,
+                           prior_loss_weight=prior_loss_weight, snr_gamma=snr_gamma)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1459,23 +1563,17 @@ def publish(tmp, final):
 
 def save_peft_adapter(model, folder, base_model):
     """PEFT's own layout, so `PeftModel.from_pretrained(pipe.unet, folder)` loads it."""
-    from peft import get_peft_model_state_dict
-    from safetensors.torch import save_file
-
     config = model.peft_config["default"]
     config.base_model_name_or_path = base_model
     config.save_pretrained(str(folder))
     state = {f"base_model.model.{k}": v.detach().float().cpu().contiguous()
              for k, v in get_peft_model_state_dict(model, save_embedding_layers=False).items()}
-    save_file(state, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    safetensors.torch.save_file(state, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
 
 
 def portable_lora_weights(model):
     """LoRA weights named as transformers 4, diffusers, ComfyUI and kohya name them. transformers 5's
     CLIPTextModel dropped its `text_model.` level; diffusers strips it again when the model lacks it."""
-    from peft import get_peft_model_state_dict
-    from transformers import CLIPTextModel
-
     state = get_peft_model_state_dict(model, save_embedding_layers=False)
     if isinstance(model, CLIPTextModel) and not hasattr(model, "text_model"):
         state = {f"text_model.{key}": value for key, value in state.items()}
@@ -1485,8 +1583,6 @@ def portable_lora_weights(model):
 def portable_lora_metadata(config):
     """The LoraConfig stored in the diffusers file: what diffusers reads, and what differs from the defaults.
     diffusers builds LoraConfig(**metadata), and an older peft refuses fields it doesn't know."""
-    from peft import LoraConfig
-
     defaults = LoraConfig().to_dict()
     needed = ("r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern")
     return {key: value for key, value in config.to_dict().items() if key in needed or value != defaults.get(key)}
@@ -1523,15 +1619,11 @@ def kohya_state_dict(trained, lora_alpha):
 def save_adapters(step_dir, trained, settings, kohya=False):
     """Write stepN/{unet,text_encoder_one,text_encoder_two}/ (PEFT), stepN/pytorch_lora_weights.safetensors
     (diffusers), optionally the kohya file, and stepN/run_settings.json; then rename the folder into place."""
-    from diffusers import StableDiffusionXLPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from safetensors.torch import save_file
-
     step_dir = Path(step_dir)
     tmp = partial_dir(step_dir)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    base = settings["pretrained_model_name_or_path"]
+    base = ran(settings)["pretrained_model_name_or_path"]
     for model, name in zip(trained, ["unet", "text_encoder_one", "text_encoder_two"]):
         save_peft_adapter(model, tmp / name, base)
     layers = [convert_state_dict_to_diffusers(portable_lora_weights(m)) for m in trained]
@@ -1544,8 +1636,8 @@ def save_adapters(step_dir, trained, settings, kohya=False):
         text_encoder_2_lora_adapter_metadata=metadata[2] if len(layers) > 2 else None,
         weight_name=LORA_FILE)
     if kohya:
-        save_file(kohya_state_dict(trained, settings["lora_alpha"]), str(tmp / KOHYA_FILE),
-                  metadata={"ss_network_module": "networks.lora"})
+        safetensors.torch.save_file(kohya_state_dict(trained, ran(settings)["lora_alpha"]), str(tmp / KOHYA_FILE),
+                                    metadata={"ss_network_module": "networks.lora"})
     (tmp / SETTINGS_FILE).write_text(json.dumps(settings, indent=2))
     return publish(tmp, step_dir)
 
@@ -1564,23 +1656,19 @@ def unwrap(accelerator, model):
 
 def save_lora_hook(accelerator, models, weights, output_dir):
     """accelerate's save_state hook: store the LoRA weights only, not the frozen multi-GB base model."""
-    from peft import get_peft_model_state_dict
-    from safetensors.torch import save_file
-
     if accelerator.is_main_process:
         for i, model in enumerate(models):
             state = get_peft_model_state_dict(unwrap(accelerator, model), save_embedding_layers=False)
-            save_file({k: v.contiguous() for k, v in state.items()}, f"{output_dir}/lora_{i}.safetensors")
+            safetensors.torch.save_file({k: v.contiguous() for k, v in state.items()},
+                                        f"{output_dir}/lora_{i}.safetensors")
     weights.clear()
 
 
 def load_lora_hook(accelerator, models, input_dir):
     """accelerate's load_state hook: the LoRA weights back into each model; the base weights are untouched."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
     for i, model in enumerate(models):
-        set_peft_model_state_dict(unwrap(accelerator, model), load_file(f"{input_dir}/lora_{i}.safetensors"))
+        state = safetensors.torch.load_file(f"{input_dir}/lora_{i}.safetensors")
+        set_peft_model_state_dict(unwrap(accelerator, model), state)
     models.clear()
 
 
@@ -1672,11 +1760,11 @@ def resume_command(argv, parent=None, own=None, cwd=None):
             and Path(launch[1]).suffix != ".py":
         launch = [Path(launch[1]).name, *launch[2:]]  # a console script run by its shebang: `accelerate launch ...`
     kept, skip = [], False
-    for arg in argv:
-        if skip or arg.startswith("--resume_from_checkpoint="):
+    for arg in argv:  # --hub_token is a secret: not printed (the token of `hf auth login` serves, or pass it again)
+        if skip or arg.startswith(("--resume_from_checkpoint=", "--hub_token=")):
             skip = False
             continue
-        if arg == "--resume_from_checkpoint":
+        if arg in ("--resume_from_checkpoint", "--hub_token"):
             skip = True
             continue
         kept.append(arg)
@@ -1719,15 +1807,17 @@ class GracefulStop:
         return int(accelerator.reduce(flag, reduction="max").item())
 
 
-def run_settings(args, step, num_processes):
-    """The flags as given, and what they came to (the learning rates after --scale_lr); infer.py rebuilds the
-    run's pipeline from them without repeating flags."""
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                if k not in ("argv", "resume_state")}
+def run_settings(args, settings, step=None, num_processes=1):
+    """run_settings.json: the flags as typed, and under "derived" what they came to (defaults, absolute model
+    folders, the photos' checksum, the learning rates after --scale_lr). infer.py rebuilds the run's pipeline from
+    it without repeating flags; a resume compares it with its state's."""
     unet_lr, text_encoder_lr = effective_learning_rates(args, num_processes)
-    settings.update(step=step, trainer="train_dreambooth_lora_ssd1b.py", num_processes=num_processes,
-                    effective_learning_rate=unet_lr, effective_text_encoder_lr=text_encoder_lr)
-    return settings
+    flags = {k: ("<hidden>" if k in SECRET_FLAGS and v else v) for k, v in vars(args).items()}
+    derived = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(settings).items()
+               if k != "command"}
+    derived.update(num_processes=num_processes, effective_learning_rate=unet_lr,
+                   effective_text_encoder_lr=text_encoder_lr)
+    return {**flags, "derived": derived, "step": step, "trainer": "train_dreambooth_lora_ssd1b.py"}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1736,34 +1826,34 @@ def run_settings(args, step, num_processes):
 
 
 def image_grid(images):
-    """Images side by side, in rows of at most ceil(sqrt(n))."""
+    """Images in rows of ceil(sqrt(n)), the last row filled with white: make_image_grid takes full grids only."""
     columns = math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / columns)
-    width, height = images[0].size
-    grid = Image.new("RGB", (columns * width, rows * height), "white")
-    for i, image in enumerate(images):
-        grid.paste(image, ((i % columns) * width, (i // columns) * height))
-    return grid
+    blank = Image.new("RGB", images[0].size, "white")
+    return make_image_grid([*images, *[blank] * (rows * columns - len(images))], rows, columns)
 
 
-def log_validation(accelerator, models, args, step):
+def log_validation(accelerator, models, args, settings, step):
     """Fixed-seed images of the validation prompt, so rounds are comparable; PNGs, a grid, tensorboard."""
     text_encoders = [None, None] if models.prompt_cache else [unwrap(accelerator, m) for m in models.text_encoders]
     unwrapped = dataclasses.replace(models, unet=unwrap(accelerator, models.unet), text_encoders=text_encoders)
     for module in [unwrapped.unet, *(m for m in text_encoders if m is not None)]:
         module.eval()  # no LoRA dropout while sampling
-    pipe = build_pipeline(unwrapped, args.pretrained_model_name_or_path, args.revision, args.variant)
+    pipe = build_pipeline(unwrapped, settings.pretrained_model_name_or_path, args.revision, args.variant)
     seeds = [args.seed + i for i in range(args.num_validation_images)]
+    started = time.perf_counter()
     with accelerator.autocast():
         prompt = None if models.prompt_cache else args.validation_prompt  # else it comes as embeddings
         images = generate_images(pipe, prompt, seeds, args.resolution, args.resolution,
                                  args.validation_inference_steps, **cached_prompt_kwargs(pipe, models, args))
-    folder = Path(args.output_dir) / "validation" / f"step{step - 1}"
+    folder = Path(settings.output_dir) / "validation" / f"step{step - 1}"
     folder.mkdir(parents=True, exist_ok=True)
     for seed, image in zip(seeds, images):
         save_png_atomic(image, folder / f"seed{seed}.png")
     grid = image_grid(images)
     save_png_atomic(grid, folder / "grid.png")
+    tqdm.write(f"validation: {len(images)} images of '{args.validation_prompt}' in {folder} "
+               f"({(time.perf_counter() - started) / len(images):.1f} s/image)")
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             tracker.writer.add_image("validation_grid", np.asarray(grid), step, dataformats="HWC")
@@ -1795,57 +1885,125 @@ def identifier(instance_prompt, class_prompt):
     return " ".join(rare) or instance_prompt
 
 
-def write_model_card(output_dir, args, step, num_processes):
-    """output_dir/README.md: what was trained, how, the last validation grid, and how to load the adapter."""
+BASE_MODEL_LICENSES = {"segmind/SSD-1B": "apache-2.0"}  # the card's license: the base model's, where known
+CARD_TAGS = ["text-to-image", "diffusers", "diffusers-training", "lora", "dreambooth", "ssd-1b", "template:sd-lora"]
+
+
+def write_model_card(output_dir, args, settings, step, num_processes, hub_model_id=None):
+    """output_dir/README.md, made with diffusers' model-card helpers: Hub metadata (base model, instance prompt,
+    license, tags, a widget with the last validation grid), the settings, and how to load the adapters. With
+    hub_model_id, the loading lines name the Hub repo that push_to_hub fills, else the local step dir."""
     output_dir = Path(output_dir)
-    step_dir = f"step{step - 1}"
     grids = sorted(output_dir.glob("validation/step*/grid.png"), key=lambda p: int(p.parent.name[4:]))
+    base = args.pretrained_model_name_or_path
+    base_id = base if looks_like_hub_id(base) else None  # a local folder is no link on the Hub
+    widget = ([{"text": args.validation_prompt, "output": {"url": grids[-1].relative_to(output_dir).as_posix()}}]
+              if grids else None)
+    shown = [f"Validation, `{args.validation_prompt}`, {grids[-1].parent.name}:", "",
+             f"![validation]({widget[0]['output']['url']})", ""] if grids else []
+    description = "\n".join([*card_settings(args, settings, step, num_processes, base_id, hub_model_id), *shown,
+                             *card_usage(args, settings, step, hub_model_id)])
+    with mock.patch.object(huggingface_hub.constants, "HF_HUB_OFFLINE", True):  # made here, from the template
+        card = load_or_create_model_card(hub_model_id or "local/dreambooth-lora", from_training=True,
+                                         base_model=base_id, prompt=args.instance_prompt, widget=widget,
+                                         license=BASE_MODEL_LICENSES.get(base_id, "other"), inference=True,
+                                         model_description=description)
+    card = populate_model_card(card, tags=CARD_TAGS)
+    card.text = description  # the template's TODO sections would only be placeholders here
+    write_text_atomic(output_dir / "README.md", str(card))
+
+
+def card_settings(args, settings, step, num_processes, base_id, hub_model_id):
     te = args.train_text_encoder
     unet_lr, text_encoder_lr = effective_learning_rates(args, num_processes)
     scaled = (f" (--scale_lr: {unet_lr:g}{f', text encoders {text_encoder_lr:g}' if te else ''})"
               if args.scale_lr else "")
-    lines = [
+    base = f"[{base_id}](https://huggingface.co/{base_id})" if base_id else f"`{args.pretrained_model_name_or_path}`"
+    prior = (f"`{args.class_prompt}`, {args.num_class_images} class images, weight {args.prior_loss_weight}"
+             if args.with_prior_preservation else "off")
+    return [
         f"# DreamBooth LoRA: `{args.instance_prompt}`", "",
-        f"LoRA adapters for [{args.pretrained_model_name_or_path}]"
-        f"(https://huggingface.co/{args.pretrained_model_name_or_path}), trained with DreamBooth "
-        f"(Ruiz et al., CVPR 2023) by `train_dreambooth_lora_ssd1b.py`. Latest adapters: `{step_dir}/`.", "",
+        f"LoRA adapters for {base}, trained with DreamBooth (Ruiz et al., CVPR 2023) by "
+        "`train_dreambooth_lora_ssd1b.py`. "
+        + (f"The adapters of step {step}: `{LORA_FILE}`." if hub_model_id else f"Latest adapters: `step{step - 1}/`."),
+        "",
         "| setting | value |", "|---|---|",
         f"| base model | `{args.pretrained_model_name_or_path}` |",
-        f"| VAE | `{args.pretrained_vae_model_name_or_path or 'the base model own'}` |",
+        f"| VAE | `{settings.pretrained_vae_model_name_or_path or 'the base model own'}` |",
         f"| instance prompt | `{args.instance_prompt}` |",
         f"| identifier | `{identifier(args.instance_prompt, args.class_prompt)}` |",
-        f"| prior preservation | {f'`{args.class_prompt}`, {args.num_class_images} class images, weight {args.prior_loss_weight}' if args.with_prior_preservation else 'off'} |",
+        f"| prior preservation | {prior} |",
         f"| steps | {step} of {args.max_train_steps} |",
         f"| resolution | {args.resolution} |",
-        f"| LoRA | rank {args.rank}, alpha {args.lora_alpha}, on the UNet{' and both text encoders' if te else ''} |",
-        f"| learning rate | {args.learning_rate} ({args.lr_scheduler}){f', text encoders {args.text_encoder_lr}' if te else ''}"
-        f"{scaled} |",
+        f"| LoRA | rank {args.rank}, alpha {settings.lora_alpha}, on the UNet"
+        f"{' and both text encoders' if te else ''} |",
+        f"| learning rate | {args.learning_rate} ({args.lr_scheduler})"
+        f"{f', text encoders {args.text_encoder_lr}' if te else ''}{scaled} |",
         f"| batch | {args.train_batch_size} x {args.gradient_accumulation_steps} accumulation |",
         f"| optimizer, precision | {args.optimizer}, {args.mixed_precision or 'as accelerate is configured'} |",
         f"| seed | {args.seed} |", "",
     ]
-    if grids:
-        lines += [f"Validation, `{args.validation_prompt}`, {grids[-1].parent.name}:", "",
-                  f"![validation]({grids[-1].relative_to(output_dir).as_posix()})", ""]
-    te_lines = ['pipe.text_encoder = PeftModel.from_pretrained(pipe.text_encoder, ckpt / "text_encoder_one")',
-                'pipe.text_encoder_2 = PeftModel.from_pretrained(pipe.text_encoder_2, ckpt / "text_encoder_two")']
+
+
+def card_usage(args, settings, step, hub_model_id):
+    """How to load the adapters: from the Hub repo, or from the step dir (paths as seen from the output dir)."""
+    step_dir = f"step{step - 1}"
+    where = hub_model_id or step_dir
+    base = args.pretrained_model_name_or_path
+    vae = settings.pretrained_vae_model_name_or_path
+    lines = ["## Use it", ""]
+    if not hub_model_id:
+        lines += ["From this folder, with this project's `infer.py`:", "", "```bash",
+                  f"python infer.py --checkpoint {step_dir} --prompt "
+                  f'"{args.validation_prompt or args.instance_prompt}"',
+                  "```", ""]
     lines += [
-        "## Use it", "", "With this project's `infer.py`:", "", "```bash",
-        f'python infer.py --checkpoint {step_dir} --prompt "{args.validation_prompt or args.instance_prompt}"',
-        "```", "", "With diffusers:", "", "```python",
-        "import torch", "from diffusers import AutoencoderKL, StableDiffusionXLPipeline", "",
+        "With diffusers:", "", "```python", "import torch", "from diffusers import AutoencoderKL, "
+        "StableDiffusionXLPipeline", "",
         f'vae = AutoencoderKL.from_pretrained("{args.pretrained_vae_model_name_or_path}", torch_dtype=torch.float16)'
-        if args.pretrained_vae_model_name_or_path else "vae = None  # the base model's own VAE",
-        f'pipe = StableDiffusionXLPipeline.from_pretrained("{args.pretrained_model_name_or_path}", '
-        + ('vae=vae, ' if args.pretrained_vae_model_name_or_path else '') + 'torch_dtype=torch.float16).to("cuda")',
-        f'pipe.load_lora_weights("{step_dir}")', "```", "",
-        "With PEFT, per model:", "", "```python", "from pathlib import Path", "from peft import PeftModel", "",
-        f'ckpt = Path("{step_dir}")', 'pipe.unet = PeftModel.from_pretrained(pipe.unet, ckpt / "unet")',
-        *(te_lines if te else []), "```", "",
-    ]
+        if vae else "vae = None  # the base model's own VAE",
+        f'pipe = StableDiffusionXLPipeline.from_pretrained("{base}", ' + ("vae=vae, " if vae else "")
+        + 'torch_dtype=torch.float16).to("cuda")',
+        f'pipe.load_lora_weights("{where}")', "```", ""]
+    if not hub_model_id:
+        te_lines = ['pipe.text_encoder = PeftModel.from_pretrained(pipe.text_encoder, ckpt / "text_encoder_one")',
+                    'pipe.text_encoder_2 = PeftModel.from_pretrained(pipe.text_encoder_2, ckpt / "text_encoder_two")']
+        lines += ["With PEFT, per model:", "", "```python", "from pathlib import Path",
+                  "from peft import PeftModel", "",
+                  f'ckpt = Path("{step_dir}")', 'pipe.unet = PeftModel.from_pretrained(pipe.unet, ckpt / "unet")',
+                  *(te_lines if args.train_text_encoder else []), "```", ""]
     if args.output_kohya_format:
-        lines += [f"For WebUI or ComfyUI: `{step_dir}/{KOHYA_FILE}`.", ""]
-    write_text_atomic(output_dir / "README.md", "\n".join(lines))
+        lines += [f"For WebUI or ComfyUI: `{KOHYA_FILE}`" + ("" if hub_model_id else f" in `{step_dir}/`") + ".", ""]
+    return lines
+
+
+def push_to_hub(output_dir, args, settings, step, num_processes):
+    """Upload the final adapters, the model card and the last validation grid to --hub_model_id, as one commit.
+    The files are first gathered in output_dir/hub/, so a failed upload can be repeated by hand."""
+    output_dir, step_dir = Path(output_dir), Path(output_dir) / f"step{step - 1}"
+    repo_id = args.hub_model_id or Path(settings.output_dir).name
+    staging = output_dir / "hub"
+    tmp = output_dir / f".hub.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    files = [step_dir / LORA_FILE, step_dir / KOHYA_FILE]
+    grids = sorted(output_dir.glob("validation/step*/grid.png"), key=lambda p: int(p.parent.name[4:]))[-1:]
+    for source in [f for f in files if f.is_file()] + grids:
+        target = tmp / (source.relative_to(output_dir).as_posix() if source in grids else source.name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+    write_model_card(tmp, args, settings, step, num_processes, hub_model_id=repo_id)
+    shutil.rmtree(staging, ignore_errors=True)
+    os.replace(tmp, staging)
+    try:
+        url = huggingface_hub.create_repo(repo_id, token=args.hub_token, exist_ok=True).repo_id
+        huggingface_hub.upload_folder(repo_id=url, folder_path=staging, token=args.hub_token,
+                                      commit_message=f"DreamBooth LoRA, step {step}")
+    except Exception as e:  # offline, no rights, a bad token: the local run is complete either way
+        raise UserError(f"could not push to the Hub repo {repo_id} ({type(e).__name__}: {one_line(e)}); the run is "
+                        f"saved in {output_dir}. Push it when the Hub is reachable: hf upload {repo_id} {staging} "
+                        ".") from None
+    return repo_id
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1853,15 +2011,13 @@ def write_model_card(output_dir, args, step, num_processes):
 # ----------------------------------------------------------------------------------------------------------
 
 
-class RunClock:
-    """Where the time goes: the run's phases, and training steps timed in windows that each end in one
-    host-device sync (reading the losses back), so the device is never waited on every step."""
+class Clock:
+    """Where the run's time goes: its phases, and training timed in windows that end where the loop reads the
+    losses back anyway (one host-device sync), so the device is never waited on just to time it."""
 
     def __init__(self):
-        self.phases = collections.defaultdict(float)
-        self.windows = []  # (first step, steps, seconds)
-        self.pending, self.started, self.flops_per_step = [], time.perf_counter(), None
-        self.peak_before_training = 0  # bytes: loading, class images and caches peak before the loop does
+        self.phases, self.windows = collections.defaultdict(float), []  # windows: (first step, steps, seconds)
+        self.started, self.peak_before_training = time.perf_counter(), 0
 
     @contextlib.contextmanager
     def phase(self, name):
@@ -1869,54 +2025,34 @@ class RunClock:
         yield
         self.phases[name] += time.perf_counter() - started
 
-    @contextlib.contextmanager
-    def counting_flops(self, enabled, multiplier):
-        """Count one micro-step's FLOPs (forward and backward) for MFU; the step is warm-up anyway."""
-        if not enabled:
-            yield
-            return
-        from torch.utils.flop_counter import FlopCounterMode
-
-        counter = FlopCounterMode(display=False)
-        with counter:
-            yield
-        self.flops_per_step = counter.get_total_flops() * multiplier
-
-    def close_window(self, accelerator, step):
+    def lap(self, accelerator, pending, step):
         """The window's losses (each step's mean over processes), read back in one sync, and its duration."""
-        losses = accelerator.gather(torch.stack(self.pending)).view(accelerator.num_processes, -1).mean(0).tolist()
+        losses = accelerator.gather(torch.stack(pending)).view(accelerator.num_processes, -1).mean(0).tolist()
         seconds = time.perf_counter() - self.started
         self.windows.append((step - len(losses) + 1, len(losses), seconds))
         self.phases["training"] += seconds
-        self.pending = []
+        self.started = time.perf_counter()
         return losses
 
 
-def train(accelerator, models, trained, optimizer, lr_scheduler, dataloader, args, start_step, clock):
-    """Optimise until max_train_steps; save every checkpointing_steps and at the end; validate on schedule.
-
-    On SIGINT/SIGTERM, finish the step, save adapters and resumable state, and raise Interrupted.
-    """
-    progress = tqdm(total=args.max_train_steps, initial=start_step, desc="steps",
-                    disable=not accelerator.is_main_process)
+def train(accelerator, models, trained, optimizer, lr_scheduler, dataloader, *, args, settings, start_step, clock):
+    """Optimise until --max_train_steps: log, save and validate on their schedules and at the end. On SIGINT or
+    SIGTERM, finish the step, save adapters and resumable state, and raise Interrupted."""
     params = [p for m in trained for p in m.parameters() if p.requires_grad]
-    for module in trained:
-        module.train()
-    step, first_micro_step = start_step, start_step * args.gradient_accumulation_steps
-    if torch.cuda.is_available():  # report training's own peak apart from the run's
-        clock.peak_before_training = torch.cuda.max_memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
+    method = method_settings(args)
+    progress = tqdm(total=args.max_train_steps, initial=start_step, desc="training", unit="step",
+                    disable=not accelerator.is_main_process)
+    step, pending = start_step, []
     clock.started = time.perf_counter()
     with GracefulStop() as stop:
-        for micro_step, batch in enumerate(dataloader, start=first_micro_step):
+        for micro_step, batch in enumerate(dataloader, start=start_step * args.gradient_accumulation_steps):
             with accelerator.accumulate(*trained):
                 generators = sample_generators(args.seed, batch, accelerator.device)
-                # LoRA dropout draws from torch's global RNG, which a new data iterator also draws from;
-                # seeding it per micro-step makes dropout a function of (seed, step) too, so resume is exact
+                # LoRA dropout draws from torch's global RNG, which a new data iterator also draws from; seeding
+                # it per micro-step makes dropout a function of (seed, step) too, so resume is exact
                 torch.manual_seed(derive_seed(args.seed, "dropout", accelerator.process_index, micro_step) % 2**63)
-                with clock.counting_flops(micro_step == first_micro_step, args.gradient_accumulation_steps):
-                    loss = training_step(batch, models, args, generators, accelerator.device)
-                    accelerator.backward(loss)
+                loss = training_step(batch, models, generators, accelerator.device, **method)
+                accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(params, args.max_grad_norm)
                 optimizer.step()
@@ -1925,38 +2061,56 @@ def train(accelerator, models, trained, optimizer, lr_scheduler, dataloader, arg
             if not accelerator.sync_gradients:
                 continue
             step += 1
-            clock.pending.append(loss.detach())
+            pending.append(loss.detach())
             progress.update(1)
-            accelerator.log({"lr": lr_scheduler.get_last_lr()[0]}, step=step)
-            window_ends = (step % args.logging_steps == 0 or step == start_step + WARMUP_STEPS
-                           or step >= args.max_train_steps or any(due(args, step)))
-            # one process alone checks for a signal every step; several agree on it only where they sync anyway
-            signum = stop.requested(accelerator) if window_ends or accelerator.num_processes == 1 else 0
-            if window_ends or signum:
-                end_window(accelerator, models, trained, args, step, clock, progress, signum)
+            accelerator.log({"lr": lr_scheduler.get_last_lr()[0]}, step=step)  # a host value: no device sync
+            last = step == args.max_train_steps
+            save = step % args.checkpointing_steps == 0 or last
+            validate = bool(args.validation_prompt) and (step % args.validation_steps == 0 or last)
+            log = step % args.logging_steps == 0 or save or validate or step == start_step + WARMUP_STEPS
+            # one process alone looks for a signal every step; several agree on it only where they sync anyway
+            signum = stop.requested(accelerator) if log or accelerator.num_processes == 1 else 0
+            if log or signum:  # the losses since the last log, read back from the device in one sync
+                losses = clock.lap(accelerator, pending, step)
+                pending = []
+                refuse_non_finite(losses, step, settings.output_dir, args.learning_rate)
+                progress.set_postfix(loss=f"{sum(losses) / len(losses):.4f}")
+                accelerator.log({"loss": sum(losses) / len(losses)}, step=step)
+            if save or signum:
+                with clock.phase("saving"):
+                    save_checkpoint(accelerator, trained, args, settings, step)
+            if validate and not signum and accelerator.is_main_process:
+                with clock.phase("validation"):
+                    log_validation(accelerator, models, args, settings, step)
+            if save or validate or signum:
+                if accelerator.is_main_process:
+                    write_model_card(settings.output_dir, args, settings, step, accelerator.num_processes)
+                accelerator.wait_for_everyone()  # the others wait while the main process saves and validates
                 clock.started = time.perf_counter()
-            if step >= args.max_train_steps:
+            if signum:
+                progress.close()
+                raise Interrupted(f"stopped at step {step} of {args.max_train_steps}; resume with:\n  "
+                                  f"{resume_command(settings.command)}", signum)
+            if last:
                 break
     progress.close()
 
 
-def end_window(accelerator, models, trained, args, step, clock, progress, signum):
-    """Read the window's losses back (stopping at a nan, exactly), log them, then save and validate."""
-    losses = clock.close_window(accelerator, step)
+def method_settings(args):
+    """The flags training_step uses, by name."""
+    return dict(noise_offset=args.noise_offset, train_text_encoder=args.train_text_encoder,
+                with_prior=args.with_prior_preservation, prior_loss_weight=args.prior_loss_weight,
+                snr_gamma=args.snr_gamma)
+
+
+def refuse_non_finite(losses, step, output_dir, learning_rate):
+    """Stop at the first nan or inf loss, naming its step exactly (the window's losses end at `step`)."""
     for offset, value in enumerate(losses):
         if not math.isfinite(value):
             raise UserError(f"the loss became {value} at step {step - len(losses) + 1 + offset}, so training "
-                            f"stopped and nothing since was saved; {last_good_adapters(args.output_dir)}. Likely "
+                            f"stopped and nothing since was saved; {last_good_adapters(output_dir)}. Likely "
                             "fp16 overflow: use --mixed_precision bf16, or a lower --learning_rate (now "
-                            f"{args.learning_rate})")
-    window = clock.windows[-1]
-    progress.set_postfix(loss=f"{sum(losses) / len(losses):.4f}", s_per_step=f"{window[2] / window[1]:.3f}")
-    accelerator.log({"loss": sum(losses) / len(losses)}, step=step)
-    after_step(accelerator, models, trained, args, step, clock, stopping=bool(signum))
-    if signum:
-        progress.close()
-        raise Interrupted(f"stopped at step {step} of {args.max_train_steps}; resume with:\n  "
-                          f"{resume_command(args.argv)}", signum)
+                            f"{learning_rate})")
 
 
 def last_good_adapters(output_dir):
@@ -1964,13 +2118,14 @@ def last_good_adapters(output_dir):
     return f"the last good adapters are in {finished[-1]}" if finished else "no adapters were saved yet"
 
 
-def save_checkpoint(accelerator, trained, args, step):
+def save_checkpoint(accelerator, trained, args, settings, step):
     """Adapters (main process) and resumable state (all processes) of this step. Non-finite weights are never
     written, and a failed write (a full disk, say) leaves every earlier checkpoint as it was."""
+    output_dir = settings.output_dir
     unwrapped = [unwrap(accelerator, m) for m in trained]
     if not all(torch.isfinite(p).all() for m in unwrapped for p in m.parameters() if p.requires_grad):
         raise UserError(f"the LoRA weights hold nan or inf at step {step}, so they were not saved; "
-                        f"{last_good_adapters(args.output_dir)}. Likely fp16 overflow: use --mixed_precision bf16, "
+                        f"{last_good_adapters(output_dir)}. Likely fp16 overflow: use --mixed_precision bf16, "
                         "or a lower --learning_rate")
     if accelerator.num_processes > 1:  # DDP keeps replicas equal; prove it before writing one of them
         checksum = torch.stack([p.detach().double().sum() for m in unwrapped for p in m.parameters()
@@ -1980,82 +2135,43 @@ def save_checkpoint(accelerator, trained, args, step):
             raise RuntimeError(f"the processes hold different adapters at step {step}: {checksums.tolist()}")
         accelerator.print(f"adapters identical on all {accelerator.num_processes} processes "
                           f"(checksum {checksums[0].item():.6f})")
-    settings = run_settings(args, step, accelerator.num_processes)
+    record = run_settings(args, settings, step, accelerator.num_processes)
     try:
         if accelerator.is_main_process:
-            step_dir = save_adapters(Path(args.output_dir) / f"step{step - 1}", unwrapped, settings,
+            step_dir = save_adapters(Path(output_dir) / f"step{step - 1}", unwrapped, record,
                                      kohya=args.output_kohya_format)
             tqdm.write(f"saved adapters to {step_dir}")
-        save_resumable_state(accelerator, args.output_dir, step, settings)
+        save_resumable_state(accelerator, output_dir, step, record)
     except Exception as e:  # OSError, and safetensors' own error for a full disk
         if accelerator.is_main_process:
-            remove_partial_dirs(args.output_dir)  # frees the space a full disk needs back
+            remove_partial_dirs(output_dir)  # frees the space a full disk needs back
         reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
-        raise UserError(f"could not save step {step} in {args.output_dir}: {reason}; earlier checkpoints "
+        raise UserError(f"could not save step {step} in {output_dir}: {reason}; earlier checkpoints "
                         "are intact. Free some space (or fix the folder), then resume with "
                         "--resume_from_checkpoint latest") from None
     if accelerator.is_main_process and args.checkpoints_total_limit:
-        prune_states(args.output_dir, args.checkpoints_total_limit)
+        prune_states(output_dir, args.checkpoints_total_limit)
 
 
-def due(args, step):
-    """Whether this step saves, and whether it validates: on their schedules, and always at the end."""
-    last = step == args.max_train_steps
-    return (step % args.checkpointing_steps == 0 or last,
-            bool(args.validation_prompt) and (step % args.validation_steps == 0 or last))
-
-
-def after_step(accelerator, models, trained, args, step, clock, stopping=False):
-    """Save adapters and resumable state, validate, and refresh the model card; the other processes wait."""
-    save_now, validate_now = due(args, step)
-    save_now, validate_now = save_now or stopping, validate_now and not stopping
-    if save_now:
-        with clock.phase("saving"):
-            save_checkpoint(accelerator, trained, args, step)
-    if validate_now and accelerator.is_main_process:
-        with clock.phase("validation"):
-            log_validation(accelerator, models, args, step)
-    if (save_now or validate_now) and accelerator.is_main_process:
-        write_model_card(args.output_dir, args, step, accelerator.num_processes)
-    accelerator.wait_for_everyone()
-
-
-PEAK_TFLOPS = {"H100": 989, "H200": 989, "A100": 312, "A6000": 155, "L40S": 362, "L40": 181, "4090": 165,
-               "A10G": 70, "L4": 121}  # dense bf16/fp16 tensor-core peaks from the datasheets, per GPU
-
-
-def device_peak_tflops(override):
-    if override or not torch.cuda.is_available():
-        return override
-    name = torch.cuda.get_device_name()
-    return next((peak for key, peak in PEAK_TFLOPS.items() if key in name), None)
-
-
-def report(accelerator, clock, args, start_step):
-    """Steady-state time per step (warm-up, saving and validation left out), MFU, peak memory, and where the
-    run's time went."""
+def report(accelerator, clock, start_step):
+    """The closing line: steady-state time per step (warm-up, saving and validation left out), peak memory, and
+    where the run's time went. FLOPs and MFU are measured by benchmarks/, off the training path."""
     steady = [(n, s) for first, n, s in clock.windows if first > start_step + WARMUP_STEPS] or \
         [(n, s) for _, n, s in clock.windows]
     ms_per_step = 1000 * sum(s for _, s in steady) / sum(n for n, _ in steady)
-    peak = device_peak_tflops(args.peak_tflops)
-    mfu = clock.flops_per_step / (ms_per_step / 1000) / (peak * 1e12) if peak and clock.flops_per_step else None
     if torch.cuda.is_available():
         peak_gib = torch.cuda.max_memory_allocated() / 2**30
         run_gib = max(peak_gib, clock.peak_before_training / 2**30)
         memory = f"peak GPU memory {peak_gib:.2f} GiB in training ({run_gib:.2f} GiB in the whole run)"
     else:
-        import resource
-
         peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
         memory = f"peak RSS {peak_gib:.2f} GiB"
-    tflop = f"{clock.flops_per_step / 1e12:.3g} TFLOP/step" if clock.flops_per_step else "FLOPs not counted"
-    accelerator.print(
-        f"steady-state {ms_per_step:.1f} ms/step over {sum(n for n, _ in steady)} steps; {tflop}; "
-        + (f"MFU {100 * mfu:.3g}% of {peak:g} TFLOP/s; " if mfu else "MFU n/a (pass --peak_tflops); ")
-        + f"{memory}\ntime: " + ", ".join(f"{name} {sec:.1f} s" for name, sec in clock.phases.items()))
-    accelerator.log({"ms_per_step": ms_per_step, "peak_memory_gib": peak_gib, **({"mfu": mfu} if mfu else {}),
+    accelerator.print(f"steady-state {ms_per_step:.1f} ms/step over {sum(n for n, _ in steady)} steps; {memory}\n"
+                      "time: " + ", ".join(f"{name} {sec:.1f} s" for name, sec in clock.phases.items()))
+    accelerator.log({"ms_per_step": ms_per_step, "peak_memory_gib": peak_gib,
                      **{f"seconds/{name}": sec for name, sec in clock.phases.items()}})
     return ms_per_step
+
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -2063,34 +2179,34 @@ def report(accelerator, clock, args, start_step):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def make_accelerator(args):
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
-
+def make_accelerator(args, settings):
     report_to = None if args.report_to == "none" else args.report_to
+    output_dir = settings.output_dir
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
-        log_with=report_to,
-        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=f"{args.output_dir}/logs"),
-        kwargs_handlers=[
-            # the others wait at barriers while the main process validates and saves
-            InitProcessGroupKwargs(timeout=datetime.timedelta(hours=2))])
+        log_with=report_to, project_config=ProjectConfiguration(project_dir=output_dir,
+                                                                logging_dir=f"{output_dir}/logs"),
+        # the others wait at barriers while the main process validates and saves
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(hours=2))])
     if accelerator.device.type == "cpu" and accelerator.mixed_precision == "fp16":  # CPU autocast would mix dtypes
         raise UserError(FP16_ON_CPU)
     accelerator.print(f"{accelerator.state}".strip())
     return accelerator
 
 
-def prepare_class_images(accelerator, models, args):
+def prepare_class_images(accelerator, models, args, settings):
     """Every process makes its share of the missing class images; N asked for means exactly N files."""
-    class_dir = Path(args.class_dir)
+    class_dir = Path(settings.class_dir)
     if accelerator.is_main_process:
         class_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
     missing = missing_class_images(class_dir, args.num_class_images)
     accelerator.wait_for_everyone()  # everyone has the same list before anyone writes
     if missing:
-        pipe = build_pipeline(models, args.pretrained_model_name_or_path, args.revision, args.variant)
+        accelerator.print(f"making {len(missing)} class images of '{args.class_prompt}' in {class_dir} (kept for "
+                          "the next run)")
+        pipe = build_pipeline(models, settings.pretrained_model_name_or_path, args.revision, args.variant,
+                              progress=False)  # the bar counts images instead
         with accelerator.split_between_processes(missing) as mine, accelerator.autocast():
             generate_class_images(pipe, class_dir, args.class_prompt, mine, args.sample_batch_size,
                                   args.resolution, args.seed, disable_progress=not accelerator.is_local_main_process)
@@ -2111,7 +2227,8 @@ def build_caches(accelerator, models, args, images, prompts):
             torch.cuda.empty_cache()
     if args.cache_latents == "on" or (args.cache_latents == "auto" and latent_cache_is_exact(images, args.center_crop)):
         models.latent_cache = encode_latent_cache(models.vae, images, args.resolution, args.center_crop,
-                                                  args.random_flip, args.seed, accelerator.device)
+                                                  args.random_flip, args.seed, accelerator.device,
+                                                  disable_progress=not accelerator.is_main_process)
     accelerator.print(f"cached: {len(models.latent_cache or {})} latents ({args.cache_latents}), "
                       f"{len(models.prompt_cache or {})} prompt embeddings")
 
@@ -2119,61 +2236,62 @@ def build_caches(accelerator, models, args, images, prompts):
 def make_dataloader(instance_images, instance_prompts, class_images, args, num_processes, cached):
     """One sample per (step, micro-batch, process, batch slot): the dataset is as long as the run."""
     num_samples = args.max_train_steps * args.gradient_accumulation_steps * args.train_batch_size * num_processes
-    dataset = DreamBoothDataset(instance_images, instance_prompts, class_images, args.class_prompt,
-                                args.resolution, args.center_crop, args.random_flip, args.seed, num_samples, cached)
+    dataset = DreamBoothDataset(instance_images, instance_prompts, class_images, class_prompt=args.class_prompt,
+                                resolution=args.resolution, center_crop=args.center_crop,
+                                random_flip=args.random_flip, seed=args.seed, num_samples=num_samples, cached=cached)
     return torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, shuffle=False,
                                        collate_fn=collate, num_workers=args.dataloader_num_workers,
                                        pin_memory=torch.cuda.is_available())
 
 
 def make_lr_scheduler(optimizer, args, num_processes):
-    from diffusers.optimization import get_scheduler
-
     # accelerate steps a prepared scheduler once per process each step
     return get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps * num_processes,
                          num_training_steps=args.max_train_steps * num_processes)
 
 
-def start_checkpointing(accelerator, args, dataloader):
+def start_checkpointing(accelerator, resume_state, gradient_accumulation_steps, dataloader):
     """Save and load LoRA-only state; when resuming, restore it and skip the data already seen.
     Returns the step to start from and the dataloader to continue with."""
     accelerator.register_save_state_pre_hook(functools.partial(save_lora_hook, accelerator))
     accelerator.register_load_state_pre_hook(functools.partial(load_lora_hook, accelerator))
-    if not args.resume_state:
+    if not resume_state:
         return 0, dataloader
     try:  # accelerate reads state with torch.load(weights_only=True): tensors and plain values, never code
-        accelerator.load_state(str(args.resume_state))
+        accelerator.load_state(str(resume_state))
     except pickle.UnpicklingError as e:
-        raise UserError(f"{args.resume_state} holds more than tensors and plain values, so it was not loaded "
+        raise UserError(f"{resume_state} holds more than tensors and plain values, so it was not loaded "
                         f"({str(e).splitlines()[0][:120]}); it was not written by this trainer: delete it, or "
                         "resume from another state") from None
-    start_step = read_trainer_state(args.resume_state)["step"]
-    accelerator.print(f"resumed from {args.resume_state} at step {start_step}")
+    start_step = read_trainer_state(resume_state)["step"]
+    accelerator.print(f"resumed from {resume_state} at step {start_step}")
     # sample k is a pure function of (seed, k), so skipping the batches already seen restores the data position
-    return start_step, accelerator.skip_first_batches(dataloader, start_step * args.gradient_accumulation_steps)
+    return start_step, accelerator.skip_first_batches(dataloader, start_step * gradient_accumulation_steps)
 
 
 def main(argv=None):
-    from accelerate.utils import set_seed
-
-    args = parse_args(argv)                       # flags, every check of them in one place
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)                       # the flags, every check of them in one place, then frozen
     check_versions([p for p in MINIMUM_VERSIONS if p != "bitsandbytes" or args.optimizer == "adamw8bit"])
-    with hold_output_dir(args.output_dir):        # one trainer per output dir, until this one exits
-        instance_images, instance_prompts = check_inputs(args)  # folders, photos, captions, models, output dir
-        accelerator = make_accelerator(args)          # processes, mixed precision, accumulation, trackers
+    settings = derive_settings(args, argv)        # what they come to: defaults, absolute model folders
+    with hold_output_dir(settings.output_dir):    # one trainer per output dir, until this one exits
+        instance_images, instance_prompts, settings = check_inputs(args, settings)  # all before any model loads
+        accelerator = make_accelerator(args, settings)  # processes, mixed precision, accumulation, trackers
         weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 matmuls on tensor cores
-        clock = RunClock()
+        clock = Clock()
 
         with clock.phase("load"):
-            models = load_models(args.pretrained_model_name_or_path, args.pretrained_vae_model_name_or_path,
+            models = load_models(settings.pretrained_model_name_or_path, settings.pretrained_vae_model_name_or_path,
                                  args.revision, args.variant, weight_dtype, accelerator.device)
+        accelerator.print(f"loaded the models in {clock.phases['load']:.1f} s")
         with clock.phase("class images"):
-            class_images = prepare_class_images(accelerator, models, args) if args.with_prior_preservation else None
+            class_images = (prepare_class_images(accelerator, models, args, settings)
+                            if args.with_prior_preservation else None)
         with clock.phase("caches"):
             build_caches(accelerator, models, args, [*instance_images, *(class_images or [])], instance_prompts)
         set_seed(args.seed)  # LoRA's initial weights
-        trained = add_lora(models, args.rank, args.lora_alpha, args.lora_dropout, args.train_text_encoder)
+        trained = add_lora(models, args.rank, settings.lora_alpha, args.lora_dropout, args.train_text_encoder)
         if args.gradient_checkpointing:
             models.unet.enable_gradient_checkpointing()
             for text_encoder in trained[1:]:  # transformers 5 renamed it; the old name warns until it goes in v6
@@ -2192,18 +2310,38 @@ def main(argv=None):
         *trained, optimizer, dataloader, lr_scheduler = accelerator.prepare(*trained, optimizer, dataloader,
                                                                            lr_scheduler)
         models.unet, models.text_encoders = trained[0], trained[1:] or models.text_encoders
-        start_step, dataloader = start_checkpointing(accelerator, args, dataloader)
+        start_step, dataloader = start_checkpointing(accelerator, settings.resume_state,
+                                                     args.gradient_accumulation_steps, dataloader)
 
         accelerator.init_trackers("dreambooth-lora-ssd1b", config={k: v for k, v in vars(args).items()
-                                                                   if isinstance(v, (int, float, str, bool))})
+                                                                   if isinstance(v, (int, float, str, bool))
+                                                                   and k not in SECRET_FLAGS})
         effective = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
         accelerator.print(f"{len(instance_images)} instance photos, {len(class_images or [])} class images; "
                           f"{args.max_train_steps} steps, effective batch {effective} = {args.train_batch_size} per "
                           f"device x {accelerator.num_processes} processes x {args.gradient_accumulation_steps} "
-                          f"accumulation; loading took {clock.phases['load']:.1f} s")
-        train(accelerator, models, trained, optimizer, lr_scheduler, dataloader, args, start_step, clock)
-        report(accelerator, clock, args, start_step)
+                          "accumulation")
+        if torch.cuda.is_available():  # training's own peak, apart from loading's and the caches'
+            clock.peak_before_training = torch.cuda.max_memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        train(accelerator, models, trained, optimizer, lr_scheduler, dataloader, args=args, settings=settings,
+              start_step=start_step, clock=clock)
+        report(accelerator, clock, start_step)
         accelerator.end_training()
+        finish(accelerator, args, settings)
+
+
+def finish(accelerator, args, settings):
+    """Say where the adapters are and how to render from them; push them to the Hub if asked."""
+    if not accelerator.is_main_process:
+        return
+    step_dir = Path(settings.output_dir).resolve() / f"step{args.max_train_steps - 1}"
+    prompt = args.validation_prompt or args.instance_prompt
+    print(f"adapters in {step_dir}; render with:\n  python {Path(__file__).resolve().parent / 'infer.py'} "
+          f"--checkpoint {shlex.quote(str(step_dir))} --prompt {shlex.quote(prompt)}")
+    if args.push_to_hub:
+        repo_id = push_to_hub(settings.output_dir, args, settings, args.max_train_steps, accelerator.num_processes)
+        print(f"pushed to https://huggingface.co/{repo_id}")
 
 
 if __name__ == "__main__":

@@ -3,8 +3,8 @@
     python benchmarks/profile_step.py --out work_dirs/profile -- --pretrained_model_name_or_path MODEL ... (trainer flags)
 
 The trainer runs in this process, as `python train_dreambooth_lora_ssd1b.py <flags>` would run it; the only change
-is that each call of its training_step() marks a profiler step. Steps 1 to --skip are left alone (the first counts
-FLOPs, the others warm up the allocator and kernels); the next --steps are recorded. Writes
+is that each call of its training_step() marks a profiler step. Steps 1 to --skip are left alone (they warm up the
+allocator and kernels); the next --steps are recorded. Writes
 OUT/table.txt (ops by self time on the device, or on the CPU without a GPU), OUT/trace.json.gz (open it in
 Perfetto or chrome://tracing) and prints the table. Give the trainer more than skip + steps steps
 (--max_train_steps), so no save or validation falls inside the record.
@@ -28,7 +28,7 @@ import train_dreambooth_lora_ssd1b as trainer  # noqa: E402
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("work_dirs/profile"))
-    p.add_argument("--skip", type=int, default=3, help="steps before recording (FLOP count, warm-up)")
+    p.add_argument("--skip", type=int, default=3, help="steps before recording (warm-up)")
     p.add_argument("--steps", type=int, default=3, help="steps recorded")
     p.add_argument("--rows", type=int, default=30, help="rows of the table")
     p.add_argument("trainer_flags", nargs=argparse.REMAINDER, help="after --: the trainer's own flags")

@@ -22,6 +22,15 @@ def run_trainer(*argv):
     trainer.main([str(a) for a in with_flags([], *argv)])
 
 
+def check_inputs(argv):
+    """Parse and check as main() does, up to the point where models would load: (photos, prompts, settings)."""
+    import train_dreambooth_lora_ssd1b as trainer
+
+    argv = [str(a) for a in argv]
+    args = trainer.parse_args(argv)
+    return trainer.check_inputs(args, trainer.derive_settings(args, argv))
+
+
 def with_flags(argv, *extra):
     """argv with the extra flags: a flag argv (or an earlier extra) already has takes the new value, as a test
     that changes one flag means (the trainer refuses a flag given twice)."""

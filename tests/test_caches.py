@@ -21,18 +21,20 @@ def losses(models, photos, tiny_model, tmp_path, cached, steps=4):
     images = trainer.list_images(photos)
     models.latent_cache = models.prompt_cache = None
     if cached:
-        trainer.build_caches(type("A", (), {"device": "cpu", "print": print})(), models, args, images,
+        trainer.build_caches(type("A", (), {"device": "cpu", "print": print, "is_main_process": True})(), models, args, images,
                              ["a photo of sks dog"] * len(images))
         assert models.latent_cache and models.prompt_cache
-    dataset = trainer.DreamBoothDataset(images, "a photo of sks dog", images[::-1], "a photo of dog", 64, True,
-                                        True, 0, 2 * steps, cached=cached)
+    dataset = trainer.DreamBoothDataset(images, "a photo of sks dog", images[::-1], class_prompt="a photo of dog",
+                                        resolution=64, center_crop=True, random_flip=True, seed=0,
+                                        num_samples=2 * steps, cached=cached)
     result = []
     for step in range(steps):
         batch = trainer.collate([dataset[2 * step], dataset[2 * step + 1]])
         assert ("latent_key" in batch) == cached and ("pixel_values" in batch) != cached
         with torch.no_grad():
             generator = torch.Generator().manual_seed(step)
-            result.append(trainer.training_step(batch, models, args, generator, "cpu").item())
+            loss = trainer.training_step(batch, models, generator, "cpu", **trainer.method_settings(args))
+            result.append(loss.item())
     return result
 
 
@@ -81,8 +83,8 @@ def test_validation_from_cached_embeddings_matches_the_pipeline(models, tiny_mod
 def test_frozen_text_encoders_leave_the_device_and_trained_ones_stay(tiny_model, photos, tmp_path, monkeypatch):
     seen = {}
     real = trainer.train
-    monkeypatch.setattr(trainer, "train", lambda accelerator, models, *a: seen.update(models=models)
-                        or real(accelerator, models, *a))
+    monkeypatch.setattr(trainer, "train", lambda accelerator, models, *a, **k: seen.update(models=models)
+                        or real(accelerator, models, *a, **k))
     run_trainer(*tiny_args(tiny_model, photos, tmp_path / "a", "--max_train_steps", 1, "--optimizer", "adamw",
                            "--center_crop", "--validation_prompt", "a sks dog", "--validation_inference_steps", 2))
     models = seen["models"]

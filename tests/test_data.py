@@ -29,8 +29,8 @@ def coordinate_image(width, height):
 def dataset(instance_images, resolution=32, class_images=None, center_crop=False, random_flip=False, seed=0,
             num_samples=100):
     return DreamBoothDataset(instance_images, "a photo of sks dog", class_images,
-                             "a photo of dog" if class_images else None, resolution, center_crop, random_flip,
-                             seed, num_samples)
+                             class_prompt="a photo of dog" if class_images else None, resolution=resolution,
+                             center_crop=center_crop, random_flip=random_flip, seed=seed, num_samples=num_samples)
 
 
 # ----------------------------------------------------------------------------------------------------------

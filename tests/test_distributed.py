@@ -95,7 +95,8 @@ def test_scale_lr_multiplies_only_when_asked_and_records_flag_and_rate(tiny_mode
     assert [g["initial_lr"] for g in optimizers[0].param_groups] == pytest.approx([1e-4 * factor] + [5e-6 * factor] * 2)
     settings = json.loads((tmp_path / "a" / "step0" / "run_settings.json").read_text())
     assert (settings["learning_rate"], settings["text_encoder_lr"]) == (1e-4, 5e-6), "the flags as typed"
-    assert (settings["effective_learning_rate"], settings["effective_text_encoder_lr"]) == pytest.approx(
+    derived = settings["derived"]
+    assert (derived["effective_learning_rate"], derived["effective_text_encoder_lr"]) == pytest.approx(
         (1e-4 * factor, 5e-6 * factor)), "and the rates that trained"
 
 

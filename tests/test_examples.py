@@ -31,9 +31,10 @@ def test_dog_recipe_is_the_reference_recipe(monkeypatch):
     monkeypatch.setattr(trainer, "has_accelerator", lambda: True)  # the recipe's fp16 is for a GPU, which CI lacks
     script = (ROOT / "examples" / "train_dog.sh").read_text().replace("\\\n", " ")
     command = re.search(r"train_dreambooth_lora_ssd1b\.py(.*)", script).group(1)
-    args = trainer.parse_args([a for a in shlex.split(command) if a != "$@"])
+    argv = [a for a in shlex.split(command) if a != "$@"]
+    args = trainer.parse_args(argv)
     assert (args.instance_dir, args.instance_prompt) == ("diffusers/dog-example", "a photo of sks dog")
     assert (args.resolution, args.rank, args.learning_rate, args.max_train_steps) == (1024, 8, 1e-4, 500)
     assert (args.validation_prompt, args.num_validation_images, args.validation_steps) == (
         "A photo of sks dog in a bucket", 4, 100)
-    assert args.output_dir == "work_dirs/ssd_1b_dreambooth_lora_dog-example"
+    assert trainer.derive_settings(args, argv).output_dir == "work_dirs/ssd_1b_dreambooth_lora_dog-example"

@@ -25,7 +25,7 @@ def test_optimizer_flags_reach_the_optimizer(models, tiny_model, photos, tmp_pat
     args = parse(tiny_model, photos, tmp_path, "--optimizer", "adamw", "--learning_rate", 2e-4,
                  "--train_text_encoder", "--text_encoder_lr", 3e-5, "--adam_beta1", 0.8, "--adam_beta2", 0.95,
                  "--adam_weight_decay", 0.01, "--adam_epsilon", 1e-6)
-    trained = trainer.add_lora(models, args.rank, args.lora_alpha, args.lora_dropout, args.train_text_encoder)
+    trained = trainer.add_lora(models, args.rank, args.rank, args.lora_dropout, args.train_text_encoder)
     optimizer = trainer.make_optimizer(trained, args, (args.learning_rate, args.text_encoder_lr))
     assert type(optimizer) is torch.optim.AdamW
     assert [g["lr"] for g in optimizer.param_groups] == [2e-4, 3e-5, 3e-5], "unet, text_encoder, text_encoder_2"
@@ -64,8 +64,9 @@ def spied_step(models, photos, tiny_model, tmp_path, *extra, seed=0, instances=2
     args = parse(tiny_model, photos, tmp_path, "--with_prior_preservation", "--class_prompt", "a photo of dog",
                  *extra)
     images = trainer.list_images(photos)
-    dataset = trainer.DreamBoothDataset(images, args.instance_prompt, images[::-1], args.class_prompt, 64,
-                                        False, False, 0, instances)
+    dataset = trainer.DreamBoothDataset(images, args.instance_prompt, images[::-1], class_prompt=args.class_prompt,
+                                        resolution=64, center_crop=False, random_flip=False, seed=0,
+                                        num_samples=instances)
     batch = trainer.collate([dataset[k] for k in range(instances)])
     seen, loss = {}, None
     real_add_noise, real_unet = models.noise_scheduler.add_noise, models.unet.forward
@@ -84,7 +85,8 @@ def spied_step(models, photos, tiny_model, tmp_path, *extra, seed=0, instances=2
     models.noise_scheduler.add_noise, models.unet.forward = add_noise, unet
     try:
         with torch.no_grad():
-            loss = trainer.training_step(batch, models, args, torch.Generator().manual_seed(seed), "cpu")
+            loss = trainer.training_step(batch, models, torch.Generator().manual_seed(seed), "cpu",
+                                         **trainer.method_settings(args))
     except NoiseDrawn:
         pass
     finally:
@@ -194,8 +196,6 @@ def test_gradient_checkpointing_leaves_every_lora_weight_of_unet_and_text_encode
 
     monkeypatch.setattr(trainer, "add_lora", add_lora)
     monkeypatch.setattr(accelerate.Accelerator, "clip_grad_norm_", clip)
-    # FLOPs are counted on the first step only; later steps, like this one, run without the counter
-    monkeypatch.setattr(trainer.RunClock, "counting_flops", lambda self, *a: contextlib.nullcontext())
     with pytest.raises(GradientsSeen):
         run_trainer(*tiny_args(tiny_model, photos, tmp_path / "out", "--max_train_steps", 1, "--optimizer",
                                "adamw", "--gradient_checkpointing",

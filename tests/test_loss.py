@@ -5,9 +5,15 @@ import torch
 from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
 
-from train_dreambooth_lora_ssd1b import dreambooth_loss
+from train_dreambooth_lora_ssd1b import dreambooth_loss as keyword_loss
 
 SHAPE = (4, 8, 8)  # latent channels, height, width
+
+
+def dreambooth_loss(prediction, target, timesteps, scheduler, with_prior, prior_loss_weight, snr_gamma):
+    """The trainer's loss with its settings in a fixed order, as these tables of cases give them."""
+    return keyword_loss(prediction, target, timesteps, scheduler, with_prior=with_prior,
+                        prior_loss_weight=prior_loss_weight, snr_gamma=snr_gamma)
 
 
 def sdxl_scheduler(prediction_type="epsilon"):

@@ -3,9 +3,13 @@ one trainer holds at a time."""
 
 import json
 import os
+import re
+import shlex
+import shutil
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +17,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import train_dreambooth_lora_ssd1b as trainer
-from conftest import run_trainer, tiny_args
+from conftest import ROOT, run_trainer, tiny_args
 from test_adapters import outputs
 
 
@@ -125,3 +129,116 @@ def test_a_refused_run_leaves_no_empty_output_dir(tmp_path):
         trainer.main(["--instance_dir", str(tmp_path / "empty"), "--instance_prompt", "a photo of sks dog",
                       "--output_dir", str(tmp_path / "out"), "--optimizer", "adamw"])
     assert not (tmp_path / "out").exists()
+
+
+def card_metadata(path):
+    """The card's YAML front matter, read as the Hub reads it."""
+    from huggingface_hub import ModelCard
+
+    return ModelCard.load(path).data.to_dict()
+
+
+def test_model_card_carries_hub_metadata(shared_run):
+    data = card_metadata(shared_run / "README.md")
+    assert data["library_name"] == "diffusers" and data["instance_prompt"] == "a photo of sks dog"
+    assert {"lora", "dreambooth", "text-to-image", "template:sd-lora"} <= set(data["tags"])
+    assert "base_model" not in data, "a local base model folder is no Hub link"
+    assert data["license"] == "other"
+    assert data["widget"] == [{"text": "a photo of sks dog in a bucket",
+                               "output": {"url": "validation/step2/grid.png"}}]
+    assert (shared_run / data["widget"][0]["output"]["url"]).is_file()
+    assert "TODO" not in (shared_run / "README.md").read_text(), "no template placeholder is left in the card"
+
+
+def test_model_card_links_a_hub_base_model(tmp_path):
+    argv = ["--instance_dir", "dog", "--instance_prompt", "a photo of sks dog", "--output_dir", str(tmp_path)]
+    args = trainer.parse_args(argv)
+    trainer.write_model_card(tmp_path, args, trainer.derive_settings(args, argv), 500, 1)
+    data = card_metadata(tmp_path / "README.md")
+    assert (data["base_model"], data["license"]) == ("segmind/SSD-1B", "apache-2.0")
+    assert "[segmind/SSD-1B](https://huggingface.co/segmind/SSD-1B)" in (tmp_path / "README.md").read_text()
+
+
+@pytest.fixture
+def hub_calls(monkeypatch):
+    """huggingface_hub's upload calls, recorded instead of made: the Hub cannot be reached from here."""
+    import huggingface_hub
+
+    calls = []
+
+    def upload_folder(repo_id, folder_path, token=None, commit_message=None):
+        files = sorted(p.relative_to(folder_path).as_posix() for p in Path(folder_path).rglob("*") if p.is_file())
+        calls.append(("upload", repo_id, files, token))
+
+    monkeypatch.setattr(huggingface_hub, "create_repo",
+                        lambda repo_id, token=None, exist_ok=False: calls.append(("create", repo_id)) or
+                        type("RepoUrl", (), {"repo_id": repo_id})())
+    monkeypatch.setattr(huggingface_hub, "upload_folder", upload_folder)
+    return calls
+
+
+def test_push_to_hub_uploads_the_final_adapters_card_and_grid(hub_calls, tiny_model, photos, tmp_path):
+    out = tmp_path / "out"
+    run_trainer(*tiny_args(tiny_model, photos, out, "--max_train_steps", 2, "--optimizer", "adamw",
+                           "--validation_prompt", "a photo of sks dog in a bucket", "--validation_inference_steps", 1,
+                           "--num_validation_images", 1, "--push_to_hub", "--hub_model_id", "you/sks-dog",
+                           "--hub_token", "hf_test"))
+    assert hub_calls == [("create", "you/sks-dog"),
+                         ("upload", "you/sks-dog", ["README.md", trainer.LORA_FILE, "validation/step1/grid.png"],
+                          "hf_test")]
+    assert (out / "hub" / trainer.LORA_FILE).read_bytes() == (out / "step1" / trainer.LORA_FILE).read_bytes()
+    card = (out / "hub" / "README.md").read_text()
+    assert 'pipe.load_lora_weights("you/sks-dog")' in card and "infer.py" not in card, "the Hub card loads from it"
+    leaked = [p for p in out.rglob("*") if p.is_file() and b"hf_test" in p.read_bytes()]
+    assert not leaked, "the token is in no file the run writes"
+    assert "hf_test" not in trainer.resume_command(["--hub_token", "hf_test", "--push_to_hub"], [], [], "/")
+
+
+def test_an_unreachable_hub_is_one_line_and_keeps_the_run(hub_calls, monkeypatch, tiny_model, photos, tmp_path):
+    import huggingface_hub
+
+    def offline(*a, **k):
+        raise ConnectionError("Max retries exceeded with url: /api/repos/create\nmore detail")
+    monkeypatch.setattr(huggingface_hub, "create_repo", offline)
+    out = tmp_path / "out"
+    with pytest.raises(trainer.UserError) as refused:
+        run_trainer(*tiny_args(tiny_model, photos, out, "--max_train_steps", 1, "--optimizer", "adamw",
+                               "--push_to_hub", "--hub_model_id", "you/sks-dog", "--hub_token", "hf_test"))
+    message = str(refused.value)
+    assert "\n" not in message and "could not push to the Hub repo you/sks-dog (ConnectionError" in message
+    assert f"the run is saved in {out}" in message and f"hf upload you/sks-dog {out / 'hub'} ." in message
+    assert (out / "step0" / trainer.LORA_FILE).is_file() and (out / "hub" / trainer.LORA_FILE).is_file()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--hub_model_id", "a/b/c"], "--hub_model_id a/b/c is not a Hub repo id"),
+    (["--hub_model_id", "you/x"], "--push_to_hub needs a Hub token: log in with `hf auth login`, or pass --hub_token"),
+])
+def test_push_to_hub_is_checked_before_any_model_loads(monkeypatch, extra, message, tiny_model, photos, tmp_path):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    monkeypatch.setattr(trainer, "load_models", lambda *a: pytest.fail("a model loaded"))
+    with pytest.raises(trainer.UserError, match=re.escape(message)):
+        run_trainer(*tiny_args(tiny_model, photos, tmp_path / "out", "--push_to_hub", *extra))
+
+
+def test_the_printed_infer_command_works_from_another_folder(tiny_model, photos, tmp_path, monkeypatch, capsys):
+    import infer
+
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copytree(tiny_model, work / "model")
+    monkeypatch.chdir(work)  # the model as a relative path, as a user in that folder types it
+    run_trainer("--pretrained_model_name_or_path", "model", "--pretrained_vae_model_name_or_path", "model/vae",
+                "--instance_dir", photos, "--instance_prompt", "a photo of sks dog", "--output_dir", "out",
+                "--resolution", 64, "--max_train_steps", 1, "--optimizer", "adamw", "--report_to", "none",
+                "--center_crop")
+    command = capsys.readouterr().out.split("render with:\n")[1].splitlines()[0]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    python, script, *flags = shlex.split(command)
+    assert Path(script) == ROOT / "infer.py"
+    rendered = infer.main([*flags, "--num_inference_steps", "1", "--output", "renders"])
+    assert rendered[0].resolve().parent == elsewhere / "renders" and rendered[0].is_file()

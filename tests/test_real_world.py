@@ -11,11 +11,11 @@ import pytest
 from PIL import Image
 
 import train_dreambooth_lora_ssd1b as trainer
-from conftest import ROOT, run_trainer, tiny_args
+from conftest import ROOT, check_inputs, run_trainer, tiny_args
 
 
 def check(argv):
-    return trainer.check_inputs(trainer.parse_args([str(a) for a in argv]))
+    return check_inputs(argv)
 
 
 def make_photo(path, size=(80, 96), color=(200, 120, 40), **save):
@@ -42,10 +42,11 @@ def messy_folder(tmp_path):
 
 
 def test_every_format_trains_and_stray_files_are_ignored(messy_folder, tiny_model, tmp_path, capsys):
-    images, prompts = check(tiny_args(tiny_model, messy_folder, tmp_path / "out"))
+    images, prompts, _ = check(tiny_args(tiny_model, messy_folder, tmp_path / "out"))
     assert [p.name for p in images] == ["a.jpg", "b.PNG", "c.webp", "d.bmp", "e.tiff", "f.JPG", "g.gif"]
     assert prompts == ["a photo of sks dog"] * 7
-    dataset = trainer.DreamBoothDataset(images, prompts, None, None, 64, True, False, 0, 7)
+    dataset = trainer.DreamBoothDataset(images, prompts, resolution=64, center_crop=True, random_flip=False,
+                                        seed=0, num_samples=7)
     for k in range(7):
         assert dataset[k]["pixel_values"].shape == (3, 64, 64)
     gif, _ = trainer.load_image(messy_folder / "g.gif")
@@ -77,7 +78,8 @@ def test_huge_jpeg_is_decoded_at_reduced_scale_but_keeps_its_true_size(tmp_path)
     image, original_size = trainer.load_image(path, min_side=64)
     assert original_size == (3000, 4000), "the time ids' original size is the photo's real size"
     assert image.size == (500, 375), "decoded at 1/8 scale: never 12 megapixels in memory"
-    dataset = trainer.DreamBoothDataset([path], "a photo of sks dog", None, None, 64, True, False, 0, 1)
+    dataset = trainer.DreamBoothDataset([path], "a photo of sks dog", resolution=64, center_crop=True,
+                                        random_flip=False, seed=0, num_samples=1)
     assert dataset[0]["time_ids"][:2].tolist() == [3000, 4000]
 
 
@@ -88,14 +90,15 @@ def test_captions_replace_the_instance_prompt_per_photo(tiny_model, tmp_path, ca
         make_photo(folder / name)
     (folder / "one.txt").write_text("a photo of sks dog on a sofa, ünïcode\n", encoding="utf-8")
     (folder / "two.caption").write_text("a photo of sks dog at the beach", encoding="utf-8")
-    images, prompts = check(tiny_args(tiny_model, folder, tmp_path / "out"))
+    images, prompts, _ = check(tiny_args(tiny_model, folder, tmp_path / "out"))
     assert dict(zip([p.name for p in images], prompts)) == {
         "one.jpg": "a photo of sks dog on a sofa, ünïcode", "three.jpg": "a photo of sks dog",
         "two.jpg": "a photo of sks dog"}
     assert "1 of 3 photos have a .txt caption" in capsys.readouterr().err
-    _, prompts = check(tiny_args(tiny_model, folder, tmp_path / "out", "--caption_extension", "caption"))
+    _, prompts, _ = check(tiny_args(tiny_model, folder, tmp_path / "out", "--caption_extension", "caption"))
     assert sorted(prompts) == ["a photo of sks dog", "a photo of sks dog", "a photo of sks dog at the beach"]
-    dataset = trainer.DreamBoothDataset(images, prompts, None, None, 64, True, False, 0, 3)
+    dataset = trainer.DreamBoothDataset(images, prompts, resolution=64, center_crop=True, random_flip=False,
+                                        seed=0, num_samples=3)
     assert {dataset[k]["prompt"] for k in range(3)} == set(prompts), "each photo trains with its own prompt"
 
 

@@ -1,5 +1,5 @@
-"""The trainer measures itself: steady-state time per step, MFU from counted FLOPs, peak memory, where the time
-went; and it reads the loss back from the device once per logging window, not every step."""
+"""The trainer measures itself: steady-state time per step, peak memory, where the time went; it reads the loss
+back from the device once per logging window, not every step, and counts no FLOPs on a real step."""
 
 import re
 
@@ -23,22 +23,20 @@ def reported(tiny_model, photos, tmp_path, monkeypatch, capsys):
     return run
 
 
-def test_run_reports_speed_mfu_memory_and_where_the_time_went(reported):
-    clock, out = reported("--max_train_steps", 10, "--logging_steps", 2, "--peak_tflops", 1, "--center_crop",
+def test_run_reports_speed_memory_and_where_the_time_went(reported):
+    clock, out = reported("--max_train_steps", 10, "--logging_steps", 2, "--center_crop",
                           "--checkpointing_steps", 5, "--validation_prompt", "a sks dog",
                           "--validation_inference_steps", 2)
-    match = re.search(r"steady-state ([\d.]+) ms/step over (\d+) steps; ([\d.e+-]+) TFLOP/step; MFU ([\d.]+)% of "
-                      r"1 TFLOP/s; peak RSS ([\d.]+) GiB", out)
+    match = re.search(r"steady-state ([\d.]+) ms/step over (\d+) steps; peak RSS ([\d.]+) GiB", out)
     assert match, out
-    ms, steps, tflop, mfu, rss = map(float, match.groups())
+    ms, steps, rss = map(float, match.groups())
     assert steps == 10 - trainer.WARMUP_STEPS, "warm-up steps are left out"
-    assert tflop * 1e12 == pytest.approx(clock.flops_per_step, rel=1e-2)
-    assert mfu == pytest.approx(100 * clock.flops_per_step / (ms / 1000) / 1e12, rel=1e-2)
     assert rss > 0.1
     phases = dict(re.findall(r"(load|class images|caches|training|validation|saving) ([\d.]+) s", out))
     assert set(phases) == {"load", "class images", "caches", "training", "validation", "saving"}
     windows = sum(s for _, _, s in clock.windows)
     assert float(phases["training"]) == pytest.approx(windows, abs=0.05), "training time excludes side work"
+    assert f"validation: 4 images of 'a sks dog' in " in out, "where the validation images went"
 
 
 def test_losses_are_read_back_once_per_logging_window(reported):
@@ -47,20 +45,15 @@ def test_losses_are_read_back_once_per_logging_window(reported):
     assert [(first, n) for first, n, _ in clock.windows] == [(1, 3), (4, 2), (6, 5)]
 
 
-def test_counted_flops_are_the_unets_forward_and_backward(reported, tiny_model):
-    from torch.utils.flop_counter import FlopCounterMode
+def test_no_step_runs_under_a_flop_counter(reported, monkeypatch):
+    # FLOPs are counted by benchmarks/count_flops.py, on meta tensors; a real step never pays for the counter
+    from torch.utils import flop_counter
 
-    clock, _ = reported("--max_train_steps", 1, "--center_crop", "--rank", 4)  # caches on: the UNet does it all
-    models = trainer.load_models(tiny_model, tiny_model / "vae", None, None, torch.float32, "cpu")
-    trainer.add_lora(models, 4, 4, 0.0, False)
-    unet = models.unet
-    inputs = dict(sample=torch.randn(1, 4, 8, 8, requires_grad=False), timestep=torch.tensor([10]),
-                  encoder_hidden_states=torch.randn(1, 77, unet.config.cross_attention_dim),
-                  added_cond_kwargs={"text_embeds": torch.randn(1, 32), "time_ids": torch.zeros(1, 6)})
-    counter = FlopCounterMode(display=False)
-    with counter:
-        unet(**inputs).sample.pow(2).mean().backward()
-    assert clock.flops_per_step == pytest.approx(counter.get_total_flops(), rel=0.02)
+    def refuse(self):
+        raise AssertionError("FlopCounterMode entered during training")
+    monkeypatch.setattr(flop_counter.FlopCounterMode, "__enter__", refuse)
+    clock, _ = reported("--max_train_steps", 2, "--center_crop")
+    assert sum(n for _, n, _ in clock.windows) == 2
 
 
 def test_compiled_run_writes_adapters_every_loader_reads(tiny_model, photos, tmp_path):

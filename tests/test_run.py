@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 import train_dreambooth_lora_ssd1b as trainer
-from conftest import ROOT, run_trainer, tiny_args
+from conftest import ROOT, check_inputs, run_trainer, tiny_args
 
 
 def test_accelerate_launch_trains_validates_saves_and_infers(tiny_model, photos, tmp_path):
@@ -122,7 +122,6 @@ def test_hub_dataset_id_is_fetched_as_the_instance_folder(tiny_model, photos, tm
     asked = []
     monkeypatch.setattr(huggingface_hub, "snapshot_download",
                         lambda repo, repo_type=None, revision=None: asked.append((repo, repo_type)) or str(photos))
-    args = trainer.parse_args([str(a) for a in tiny_args(tiny_model, photos, tmp_path / "out", "--instance_dir",
-                                                         "diffusers/dog-example")])
-    assert trainer.check_inputs(args)[0] == trainer.list_images(photos)
+    argv = tiny_args(tiny_model, photos, tmp_path / "out", "--instance_dir", "diffusers/dog-example")
+    assert check_inputs(argv)[0] == trainer.list_images(photos)
     assert asked == [("diffusers/dog-example", "dataset")]

@@ -39,11 +39,12 @@ def test_target_follows_the_scheduler_prediction_type(models, tiny_model, photos
     zeros = lambda sample, *a, **k: type("Out", (), {"sample": torch.zeros_like(sample)})  # noqa: E731
     models.unet.forward = zeros
     args = trainer.parse_args([str(a) for a in tiny_args(tiny_model, photos, tmp_path / "out")])
-    dataset = trainer.DreamBoothDataset(trainer.list_images(photos), "a photo of sks dog", None, None, 64,
-                                        False, False, 0, 2)
+    dataset = trainer.DreamBoothDataset(trainer.list_images(photos), "a photo of sks dog", resolution=64,
+                                        center_crop=False, random_flip=False, seed=0, num_samples=2)
     batch = trainer.collate([dataset[0], dataset[1]])
     with torch.no_grad():
-        loss = trainer.training_step(batch, models, args, torch.Generator().manual_seed(0), "cpu")
+        loss = trainer.training_step(batch, models, torch.Generator().manual_seed(0), "cpu",
+                                     **trainer.method_settings(args))
 
     alphas = models.noise_scheduler.alphas_cumprod[seen["timesteps"]].view(-1, 1, 1, 1)
     if prediction_type == "epsilon":
@@ -61,12 +62,12 @@ def test_fp16_frozen_weights_leave_fp32_gradients_a_grad_scaler_can_unscale(tiny
     args = trainer.parse_args([str(a) for a in tiny_args(tiny_model, photos, tmp_path / "out", "--train_text_encoder",
                                                          "--optimizer", "adamw")])
     optimizer = trainer.make_optimizer(trained, args, (args.learning_rate, args.text_encoder_lr))
-    dataset = trainer.DreamBoothDataset(trainer.list_images(photos), "a photo of sks dog", None, None, 64,
-                                        False, False, 0, 1)
+    dataset = trainer.DreamBoothDataset(trainer.list_images(photos), "a photo of sks dog", resolution=64,
+                                        center_crop=False, random_flip=False, seed=0, num_samples=1)
     scaler = torch.amp.GradScaler("cpu")
     with torch.autocast("cpu", dtype=torch.float16):
-        loss = trainer.training_step(trainer.collate([dataset[0]]), models, args, torch.Generator().manual_seed(0),
-                                     "cpu")
+        loss = trainer.training_step(trainer.collate([dataset[0]]), models, torch.Generator().manual_seed(0), "cpu",
+                                     **trainer.method_settings(args))
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)
     grads = [p.grad for group in optimizer.param_groups for p in group["params"]]
@@ -106,11 +107,12 @@ def test_latents_and_noise_stay_fp32_under_bf16_so_the_smallest_timesteps_still_
     models.noise_scheduler.add_noise = lambda latents, noise, timesteps: seen.update(
         latents=latents, noise=noise) or real_add_noise(latents, noise, timesteps)
     args = trainer.parse_args([str(a) for a in tiny_args(tiny_model, photos, tmp_path / "out")])
-    dataset = trainer.DreamBoothDataset(trainer.list_images(photos), "a photo of sks dog", None, None, 64,
-                                        False, False, 0, 2)
+    dataset = trainer.DreamBoothDataset(trainer.list_images(photos), "a photo of sks dog", resolution=64,
+                                        center_crop=False, random_flip=False, seed=0, num_samples=2)
     batch = trainer.collate([dataset[0], dataset[1]])
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        trainer.training_step(batch, models, args, trainer.sample_generators(0, batch, "cpu"), "cpu")
+        trainer.training_step(batch, models, trainer.sample_generators(0, batch, "cpu"), "cpu",
+                              **trainer.method_settings(args))
     assert seen["latents"].dtype == seen["noise"].dtype == torch.float32
     alphas = models.noise_scheduler.alphas_cumprod
     levels = []
