@@ -7,7 +7,7 @@
 Reads as the protocol does (Ruiz et al., "DreamBooth", CVPR 2023):
   dreambench_prompts  the 25 object or 25 live-subject prompts, filled with the identifier and class noun
   load_scorers        DINO ViT-S/16 and CLIP, loaded (and so checked) before the much larger SSD-1B
-  render              --images_per_prompt images per prompt through infer.py's code; image j uses seed --seed + j
+  render_prompts      --images_per_prompt images per prompt through infer.py's code; image j uses seed --seed + j
   score_run           DINO and CLIP-I: the mean cosine over every (generated, real photo) pair;
                       CLIP-T: each image against its prompt with the identifier removed
   write               report.json, per_prompt.csv, contact_sheet.png; a table beside the paper's Table 1
@@ -17,9 +17,8 @@ this script write). --baseline also renders the base model (the adapter at scale
 on the same prompts and seeds, so the gain from training is visible.
 """
 
-import argparse
-import copy
 import csv
+import dataclasses
 import io
 import json
 import sys
@@ -28,16 +27,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageOps
-from PIL.PngImagePlugin import PngInfo
+from tqdm.auto import tqdm
 
-import infer
-from train_dreambooth_lora_ssd1b import (ArgumentParser, UserError, apply_adapters, build_pipeline, check_images,
-                                         check_model_source, check_versions, generate_images, list_images, load_image,
-                                         load_models, looks_like_hub_id, refuse_empty, resolve_instance_dir,
-                                         save_png_atomic, warn, write_text_atomic)
+from infer import add_render_flags, check_numbers, load_pipeline, pick_device, read_settings, render_images, resolve
+from train_dreambooth_lora_ssd1b import (ArgumentParser, UserError, check_images, check_model_source, check_versions,
+                                         list_images, load_image, looks_like_hub_id, refuse_empty,
+                                         resolve_instance_dir, save_png_atomic, warn, write_text_atomic)
 
 DREAMBENCH = Path(__file__).resolve().parent / "dreambench_prompts.json"
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 METRICS = ["DINO", "CLIP-I", "CLIP-T"]
 PROMPT_LISTS = {"object": "object_prompts", "live": "live_subject_prompts"}  # --subject_kind -> DreamBench's list
 PAPER_COLUMNS = ["DreamBooth (Stable Diffusion)", "Real Images"]  # the rows of Table 1 a reader compares with
@@ -53,28 +50,21 @@ def parser():
     p = ArgumentParser(description=__doc__.split("\n")[0])
     g = p.add_argument_group("what to score")
     g.add_argument("--checkpoint", default=None, help="a step dir, e.g. work_dirs/<run>/step499: render and score")
-    g.add_argument("--images", default=None, help="a folder of PNGs with `parameters` chunks: score them as they are")
+    g.add_argument("--images", default=None, help="a folder of PNGs with `parameters` chunks: score them as they are "
+                   "(instead of --checkpoint)")
     g.add_argument("--instance_dir", required=True, help="the subject's real photos: a folder or a hub dataset id")
-    g.add_argument("--class_noun", default=None, help="e.g. dog; fills {1} of the prompts")
+    g.add_argument("--class_noun", default=None, help="e.g. dog; fills {1} of the prompts (needed to render)")
     g.add_argument("--identifier", default="sks", help="fills {0} of the prompts; removed before CLIP-T")
     g.add_argument("--subject_kind", choices=["object", "live"], default=None,
-                   help="which DreamBench prompt list: 'live' for pets, 'object' for everything else")
+                   help="which DreamBench prompt list: 'live' for pets, 'object' for everything else (needed to "
+                        "render)")
     g.add_argument("--baseline", action="store_true", help="also render and score the base model, adapter off")
     g.add_argument("--output_dir", required=True, help="report.json, per_prompt.csv, contact_sheet.png, images/")
     g.add_argument("--overwrite_output_dir", action="store_true", help="replace an earlier evaluation there")
 
-    g = p.add_argument_group("rendering (as infer.py)")
-    g.add_argument("--images_per_prompt", type=int, default=4)
-    g.add_argument("--seed", type=int, default=0, help="image j of every prompt uses seed + j")
-    g.add_argument("--num_inference_steps", type=int, default=50)
-    g.add_argument("--guidance_scale", type=float, default=5.0)
-    g.add_argument("--height", type=int, default=None, help="default: the training resolution")
-    g.add_argument("--width", type=int, default=None, help="default: the training resolution")
-    g.add_argument("--pretrained_model_name_or_path", default=None, help="default: what the checkpoint recorded")
-    g.add_argument("--pretrained_vae_model_name_or_path", default=None,
-                   help="default: what the checkpoint recorded; 'none' means the model's own VAE")
-    g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    g.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: fp16 on GPU, fp32 on CPU")
+    g = p.add_argument_group("rendering (as infer.py; --device is the scorers' too)")
+    g.add_argument("--images_per_prompt", type=int, default=4, help="image j of every prompt uses seed + j")
+    add_render_flags(g)
 
     g = p.add_argument_group("scorers (hub ids or local folders)")
     g.add_argument("--dino_model", default="facebook/dino-vits16", help="DINO ViT-S/16, as in the paper")
@@ -105,8 +95,7 @@ def check_args(args):
                         "baseline, pass --images OUTPUT_DIR/baseline_images")
     if args.checkpoint and not (args.class_noun and args.subject_kind):
         raise UserError("rendering needs --class_noun (e.g. dog) and --subject_kind (live for pets, else object)")
-    infer.check_numbers(args, "images_per_prompt")  # infer.py's ranges, so the two scripts refuse alike
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_numbers(args, "images_per_prompt")  # infer.py's ranges, so the two scripts refuse alike
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -196,19 +185,6 @@ def check_scorer(name, flag):
         check_model_source(name, "config.json", flag)
 
 
-def render_settings(args, prompts):
-    """infer.py's flags for this evaluation, resolved by infer.py itself: defaults come from the checkpoint's
-    run_settings.json, and the base model and VAE are checked. Returns them and the checkpoint's settings."""
-    settings = infer.read_settings(args.checkpoint)
-    argv = ["--checkpoint", args.checkpoint, "--prompt", prompts[0], "--num_images", args.images_per_prompt,
-            "--seed", args.seed, "--num_inference_steps", args.num_inference_steps,
-            "--guidance_scale", args.guidance_scale, "--device", args.device]
-    for flag in ["height", "width", "pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "dtype"]:
-        if getattr(args, flag) is not None:
-            argv += [f"--{flag}", getattr(args, flag)]
-    return infer.resolve(infer.parse_args([str(a) for a in argv]), settings), settings
-
-
 def make_output_dir(output_dir, overwrite):
     """The folder for the report, made if missing; one that holds an earlier evaluation is not replaced silently."""
     if (Path(output_dir) / "report.json").is_file() and not overwrite:
@@ -250,15 +226,17 @@ class Scorers:
                             f"{str(e).splitlines()[0][:200]})") from None
 
     @torch.no_grad()
-    def embed_images(self, images):
+    def embed_images(self, images, desc="embedding"):
         """{"DINO": (n, d), "CLIP-I": (n, e)} for a list of PIL images, on the CPU."""
         dino, clip = [], []
-        for start in range(0, len(images), EMBED_BATCH):
-            batch = [image.convert("RGB") for image in images[start:start + EMBED_BATCH]]
-            pixels = self.dino_processor(images=batch, return_tensors="pt")["pixel_values"].to(self.device)
-            dino.append(self.dino(pixel_values=pixels).last_hidden_state[:, 0].float().cpu())  # the CLS token
-            pixels = self.clip_processor(images=batch, return_tensors="pt")["pixel_values"].to(self.device)
-            clip.append(projected(self.clip.get_image_features(pixel_values=pixels)).float().cpu())
+        with tqdm(total=len(images), desc=desc, unit="image", leave=False) as bar:
+            for start in range(0, len(images), EMBED_BATCH):
+                batch = [image.convert("RGB") for image in images[start:start + EMBED_BATCH]]
+                pixels = self.dino_processor(images=batch, return_tensors="pt")["pixel_values"].to(self.device)
+                dino.append(self.dino(pixel_values=pixels).last_hidden_state[:, 0].float().cpu())  # the CLS token
+                pixels = self.clip_processor(images=batch, return_tensors="pt")["pixel_values"].to(self.device)
+                clip.append(projected(self.clip.get_image_features(pixel_values=pixels)).float().cpu())
+                bar.update(len(batch))
         return {"DINO": torch.cat(dino), "CLIP-I": torch.cat(clip)}
 
     @torch.no_grad()
@@ -303,10 +281,10 @@ def real_pairs(real):
     return ((similarity.sum() - similarity.diagonal().sum()) / (n * (n - 1))).item()
 
 
-def score_run(scorers, real, rows, identifier):
+def score_run(scorers, real, rows, identifier, name="images"):
     """Per-prompt and overall scores of rows [(prompt, images)] against the real photos' embeddings."""
     images = [image for _, group in rows for image in group]
-    generated = scorers.embed_images(images)
+    generated = scorers.embed_images(images, f"scoring {name}")
     texts = scorers.embed_texts([scored_prompt(prompt, identifier) for prompt, _ in rows])
     text_of_image = torch.cat([texts[i].expand(len(group), -1) for i, (_, group) in enumerate(rows)])
     per_prompt, start = [], 0
@@ -329,40 +307,17 @@ def score_run(scorers, real, rows, identifier):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def load_pipeline(render_args, settings):
-    """SSD-1B with the checkpoint's adapters, exactly as infer.py builds it."""
-    models = load_models(render_args.pretrained_model_name_or_path, render_args.pretrained_vae_model_name_or_path,
-                         settings.get("revision"), settings.get("variant"), DTYPES[render_args.dtype],
-                         render_args.device)
-    pipe = build_pipeline(models, render_args.pretrained_model_name_or_path, settings.get("revision"),
-                          settings.get("variant"))
-    return apply_adapters(pipe, render_args.checkpoint, render_args.lora_scale)
-
-
-def render(pipe, render_args, prompts, folder):
-    """Every prompt's images, saved as PNGs with infer.py's `parameters` chunk, so `--images` can score them
-    again and `infer.py --prompt P --seed S` redraws any one of them. Returns [(prompt, images)]."""
+def render_prompts(pipe, render, prompts, folder, name):
+    """Every prompt's images, through infer.py's render_images, so each PNG carries its `parameters` chunk:
+    `--images` can score them again and `infer.py --prompt P --seed S` redraws any one. Returns [(prompt, images)]."""
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.glob("prompt*_seed*.png"):  # an earlier evaluation's: --images would score them too
         stale.unlink()
-    sampler = type(pipe.scheduler).__name__
-    seeds = range(render_args.seed, render_args.seed + render_args.num_images)
     rows = []
-    for i, prompt in enumerate(prompts):
-        prompt_args = copy.copy(render_args)
-        prompt_args.prompt = prompt
-        images = []
-        for seed in seeds:
-            # one image per call, as infer.py does: batching would change the arithmetic, and a seed is one picture
-            image = generate_images(pipe, prompt, [seed], render_args.height, render_args.width,
-                                    render_args.num_inference_steps, negative_prompt=render_args.negative_prompt,
-                                    guidance_scale=render_args.guidance_scale)[0]
-            info = PngInfo()
-            info.add_text("parameters", infer.parameters_text(prompt_args, seed, sampler))
-            save_png_atomic(image, folder / f"prompt{i:02d}_seed{seed}.png", pnginfo=info)
-            images.append(image)
-        rows.append((prompt, images))
-        print(f"[{i + 1}/{len(prompts)}] {prompt}", file=sys.stderr)
+    for i, prompt in enumerate(tqdm(prompts, desc=f"rendering {name}", unit="prompt")):
+        images = render_images(pipe, dataclasses.replace(render, prompt=prompt), folder, f"prompt{i:02d}")
+        rows.append((prompt, [image for _, image in images]))
+    print(f"{name}: {len(prompts) * len(render.seeds)} images in {folder}")
     return rows
 
 
@@ -428,21 +383,21 @@ def table_text(overall, baseline, real, paper):
     return "\n".join(lines)
 
 
-def report_settings(args, render_args):
+def report_settings(args, device, render):
     """What a reader needs to reproduce or compare the numbers."""
     settings = {"mode": "images" if args.images else "render", "instance_dir": args.instance_dir,
                 "identifier": args.identifier, "dino_model": args.dino_model, "clip_model": args.clip_model,
-                "device": args.device}
+                "device": device}
     if args.images:
         return {**settings, "images": args.images}
     return {**settings, "checkpoint": args.checkpoint, "class_noun": args.class_noun,
             "subject_kind": args.subject_kind, "baseline": args.baseline,
             "images_per_prompt": args.images_per_prompt, "seeds": f"image j of every prompt uses seed {args.seed} + j",
-            "seed": args.seed, "num_inference_steps": render_args.num_inference_steps,
-            "guidance_scale": render_args.guidance_scale, "height": render_args.height, "width": render_args.width,
-            "pretrained_model_name_or_path": render_args.pretrained_model_name_or_path,
-            "pretrained_vae_model_name_or_path": render_args.pretrained_vae_model_name_or_path,
-            "dtype": render_args.dtype}
+            "seed": args.seed, "negative_prompt": render.negative_prompt,
+            "num_inference_steps": render.num_inference_steps, "guidance_scale": render.guidance_scale,
+            "height": render.height, "width": render.width, "lora_scale": render.lora_scale,
+            "pretrained_model_name_or_path": render.model, "pretrained_vae_model_name_or_path": render.vae_model,
+            "dtype": render.dtype}
 
 
 def write_outputs(output_dir, runs, scores, real_scores, settings):
@@ -469,32 +424,34 @@ def write_outputs(output_dir, runs, scores, real_scores, settings):
 
 def main(argv=None):
     args = parse_args(argv)                                      # flags, every check of them in one place
-    check_versions(["torch", "diffusers", "transformers", "peft"])  # a known-broken install, before any import
+    check_versions(["torch", "diffusers", "transformers", "peft"])  # as at import, for callers of main() too
     photos = instance_photos(args.instance_dir)                  # the real photos, every one readable
     check_scorer(args.dino_model, "--dino_model")
     check_scorer(args.clip_model, "--clip_model")
-    render_args = settings = None
+    device = pick_device(args.device)
+    render = None
     if args.images:
         groups = prompted_images(args.images)                    # {prompt: PNGs}, from their parameters chunks
     else:
         prompts = dreambench_prompts(args.subject_kind, args.identifier, args.class_noun)
-        render_args, settings = render_settings(args, prompts)   # infer.py's own checks of checkpoint and models
+        # infer.py's own checks of checkpoint and models; each prompt's Render is this one with its prompt
+        render = resolve(args, read_settings(args.checkpoint), prompts[0], args.images_per_prompt)
     output_dir = make_output_dir(args.output_dir, args.overwrite_output_dir)
 
-    scorers = Scorers(args.dino_model, args.clip_model, args.device)  # small: loaded first, so a bad one fails fast
-    real = scorers.embed_images([load_image(p)[0] for p in photos])
+    scorers = Scorers(args.dino_model, args.clip_model, device)  # small: loaded first, so a bad one fails fast
+    real = scorers.embed_images([load_image(p)[0] for p in photos], "instance photos")
     real_scores = {"DINO": real_pairs(real["DINO"]), "CLIP-I": real_pairs(real["CLIP-I"]), "num_images": len(photos)}
     if args.images:
         runs = {"this run": [(prompt, [load_image(p)[0] for p in paths]) for prompt, paths in groups.items()]}
     else:
-        pipe = load_pipeline(render_args, settings)
-        runs = {"this run": render(pipe, render_args, prompts, output_dir / "images")}
+        pipe = load_pipeline(render, progress=False)  # the bar over prompts is enough; one per image is noise
+        runs = {"this run": render_prompts(pipe, render, prompts, output_dir / "images", "this run")}
         if args.baseline:
             pipe.set_adapters("dreambooth", adapter_weights=0.0)  # as infer.py --lora_scale 0: the base model
-            base_args = argparse.Namespace(**{**vars(render_args), "lora_scale": 0.0})
-            runs["base model"] = render(pipe, base_args, prompts, output_dir / "baseline_images")
-    scores = {name: score_run(scorers, real, rows, args.identifier) for name, rows in runs.items()}
-    return write_outputs(output_dir, runs, scores, real_scores, report_settings(args, render_args))
+            runs["base model"] = render_prompts(pipe, dataclasses.replace(render, lora_scale=0.0), prompts,
+                                                output_dir / "baseline_images", "base model")
+    scores = {name: score_run(scorers, real, rows, args.identifier, name) for name, rows in runs.items()}
+    return write_outputs(output_dir, runs, scores, real_scores, report_settings(args, device, render))
 
 
 if __name__ == "__main__":

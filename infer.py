@@ -7,8 +7,12 @@ The base model, VAE and resolution default to what the checkpoint's run_settings
 seed --seed + i through a CPU generator, so `--seed S` gives exactly the picture of a plain diffusers call with
 `generator=torch.Generator("cpu").manual_seed(S)` and the adapters applied, on any machine. Each PNG carries its
 settings in a `parameters` text chunk (the A1111 convention).
+
+evaluate.py renders through this file's code: add_render_flags (the rendering flags of both scripts), resolve (the
+flags with the checkpoint's settings filling the rest, frozen in a Render), load_pipeline and render_images.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -17,12 +21,14 @@ from pathlib import Path
 
 import torch
 from PIL.PngImagePlugin import PngInfo
+from safetensors import SafetensorError, safe_open
 
 from train_dreambooth_lora_ssd1b import (LORA_FILE, SETTINGS_FILE, ArgumentParser, UserError, apply_adapters,
                                          build_pipeline, check_models, check_versions, generate_images, load_models,
-                                         one_line, refuse_empty, save_png_new)
+                                         one_line, ran, refuse_empty, save_png_new)
 
 SEED_MAX = 2**64 - 1  # the largest seed torch.Generator takes; it takes negative ones too, as aliases of large ones
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # Every numeric flag of infer.py and evaluate.py: what a valid value is, and the test of it (floats must also be
 # finite). Out of range, each fails only after the base model has loaded, or worse renders noise with exit 0.
 NUMBER_RANGES = {
@@ -54,25 +60,52 @@ RECORDED = {
 SETTINGS_FLAGS = "--pretrained_model_name_or_path, --pretrained_vae_model_name_or_path, --height, --width, --prompt"
 
 
+@dataclasses.dataclass(frozen=True)
+class Render:
+    """What a render runs with: the flags, with the checkpoint's settings where they were left out. args stay as
+    typed; evaluate.py makes a variant per prompt with dataclasses.replace."""
+    checkpoint: str
+    prompt: str
+    negative_prompt: str | None
+    seeds: range  # image i uses seeds[i]
+    num_inference_steps: int
+    guidance_scale: float
+    height: int
+    width: int
+    lora_scale: float
+    model: str
+    vae_model: str | None  # None: the model's own VAE
+    revision: str | None
+    variant: str | None
+    device: str
+    dtype: str  # a key of DTYPES
+
+
+def add_render_flags(p):
+    """The rendering flags of infer.py and evaluate.py, declared once so that they mean the same in both."""
+    p.add_argument("--negative_prompt", default=None, help="what the images should not show; default: none")
+    p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    p.add_argument("--num_inference_steps", type=int, default=50, help="denoising steps")
+    p.add_argument("--guidance_scale", type=float, default=5.0,
+                   help="classifier-free guidance; 1 or below turns it off")
+    p.add_argument("--height", type=int, default=None, help="default: the recorded training resolution, else 1024")
+    p.add_argument("--width", type=int, default=None, help="default: the recorded training resolution, else 1024")
+    p.add_argument("--lora_scale", type=float, default=1.0, help="the adapters' strength; 0 renders the base model")
+    p.add_argument("--pretrained_model_name_or_path", default=None,
+                   help="default: what the checkpoint recorded (segmind/SSD-1B if nothing)")
+    p.add_argument("--pretrained_vae_model_name_or_path", default=None,
+                   help="default: what the checkpoint recorded; 'none' means the model's own VAE")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: fp16 on GPU, fp32 on CPU")
+
+
 def parser():
     p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True, help="a step dir, e.g. work_dirs/<run>/step499")
     p.add_argument("--prompt", default=None, help="default: the run's instance prompt")
-    p.add_argument("--negative_prompt", default=None)
-    p.add_argument("--num_images", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
-    p.add_argument("--num_inference_steps", type=int, default=50)
-    p.add_argument("--guidance_scale", type=float, default=5.0)
-    p.add_argument("--height", type=int, default=None, help="default: the training resolution (1024)")
-    p.add_argument("--width", type=int, default=None, help="default: the training resolution (1024)")
-    p.add_argument("--lora_scale", type=float, default=1.0, help="0 renders the base model")
+    p.add_argument("--num_images", type=int, default=1, help="how many images, one per seed")
     p.add_argument("--output", default="outputs", help="a folder for the PNGs")
-    p.add_argument("--pretrained_model_name_or_path", default=None, help="default: what the checkpoint recorded")
-    p.add_argument("--pretrained_vae_model_name_or_path", default=None,
-                   help="default: what the checkpoint recorded; 'none' means the model's own VAE")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default=None,
-                   help="default: fp16 on GPU, fp32 on CPU")
+    add_render_flags(p)
     return p
 
 
@@ -103,7 +136,8 @@ def check_numbers(args, count_flag):
 
 def read_settings(checkpoint):
     """The run's settings, recorded by the trainer in every step dir, once the step dir's adapter file is known
-    to be sound: both are read before any model loads, so a damaged one costs no minutes of loading."""
+    to be sound: both are read before any model loads, so a damaged one costs no minutes of loading. Returns the
+    flags as typed with what they came to (the "derived" section, absent from older files) over them."""
     checkpoint = Path(checkpoint)
     if not (checkpoint / LORA_FILE).is_file():
         raise UserError(f"{checkpoint} is not a step dir (no {LORA_FILE}): pass e.g. work_dirs/<run>/step499")
@@ -118,14 +152,15 @@ def read_settings(checkpoint):
         raise UserError(f"cannot read {settings_file} ({type(e).__name__}: {one_line(e)}): {fix}") from None
     if not isinstance(settings, dict):
         raise UserError(f"{settings_file} holds a JSON {type(settings).__name__}, not an object: {fix}")
-    return settings
+    derived = settings.get("derived", {})
+    if not isinstance(derived, dict):
+        raise UserError(f"{settings_file} records derived as a JSON {type(derived).__name__}, not an object: {fix}")
+    return ran(settings)
 
 
 def check_adapter_file(lora_file):
     """A safetensors file of LoRA tensors, every one finite. A truncated or mislabelled file would otherwise fail
     only once the base model has loaded, and a nan one renders all-black images with exit 0."""
-    from safetensors import SafetensorError, safe_open
-
     if lora_file.stat().st_size == 0:
         raise UserError(f"{lora_file} is empty: copy it again from the run, or use another stepN")
     try:
@@ -157,30 +192,32 @@ def recorded(settings, name, checkpoint, default=None):
     return value
 
 
-def resolve(args, settings):
-    """Fill every unset flag from the checkpoint's settings, then check the models before loading them."""
+def resolve(args, settings, prompt, num_images):
+    """The Render these flags ask for: what they leave out comes from the checkpoint's settings, and the models
+    are checked before any loads. prompt None: the run's instance prompt; num_images: how many seeds."""
+    resolution = None
     if args.height is None or args.width is None:
         resolution = recorded(settings, "resolution", args.checkpoint, 1024)
-        args.height = args.height or resolution
-        args.width = args.width or resolution
-    args.prompt = args.prompt or recorded(settings, "instance_prompt", args.checkpoint)
-    if not args.prompt:
+    prompt = prompt or recorded(settings, "instance_prompt", args.checkpoint)
+    if not prompt:
         raise UserError("no --prompt given and the checkpoint records none: pass --prompt 'a photo of sks dog'")
-    args.pretrained_model_name_or_path = (args.pretrained_model_name_or_path or recorded(
-        settings, "pretrained_model_name_or_path", args.checkpoint, "segmind/SSD-1B"))
-    if args.pretrained_vae_model_name_or_path is None:
-        args.pretrained_vae_model_name_or_path = recorded(settings, "pretrained_vae_model_name_or_path",
-                                                          args.checkpoint)
-    elif args.pretrained_vae_model_name_or_path.lower() == "none":
-        args.pretrained_vae_model_name_or_path = None
-    revision = recorded(settings, "revision", args.checkpoint)
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    check_device(args.device)
-    args.dtype = args.dtype or ("fp32" if args.device == "cpu" else "fp16")
-    check_output_folder(args.output)
-    check_models(args.pretrained_model_name_or_path, args.pretrained_vae_model_name_or_path, revision,
-                 recorded(settings, "variant", args.checkpoint))
-    return args
+    model = args.pretrained_model_name_or_path or recorded(settings, "pretrained_model_name_or_path",
+                                                           args.checkpoint, "segmind/SSD-1B")
+    vae_model = args.pretrained_vae_model_name_or_path
+    if vae_model is None:
+        vae_model = recorded(settings, "pretrained_vae_model_name_or_path", args.checkpoint)
+    elif vae_model.lower() == "none":
+        vae_model = None
+    device = pick_device(args.device)
+    render = Render(checkpoint=args.checkpoint, prompt=prompt, negative_prompt=args.negative_prompt,
+                    seeds=range(args.seed, args.seed + num_images), num_inference_steps=args.num_inference_steps,
+                    guidance_scale=args.guidance_scale, height=args.height or resolution,
+                    width=args.width or resolution, lora_scale=args.lora_scale, model=model, vae_model=vae_model,
+                    revision=recorded(settings, "revision", args.checkpoint),
+                    variant=recorded(settings, "variant", args.checkpoint), device=device,
+                    dtype=args.dtype or ("fp32" if device == "cpu" else "fp16"))
+    check_models(render.model, render.vae_model, render.revision, render.variant)
+    return render
 
 
 def check_output_folder(output):
@@ -194,8 +231,10 @@ def check_output_folder(output):
         raise UserError(f"--output {output}: {existing} is not writable: pass a folder you can write to")
 
 
-def check_device(device):
-    """A device torch knows and this machine has, named before any model loads."""
+def pick_device(device):
+    """--device, or cuda where this machine has it; a device torch knows and this machine has, named before any
+    model loads."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         kind = torch.device(device).type
     except RuntimeError:
@@ -205,42 +244,52 @@ def check_device(device):
                         "torch's CUDA build on a GPU machine")
     if kind not in ("cpu", "cuda"):
         raise UserError(f"--device {device} is not supported here: pass cpu, cuda or cuda:N")
+    return device
 
 
-def parameters_text(args, seed, sampler):
+def load_pipeline(render, progress=True):
+    """SSD-1B with the checkpoint's adapters at render.lora_scale, built by the trainer's own functions, so a
+    step dir renders here as it did in validation. progress: the pipeline's bar over denoising steps."""
+    models = load_models(render.model, render.vae_model, render.revision, render.variant, DTYPES[render.dtype],
+                         render.device)
+    pipe = build_pipeline(models, render.model, render.revision, render.variant, progress=progress)
+    return apply_adapters(pipe, render.checkpoint, render.lora_scale)
+
+
+def render_images(pipe, render, folder, name):
+    """Yield (path, image) for each seed of render.seeds, each saved as folder/{name}_seed{seed}.png (never over
+    an earlier file) with its `parameters` chunk, as soon as it is made."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for seed in render.seeds:
+        # one image per call: batching would change the arithmetic, and a seed must mean one picture
+        image = generate_images(pipe, render.prompt, [seed], render.height, render.width,
+                                render.num_inference_steps, negative_prompt=render.negative_prompt,
+                                guidance_scale=render.guidance_scale)[0]
+        info = PngInfo()
+        info.add_text("parameters", parameters_text(render, seed, type(pipe.scheduler).__name__))
+        yield save_png_new(image, folder / f"{name}_seed{seed}.png", pnginfo=info), image
+
+
+def parameters_text(render, seed, sampler):
     """The A1111 `parameters` chunk: prompt, negative prompt, then one line of settings."""
-    lines = [args.prompt]
-    if args.negative_prompt:
-        lines.append(f"Negative prompt: {args.negative_prompt}")
-    lines.append(f"Steps: {args.num_inference_steps}, Sampler: {sampler}, CFG scale: {args.guidance_scale}, "
-                 f"Seed: {seed}, Size: {args.width}x{args.height}, Model: {args.pretrained_model_name_or_path}, "
-                 f"Lora: {args.checkpoint}, Lora scale: {args.lora_scale}")
+    lines = [render.prompt]
+    if render.negative_prompt:
+        lines.append(f"Negative prompt: {render.negative_prompt}")
+    lines.append(f"Steps: {render.num_inference_steps}, Sampler: {sampler}, CFG scale: {render.guidance_scale}, "
+                 f"Seed: {seed}, Size: {render.width}x{render.height}, Model: {render.model}, "
+                 f"Lora: {render.checkpoint}, Lora scale: {render.lora_scale}")
     return "\n".join(lines)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    check_versions(["torch", "diffusers", "transformers", "peft"])  # a known-broken install, before any import
-    settings = read_settings(args.checkpoint)
-    args = resolve(args, settings)
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-
-    models = load_models(args.pretrained_model_name_or_path, args.pretrained_vae_model_name_or_path,
-                         settings.get("revision"), settings.get("variant"), dtype, args.device)
-    pipe = build_pipeline(models, args.pretrained_model_name_or_path, settings.get("revision"),
-                          settings.get("variant"))
-    apply_adapters(pipe, args.checkpoint, args.lora_scale)
-
-    output = Path(args.output)
-    output.mkdir(parents=True, exist_ok=True)
+    check_versions(["torch", "diffusers", "transformers", "peft"])  # as at import, for callers of main() too
+    check_output_folder(args.output)
+    render = resolve(args, read_settings(args.checkpoint), args.prompt, args.num_images)
+    pipe = load_pipeline(render)
     paths = []
-    for seed in range(args.seed, args.seed + args.num_images):
-        # one image per call: batching would change the arithmetic, and a seed must mean one picture
-        image = generate_images(pipe, args.prompt, [seed], args.height, args.width, args.num_inference_steps,
-                                negative_prompt=args.negative_prompt, guidance_scale=args.guidance_scale)[0]
-        info = PngInfo()
-        info.add_text("parameters", parameters_text(args, seed, type(pipe.scheduler).__name__))
-        path = save_png_new(image, output / f"{Path(args.checkpoint).name}_seed{seed}.png", pnginfo=info)
+    for path, _ in render_images(pipe, render, args.output, Path(args.checkpoint).name):
         paths.append(path)
         print(path)
     return paths

@@ -16,7 +16,7 @@ from PIL.PngImagePlugin import PngInfo
 import evaluate
 import infer
 from conftest import ROOT, with_flags
-from test_infer import DAMAGES, SETTINGS_DAMAGES, numeric_flags, step_copy
+from test_infer import DAMAGES, SETTINGS_DAMAGES, help_by_flag, numeric_flags, step_copy
 from train_dreambooth_lora_ssd1b import LORA_FILE, UserError
 
 
@@ -277,7 +277,7 @@ def test_mistakes_are_refused_in_one_line(case, message, trained_run, photos, sc
 EVALUATE_BAD_NUMBERS = [("--images_per_prompt", "0"), ("--images_per_prompt", "-4"), ("--seed", "-1"),
                         ("--seed", str(2**64)), ("--num_inference_steps", "0"), ("--num_inference_steps", "-1"),
                         ("--guidance_scale", "nan"), ("--guidance_scale", "-inf"), ("--guidance_scale", "-1"),
-                        ("--height", "-64"), ("--height", "12"), ("--width", "0")]
+                        ("--height", "-64"), ("--height", "12"), ("--width", "0"), ("--lora_scale", "nan")]
 
 
 @pytest.mark.parametrize("flag, value", EVALUATE_BAD_NUMBERS)
@@ -285,6 +285,14 @@ def test_number_out_of_range_is_refused_with_the_flags(flag, value, tmp_path):
     with pytest.raises(UserError, match=f"^{flag} must be .* \\(got "):
         evaluate.parse_args(["--images", str(tmp_path), "--instance_dir", str(tmp_path), "--output_dir",
                              str(tmp_path / "out"), f"{flag}={value}"])
+
+
+def test_help_shows_the_defaults(monkeypatch):
+    shown = help_by_flag(evaluate.parser(), monkeypatch)
+    for flag, default in [("--num_inference_steps", "50"), ("--guidance_scale", "5.0"), ("--images_per_prompt", "4"),
+                          ("--seed", "0"), ("--identifier", "sks"), ("--dino_model", "facebook/dino-vits16")]:
+        assert f"(default: {default})" in shown[flag]
+    assert shown["--height"].endswith("default: the recorded training resolution, else 1024")
 
 
 def test_every_numeric_flag_has_a_range_and_a_refusal_test():
@@ -297,7 +305,7 @@ def test_every_numeric_flag_has_a_range_and_a_refusal_test():
 def no_model_loads(monkeypatch):
     """Loading the scorers or the base model fails the test: every check must come before them."""
     monkeypatch.setattr(evaluate, "Scorers", lambda *a, **k: pytest.fail("the scorers loaded first"))
-    monkeypatch.setattr(evaluate, "load_models", lambda *a, **k: pytest.fail("the base model loaded first"))
+    monkeypatch.setattr(infer, "load_models", lambda *a, **k: pytest.fail("the base model loaded first"))
 
 
 def render_argv(step, photos, scorer_dirs, output_dir):

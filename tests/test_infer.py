@@ -1,5 +1,6 @@
 """infer.py: a seed is one picture, exactly the plain diffusers one; PNGs carry their parameters."""
 
+import dataclasses
 import json
 import re
 import shutil
@@ -85,16 +86,45 @@ def test_lora_scale_zero_renders_the_base_model(trained_run, tiny_model, tmp_pat
     np.testing.assert_allclose(np.asarray(Image.open(path), dtype=float), np.asarray(expected, dtype=float), atol=1)
 
 
+def resolved(step, *flags):
+    """The Render infer.main() would run for these flags, and the args it came from."""
+    args = infer.parse_args(["--checkpoint", str(step), *flags])
+    return infer.resolve(args, infer.read_settings(step), args.prompt, args.num_images), args
+
+
 def test_flags_override_what_the_checkpoint_recorded(trained_run):
     settings = infer.read_settings(trained_run / "step3")
-    args = infer.resolve(infer.parse_args(["--checkpoint", str(trained_run / "step3")]), settings)
-    assert (args.pretrained_model_name_or_path, args.pretrained_vae_model_name_or_path) == (
-        settings["pretrained_model_name_or_path"], settings["pretrained_vae_model_name_or_path"])
-    assert (args.height, args.width, args.device, args.dtype) == (64, 64, "cpu", "fp32")
-    args = infer.resolve(infer.parse_args(["--checkpoint", str(trained_run / "step3"), "--height", "128",
-                                           "--pretrained_vae_model_name_or_path", "none", "--dtype", "bf16"]),
-                         settings)
-    assert (args.pretrained_vae_model_name_or_path, args.height, args.width, args.dtype) == (None, 128, 64, "bf16")
+    render, _ = resolved(trained_run / "step3")
+    assert (render.model, render.vae_model) == (settings["pretrained_model_name_or_path"],
+                                                settings["pretrained_vae_model_name_or_path"])
+    assert (render.height, render.width, render.device, render.dtype) == (64, 64, "cpu", "fp32")
+    assert (render.prompt, render.seeds) == ("a photo of sks dog", range(0, 1))
+    render, _ = resolved(trained_run / "step3", "--height", "128", "--pretrained_vae_model_name_or_path", "none",
+                         "--dtype", "bf16")
+    assert (render.vae_model, render.height, render.width, render.dtype) == (None, 128, 64, "bf16")
+
+
+def test_resolving_leaves_args_as_typed(trained_run):
+    args = infer.parse_args(["--checkpoint", str(trained_run / "step3"), "--seed", "5", "--num_images", "2"])
+    typed = dict(vars(args))
+    render = infer.resolve(args, infer.read_settings(trained_run / "step3"), args.prompt, args.num_images)
+    assert vars(args) == typed
+    assert render.seeds == range(5, 7)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        render.height = 128
+
+
+def test_the_derived_section_of_run_settings_is_read_over_the_flags_as_typed(trained_run, tiny_model, tmp_path):
+    # the trainer records each flag as typed, and under "derived" what it came to: a relative model path made
+    # absolute, the VAE as null where it is the model's own; the typed path would not resolve from here
+    step = step_copy(trained_run, tmp_path)
+    settings = json.loads((step / SETTINGS_FILE).read_text())
+    derived = {"pretrained_model_name_or_path": str(tiny_model), "pretrained_vae_model_name_or_path": None}
+    settings.update(pretrained_model_name_or_path="moved/ssd1b", pretrained_vae_model_name_or_path="moved/vae",
+                    derived=derived)
+    (step / SETTINGS_FILE).write_text(json.dumps(settings))
+    render, _ = resolved(step)
+    assert (render.model, render.vae_model) == (str(tiny_model), None)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -206,7 +236,11 @@ def test_nan_adapter_exits_1_in_one_line_instead_of_a_black_image(trained_run, t
 
 
 def edit_settings(step, **fields):
+    """Change fields of a step dir's run_settings.json where infer.py reads them: at top level, and in the
+    "derived" section too where the trainer recorded them there (what they came to is read over what was typed)."""
     settings = json.loads((step / SETTINGS_FILE).read_text())
+    derived = settings.get("derived", {})
+    derived.update({name: value for name, value in fields.items() if name in derived})
     (step / SETTINGS_FILE).write_text(json.dumps({**settings, **fields}))
 
 
@@ -224,6 +258,9 @@ SETTINGS_DAMAGES = {  # how run_settings.json gets damaged -> what the refusal s
     "prompt a list": (lambda s: edit_settings(s, instance_prompt=["a", "b"]), "pass --prompt explicitly"),
     "revision a list": (lambda s: edit_settings(s, revision=["main"]),
                         r'records revision \["main"\], which is not a string or null: restore it from the run$'),
+    "derived a list": (lambda s: edit_settings(s, derived=[1]), "records derived as a JSON list, not an object"),
+    "derived model a number": (lambda s: edit_settings(s, derived={"pretrained_model_name_or_path": 5}),
+                               "records pretrained_model_name_or_path 5, which is not a non-empty string"),
 }
 
 
@@ -242,9 +279,9 @@ def test_flags_named_in_the_refusal_replace_the_damaged_fields(trained_run, tiny
     edit_settings(step, resolution="abc", pretrained_model_name_or_path=5, instance_prompt=None)
     argv = ["--checkpoint", str(step), "--height", "32", "--width", "48", "--prompt", "a dog",
             "--pretrained_model_name_or_path", str(tiny_model)]
-    args = infer.resolve(infer.parse_args(argv), infer.read_settings(step))
-    assert (args.height, args.width, args.prompt, args.pretrained_model_name_or_path) == (32, 48, "a dog",
-                                                                                           str(tiny_model))
+    args = infer.parse_args(argv)
+    render = infer.resolve(args, infer.read_settings(step), args.prompt, args.num_images)
+    assert (render.height, render.width, render.prompt, render.model) == (32, 48, "a dog", str(tiny_model))
 
 
 def test_a_second_render_never_replaces_the_first(trained_run, tmp_path):
@@ -281,3 +318,21 @@ def test_an_empty_value_is_refused_with_what_to_pass(flag, message):
     argv = with_flags(["--checkpoint", "work_dirs/run/step3"], flag, " ")
     with pytest.raises(UserError, match=re.escape(f"{flag} is empty: pass {message}")):
         infer.parse_args(argv)
+
+
+def help_by_flag(parser, monkeypatch):
+    """--help as {flag: its help text on one line}."""
+    monkeypatch.setenv("COLUMNS", "120")
+    entries = re.split(r"\n  (?=-)", parser.format_help())
+    return {entry.split()[0].rstrip(","): " ".join(entry.split()) for entry in entries[1:]}
+
+
+def test_help_shows_every_default(monkeypatch):
+    shown = help_by_flag(infer.parser(), monkeypatch)
+    for flag, default in [("--num_inference_steps", "50"), ("--guidance_scale", "5.0"), ("--num_images", "1"),
+                          ("--seed", "0"), ("--lora_scale", "1.0"), ("--output", "outputs")]:
+        assert f"(default: {default})" in shown[flag]
+    for action in infer.parser()._actions:
+        if action.dest != "help" and not action.required:
+            assert "default: " in shown[action.option_strings[0]], f"{action.option_strings[0]} says no default"
+    assert shown["--prompt"].endswith("default: the run's instance prompt"), "None is not shown as a default"
