@@ -881,6 +881,9 @@ def check_resume(args, current):
     saved = read_trainer_state(state)
     verify_state_files(state, saved)
     saved_settings = ran(saved["settings"])
+    for key in ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path"):  # a record from before
+        if isinstance(saved_settings.get(key), str):  # "derived" holds a folder as typed: compare where it points
+            saved_settings[key] = absolute_if_local(saved_settings[key])
     check_same_settings(state, saved_settings, current, args.accept_changed_settings)
     if saved["step"] >= args.max_train_steps:
         raise UserError(f"{state} has already done {saved['step']} steps: pass a larger --max_train_steps "
