@@ -319,3 +319,20 @@ def test_state_of_an_older_trainer_without_checksums_still_resumes(one_step_run,
                            "--resume_from_checkpoint", "latest"))
     assert "written by an older trainer without checksums" in capsys.readouterr().err
     assert (output_dir / "step1" / trainer.LORA_FILE).is_file()
+
+
+def test_state_recorded_before_derived_settings_resumes_with_its_model_typed_relative(one_step_run, tiny_model,
+                                                                                      photos, tmp_path, monkeypatch):
+    # an older trainer recorded one flat dict of settings, its model folder as the user typed it
+    def flatten(state):
+        record = json.loads((state / trainer.TRAINER_STATE).read_text())
+        settings = trainer.ran(record["settings"])
+        del settings["derived"]
+        settings["pretrained_model_name_or_path"] = os.path.relpath(tiny_model, tmp_path)
+        (state / trainer.TRAINER_STATE).write_text(json.dumps({"step": record["step"], "settings": settings}))
+
+    output_dir = damaged_copy(one_step_run, tmp_path, flatten)
+    monkeypatch.chdir(tmp_path)  # where the relative path points at the model
+    run_trainer(*tiny_args(tiny_model, photos, output_dir, "--max_train_steps", 2, "--optimizer", "adamw",
+                           "--resume_from_checkpoint", "latest"))
+    assert (output_dir / "step1" / trainer.LORA_FILE).is_file()
