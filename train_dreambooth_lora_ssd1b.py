@@ -66,7 +66,7 @@ UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 LORA_FILE = "pytorch_lora_weights.safetensors"
 SETTINGS_FILE = "run_settings.json"
-KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"
+KOHYA_FILE = "lora_for_comfyui_and_webui.safetensors"  # kohya names: what ComfyUI, A1111/Forge and kohya load whole
 STATE_PREFIX = "state-"  # output_dir/state-stepN: accelerate's resumable state beside stepN's adapters
 LOCK_FILE = ".lock"  # output_dir/.lock: the PID and host of the trainer that holds the folder
 TRAINER_STATE = "trainer_state.json"  # written last into a state folder: without it, the folder is no state
@@ -440,8 +440,9 @@ def add_output_flags(p):
                    help="resume although flags that shape training (learning rate, prompts, seed, ...) changed")
     g.add_argument("--checkpoints_total_limit", type=int, default=None,
                    help="keep only the newest N resumable states (adapters are always kept)")
-    g.add_argument("--output_kohya_format", action="store_true",
-                   help=f"also write stepN/{KOHYA_FILE} for WebUI and ComfyUI")
+    g.add_argument("--output_kohya_format", action=argparse.BooleanOptionalAction, default=True,
+                   help=f"write stepN/{KOHYA_FILE} (kohya names), the file ComfyUI and A1111/Forge load whole: they "
+                        "skip every UNet tensor of the diffusers file")
 
     g = p.add_argument_group("Hugging Face Hub")
     g.add_argument("--push_to_hub", action="store_true",
@@ -1975,9 +1976,27 @@ def card_usage(args, settings, step, hub_model_id):
                   "from peft import PeftModel", "",
                   f'ckpt = Path("{step_dir}")', 'pipe.unet = PeftModel.from_pretrained(pipe.unet, ckpt / "unet")',
                   *(te_lines if args.train_text_encoder else []), "```", ""]
+    return lines + card_file_table(args, step_dir, hub_model_id)
+
+
+def card_file_table(args, step_dir, hub_model_id):
+    """Which file each tool loads, with the one line it needs. ComfyUI and A1111 skip every UNet tensor of the
+    diffusers file without an error, so the kohya-named file is the one for them."""
+    where = "" if hub_model_id else f"{step_dir}/"
+    rows = [f"| diffusers | `{where}{LORA_FILE}` | `pipe.load_lora_weights(\"{hub_model_id or step_dir}\")` |"]
+    if not hub_model_id:
+        rows += [f"| PEFT | `{step_dir}/unet/`" + (", `text_encoder_one/`, `text_encoder_two/`"
+                                                    if args.train_text_encoder else "")
+                 + f" | `PeftModel.from_pretrained(pipe.unet, \"{step_dir}/unet\")` |",
+                 f"| this project's `infer.py` | `{step_dir}/` | "
+                 f"`python infer.py --checkpoint {step_dir} --prompt ...` |"]
     if args.output_kohya_format:
-        lines += [f"For WebUI or ComfyUI: `{KOHYA_FILE}`" + ("" if hub_model_id else f" in `{step_dir}/`") + ".", ""]
-    return lines
+        name = Path(KOHYA_FILE).stem
+        rows += [f"| ComfyUI | `{where}{KOHYA_FILE}` | copy it to `ComfyUI/models/loras/`, then a LoraLoader node |",
+                 f"| A1111 / Forge | `{where}{KOHYA_FILE}` | copy it to `models/Lora/`, then `<lora:{name}:1>` in the "
+                 "prompt |",
+                 f"| kohya's sd-scripts | `{where}{KOHYA_FILE}` | `--network_weights {where}{KOHYA_FILE}` |"]
+    return ["## Which file for which tool", "", "| tool | file | what it needs |", "|---|---|---|", *rows, ""]
 
 
 def push_to_hub(output_dir, args, settings, step, num_processes):

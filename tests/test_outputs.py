@@ -28,7 +28,7 @@ def shared_run(tiny_model, photos, tmp_path_factory):
                            "--validation_prompt", "a photo of sks dog in a bucket", "--validation_steps", 2,
                            "--num_validation_images", 3, "--validation_inference_steps", 2,
                            "--train_text_encoder", "--rank", 4, "--lora_alpha", 8, "--learning_rate", 1e-2,
-                           "--text_encoder_lr", 1e-2, "--optimizer", "adamw", "--output_kohya_format",
+                           "--text_encoder_lr", 1e-2, "--optimizer", "adamw",  # the kohya file is a default
                            "--with_prior_preservation", "--class_prompt", "a photo of dog", "--num_class_images", 1))
     return output_dir
 
@@ -63,6 +63,32 @@ def test_kohya_file_uses_kohya_names_with_alpha(shared_run):
     assert {v.item() for k, v in kohya.items() if k.endswith(".alpha")} == {8.0}
     peft = load_file(shared_run / "step2" / "unet" / "adapter_model.safetensors")
     assert len([k for k in kohya if k.startswith("lora_unet")]) == len(peft) * 3 // 2, "down, up and alpha each"
+
+
+def lora_modules(state, prefix):
+    """The module names a LoRA state dict adapts: one per (down, up) pair."""
+    return {k.rsplit(".lora", 1)[0] for k in state if k.startswith(prefix) and ".lora" in k}
+
+
+def test_default_kohya_file_covers_every_trained_module_of_all_three_models(shared_run):
+    # ComfyUI rejects every UNet tensor of the diffusers file, so this file must hold the whole adapter
+    kohya = load_file(shared_run / "step2" / trainer.KOHYA_FILE)
+    for peft_dir, prefix in [("unet", "lora_unet_"), ("text_encoder_one", "lora_te1_"),
+                             ("text_encoder_two", "lora_te2_")]:
+        peft = load_file(shared_run / "step2" / peft_dir / "adapter_model.safetensors")
+        assert len(lora_modules(kohya, prefix)) == len(lora_modules(peft, "")) > 0, peft_dir
+        alphas = {v.item() for k, v in kohya.items() if k.startswith(prefix) and k.endswith(".alpha")}
+        assert alphas == {8.0}, "alpha as trained"
+    card = (shared_run / "README.md").read_text()
+    assert f"| ComfyUI | `step2/{trainer.KOHYA_FILE}` |" in card and "| A1111 / Forge |" in card
+
+
+def test_no_output_kohya_format_leaves_the_kohya_file_out(tiny_model, photos, tmp_path):
+    out = tmp_path / "out"
+    run_trainer(*tiny_args(tiny_model, photos, out, "--max_train_steps", 1, "--optimizer", "adamw",
+                           "--no-output_kohya_format", "--center_crop"))
+    assert (out / "step0" / trainer.LORA_FILE).is_file() and not (out / "step0" / trainer.KOHYA_FILE).exists()
+    assert "ComfyUI" not in (out / "README.md").read_text()
 
 
 def test_kohya_file_loads_back_to_the_same_weights(shared_run, tiny_model):
@@ -184,7 +210,8 @@ def test_push_to_hub_uploads_the_final_adapters_card_and_grid(hub_calls, tiny_mo
                            "--num_validation_images", 1, "--push_to_hub", "--hub_model_id", "you/sks-dog",
                            "--hub_token", "hf_test"))
     assert hub_calls == [("create", "you/sks-dog"),
-                         ("upload", "you/sks-dog", ["README.md", trainer.LORA_FILE, "validation/step1/grid.png"],
+                         ("upload", "you/sks-dog", ["README.md", trainer.KOHYA_FILE, trainer.LORA_FILE,
+                                                    "validation/step1/grid.png"],
                           "hf_test")]
     assert (out / "hub" / trainer.LORA_FILE).read_bytes() == (out / "step1" / trainer.LORA_FILE).read_bytes()
     card = (out / "hub" / "README.md").read_text()

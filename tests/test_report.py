@@ -63,7 +63,7 @@ def test_compiled_run_writes_adapters_every_loader_reads(tiny_model, photos, tmp
 
     out = tmp_path / "out"
     run_trainer(*tiny_args(tiny_model, photos, out, "--max_train_steps", 2, "--optimizer", "adamw", "--compile",
-                           "--output_kohya_format", "--checkpointing_steps", 1))
+                           "--checkpointing_steps", 1))
     files = [out / "step1" / trainer.LORA_FILE, out / "step1" / trainer.KOHYA_FILE,
              out / "step1" / "unet" / "adapter_model.safetensors", out / "state-step1" / "lora_0.safetensors"]
     for file in files:
