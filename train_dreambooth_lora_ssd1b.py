@@ -1957,9 +1957,8 @@ def card_usage(args, settings, step, hub_model_id):
     vae = settings.pretrained_vae_model_name_or_path
     lines = ["## Use it", ""]
     if not hub_model_id:
-        lines += ["From this folder, with this project's `infer.py`:", "", "```bash",
-                  f"python infer.py --checkpoint {step_dir} --prompt "
-                  f'"{args.validation_prompt or args.instance_prompt}"',
+        lines += ["With this project's `infer.py`, from any folder:", "", "```bash",
+                  infer_command(Path(settings.output_dir) / step_dir, args.validation_prompt or args.instance_prompt),
                   "```", ""]
     lines += [
         "With diffusers:", "", "```python", "import torch", "from diffusers import AutoencoderKL, "
@@ -1997,6 +1996,12 @@ def card_file_table(args, step_dir, hub_model_id):
                  "prompt |",
                  f"| kohya's sd-scripts | `{where}{KOHYA_FILE}` | `--network_weights {where}{KOHYA_FILE}` |"]
     return ["## Which file for which tool", "", "| tool | file | what it needs |", "|---|---|---|", *rows, ""]
+
+
+def infer_command(step_dir, prompt):
+    """The infer.py command for a step dir, with absolute paths: it works from whichever folder it is run in."""
+    infer = Path(__file__).resolve().parent / "infer.py"
+    return shlex.join(["python", str(infer), "--checkpoint", str(Path(step_dir).resolve()), "--prompt", prompt])
 
 
 def push_to_hub(output_dir, args, settings, step, num_processes):
@@ -2358,9 +2363,8 @@ def finish(accelerator, args, settings):
     if not accelerator.is_main_process:
         return
     step_dir = Path(settings.output_dir).resolve() / f"step{args.max_train_steps - 1}"
-    prompt = args.validation_prompt or args.instance_prompt
-    print(f"adapters in {step_dir}; render with:\n  python {Path(__file__).resolve().parent / 'infer.py'} "
-          f"--checkpoint {shlex.quote(str(step_dir))} --prompt {shlex.quote(prompt)}")
+    print(f"adapters in {step_dir}; render with:\n  "
+          f"{infer_command(step_dir, args.validation_prompt or args.instance_prompt)}")
     if args.push_to_hub:
         repo_id = push_to_hub(settings.output_dir, args, settings, args.max_train_steps, accelerator.num_processes)
         print(f"pushed to https://huggingface.co/{repo_id}")

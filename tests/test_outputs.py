@@ -42,7 +42,8 @@ def test_model_card_describes_the_run_and_how_to_load_it(shared_run, tiny_model)
         assert fact in card, fact
     assert "![validation](validation/step2/grid.png)" in card, "the grid of the last round, which ran at the end"
     assert (shared_run / "validation" / "step2" / "grid.png").is_file()
-    for way in ["python infer.py --checkpoint step2", 'pipe.load_lora_weights("step2")',
+    command = f"python {ROOT / 'infer.py'} --checkpoint {shared_run.resolve() / 'step2'} --prompt '"
+    for way in [command, 'pipe.load_lora_weights("step2")',
                 'PeftModel.from_pretrained(pipe.text_encoder_2, ckpt / "text_encoder_two")',
                 trainer.KOHYA_FILE]:
         assert way in card, way
