@@ -699,7 +699,7 @@ def check_hub(hub_model_id, output_name, token):
     the local run if it does not."""
     try:
         huggingface_hub.utils.validate_repo_id(hub_model_id or output_name)
-    except huggingface_hub.errors.HFValidationError as e:
+    except huggingface_hub.utils.HFValidationError as e:  # in .utils from huggingface_hub 0.2x to 1.x
         what = f"--hub_model_id {hub_model_id}" if hub_model_id else f"the output dir's name {output_name!r}"
         raise UserError(f"{what} is not a Hub repo id ({one_line(e)}): pass --hub_model_id like "
                         "you/sks-dog-lora") from None
