@@ -61,6 +61,8 @@ from packaging.version import Version
 from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
+# huggingface_hub, accelerate, diffusers, peft, safetensors and transformers are imported below the flags section
+
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -113,32 +115,6 @@ def check_versions(packages):
     return found
 
 
-# The libraries whose versions check_versions() knows, imported once it has refused a mismatched install in one
-# line: a known clash (diffusers 0.34 with transformers 5) fails inside the import itself. bitsandbytes is imported
-# by make_optimizer(), as only 8-bit AdamW needs it.
-try:
-    check_versions([name for name in MINIMUM_VERSIONS if name != "bitsandbytes"])
-except UserError as error:
-    sys.exit(f"error: {error}")
-# Third-party notices about nothing the user did: transformers falls back to its PIL image processors without
-# torchvision, as this project means it to; diffusers says an adapter file holds no text-encoder LoRA, as one
-# trained without --train_text_encoder does not.
-logging.getLogger("transformers.utils.import_utils").addFilter(lambda r: "requires torchvision" not in r.getMessage())
-for _name in ("diffusers.loaders.lora_base", "diffusers.loaders.peft"):
-    logging.getLogger(_name).addFilter(lambda r: "No LoRA keys associated to" not in r.getMessage())
-import huggingface_hub  # noqa: E402
-from accelerate import Accelerator  # noqa: E402
-from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed  # noqa: E402
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel  # noqa: E402
-from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution  # noqa: E402
-from diffusers.optimization import get_scheduler  # noqa: E402
-from diffusers.training_utils import cast_training_params, compute_snr  # noqa: E402
-from diffusers.utils import convert_state_dict_to_diffusers, make_image_grid  # noqa: E402
-from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card  # noqa: E402
-from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
-from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict  # noqa: E402
-import safetensors.torch  # noqa: E402
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -506,6 +482,46 @@ def caption_suffix(extension):
     if suffix.lower() in IMAGE_EXTENSIONS:  # photo.jpg would be its own caption
         raise UserError(f"--caption_extension {extension} is an image's extension: pass the captions' own, like .txt")
     return suffix
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The libraries: imported here, below the flags, so that a mistyped command is refused (and --help shown) at once,
+# not after the ~8 s their imports take on a CPU; and only once check_versions() has refused a mismatched install
+# in one line, since a known clash (diffusers 0.34 with transformers 5) fails inside the import itself.
+# bitsandbytes is imported by make_optimizer(), as only 8-bit AdamW needs it.
+# ----------------------------------------------------------------------------------------------------------
+
+if __name__ == "__main__":  # main() checks the flags again, as parse_args() does for every caller
+    try:
+        parse_args()
+    except UserError as error:
+        sys.exit(f"error: {error}")
+try:
+    check_versions([name for name in MINIMUM_VERSIONS if name != "bitsandbytes"])
+except UserError as error:
+    sys.exit(f"error: {error}")
+# Third-party notices about nothing the user did: transformers falls back to its PIL image processors without
+# torchvision, as this project means it to; diffusers says an adapter file holds no text-encoder LoRA, as one
+# trained without --train_text_encoder does not.
+logging.getLogger("transformers.utils.import_utils").addFilter(lambda r: "requires torchvision" not in r.getMessage())
+for _name in ("diffusers.loaders.lora_base", "diffusers.loaders.peft"):
+    logging.getLogger(_name).addFilter(lambda r: "No LoRA keys associated to" not in r.getMessage())
+import huggingface_hub  # noqa: E402
+from accelerate import Accelerator  # noqa: E402
+from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed  # noqa: E402
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel  # noqa: E402
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution  # noqa: E402
+from diffusers.optimization import get_scheduler  # noqa: E402
+from diffusers.training_utils import cast_training_params, compute_snr  # noqa: E402
+from diffusers.utils import convert_state_dict_to_diffusers, make_image_grid  # noqa: E402
+from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card  # noqa: E402
+from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
+from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict  # noqa: E402
+import safetensors.torch  # noqa: E402
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: E402
+
+# transformers 4.56 renamed from_pretrained's torch_dtype to dtype; the old name warns from 5 on
+TRANSFORMERS_DTYPE = "dtype" if Version(installed_version("transformers")) >= Version("4.56") else "torch_dtype"
 
 
 # ----------------------------------------------------------------------------------------------------------
