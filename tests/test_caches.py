@@ -21,8 +21,8 @@ def losses(models, photos, tiny_model, tmp_path, cached, steps=4):
     images = trainer.list_images(photos)
     models.latent_cache = models.prompt_cache = None
     if cached:
-        trainer.build_caches(type("A", (), {"device": "cpu", "print": print, "is_main_process": True})(), models, args, images,
-                             ["a photo of sks dog"] * len(images))
+        accelerator = type("A", (), {"device": "cpu", "print": print, "is_main_process": True})()
+        trainer.build_caches(accelerator, models, args, images, ["a photo of sks dog"] * len(images))
         assert models.latent_cache and models.prompt_cache
     dataset = trainer.DreamBoothDataset(images, "a photo of sks dog", images[::-1], class_prompt="a photo of dog",
                                         resolution=64, center_crop=True, random_flip=True, seed=0,
@@ -93,3 +93,31 @@ def test_frozen_text_encoders_leave_the_device_and_trained_ones_stay(tiny_model,
     run_trainer(*tiny_args(tiny_model, photos, tmp_path / "b", "--max_train_steps", 1, "--optimizer", "adamw",
                            "--train_text_encoder"))
     assert seen["models"].prompt_cache is None and seen["models"].latent_cache is None
+
+
+def test_what_the_caches_replace_is_let_go_and_validation_still_renders(tiny_model, photos, tmp_path, monkeypatch):
+    import gc
+    import weakref
+
+    refs, real = {}, trainer.build_caches
+
+    def build_caches(accelerator, models, *a):
+        refs.update(text_encoders=[weakref.ref(m) for m in models.text_encoders],
+                    vae_encoder=weakref.ref(models.vae.encoder))
+        real(accelerator, models, *a)
+        gc.collect()
+        refs.update(alive=[r() is not None for r in [*refs["text_encoders"], refs["vae_encoder"]]])
+    monkeypatch.setattr(trainer, "build_caches", build_caches)
+    run_trainer(*tiny_args(tiny_model, photos, tmp_path / "out", "--max_train_steps", 1, "--optimizer", "adamw",
+                           "--center_crop", "--validation_prompt", "a sks dog", "--validation_inference_steps", 2,
+                           "--num_validation_images", 1))
+    assert refs["alive"] == [False, False, False], "both text encoders and the VAE encoder are no longer held"
+    # validation without them renders what infer.py renders from the saved adapters with every model loaded
+    import infer
+    from PIL import Image
+
+    rendered = infer.main(["--checkpoint", str(tmp_path / "out" / "step0"), "--prompt", "a sks dog",
+                           "--num_inference_steps", "2", "--output", str(tmp_path / "renders")])
+    validation = Image.open(tmp_path / "out" / "validation" / "step0" / "seed0.png")
+    np.testing.assert_allclose(np.asarray(validation, dtype=float), np.asarray(Image.open(rendered[0]), dtype=float),
+                               atol=2)
