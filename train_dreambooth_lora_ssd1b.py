@@ -2086,6 +2086,8 @@ def train(accelerator, models, trained, optimizer, lr_scheduler, dataloader, *, 
     """Optimise until --max_train_steps: log, save and validate on their schedules and at the end. On SIGINT or
     SIGTERM, finish the step, save adapters and resumable state, and raise Interrupted."""
     params = [p for m in trained for p in m.parameters() if p.requires_grad]
+    for module in trained:
+        module.train()  # from_pretrained leaves every model in eval mode, where LoRA dropout is off
     method = method_settings(args)
     progress = tqdm(total=args.max_train_steps, initial=start_step, desc="training", unit="step",
                     disable=not accelerator.is_main_process)

@@ -125,3 +125,14 @@ def test_hub_dataset_id_is_fetched_as_the_instance_folder(tiny_model, photos, tm
     argv = tiny_args(tiny_model, photos, tmp_path / "out", "--instance_dir", "diffusers/dog-example")
     assert check_inputs(argv)[0] == trainer.list_images(photos)
     assert asked == [("diffusers/dog-example", "dataset")]
+
+
+def test_every_training_step_runs_in_train_mode_so_lora_dropout_acts(tiny_model, photos, tmp_path, monkeypatch):
+    # from_pretrained leaves models in eval mode; without train(), --lora_dropout would act only after a validation
+    modes, real = [], trainer.training_step
+    monkeypatch.setattr(trainer, "training_step", lambda batch, models, *a, **k: modes.append(
+        (models.unet.training, [m.training for m in models.text_encoders])) or real(batch, models, *a, **k))
+    run_trainer(*tiny_args(tiny_model, photos, tmp_path / "out", "--max_train_steps", 3, "--optimizer", "adamw",
+                           "--lora_dropout", 0.1, "--train_text_encoder", "--validation_prompt", "a sks dog",
+                           "--validation_steps", 2, "--validation_inference_steps", 1, "--num_validation_images", 1))
+    assert modes == [(True, [True, True])] * 3
