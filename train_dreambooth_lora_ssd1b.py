@@ -116,8 +116,6 @@ def check_versions(packages):
     return found
 
 
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Flags
 # ----------------------------------------------------------------------------------------------------------
@@ -899,8 +897,9 @@ def check_resume(args, current):
     saved = read_trainer_state(state)
     verify_state_files(state, saved)
     saved_settings = ran(saved["settings"])
-    for key in ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path"):  # a record from before
-        if isinstance(saved_settings.get(key), str):  # "derived" holds a folder as typed: compare where it points
+    # a record from before "derived" holds a model folder as typed, maybe relative: compare where it points
+    for key in ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path"):
+        if isinstance(saved_settings.get(key), str):
             saved_settings[key] = absolute_if_local(saved_settings[key])
     check_same_settings(state, saved_settings, current, args.accept_changed_settings)
     if saved["step"] >= args.max_train_steps:
@@ -1467,7 +1466,6 @@ def draw_timesteps(generators, num_train_timesteps, batch_size, device):
 
 def latents_and_time_ids(batch, models, generators, device):
     """The batch's fp32 latents, sampled from the VAE posterior with the samples' generators, and time ids."""
-
     if "latent_key" in batch:
         moments, time_ids = zip(*(models.latent_cache[key] for key in batch["latent_key"]))
         moments, time_ids = torch.stack(moments), torch.stack(time_ids)
@@ -1918,13 +1916,13 @@ def write_model_card(output_dir, args, settings, step, num_processes, hub_model_
     license, tags, a widget with the last validation grid), the settings, and how to load the adapters. With
     hub_model_id, the loading lines name the Hub repo that push_to_hub fills, else the local step dir."""
     output_dir = Path(output_dir)
-    grids = sorted(output_dir.glob("validation/step*/grid.png"), key=lambda p: int(p.parent.name[4:]))
+    grid = last_validation_grid(output_dir)
     base = args.pretrained_model_name_or_path
     base_id = base if looks_like_hub_id(base) else None  # a local folder is no link on the Hub
-    widget = ([{"text": args.validation_prompt, "output": {"url": grids[-1].relative_to(output_dir).as_posix()}}]
-              if grids else None)
-    shown = [f"Validation, `{args.validation_prompt}`, {grids[-1].parent.name}:", "",
-             f"![validation]({widget[0]['output']['url']})", ""] if grids else []
+    widget = ([{"text": args.validation_prompt, "output": {"url": grid.relative_to(output_dir).as_posix()}}]
+              if grid else None)
+    shown = [f"Validation, `{args.validation_prompt}`, {grid.parent.name}:", "",
+             f"![validation]({widget[0]['output']['url']})", ""] if grid else []
     description = "\n".join([*card_settings(args, settings, step, num_processes, base_id, hub_model_id), *shown,
                              *card_usage(args, settings, step, hub_model_id)])
     with mock.patch.object(huggingface_hub.constants, "HF_HUB_OFFLINE", True):  # made here, from the template
@@ -1935,6 +1933,12 @@ def write_model_card(output_dir, args, settings, step, num_processes, hub_model_
     card = populate_model_card(card, tags=CARD_TAGS)
     card.text = description  # the template's TODO sections would only be placeholders here
     write_text_atomic(output_dir / "README.md", str(card))
+
+
+def last_validation_grid(output_dir):
+    """The grid of the last validation round in output_dir, or None."""
+    grids = sorted(Path(output_dir).glob("validation/step*/grid.png"), key=lambda p: int(p.parent.name[4:]))
+    return grids[-1] if grids else None
 
 
 def card_settings(args, settings, step, num_processes, base_id, hub_model_id):
@@ -2033,10 +2037,9 @@ def push_to_hub(output_dir, args, settings, step, num_processes):
     tmp = output_dir / f".hub.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    files = [step_dir / LORA_FILE, step_dir / KOHYA_FILE]
-    grids = sorted(output_dir.glob("validation/step*/grid.png"), key=lambda p: int(p.parent.name[4:]))[-1:]
-    for source in [f for f in files if f.is_file()] + grids:
-        target = tmp / (source.relative_to(output_dir).as_posix() if source in grids else source.name)
+    grid = last_validation_grid(output_dir)
+    for source in [f for f in [step_dir / LORA_FILE, step_dir / KOHYA_FILE, grid] if f and f.is_file()]:
+        target = tmp / (source.relative_to(output_dir).as_posix() if source == grid else source.name)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, target)
     write_model_card(tmp, args, settings, step, num_processes, hub_model_id=repo_id)
@@ -2220,7 +2223,6 @@ def report(accelerator, clock, start_step):
     accelerator.log({"ms_per_step": ms_per_step, "peak_memory_gib": peak_gib,
                      **{f"seconds/{name}": sec for name, sec in clock.phases.items()}})
     return ms_per_step
-
 
 
 # ----------------------------------------------------------------------------------------------------------
