@@ -468,6 +468,11 @@ def test_a_fresh_run_never_replaces_resumable_states_silently(args_for, tmp_path
                                 "dog'"),
     (["--validation_prompt", "  "], "--validation_prompt is empty"),
     (["--with_prior_preservation", "--class_prompt", " "], "--class_prompt is empty"),
+    (["--hub_model_id", "you/x"], "--hub_model_id acts only with --push_to_hub: add --push_to_hub, or drop "
+                                  "--hub_model_id"),
+    (["--hub_token", "hf_x"], "--hub_token acts only with --push_to_hub"),
+    (["--push_to_hub", "--hub_model_id", ""], "--hub_model_id is empty: pass a repo id"),
+    (["--push_to_hub", "--hub_token", " "], "--hub_token is empty: pass a token"),
 ])
 def test_a_flag_that_would_be_ignored_or_an_empty_prompt_is_refused(args_for, extra, message):
     with pytest.raises(trainer.UserError, match=re.escape(message)):
