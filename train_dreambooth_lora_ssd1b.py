@@ -65,6 +65,7 @@ from tqdm.auto import tqdm
 # huggingface_hub, accelerate, diffusers, peft, safetensors and transformers are imported below the flags section
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+MASK_SUFFIX = ".mask.png"  # photo.mask.png: photo.jpg's loss mask (--masked_loss), never a photo itself
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -131,6 +132,8 @@ FLAG_RANGES = {
     "dataloader_num_workers": (0, INF, "[)", 0),
     "num_class_images": (1, INF, "[)", 100),
     "prior_loss_weight": (0, INF, "[)", 1.0),
+    "caption_dropout": (0, 1, "[)", 0.1),  # 1 would never show the prompt: nothing would tie it to the subject
+    "mask_floor": (0, 1, "[]", 0.1),
     "sample_batch_size": (1, INF, "[)", 4),
     "rank": (1, 1024, "[]", 8),  # beyond 1024, LoRA is no longer low-rank for any layer of SDXL's UNet
     "lora_alpha": (1, 65536, "[]", 8),  # 0 would switch LoRA off, a negative one flip its sign
@@ -182,13 +185,17 @@ def check_range(name, value):
 NEEDS = {
     "text_encoder_lr": ("train_text_encoder", "--train_text_encoder"),
     **{flag: ("with_prior_preservation", "--with_prior_preservation")
-       for flag in ["class_prompt", "class_dir", "num_class_images", "prior_loss_weight", "sample_batch_size"]},
+       for flag in ["class_prompt", "class_dir", "num_class_images", "prior_loss_weight", "sample_batch_size",
+                    "prior_target"]},
+    "mask_floor": ("masked_loss", "--masked_loss"),
     **{flag: ("validation_prompt", "--validation_prompt 'a photo of sks dog in a bucket'")
        for flag in ["validation_steps", "num_validation_images", "validation_inference_steps"]},
     "accept_changed_settings": ("resume_from_checkpoint", "--resume_from_checkpoint latest"),
     "hub_model_id": ("push_to_hub", "--push_to_hub"),
     "hub_token": ("push_to_hub", "--push_to_hub"),
 }
+# Class-image flags, which --prior_target base_prediction would ignore: it makes and reads no class image
+CLASS_IMAGE_FLAGS = ["class_dir", "num_class_images", "sample_batch_size"]
 # Text flags where an empty value is a mistake (an empty path is the current folder) -> what to pass instead
 EMPTY_FIXES = {"instance_prompt": "a prompt, e.g. --instance_prompt 'a photo of sks dog'",
                "class_prompt": "a prompt, e.g. --class_prompt 'a photo of dog'",
@@ -343,6 +350,13 @@ def add_data_flags(p):
     g.add_argument("--resolution", type=int, default=1024, help="a multiple of 8")
     g.add_argument("--center_crop", action="store_true", help="default: a random crop, drawn anew every time")
     g.add_argument("--random_flip", action="store_true")
+    g.add_argument("--caption_dropout", type=float, default=0.0,
+                   help="the probability that an instance sample trains with the empty prompt (the unconditional "
+                        "that classifier-free guidance renders against), drawn per sample from --seed")
+    g.add_argument("--masked_loss", action="store_true",
+                   help="photo.mask.png beside photo.jpg (grey scale, white = subject) weights the loss per latent "
+                        "pixel; a photo without one weighs 1 everywhere")
+    g.add_argument("--mask_floor", type=float, default=0.0, help="the loss weight of a mask's black part")
     g.add_argument("--train_batch_size", type=int, default=1)
     g.add_argument("--dataloader_num_workers", type=int, default=0)
 
@@ -354,6 +368,10 @@ def add_data_flags(p):
     g.add_argument("--num_class_images", type=int, default=100)
     g.add_argument("--prior_loss_weight", type=float, default=1.0)
     g.add_argument("--sample_batch_size", type=int, default=4, help="batch size for making class images")
+    g.add_argument("--prior_target", choices=["class_images", "base_prediction"], default="class_images",
+                   help="class_images: the paper's, the base model's own images of the class prompt; "
+                        "base_prediction: the base model's prediction (adapters off) for the class prompt on each "
+                        "instance sample's noisy latent, so no class image is made or stored")
 
 
 def add_training_flags(p):
@@ -445,6 +463,10 @@ def check_args(args, given):
                         "pass --lr_scheduler constant_with_warmup (or another schedule), or drop --lr_warmup_steps")
     if args.with_prior_preservation and not args.class_prompt:
         raise UserError("--with_prior_preservation needs --class_prompt, e.g. --class_prompt 'a photo of dog'")
+    for name in CLASS_IMAGE_FLAGS if args.prior_target == "base_prediction" else []:
+        if name in given:
+            raise UserError(f"--{name} has no effect with --prior_target base_prediction, which makes and reads no "
+                            f"class image: drop --{name}, or pass --prior_target class_images")
     caption_suffix(args.caption_extension)
 
 
@@ -632,6 +654,48 @@ def check_images(paths, what, resolution):
     if small:
         warn(f"{len(small)} {what} image(s) have a short side below --resolution {resolution} and will be "
              f"upscaled: {', '.join(small)}")
+
+
+def uses_class_images(args):
+    """Prior preservation the paper's way: over class images that the base model makes once."""
+    return args.with_prior_preservation and args.prior_target == "class_images"
+
+
+def check_masks(images, masked_loss):
+    """The photos of a folder's images, its photo.mask.png files set apart: with --masked_loss each must belong to
+    a photo and have its size (a mask cut to another size would weigh the wrong pixels); without it, a mask would
+    be trained on as a photo, so it is refused."""
+    masks = [p for p in images if p.name.lower().endswith(MASK_SUFFIX)]
+    photos = [p for p in images if p not in masks]
+    if masks and not masked_loss:
+        raise UserError(f"{masks[0].name} in {masks[0].parent} is a loss mask ({len(masks)} in all): pass "
+                        "--masked_loss to use them, or move them out of the folder")
+    if not masked_loss:
+        return photos
+    if not masks:
+        raise UserError(f"--masked_loss found no masks: add photo{MASK_SUFFIX} (grey scale, white = subject) beside "
+                        "photo.jpg in the instance folder, or drop --masked_loss")
+    owners = {mask_path(p): p for p in photos}
+    bad = []
+    for mask in masks:
+        photo = owners.get(mask)
+        if photo is None:
+            stem = mask.name[:-len(MASK_SUFFIX)]
+            bad.append(f"{mask.name} (" + ("not named in lower case" if mask.name != stem + MASK_SUFFIX else
+                                           f"no photo named {stem}.*") + ")")
+            continue
+        try:
+            mask_size, photo_size = decoded_size(mask), decoded_size(photo)
+        except Exception as e:
+            bad.append(f"{mask.name} (unreadable: {type(e).__name__})")
+            continue
+        if mask_size != photo_size:
+            bad.append(f"{mask.name} ({mask_size[1]}x{mask_size[0]}, its photo {photo.name} is "
+                       f"{photo_size[1]}x{photo_size[0]})")
+    if bad:
+        raise UserError(f"{len(bad)} mask(s) in {masks[0].parent} cannot be used: {', '.join(bad)}; each mask must "
+                        f"be photo{MASK_SUFFIX} for a photo.* beside it, with the photo's size")
+    return photos
 
 
 def read_captions(images, instance_prompt, caption_extension):
@@ -935,19 +999,21 @@ def read_trainer_state(state):
 STATE_SHAPING_FLAGS = ["pretrained_model_name_or_path", "rank", "lora_alpha", "train_text_encoder", "optimizer"]
 TRAINING_FLAGS = ["pretrained_vae_model_name_or_path", "revision", "variant", "instance_dir", "instance_prompt",
                   "caption_extension", "with_prior_preservation", "class_prompt", "num_class_images",
-                  "prior_loss_weight", "resolution", "center_crop", "random_flip", "train_batch_size", "lora_dropout",
+                  "prior_loss_weight", "prior_target", "caption_dropout", "masked_loss", "mask_floor", "resolution", "center_crop", "random_flip", "train_batch_size", "lora_dropout",
                   "learning_rate", "text_encoder_lr", "scale_lr", "adam_beta1", "adam_beta2", "adam_weight_decay",
                   "adam_epsilon", "max_grad_norm", "gradient_accumulation_steps", "snr_gamma", "noise_offset", "seed",
                   "mixed_precision", "instance_data_sha256"]
 
 
 def instance_data_sha256(images, prompts, instance_prompt):
-    """One checksum of the photos' names and bytes and their own captions (--instance_prompt is compared as a
-    flag): a resume notices a photo swapped or edited in the folder."""
+    """One checksum of the photos' names and bytes, their own captions (--instance_prompt is compared as a flag)
+    and their masks: a resume notices a photo or mask swapped or edited in the folder."""
     digest = hashlib.sha256()
     for path, prompt in zip(images, prompts):
-        digest.update(json.dumps([path.name, file_sha256(path), prompt if prompt != instance_prompt else None])
-                      .encode())
+        entry = [path.name, file_sha256(path), prompt if prompt != instance_prompt else None]
+        if mask_path(path).is_file():  # only masks add to it: a run without them keeps its checksum
+            entry.append(file_sha256(mask_path(path)))
+        digest.update(json.dumps(entry).encode())
     return digest.hexdigest()
 
 
@@ -1029,7 +1095,7 @@ def check_inputs(args, settings):
     settings completed with what the inputs decide: the photos' checksum and the state to resume from."""
     instance_dir = resolve_instance_dir(args.instance_dir)
     warn_broken_links(instance_dir, "instance")
-    instance_images = list_images(instance_dir)
+    instance_images = check_masks(list_images(instance_dir), args.masked_loss)
     if not instance_images:
         raise UserError(f"no images in {instance_dir}: add 3-20 photos (jpg, png, webp, ...) of the subject")
     subfolders = [p.name for p in instance_dir.iterdir()
@@ -1039,10 +1105,10 @@ def check_inputs(args, settings):
     check_images(instance_images, "instance", args.resolution)
     instance_prompts = read_captions(instance_images, args.instance_prompt, settings.caption_extension)
     class_dir = settings.class_dir
-    if args.with_prior_preservation:
+    if uses_class_images(args):
         refuse_file_as_folder(class_dir, "--class_dir", "pass a folder for the class images (made if missing)")
     class_images = []
-    if args.with_prior_preservation and Path(class_dir).is_dir():
+    if uses_class_images(args) and Path(class_dir).is_dir():
         warn_broken_links(class_dir, "class")
         class_images = list_images(class_dir)
         check_images(class_images, "class", args.resolution)
@@ -1078,8 +1144,11 @@ class Models:
     unet: torch.nn.Module
     vae: torch.nn.Module
     noise_scheduler: object
-    latent_cache: dict = None  # (image path, flipped) -> (VAE posterior moments, time ids)
+    latent_cache: dict = None  # (image path, flipped) -> (VAE posterior moments, time ids, mask or None)
     prompt_cache: dict = None  # prompt -> (prompt embeddings, pooled embedding), when the encoders are frozen
+    # the pipeline's unconditional (classifier-free guidance's other half) is zeros, not the embedded "": SDXL's
+    # force_zeros_for_empty_prompt, which SSD-1B keeps; --caption_dropout trains that same unconditional
+    empty_prompt_is_zeros: bool = True
 
 
 def load_models(model, vae_model, revision, variant, dtype, device):
@@ -1100,6 +1169,7 @@ def load_models(model, vae_model, revision, variant, dtype, device):
         else:
             vae = AutoencoderKL.from_pretrained(model, subfolder="vae", **diffusers_common)
         noise_scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler", revision=revision)
+        pipeline_config = StableDiffusionXLPipeline.load_config(model, revision=revision)
     for module in [*text_encoders, unet, vae]:
         module.requires_grad_(False)
     for module in text_encoders:
@@ -1108,7 +1178,8 @@ def load_models(model, vae_model, revision, variant, dtype, device):
     vae.to(device)
     if vae.config.force_upcast:  # SDXL's original VAE overflows in fp16; the fp16-fix VAE does not
         vae.to(dtype=torch.float32)
-    return Models(tokenizers, text_encoders, unet, vae, noise_scheduler)
+    return Models(tokenizers, text_encoders, unet, vae, noise_scheduler,
+                  empty_prompt_is_zeros=pipeline_config.get("force_zeros_for_empty_prompt", True))
 
 
 @contextlib.contextmanager
@@ -1305,6 +1376,33 @@ def to_tensor(image):
     return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
 
 
+def mask_path(photo):
+    """photo.jpg's loss mask: photo.mask.png beside it."""
+    return Path(photo).with_name(f"{Path(photo).stem}{MASK_SUFFIX}")
+
+
+def load_mask(photo, size):
+    """photo.mask.png in grey scale, oriented like its photo and sized like the photo as decoded (load_image may
+    decode a JPEG at 1/2, 1/4 or 1/8): a mask for every pixel of it. None where the photo has no mask."""
+    if not mask_path(photo).is_file():
+        return None
+    with Image.open(mask_path(photo)) as mask:
+        mask = ImageOps.exif_transpose(mask).convert("L")
+    return mask if mask.size == size else mask.resize(size, Image.Resampling.BILINEAR)
+
+
+def crop_mask_alike(mask, resolution, center_crop, random_flip, rng_state):
+    """The mask through exactly its photo's resize, flip and crop: crop_and_flip again, from the random state the
+    photo's call started from, on a mask of the photo's size. (1, resolution, resolution) weights in [0, 1]; all
+    ones for a photo without a mask."""
+    if mask is None:
+        return torch.ones(1, resolution, resolution)
+    rng = random.Random()
+    rng.setstate(rng_state)
+    square, _ = crop_and_flip(mask, resolution, center_crop, random_flip, rng)
+    return torch.from_numpy(np.asarray(square, dtype=np.float32) / 255.0)[None]
+
+
 def pick(items, k, seed, tag):
     """Item for sample k: every epoch (len(items) samples) visits each item once, in an order seeded per epoch."""
     epoch, position = divmod(k, len(items))
@@ -1316,11 +1414,12 @@ def pick(items, k, seed, tag):
 class DreamBoothDataset(torch.utils.data.Dataset):
     """Sample k of a run: an instance photo (and a class image), cropped and flipped anew for every k.
 
-    Which photo, the crop and the flip come from (seed, k), so any sample can be redrawn exactly.
+    Which photo, the crop, the flip and the caption dropout come from (seed, k), so any sample can be redrawn
+    exactly. A class prompt without class images (--prior_target base_prediction) adds the class prompt alone.
     """
 
     def __init__(self, instance_images, instance_prompts, class_images=None, *, class_prompt=None, resolution,
-                 center_crop, random_flip, seed, num_samples, cached=False):
+                 center_crop, random_flip, seed, num_samples, cached=False, caption_dropout=0.0, masked=False):
         # one prompt per photo (its caption, or the instance prompt); a single string means the same for all
         if isinstance(instance_prompts, str):
             instance_prompts = [instance_prompts] * len(instance_images)
@@ -1328,39 +1427,52 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         self.class_images, self.class_prompt = list(class_images or []), class_prompt
         self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
         self.seed, self.num_samples, self.cached = seed, num_samples, cached
+        self.caption_dropout, self.masked = caption_dropout, masked
 
     def __len__(self):
         return self.num_samples
 
-    def example(self, path, rng):
-        if self.cached:  # the latent cache holds both flips; draw the flip as crop_and_flip would
+    def example(self, path, rng, masked=False):
+        if self.cached:  # the latent cache holds both flips (and their masks); draw the flip as crop_and_flip would
             return {"latent_key": (str(path), self.random_flip and rng.random() < 0.5)}
         image, original_size = load_image(path, self.resolution)
+        state = rng.getstate()  # where the photo's crop and flip start: its mask's start there too
         square, (top, left) = crop_and_flip(image, self.resolution, self.center_crop, self.random_flip, rng)
-        return {"pixel_values": to_tensor(square), "time_ids": sdxl_time_ids(original_size, top, left,
-                                                                             self.resolution)}
+        example = {"pixel_values": to_tensor(square),
+                   "time_ids": sdxl_time_ids(original_size, top, left, self.resolution)}
+        if masked:
+            example["mask"] = crop_mask_alike(load_mask(path, image.size), self.resolution, self.center_crop,
+                                              self.random_flip, state)
+        return example
 
     def __getitem__(self, k):
         rng = random.Random(derive_seed(self.seed, "augment", k))
         path, prompt = pick(self.instances, k, self.seed, "instance")
-        item = {**self.example(path, rng), "prompt": prompt, "sample": k}
+        if self.caption_dropout and random.Random(derive_seed(self.seed, "caption dropout", k)).random() < \
+                self.caption_dropout:
+            prompt = ""  # the empty prompt: prompt_embeddings gives it the pipeline's unconditional
+        item = {**self.example(path, rng, self.masked), "prompt": prompt, "sample": k}
         if self.class_images:
             class_example = self.example(pick(self.class_images, k, self.seed, "class"), rng)
-            item.update({f"class_{name}": value for name, value in class_example.items()},
-                        class_prompt=self.class_prompt)
+            item.update({f"class_{name}": value for name, value in class_example.items()})
+        if self.class_prompt:
+            item["class_prompt"] = self.class_prompt
         return item
 
 
 def collate(examples):
-    """Instance samples first, class samples second: the loss splits the batch in these two halves."""
+    """Instance samples first, class samples second: the loss splits the batch in these two halves. Without
+    class images the class half is its prompts alone. Masks are the instance half's."""
     halves = ["", "class_"] if "class_prompt" in examples[0] else [""]
     batch = {"prompts": [e[f"{half}prompt"] for half in halves for e in examples]}
     if "sample" in examples[0]:  # sample k of the run: its noise is drawn from (seed, k), whatever the batch
         batch["samples"] = [e["sample"] for e in examples]
     for name in ["pixel_values", "time_ids", "latent_key"]:
         if name in examples[0]:
-            values = [e[f"{half}{name}"] for half in halves for e in examples]
+            values = [e[f"{half}{name}"] for half in halves for e in examples if f"{half}{name}" in e]
             batch[name] = values if name == "latent_key" else torch.stack(values)
+    if "mask" in examples[0]:
+        batch["masks"] = torch.stack([e["mask"] for e in examples])
     return batch
 
 
@@ -1381,24 +1493,34 @@ def latent_cache_is_exact(images, center_crop):
     return True
 
 
-def encode_latent_cache(vae, images, resolution, center_crop, random_flip, seed, device, disable_progress=False):
-    """VAE posterior moments and time ids of each (image, flip), encoded once. Sampling from the moments with
-    each step's generator gives exactly the latents that encoding every step would."""
+def encode_latent_cache(vae, images, resolution, center_crop, random_flip, seed, device, disable_progress=False,
+                        masked=False):
+    """VAE posterior moments, time ids and (masked) the loss mask at latent size of each (image, flip), encoded
+    once. Sampling from the moments with each step's generator gives exactly the latents that encoding every
+    step would."""
     cache = {}
     with torch.no_grad():
         for path in tqdm(images, desc="caching latents", unit="image", disable=disable_progress, leave=False):
             image, original_size = load_image(path, resolution)
-            keys, pixels, time_ids = [], [], []
+            mask = load_mask(path, image.size) if masked else None
+            keys, pixels, time_ids, masks = [], [], [], []
             for flipped in ([False, True] if random_flip else [False]):
                 # one crop per image, fixed by (seed, name): a cache cannot redraw it
                 rng = random.Random(derive_seed(seed, "cached crop", path.name))
+                state = rng.getstate()
                 source = ImageOps.mirror(image) if flipped else image
                 square, (top, left) = crop_and_flip(source, resolution, center_crop, False, rng)
                 keys.append((str(path), flipped))
                 pixels.append(to_tensor(square))
                 time_ids.append(sdxl_time_ids(original_size, top, left, resolution).to(device))
+                if masked:
+                    source = ImageOps.mirror(mask) if flipped and mask else mask
+                    masks.append(crop_mask_alike(source, resolution, center_crop, False, state))
             moments = vae.encode(torch.stack(pixels).to(device, dtype=vae.dtype)).latent_dist.parameters
-            cache.update((key, (m, t)) for key, m, t in zip(keys, moments, time_ids))
+            if masked:  # kept at latent size, as the loss weighs it
+                masks = F.interpolate(torch.stack(masks), size=moments.shape[-2:], mode="area").to(device)
+            cache.update((key, (m, t, mask)) for key, m, t, mask in
+                         itertools.zip_longest(keys, moments, time_ids, masks if masked else []))
     return cache
 
 
@@ -1430,14 +1552,19 @@ def encode_prompt(text_encoders, tokenizers, prompts, device):
     return torch.cat(hidden_states, dim=-1), pooled
 
 
-def dreambooth_loss(model_pred, target, timesteps, noise_scheduler, *, with_prior, prior_loss_weight, snr_gamma):
+def dreambooth_loss(model_pred, target, timesteps, noise_scheduler, *, with_prior, prior_loss_weight, snr_gamma,
+                    weights=None):
     """Instance MSE + prior_loss_weight * class MSE, the class half being the batch's second half.
 
     With snr_gamma, each sample is weighted by min(SNR, gamma) / SNR (Hang et al., "Min-SNR", 2023),
     or by min(SNR, gamma) / (SNR + 1) for v-prediction: class samples too, so the prior term keeps its weight
-    relative to the instance term at every timestep.
+    relative to the instance term at every timestep. `weights` (N, 1, h, w), from loss_weights, weigh each
+    latent pixel's squared error (--masked_loss); the mean stays over all pixels, as kohya's masked loss does.
     """
-    per_sample = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    squared_error = F.mse_loss(model_pred.float(), target.float(), reduction="none")
+    if weights is not None:
+        squared_error = squared_error * weights
+    per_sample = squared_error.mean(dim=(1, 2, 3))
     if snr_gamma is not None:
         snr = compute_snr(noise_scheduler, timesteps)
         weight = snr.clamp(max=snr_gamma)
@@ -1465,39 +1592,86 @@ def draw_timesteps(generators, num_train_timesteps, batch_size, device):
 
 
 def latents_and_time_ids(batch, models, generators, device):
-    """The batch's fp32 latents, sampled from the VAE posterior with the samples' generators, and time ids."""
+    """The batch's fp32 latents, sampled from the VAE posterior with the samples' generators, their time ids,
+    and the instance half's masks (None without --masked_loss)."""
     if "latent_key" in batch:
-        moments, time_ids = zip(*(models.latent_cache[key] for key in batch["latent_key"]))
+        moments, time_ids, masks = zip(*(models.latent_cache[key] for key in batch["latent_key"]))
         moments, time_ids = torch.stack(moments), torch.stack(time_ids)
+        masks = None if masks[0] is None else torch.stack(masks[:len(batch["samples"])])
     else:
         with torch.no_grad():
             pixels = batch["pixel_values"].to(device, dtype=models.vae.dtype, non_blocking=True)
             moments = models.vae.encode(pixels).latent_dist.parameters
         time_ids = batch["time_ids"].to(device, non_blocking=True)
+        masks = batch["masks"].to(device, non_blocking=True) if "masks" in batch else None
     # sampled in fp32 from half-precision moments: the latents, noise and add_noise all stay fp32
     latents = DiagonalGaussianDistribution(moments.float()).sample(generators)
-    return latents * models.vae.config.scaling_factor, time_ids
+    return latents * models.vae.config.scaling_factor, time_ids, masks
+
+
+def loss_weights(masks, latent_size, mask_floor, batch_size):
+    """Each latent pixel's loss weight: mask_floor on a mask's black, 1 on its white, the mask averaged down to
+    the latents (area). The class half, when there is one, weighs 1 everywhere: its prior covers the whole image."""
+    weights = mask_floor + (1 - mask_floor) * F.interpolate(masks.float(), size=latent_size, mode="area")
+    ones = weights.new_ones((batch_size - len(weights), *weights.shape[1:]))
+    return torch.cat([weights, ones])
 
 
 def prompt_embeddings(prompts, models, train_text_encoder, device):
+    """The prompts' embeddings, from the cache or the encoders; "" (--caption_dropout) as the pipeline's
+    unconditional, which is zeros where the model forces them (SDXL's and SSD-1B's pipelines do)."""
     if models.prompt_cache:
         embeds, pooled = zip(*(models.prompt_cache[prompt] for prompt in prompts))
-        return torch.stack(embeds), torch.stack(pooled)
-    with torch.set_grad_enabled(train_text_encoder):
-        return encode_prompt(models.text_encoders, models.tokenizers, prompts, device)
+        embeds, pooled = torch.stack(embeds), torch.stack(pooled)
+    else:
+        with torch.set_grad_enabled(train_text_encoder):
+            embeds, pooled = encode_prompt(models.text_encoders, models.tokenizers, prompts, device)
+    if models.empty_prompt_is_zeros and "" in prompts:
+        kept = torch.tensor([p != "" for p in prompts], device=embeds.device)
+        embeds, pooled = embeds * kept[:, None, None], pooled * kept[:, None]
+    return embeds, pooled
+
+
+@contextlib.contextmanager
+def adapters_off(modules):
+    """The base model for a moment: every LoRA layer of the modules (accelerate's and compile's wrappers seen
+    through) switched off, and on again however the block ends."""
+    bare = [getattr(getattr(m, "module", m), "_orig_mod", getattr(m, "module", m)) for m in modules]
+    for module in bare:
+        module.disable_adapters()
+    try:
+        yield bare
+    finally:
+        for module in bare:
+            module.enable_adapters()
+
+
+def base_prediction(models, noisy_latents, timesteps, prompts, time_ids, train_text_encoder, device):
+    """--prior_target base_prediction's target for the class half: what the base model itself (adapters off, text
+    encoders' too) predicts for the class prompt on the instance samples' noisy latents (kohya's "differential
+    output preservation"). No gradient flows into it."""
+    with torch.no_grad(), adapters_off([models.unet, *(models.text_encoders if train_text_encoder else [])]) as bare:
+        base = dataclasses.replace(models, text_encoders=bare[1:] or models.text_encoders)
+        embeds, pooled = prompt_embeddings(prompts, base, False, device)
+        added = {"text_embeds": pooled, "time_ids": time_ids.to(embeds.dtype)}
+        return bare[0](noisy_latents, timesteps, embeds, added_cond_kwargs=added).sample
 
 
 def training_step(batch, models, generators, device, *, noise_offset, train_text_encoder, with_prior,
-                  prior_loss_weight, snr_gamma):
+                  prior_loss_weight, snr_gamma, prior_target="class_images", mask_floor=0.0):
     """Noise the latents, predict with the UNet under SDXL's added conditions, return the DreamBooth loss.
 
     Latents, noise and add_noise stay fp32 under bf16/fp16: in bf16, t=0 and t=1 would add no noise at all while
     the target is the noise. Autocast runs the UNet in half precision. `generators`: one per sample
     (sample_generators), or one for the whole batch. The keywords are the flags of the same names
-    (method_settings).
+    (method_settings). With prior_target "base_prediction", the class half is the instance half's noisy latents
+    again, under the class prompt, and its target is base_prediction's.
     """
     device = torch.device(device)
-    latents, time_ids = latents_and_time_ids(batch, models, generators, device)
+    from_base = with_prior and prior_target == "base_prediction"
+    if from_base and not isinstance(generators, torch.Generator):
+        generators = generators[:len(batch["samples"])]  # the instance half's: the class half shares its draws
+    latents, time_ids, masks = latents_and_time_ids(batch, models, generators, device)
     noise = randn_tensor(latents.shape, generator=generators, device=device, dtype=torch.float32)
     if noise_offset:  # Guttenberg's offset noise: one shift per (sample, channel) lets brightness be learned
         noise += noise_offset * randn_tensor((*latents.shape[:2], 1, 1), generator=generators, device=device,
@@ -1505,21 +1679,31 @@ def training_step(batch, models, generators, device, *, noise_offset, train_text
     num_train_timesteps = models.noise_scheduler.config.num_train_timesteps
     timesteps = draw_timesteps(generators, num_train_timesteps, latents.shape[0], device)
     noisy_latents = models.noise_scheduler.add_noise(latents, noise, timesteps)
+    target = prediction_target(models.noise_scheduler, latents, noise, timesteps)
+    if from_base:
+        noisy_latents, timesteps, time_ids = (torch.cat([x, x]) for x in (noisy_latents, timesteps, time_ids))
 
     prompt_embeds, pooled = prompt_embeddings(batch["prompts"], models, train_text_encoder, device)
-    time_ids = time_ids.to(prompt_embeds.dtype)
-    model_pred = models.unet(noisy_latents, timesteps, prompt_embeds,
-                             added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
-
-    prediction_type = models.noise_scheduler.config.prediction_type
-    if prediction_type == "epsilon":
-        target = noise
-    elif prediction_type == "v_prediction":
-        target = models.noise_scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        raise ValueError(f"unsupported prediction type {prediction_type}")
+    added = {"text_embeds": pooled, "time_ids": time_ids.to(prompt_embeds.dtype)}
+    model_pred = models.unet(noisy_latents, timesteps, prompt_embeds, added_cond_kwargs=added).sample
+    if from_base:
+        half = slice(len(latents), None)
+        target = torch.cat([target, base_prediction(models, noisy_latents[half], timesteps[half],
+                                                    batch["prompts"][half], time_ids[half], train_text_encoder,
+                                                    device)])
+    weights = None if masks is None else loss_weights(masks, latents.shape[-2:], mask_floor, len(model_pred))
     return dreambooth_loss(model_pred, target, timesteps, models.noise_scheduler, with_prior=with_prior,
-                           prior_loss_weight=prior_loss_weight, snr_gamma=snr_gamma)
+                           prior_loss_weight=prior_loss_weight, snr_gamma=snr_gamma, weights=weights)
+
+
+def prediction_target(noise_scheduler, latents, noise, timesteps):
+    """What the UNet learns to predict, as the scheduler's prediction type says."""
+    prediction_type = noise_scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return noise_scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"unsupported prediction type {prediction_type}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1947,7 +2131,9 @@ def card_settings(args, settings, step, num_processes, base_id, hub_model_id):
     scaled = (f" (--scale_lr: {unet_lr:g}{f', text encoders {text_encoder_lr:g}' if te else ''})"
               if args.scale_lr else "")
     base = f"[{base_id}](https://huggingface.co/{base_id})" if base_id else f"`{args.pretrained_model_name_or_path}`"
-    prior = (f"`{args.class_prompt}`, {args.num_class_images} class images, weight {args.prior_loss_weight}"
+    source = (f"{args.num_class_images} class images" if uses_class_images(args)
+              else "the base model's own prediction as target")
+    prior = (f"`{args.class_prompt}`, {source}, weight {args.prior_loss_weight}"
              if args.with_prior_preservation else "off")
     return [
         f"# DreamBooth LoRA: `{args.instance_prompt}`", "",
@@ -2152,7 +2338,7 @@ def method_settings(args):
     """The flags training_step uses, by name."""
     return dict(noise_offset=args.noise_offset, train_text_encoder=args.train_text_encoder,
                 with_prior=args.with_prior_preservation, prior_loss_weight=args.prior_loss_weight,
-                snr_gamma=args.snr_gamma)
+                snr_gamma=args.snr_gamma, prior_target=args.prior_target, mask_floor=args.mask_floor)
 
 
 def refuse_non_finite(losses, step, output_dir, learning_rate):
@@ -2281,7 +2467,8 @@ def build_caches(accelerator, models, args, images, prompts):
     if args.cache_latents == "on" or (args.cache_latents == "auto" and latent_cache_is_exact(images, args.center_crop)):
         models.latent_cache = encode_latent_cache(models.vae, images, args.resolution, args.center_crop,
                                                   args.random_flip, args.seed, accelerator.device,
-                                                  disable_progress=not accelerator.is_main_process)
+                                                  disable_progress=not accelerator.is_main_process,
+                                                  masked=args.masked_loss)
         models.vae.encoder = models.vae.quant_conv = None
         release_memory()
     accelerator.print(f"cached: {len(models.latent_cache or {})} latents ({args.cache_latents}), "
@@ -2298,9 +2485,11 @@ def release_memory():
 def make_dataloader(instance_images, instance_prompts, class_images, args, num_processes, cached):
     """One sample per (step, micro-batch, process, batch slot): the dataset is as long as the run."""
     num_samples = args.max_train_steps * args.gradient_accumulation_steps * args.train_batch_size * num_processes
-    dataset = DreamBoothDataset(instance_images, instance_prompts, class_images, class_prompt=args.class_prompt,
+    dataset = DreamBoothDataset(instance_images, instance_prompts, class_images,
+                                class_prompt=args.class_prompt if args.with_prior_preservation else None,
                                 resolution=args.resolution, center_crop=args.center_crop,
-                                random_flip=args.random_flip, seed=args.seed, num_samples=num_samples, cached=cached)
+                                random_flip=args.random_flip, seed=args.seed, num_samples=num_samples, cached=cached,
+                                caption_dropout=args.caption_dropout, masked=args.masked_loss)
     return torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, shuffle=False,
                                        collate_fn=collate, num_workers=args.dataloader_num_workers,
                                        pin_memory=torch.cuda.is_available())
@@ -2348,8 +2537,8 @@ def main(argv=None):
                                  args.revision, args.variant, weight_dtype, accelerator.device)
         accelerator.print(f"loaded the models in {clock.phases['load']:.1f} s")
         with clock.phase("class images"):
-            class_images = (prepare_class_images(accelerator, models, args, settings)
-                            if args.with_prior_preservation else None)
+            class_images = prepare_class_images(accelerator, models, args, settings) if uses_class_images(args) \
+                else None  # none with --prior_target base_prediction: the base model's prediction is the target
         with clock.phase("caches"):
             build_caches(accelerator, models, args, [*instance_images, *(class_images or [])], instance_prompts)
         set_seed(args.seed)  # LoRA's initial weights

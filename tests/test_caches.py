@@ -49,9 +49,10 @@ def test_latent_cache_holds_both_flips_with_their_own_crop_coordinates(models, p
     images = trainer.list_images(photos)[:2]
     cache = trainer.encode_latent_cache(models.vae, images, 64, False, True, 0, "cpu")
     assert set(cache) == {(str(p), flipped) for p in images for flipped in (False, True)}
-    moments, time_ids = cache[(str(images[0]), False)]
+    moments, time_ids, mask = cache[(str(images[0]), False)]
+    assert mask is None, "no mask without --masked_loss"
     assert moments.shape == (8, 8, 8), "mean and log-variance of 4 latent channels at 64/8 pixels"
-    _, flipped_time_ids = cache[(str(images[0]), True)]
+    _, flipped_time_ids, _ = cache[(str(images[0]), True)]
     height, width, top, left = time_ids[:4].tolist()
     scaled_width = round(width * 64 / min(height, width))
     assert flipped_time_ids[3].item() == scaled_width - 64 - left, "the crop actually taken, after the flip"

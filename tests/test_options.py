@@ -1,0 +1,283 @@
+"""Beyond diffusers' script: masked loss, caption dropout, and prior preservation from the base model's prediction."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import train_dreambooth_lora_ssd1b as trainer
+from conftest import run_trainer, tiny_args
+
+
+@pytest.fixture(scope="module")
+def models(tiny_model):
+    return trainer.load_models(tiny_model, tiny_model / "vae", None, None, torch.float32, "cpu")
+
+
+def gradient_photo(path, size=(96, 64)):
+    """A photo whose red channel is its x position and green its y: any crop or flip shows in its pixels."""
+    xs, ys = np.meshgrid(np.linspace(0, 255, size[0]), np.linspace(0, 255, size[1]))
+    Image.fromarray(np.stack([xs, ys, np.full_like(xs, 90)], -1).astype(np.uint8)).save(path)
+    return path
+
+
+def masked_photos(folder, n=3, size=(96, 64)):
+    """n photos, each with a mask that is its own red channel: after the same resize, flip and crop, the mask
+    must equal the photo's red channel exactly."""
+    folder.mkdir(parents=True, exist_ok=True)
+    photos = [gradient_photo(folder / f"p{i}.png", size) for i in range(n)]
+    for photo in photos:
+        Image.open(photo).getchannel("R").save(trainer.mask_path(photo))
+    return photos
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Masked loss
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("center_crop", [False, True])
+def test_a_mask_goes_through_exactly_its_photos_resize_flip_and_crop(tmp_path, center_crop):
+    photos = masked_photos(tmp_path / "photos")
+    data = trainer.DreamBoothDataset(photos, "a photo of sks dog", resolution=32, center_crop=center_crop,
+                                     random_flip=True, seed=0, num_samples=24, masked=True)
+    flips = set()
+    for k in range(24):
+        item = data[k]
+        red = (item["pixel_values"][0] + 1) * 127.5
+        assert item["mask"].shape == (1, 32, 32)
+        torch.testing.assert_close(item["mask"][0] * 255, red, rtol=0, atol=1e-3)
+        flips.add(bool(red[0, 0] > red[0, -1]))
+    assert flips == {False, True}, "both flips were drawn, and each mask followed its photo"
+
+
+def test_a_photo_without_a_mask_weighs_one_everywhere(tmp_path):
+    photos = masked_photos(tmp_path / "photos", n=1) + [gradient_photo(tmp_path / "photos" / "plain.png")]
+    data = trainer.DreamBoothDataset(photos, "a photo of sks dog", resolution=32, center_crop=True,
+                                     random_flip=False, seed=0, num_samples=2, masked=True)
+    masks = {data.instances.index(trainer.pick(data.instances, k, 0, "instance")): data[k]["mask"] for k in range(2)}
+    assert torch.all(masks[1] == 1) and not torch.all(masks[0] == 1)
+
+
+def test_mask_weights_are_the_floor_on_black_and_one_on_white_and_the_class_half_weighs_one():
+    masks = torch.zeros(2, 1, 16, 16)
+    masks[:, :, :, 8:] = 1  # right half white
+    weights = trainer.loss_weights(masks, (2, 2), 0.25, 4)
+    assert weights.shape == (4, 1, 2, 2)
+    assert torch.all(weights[:2, :, :, 0] == 0.25) and torch.all(weights[:2, :, :, 1] == 1)
+    assert torch.all(weights[2:] == 1), "the class half"
+
+
+def test_with_floor_zero_the_pixels_under_black_change_neither_loss_nor_gradients(models, tiny_model, tmp_path):
+    # an encoder and a denoiser that each see one place only (the real ones' attention spreads every pixel over all
+    # latents): what reaches the loss from under the mask's black part is then its weight alone, 0 at floor 0
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    photo = gradient_photo(folder / "dog.png", (64, 64))
+    mask = np.zeros((64, 64), np.uint8)
+    mask[:, :32] = 255
+    Image.fromarray(mask).save(trainer.mask_path(photo))
+    args = trainer.parse_args([str(a) for a in tiny_args(tiny_model, folder, tmp_path / "out", "--masked_loss",
+                                                         "--random_flip")])
+    local = trainer.dataclasses.replace(models, vae=LocalVAE(models.vae), unet=PointwiseUNet())
+
+    def loss_and_grads(image):
+        image.save(photo)
+        data = trainer.DreamBoothDataset([photo], "a photo of sks dog", resolution=64, center_crop=False,
+                                         random_flip=True, seed=0, num_samples=4, masked=True)
+        batch = trainer.collate([data[k] for k in range(4)])
+        local.unet.zero_grad()
+        loss = trainer.training_step(batch, local, trainer.sample_generators(0, batch, "cpu"), "cpu",
+                                     **trainer.method_settings(args))
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in local.unet.parameters()]
+
+    original = np.asarray(Image.open(photo).convert("RGB"))
+    under_black, under_white = original.copy(), original.copy()
+    under_black[:, 32:] = 255 - under_black[:, 32:]
+    under_white[:, :32] = 255 - under_white[:, :32]
+    loss, grads = loss_and_grads(Image.fromarray(original))
+    black_loss, black_grads = loss_and_grads(Image.fromarray(under_black))
+    assert loss == black_loss and all(torch.equal(a, b) for a, b in zip(grads, black_grads))
+    assert all(g.abs().sum() > 0 for g in grads)
+    assert loss_and_grads(Image.fromarray(under_white))[0] != loss, "the white part is what the loss sees"
+
+
+class LocalVAE(torch.nn.Module):
+    """A stand-in encoder: each latent is its own 8x8 pixel block's mean (and the red mean twice)."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.config, self.dtype = vae.config, torch.float32
+
+    def encode(self, pixels):
+        mean = torch.nn.functional.avg_pool2d(pixels, 8)
+        mean = torch.cat([mean, mean[:, :1]], dim=1)
+        moments = torch.cat([mean, torch.full_like(mean, -30.0)], dim=1)  # log-variance: next to no noise
+        return type("Out", (), {"latent_dist": type("D", (), {"parameters": moments})})
+
+
+class PointwiseUNet(torch.nn.Module):
+    """A stand-in denoiser with trainable weights, each latent pixel predicted from itself alone."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(4, 4, 1)
+
+    def forward(self, noisy, timesteps, embeds, added_cond_kwargs):
+        return type("Out", (), {"sample": self.conv(noisy)})
+
+
+def test_the_latent_cache_keeps_each_flips_mask_as_an_uncached_step_sees_it(models, tmp_path):
+    photos = masked_photos(tmp_path / "photos", n=2, size=(64, 64))
+    cache = trainer.encode_latent_cache(models.vae, photos, 64, True, True, 0, "cpu", masked=True)
+    data = trainer.DreamBoothDataset(photos, "a photo of sks dog", resolution=64, center_crop=True,
+                                     random_flip=True, seed=0, num_samples=8, masked=True)
+    cached = trainer.DreamBoothDataset(photos, "a photo of sks dog", resolution=64, center_crop=True,
+                                       random_flip=True, seed=0, num_samples=8, masked=True, cached=True)
+    for k in range(8):
+        mask = cache[cached[k]["latent_key"]][2]
+        expected = torch.nn.functional.interpolate(data[k]["mask"][None], size=(8, 8), mode="area")[0]
+        torch.testing.assert_close(mask, expected)
+
+
+@pytest.mark.parametrize("setup, message", [
+    ("mask only", "dog_0.mask.png in {folder} is a loss mask (1 in all): pass --masked_loss to use them"),
+    ("no masks", "--masked_loss found no masks: add photo.mask.png"),
+    ("orphan", "1 mask(s) in {folder} cannot be used: cat.mask.png (no photo named cat.*)"),
+    ("wrong size", "dog_0.mask.png (32x32, its photo dog_0.jpg is"),
+    ("upper case", "dog_0.MASK.png (not named in lower case)"),
+    ("unreadable", "dog_0.mask.png (unreadable: "),
+])
+def test_masks_are_checked_before_any_model_loads(tiny_model, photos, tmp_path, setup, message):
+    import shutil
+
+    folder = tmp_path / "dog"
+    shutil.copytree(photos, folder)
+    name = {"upper case": "dog_0.MASK.png", "orphan": "cat.mask.png"}.get(setup, "dog_0.mask.png")
+    if setup == "unreadable":
+        (folder / name).write_bytes(b"not a png")
+    elif setup != "no masks":
+        size = (32, 32) if setup == "wrong size" else Image.open(folder / "dog_0.jpg").size
+        Image.new("L", size, 255).save(folder / name)
+    flags = [] if setup == "mask only" else ["--masked_loss"]
+    with pytest.raises(trainer.UserError, match=__import__("re").escape(message.format(folder=folder))):
+        run_trainer(*tiny_args(tiny_model, folder, tmp_path / "out", *flags))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Caption dropout
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_caption_dropout_is_drawn_per_sample_from_the_seed(tmp_path):
+    photo = gradient_photo(tmp_path / "a.png")
+
+    def prompts(seed, rate):
+        data = trainer.DreamBoothDataset([photo], "a photo of sks dog", resolution=32, center_crop=True,
+                                         random_flip=False, seed=seed, num_samples=400, caption_dropout=rate)
+        return [data[k]["prompt"] for k in range(400)]
+
+    dropped = prompts(0, 0.25)
+    assert set(dropped) == {"", "a photo of sks dog"}
+    assert 0.18 < dropped.count("") / 400 < 0.32
+    assert prompts(0, 0.25) == dropped, "the same seed drops the same samples"
+    assert prompts(1, 0.25) != dropped
+    assert "" not in prompts(0, 0.0)
+    without = trainer.DreamBoothDataset([photo], "a photo of sks dog", resolution=32, center_crop=False,
+                                        random_flip=True, seed=0, num_samples=8)
+    with_dropout = trainer.DreamBoothDataset([photo], "a photo of sks dog", resolution=32, center_crop=False,
+                                             random_flip=True, seed=0, num_samples=8, caption_dropout=0.5)
+    for k in range(8):
+        assert torch.equal(without[k]["pixel_values"], with_dropout[k]["pixel_values"]), "crops are unchanged"
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_a_dropped_caption_trains_the_pipelines_unconditional(models, tiny_model, cached):
+    # SDXL's pipeline renders classifier-free guidance's other half from zeros (force_zeros_for_empty_prompt)
+    prompts = ["a photo of sks dog", ""]
+    models.prompt_cache = trainer.encode_prompt_cache(models, prompts, "cpu") if cached else None
+    try:
+        embeds, pooled = trainer.prompt_embeddings(prompts, models, False, "cpu")
+    finally:
+        models.prompt_cache = None
+    assert models.empty_prompt_is_zeros
+    assert torch.all(embeds[1] == 0) and torch.all(pooled[1] == 0)
+    assert embeds[0].abs().sum() > 0 and pooled[0].abs().sum() > 0
+    pipe = trainer.build_pipeline(models, str(tiny_model), None, None)
+    _, negative, _, negative_pooled = pipe.encode_prompt("a photo of sks dog", device="cpu",
+                                                         do_classifier_free_guidance=True)
+    assert torch.equal(negative[0], embeds[1]) and torch.equal(negative_pooled[0], pooled[1])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Prior preservation from the base model's prediction
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("train_text_encoder", [False, True])
+def test_base_prediction_prior_is_exactly_zero_while_lora_is_still_zero(tiny_model, photos, tmp_path,
+                                                                        train_text_encoder):
+    models = trainer.load_models(tiny_model, tiny_model / "vae", None, None, torch.float32, "cpu")
+    trainer.add_lora(models, 4, 4, 0.0, train_text_encoder)
+    extra = ["--train_text_encoder"] if train_text_encoder else []
+    args = trainer.parse_args([str(a) for a in tiny_args(tiny_model, photos, tmp_path / "out", *extra,
+                                                         "--with_prior_preservation", "--class_prompt", "a photo of dog",
+                                                         "--prior_target", "base_prediction")])
+    data = trainer.DreamBoothDataset(trainer.list_images(photos), "a photo of sks dog", class_prompt="a photo of dog",
+                                     resolution=64, center_crop=True, random_flip=False, seed=0, num_samples=2)
+    batch = trainer.collate([data[0], data[1]])
+    assert batch["prompts"] == ["a photo of sks dog"] * 2 + ["a photo of dog"] * 2 and len(batch["pixel_values"]) == 2
+    seen = {}
+    real = trainer.dreambooth_loss
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(trainer, "dreambooth_loss", lambda pred, target, *a, **k: seen.update(
+            pred=pred, target=target, kwargs=k) or real(pred, target, *a, **k))
+        loss = trainer.training_step(batch, models, trainer.sample_generators(0, batch, "cpu"), "cpu",
+                                     **trainer.method_settings(args))
+    instance, prior = (seen["pred"] - seen["target"]).pow(2).mean(dim=(1, 2, 3)).chunk(2)
+    # LoRA's B starts at zero: the trained model is the base model. Zero up to rounding only: the base model runs
+    # on the class half alone, and a batch of another size takes other kernel paths (a few 1e-7 apart)
+    assert torch.all(prior < 1e-12) and torch.all(instance > 0.1), (prior, instance)
+    assert torch.all(instance > 0) and loss.item() == pytest.approx(instance.mean().item())
+    loss.backward()
+    lora = [p for n, p in models.unet.named_parameters() if "lora_" in n]
+    assert all(p.requires_grad for p in lora), "the adapters are on again after the base prediction"
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in lora)
+
+
+def test_base_prediction_makes_and_reads_no_class_image(tiny_model, photos, tmp_path, monkeypatch, capsys):
+    def refuse(*a, **k):
+        raise AssertionError("no class image is made or read")
+
+    monkeypatch.setattr(trainer, "prepare_class_images", refuse)
+    monkeypatch.setattr(trainer, "generate_class_images", refuse)
+    out = tmp_path / "out"
+    run_trainer(*tiny_args(tiny_model, photos, out, "--with_prior_preservation", "--class_prompt", "a photo of dog",
+                           "--prior_target", "base_prediction", "--max_train_steps", 2, "--optimizer", "adamw"))
+    assert not (out / "class_images").exists()
+    assert "5 instance photos, 0 class images" in capsys.readouterr().out
+    assert (out / "step1" / trainer.LORA_FILE).is_file()
+    assert "the base model's own prediction" in (out / "README.md").read_text()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--prior_target", "base_prediction"], "--prior_target acts only with --with_prior_preservation"),
+    (["--with_prior_preservation", "--class_prompt", "a photo of dog", "--prior_target", "base_prediction",
+      "--num_class_images", "10"], "--num_class_images has no effect with --prior_target base_prediction, which makes "
+                                   "and reads no class image: drop --num_class_images, or pass --prior_target "
+                                   "class_images"),
+    (["--with_prior_preservation", "--class_prompt", "a photo of dog", "--prior_target", "base_prediction",
+      "--class_dir", "x"], "--class_dir has no effect with --prior_target base_prediction"),
+    (["--prior_target", "images"], "argument --prior_target: invalid choice: 'images'"),
+    (["--mask_floor", "0.1"], "--mask_floor acts only with --masked_loss: add --masked_loss, or drop --mask_floor"),
+    (["--masked_loss", "--mask_floor", "1.5"], "--mask_floor must be in [0, 1] (got 1.5)"),
+    (["--caption_dropout", "1"], "--caption_dropout must be in [0, 1) (got 1.0)"),
+    (["--caption_dropout", "-0.1"], "--caption_dropout must be in [0, 1) (got -0.1)"),
+])
+def test_option_mistakes_are_one_line_before_any_model_loads(tiny_model, photos, tmp_path, extra, message):
+    with pytest.raises(trainer.UserError, match=__import__("re").escape(message)):
+        trainer.parse_args([str(a) for a in tiny_args(tiny_model, photos, tmp_path / "out", *extra)])
