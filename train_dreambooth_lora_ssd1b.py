@@ -523,10 +523,13 @@ except UserError as error:
     sys.exit(f"error: {error}")
 # Third-party notices about nothing the user did: transformers falls back to its PIL image processors without
 # torchvision, as this project means it to; diffusers says an adapter file holds no text-encoder LoRA, as one
-# trained without --train_text_encoder does not.
+# trained without --train_text_encoder does not; bitsandbytes misses an optional package (below).
 logging.getLogger("transformers.utils.import_utils").addFilter(lambda r: "requires torchvision" not in r.getMessage())
 for _name in ("diffusers.loaders.lora_base", "diffusers.loaders.peft"):
     logging.getLogger(_name).addFilter(lambda r: "No LoRA keys associated to" not in r.getMessage())
+# bitsandbytes (imported by diffusers) looks, on a CPU with AVX512-BF16, for a 4-bit kernel in the `kernels` package
+# and warns when that is not installed: no layer here is 4-bit, and the warning would stand above every refusal
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(lambda r: "kernels-community" not in r.getMessage())
 import huggingface_hub  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed  # noqa: E402
