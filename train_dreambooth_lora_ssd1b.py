@@ -8,7 +8,7 @@ Reads top to bottom as the method does (Ruiz et al., "DreamBooth", CVPR 2023); t
   check_inputs       photos, captions, models, output dir, resume state: all checked before any model loads
   load_models        tokenizers, both CLIP text encoders, UNet, fp16-fix VAE, noise scheduler
   class images       the base model makes the missing ones, split across processes, kept for the next run
-  add_lora           peft LoRA on the UNet's attention (and both text encoders if asked); 8-bit AdamW
+  add_lora           peft LoRA on the UNet's attention (and both text encoders if asked); 8-bit AdamW or Prodigy
   DreamBoothDataset  photo -> pixels + SDXL time ids (the crop actually taken), drawn anew per sample
   caches             VAE latents and prompt embeddings that are the same every step, computed once
   training_step      noise, UNet, dreambooth_loss: instance MSE + prior_loss_weight * class MSE
@@ -92,7 +92,8 @@ class UserError(Exception):
 
 # requirements.txt's lower bounds; diffusers before 0.35.2 fails at import under transformers 5
 MINIMUM_VERSIONS = {"torch": "2.4", "diffusers": "0.35.2", "transformers": "4.44", "peft": "0.17",
-                    "accelerate": "1.2", "bitsandbytes": "0.50"}
+                    "accelerate": "1.2", "bitsandbytes": "0.50", "prodigyopt": "1.1.2"}
+OPTIMIZER_PACKAGES = {"bitsandbytes": "adamw8bit", "prodigyopt": "prodigy"}  # checked only for that --optimizer
 KNOWN_CLASHES = [  # (package, from version, other package, below version, the pip command that fixes it)
     ("transformers", "5.24", "peft", "0.22", "pip install 'transformers>=4.44,<5.24'"),  # add_adapter refuses
 ]
@@ -141,6 +142,7 @@ FLAG_RANGES = {
     "adam_beta2": (0, 1, "[)", 0.999),
     "adam_weight_decay": (0, INF, "[)", 1e-4),
     "adam_epsilon": (0, INF, "()", 1e-8),
+    "prodigy_beta3": (0, 1, "[)", 0.999),  # an average's coefficient, as the Adam betas
     "max_grad_norm": (0, INF, "()", 1.0),
     "lr_warmup_steps": (0, INF, "[)", 0),  # and at most --max_train_steps
     "max_train_steps": (1, 10**9, "[]", 500),
@@ -189,6 +191,9 @@ NEEDS = {
     "hub_model_id": ("push_to_hub", "--push_to_hub"),
     "hub_token": ("push_to_hub", "--push_to_hub"),
 }
+# Flags that act only with one --optimizer (typed with another, each would be ignored without a word)
+OPTIMIZER_FLAGS = {"prodigy": ["prodigy_beta3", "prodigy_decouple", "prodigy_use_bias_correction",
+                               "prodigy_safeguard_warmup"]}
 # Text flags where an empty value is a mistake (an empty path is the current folder) -> what to pass instead
 EMPTY_FIXES = {"instance_prompt": "a prompt, e.g. --instance_prompt 'a photo of sks dog'",
                "class_prompt": "a prompt, e.g. --class_prompt 'a photo of dog'",
@@ -365,7 +370,8 @@ def add_training_flags(p):
     g.add_argument("--text_encoder_lr", type=float, default=5e-6)
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--optimizer", choices=["adamw8bit", "adamw"], default="adamw8bit")
+    g.add_argument("--optimizer", choices=["adamw8bit", "adamw", "prodigy"], default="adamw8bit",
+                   help="prodigy (prodigyopt) finds the step size itself: its learning rate is a multiplier, best 1.0")
     g.add_argument("--learning_rate", type=float, default=1e-4)
     g.add_argument("--scale_lr", action="store_true",
                    help="multiply the learning rates by batch size x processes x accumulation")
@@ -373,6 +379,15 @@ def add_training_flags(p):
     g.add_argument("--adam_beta2", type=float, default=0.999)
     g.add_argument("--adam_weight_decay", type=float, default=1e-4)
     g.add_argument("--adam_epsilon", type=float, default=1e-8)
+    # diffusers' flag names and defaults; Prodigy takes the Adam flags above too
+    g.add_argument("--prodigy_beta3", type=float, default=None,
+                   help="Prodigy's average for its step-size estimate; default: the square root of --adam_beta2")
+    g.add_argument("--prodigy_decouple", action=argparse.BooleanOptionalAction, default=True,
+                   help="decoupled (AdamW) weight decay; --no-prodigy_decouple: Adam's L2 penalty")
+    g.add_argument("--prodigy_use_bias_correction", action=argparse.BooleanOptionalAction, default=True,
+                   help="Adam's bias correction in Prodigy")
+    g.add_argument("--prodigy_safeguard_warmup", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep the learning rate out of Prodigy's step-size estimate, so a warm-up does not inflate it")
     g.add_argument("--max_grad_norm", type=float, default=1.0)
     g.add_argument("--lr_scheduler", default="constant",
                    choices=["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
@@ -437,9 +452,20 @@ def check_args(args, given):
     if tracker and importlib.util.find_spec(tracker) is None:  # accelerate would drop the tracker without a word
         raise UserError(f"--report_to {args.report_to} needs {tracker}: pip install {tracker}, or pass --report_to "
                         "none")
+    if args.optimizer == "prodigy" and importlib.util.find_spec("prodigyopt") is None:
+        raise UserError("--optimizer prodigy needs prodigyopt: pip install prodigyopt, or pass --optimizer adamw8bit")
     for name, (needed, add) in NEEDS.items():
         if name in given and not getattr(args, needed):
             raise UserError(f"--{name} acts only with --{needed}: add {add}, or drop --{name}")
+    for optimizer, names in OPTIMIZER_FLAGS.items():
+        for name in sorted(given.intersection(names)):
+            if args.optimizer != optimizer:
+                raise UserError(f"--{name} acts only with --optimizer {optimizer}: add --optimizer {optimizer}, "
+                                f"or drop --{name}")
+    if args.optimizer == "prodigy" and "text_encoder_lr" in given and args.text_encoder_lr != args.learning_rate:
+        raise UserError(f"--text_encoder_lr {args.text_encoder_lr} would be ignored: Prodigy takes one learning rate "
+                        "for every parameter group, so the text encoders train at --learning_rate; drop "
+                        "--text_encoder_lr")
     if args.lr_warmup_steps and args.lr_scheduler == "constant":
         raise UserError(f"--lr_warmup_steps {args.lr_warmup_steps} has no effect with --lr_scheduler constant: "
                         "pass --lr_scheduler constant_with_warmup (or another schedule), or drop --lr_warmup_steps")
@@ -487,7 +513,7 @@ def caption_suffix(extension):
 # The libraries: imported here, below the flags, so that a mistyped command is refused (and --help shown) at once,
 # not after the ~8 s their imports take on a CPU; and only once check_versions() has refused a mismatched install
 # in one line, since a known clash (diffusers 0.34 with transformers 5) fails inside the import itself.
-# bitsandbytes is imported by make_optimizer(), as only 8-bit AdamW needs it.
+# bitsandbytes and prodigyopt are imported by make_optimizer(), as only 8-bit AdamW and Prodigy need them.
 # ----------------------------------------------------------------------------------------------------------
 
 if __name__ == "__main__":  # main() checks the flags again, as parse_args() does for every caller
@@ -496,7 +522,7 @@ if __name__ == "__main__":  # main() checks the flags again, as parse_args() doe
     except UserError as error:
         sys.exit(f"error: {error}")
 try:
-    check_versions([name for name in MINIMUM_VERSIONS if name != "bitsandbytes"])
+    check_versions([name for name in MINIMUM_VERSIONS if name not in OPTIMIZER_PACKAGES])
 except UserError as error:
     sys.exit(f"error: {error}")
 # Third-party notices about nothing the user did: transformers falls back to its PIL image processors without
@@ -1224,17 +1250,33 @@ def add_lora(models, rank, alpha, dropout, train_text_encoder):
 
 
 def effective_learning_rates(args, num_processes):
-    """(UNet, text encoders) learning rates as trained: with --scale_lr, times the effective batch size."""
+    """(UNet, text encoders) learning rates as trained: with --scale_lr, times the effective batch size. Prodigy
+    takes one learning rate for every group (prodigyopt refuses any other but 0), so its text encoders share the
+    UNet's."""
     factor = args.train_batch_size * num_processes * args.gradient_accumulation_steps if args.scale_lr else 1
-    return args.learning_rate * factor, args.text_encoder_lr * factor
+    text_encoder_lr = args.learning_rate if args.optimizer == "prodigy" else args.text_encoder_lr
+    return args.learning_rate * factor, text_encoder_lr * factor
 
 
 def make_optimizer(trained, args, learning_rates):
-    """AdamW (8-bit by default) over the LoRA parameters; the text encoders get their own learning rate."""
+    """AdamW (8-bit by default) or Prodigy over the LoRA parameters; the text encoders get their own learning
+    rate (under Prodigy, the UNet's: see effective_learning_rates)."""
     unet_lr, text_encoder_lr = learning_rates
     groups = [{"params": [p for p in trained[0].parameters() if p.requires_grad], "lr": unet_lr}]
     for text_encoder in trained[1:]:
         groups.append({"params": [p for p in text_encoder.parameters() if p.requires_grad], "lr": text_encoder_lr})
+    if args.optimizer == "prodigy":
+        import prodigyopt  # imported here: only training with Prodigy needs it
+
+        # diffusers' advanced script's mapping. Prodigy keeps its step size d, its sums and its step count k in
+        # param_groups, which accelerate's save_state holds, so a resume is exact. stdout goes nowhere meanwhile:
+        # Prodigy prints "Using decoupled weight decay" from every process
+        with contextlib.redirect_stdout(None):
+            return prodigyopt.Prodigy(groups, lr=unet_lr, betas=(args.adam_beta1, args.adam_beta2),
+                                      beta3=args.prodigy_beta3, weight_decay=args.adam_weight_decay,
+                                      eps=args.adam_epsilon, decouple=args.prodigy_decouple,
+                                      use_bias_correction=args.prodigy_use_bias_correction,
+                                      safeguard_warmup=args.prodigy_safeguard_warmup)
     if args.optimizer == "adamw8bit":
         import bitsandbytes as bnb  # imported here: only training with 8-bit AdamW needs it
 
@@ -2334,7 +2376,7 @@ def start_checkpointing(accelerator, resume_state, gradient_accumulation_steps, 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)                       # the flags, every check of them in one place, then frozen
-    check_versions([p for p in MINIMUM_VERSIONS if p != "bitsandbytes" or args.optimizer == "adamw8bit"])
+    check_versions([p for p in MINIMUM_VERSIONS if OPTIMIZER_PACKAGES.get(p, args.optimizer) == args.optimizer])
     settings = derive_settings(args, argv)        # what they come to: defaults, absolute model folders
     with hold_output_dir(settings.output_dir):    # one trainer per output dir, until this one exits
         instance_images, instance_prompts, settings = check_inputs(args, settings)  # all before any model loads
