@@ -1050,9 +1050,21 @@ def check_same_schedule(state, saved, args):
                         "another --output_dir (only constant schedules can be extended)")
 
 
+def warn_prodigy_learning_rate(optimizer, learning_rate):
+    """Prodigy's learning rate multiplies the step size it finds, so it belongs near 1.0: an AdamW-sized one
+    (1e-4) all but stops training. Warned where it is more than 10x from 1.0, not refused, and the flag stays as
+    typed. Said here, not in check_args, which a script run calls twice."""
+    if optimizer != "prodigy" or 0.1 <= learning_rate <= 10:
+        return
+    default = " (the default, sized for AdamW)" if learning_rate == make_parser().get_default("learning_rate") else ""
+    warn(f"--learning_rate {learning_rate}{default} with --optimizer prodigy: Prodigy finds the step size itself "
+         "and multiplies it by the learning rate, which is usually 1.0; pass --learning_rate 1.0")
+
+
 def check_inputs(args, settings):
     """Everything that can be checked before a model loads. Returns the instance photos, their prompts, and the
     settings completed with what the inputs decide: the photos' checksum and the state to resume from."""
+    warn_prodigy_learning_rate(args.optimizer, args.learning_rate)
     instance_dir = resolve_instance_dir(args.instance_dir)
     warn_broken_links(instance_dir, "instance")
     instance_images = list_images(instance_dir)

@@ -495,6 +495,21 @@ def test_flags_at_their_default_value_are_not_refused_when_typed_in_context(args
                    "1.0", "--prodigy_decouple", "--prodigy_beta3", "0"))  # the lr Prodigy gives them anyway
 
 
+def test_prodigy_with_an_adamw_sized_learning_rate_warns_once_before_loading_and_keeps_it(args_for, capsys):
+    argv = [str(a) for a in args_for("--optimizer", "prodigy")]
+    args = trainer.parse_args(argv)
+    assert capsys.readouterr().err == "", "not in check_args: a script run parses its flags twice"
+    trainer.check_inputs(args, trainer.derive_settings(args, argv))
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "prodigy" in line]
+    assert warnings == ["warning: --learning_rate 0.0001 (the default, sized for AdamW) with --optimizer prodigy: "
+                        "Prodigy finds the step size itself and multiplies it by the learning rate, which is usually "
+                        "1.0; pass --learning_rate 1.0"]
+    assert args.learning_rate == 1e-4, "the flag stays as typed"
+    check(args_for("--optimizer", "prodigy", "--learning_rate", "0.01"))
+    assert "warning: --learning_rate 0.01 with --optimizer prodigy: Prodigy" in capsys.readouterr().err
+    check(args_for("--optimizer", "prodigy", "--learning_rate", "1.0"))
+    assert "prodigy" not in capsys.readouterr().err
+
 
 def test_an_empty_caption_file_is_named_not_replaced_by_the_instance_prompt(args_for, photos, tmp_path):
     folder = tmp_path / "captions"
