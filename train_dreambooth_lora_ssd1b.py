@@ -964,7 +964,7 @@ TRAINING_FLAGS = ["pretrained_vae_model_name_or_path", "revision", "variant", "i
                   "prior_loss_weight", "resolution", "center_crop", "random_flip", "train_batch_size", "lora_dropout",
                   "learning_rate", "text_encoder_lr", "scale_lr", "adam_beta1", "adam_beta2", "adam_weight_decay",
                   "adam_epsilon", "max_grad_norm", "gradient_accumulation_steps", "snr_gamma", "noise_offset", "seed",
-                  "mixed_precision", "instance_data_sha256"]
+                  "mixed_precision", "instance_data_sha256", *OPTIMIZER_FLAGS["prodigy"]]
 
 
 def instance_data_sha256(images, prompts, instance_prompt):
