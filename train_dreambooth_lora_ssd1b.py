@@ -2020,7 +2020,7 @@ def card_settings(args, settings, step, num_processes, base_id, hub_model_id):
         f"| LoRA | rank {args.rank}, alpha {settings.lora_alpha}, on the UNet"
         f"{' and both text encoders' if te else ''} |",
         f"| learning rate | {args.learning_rate} ({args.lr_scheduler})"
-        f"{f', text encoders {args.text_encoder_lr}' if te else ''}{scaled} |",
+        f"{f', text encoders {args.text_encoder_lr}' if te and args.optimizer != 'prodigy' else ''}{scaled} |",
         f"| batch | {args.train_batch_size} x {args.gradient_accumulation_steps} accumulation |",
         f"| optimizer, precision | {args.optimizer}, {args.mixed_precision or 'as accelerate is configured'} |",
         f"| seed | {args.seed} |", "",
