@@ -8,7 +8,7 @@ Reads top to bottom as the method does (Ruiz et al., "DreamBooth", CVPR 2023); t
   check_inputs       photos, captions, models, output dir, resume state: all checked before any model loads
   load_models        tokenizers, both CLIP text encoders, UNet, fp16-fix VAE, noise scheduler
   class images       the base model makes the missing ones, split across processes, kept for the next run
-  add_lora           peft LoRA on the UNet's attention (and both text encoders if asked); 8-bit AdamW
+  add_lora           peft LoRA on the UNet's attention (and both text encoders if asked); 8-bit AdamW or Prodigy
   DreamBoothDataset  photo -> pixels + SDXL time ids (the crop actually taken), drawn anew per sample
   caches             VAE latents and prompt embeddings that are the same every step, computed once
   training_step      noise, UNet, dreambooth_loss: instance MSE + prior_loss_weight * class MSE
@@ -93,7 +93,8 @@ class UserError(Exception):
 
 # requirements.txt's lower bounds; diffusers before 0.35.2 fails at import under transformers 5
 MINIMUM_VERSIONS = {"torch": "2.4", "diffusers": "0.35.2", "transformers": "4.44", "peft": "0.17",
-                    "accelerate": "1.2", "bitsandbytes": "0.50"}
+                    "accelerate": "1.2", "bitsandbytes": "0.50", "prodigyopt": "1.1.2"}
+OPTIMIZER_PACKAGES = {"bitsandbytes": "adamw8bit", "prodigyopt": "prodigy"}  # checked only for that --optimizer
 KNOWN_CLASHES = [  # (package, from version, other package, below version, the pip command that fixes it)
     ("transformers", "5.24", "peft", "0.22", "pip install 'transformers>=4.44,<5.24'"),  # add_adapter refuses
 ]
@@ -144,6 +145,7 @@ FLAG_RANGES = {
     "adam_beta2": (0, 1, "[)", 0.999),
     "adam_weight_decay": (0, INF, "[)", 1e-4),
     "adam_epsilon": (0, INF, "()", 1e-8),
+    "prodigy_beta3": (0, 1, "[)", 0.999),  # an average's coefficient, as the Adam betas
     "max_grad_norm": (0, INF, "()", 1.0),
     "lr_warmup_steps": (0, INF, "[)", 0),  # and at most --max_train_steps
     "max_train_steps": (1, 10**9, "[]", 500),
@@ -196,6 +198,9 @@ NEEDS = {
 }
 # Class-image flags, which --prior_target base_prediction would ignore: it makes and reads no class image
 CLASS_IMAGE_FLAGS = ["class_dir", "num_class_images", "sample_batch_size"]
+# Flags that act only with one --optimizer (typed with another, each would be ignored without a word)
+OPTIMIZER_FLAGS = {"prodigy": ["prodigy_beta3", "prodigy_decouple", "prodigy_use_bias_correction",
+                               "prodigy_safeguard_warmup"]}
 # Text flags where an empty value is a mistake (an empty path is the current folder) -> what to pass instead
 EMPTY_FIXES = {"instance_prompt": "a prompt, e.g. --instance_prompt 'a photo of sks dog'",
                "class_prompt": "a prompt, e.g. --class_prompt 'a photo of dog'",
@@ -383,7 +388,8 @@ def add_training_flags(p):
     g.add_argument("--text_encoder_lr", type=float, default=5e-6)
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--optimizer", choices=["adamw8bit", "adamw"], default="adamw8bit")
+    g.add_argument("--optimizer", choices=["adamw8bit", "adamw", "prodigy"], default="adamw8bit",
+                   help="prodigy (prodigyopt) finds the step size itself: its learning rate is a multiplier, best 1.0")
     g.add_argument("--learning_rate", type=float, default=1e-4)
     g.add_argument("--scale_lr", action="store_true",
                    help="multiply the learning rates by batch size x processes x accumulation")
@@ -391,6 +397,15 @@ def add_training_flags(p):
     g.add_argument("--adam_beta2", type=float, default=0.999)
     g.add_argument("--adam_weight_decay", type=float, default=1e-4)
     g.add_argument("--adam_epsilon", type=float, default=1e-8)
+    # diffusers' flag names and defaults; Prodigy takes the Adam flags above too
+    g.add_argument("--prodigy_beta3", type=float, default=None,
+                   help="Prodigy's average for its step-size estimate; default: the square root of --adam_beta2")
+    g.add_argument("--prodigy_decouple", action=argparse.BooleanOptionalAction, default=True,
+                   help="decoupled (AdamW) weight decay; --no-prodigy_decouple: Adam's L2 penalty")
+    g.add_argument("--prodigy_use_bias_correction", action=argparse.BooleanOptionalAction, default=True,
+                   help="Adam's bias correction in Prodigy")
+    g.add_argument("--prodigy_safeguard_warmup", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep the learning rate out of Prodigy's step-size estimate, so a warm-up does not inflate it")
     g.add_argument("--max_grad_norm", type=float, default=1.0)
     g.add_argument("--lr_scheduler", default="constant",
                    choices=["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
@@ -455,9 +470,20 @@ def check_args(args, given):
     if tracker and importlib.util.find_spec(tracker) is None:  # accelerate would drop the tracker without a word
         raise UserError(f"--report_to {args.report_to} needs {tracker}: pip install {tracker}, or pass --report_to "
                         "none")
+    if args.optimizer == "prodigy" and importlib.util.find_spec("prodigyopt") is None:
+        raise UserError("--optimizer prodigy needs prodigyopt: pip install prodigyopt, or pass --optimizer adamw8bit")
     for name, (needed, add) in NEEDS.items():
         if name in given and not getattr(args, needed):
             raise UserError(f"--{name} acts only with --{needed}: add {add}, or drop --{name}")
+    for optimizer, names in OPTIMIZER_FLAGS.items():
+        for name in sorted(given.intersection(names)):
+            if args.optimizer != optimizer:
+                raise UserError(f"--{name} acts only with --optimizer {optimizer}: add --optimizer {optimizer}, "
+                                f"or drop --{name}")
+    if args.optimizer == "prodigy" and "text_encoder_lr" in given and args.text_encoder_lr != args.learning_rate:
+        raise UserError(f"--text_encoder_lr {args.text_encoder_lr} would be ignored: Prodigy takes one learning rate "
+                        "for every parameter group, so the text encoders train at --learning_rate; drop "
+                        "--text_encoder_lr")
     if args.lr_warmup_steps and args.lr_scheduler == "constant":
         raise UserError(f"--lr_warmup_steps {args.lr_warmup_steps} has no effect with --lr_scheduler constant: "
                         "pass --lr_scheduler constant_with_warmup (or another schedule), or drop --lr_warmup_steps")
@@ -509,7 +535,7 @@ def caption_suffix(extension):
 # The libraries: imported here, below the flags, so that a mistyped command is refused (and --help shown) at once,
 # not after the ~8 s their imports take on a CPU; and only once check_versions() has refused a mismatched install
 # in one line, since a known clash (diffusers 0.34 with transformers 5) fails inside the import itself.
-# bitsandbytes is imported by make_optimizer(), as only 8-bit AdamW needs it.
+# bitsandbytes and prodigyopt are imported by make_optimizer(), as only 8-bit AdamW and Prodigy need them.
 # ----------------------------------------------------------------------------------------------------------
 
 if __name__ == "__main__":  # main() checks the flags again, as parse_args() does for every caller
@@ -518,7 +544,7 @@ if __name__ == "__main__":  # main() checks the flags again, as parse_args() doe
     except UserError as error:
         sys.exit(f"error: {error}")
 try:
-    check_versions([name for name in MINIMUM_VERSIONS if name != "bitsandbytes"])
+    check_versions([name for name in MINIMUM_VERSIONS if name not in OPTIMIZER_PACKAGES])
 except UserError as error:
     sys.exit(f"error: {error}")
 # Third-party notices about nothing the user did: transformers falls back to its PIL image processors without
@@ -1002,10 +1028,11 @@ def read_trainer_state(state):
 STATE_SHAPING_FLAGS = ["pretrained_model_name_or_path", "rank", "lora_alpha", "train_text_encoder", "optimizer"]
 TRAINING_FLAGS = ["pretrained_vae_model_name_or_path", "revision", "variant", "instance_dir", "instance_prompt",
                   "caption_extension", "with_prior_preservation", "class_prompt", "num_class_images",
-                  "prior_loss_weight", "prior_target", "caption_dropout", "masked_loss", "mask_floor", "resolution", "center_crop", "random_flip", "train_batch_size", "lora_dropout",
+                  "prior_loss_weight", "prior_target", "caption_dropout", "masked_loss", "mask_floor", "resolution",
+                  "center_crop", "random_flip", "train_batch_size", "lora_dropout",
                   "learning_rate", "text_encoder_lr", "scale_lr", "adam_beta1", "adam_beta2", "adam_weight_decay",
                   "adam_epsilon", "max_grad_norm", "gradient_accumulation_steps", "snr_gamma", "noise_offset", "seed",
-                  "mixed_precision", "instance_data_sha256"]
+                  "mixed_precision", "instance_data_sha256", *OPTIMIZER_FLAGS["prodigy"]]
 
 
 def instance_data_sha256(images, prompts, instance_prompt):
@@ -1093,9 +1120,21 @@ def check_same_schedule(state, saved, args):
                         "another --output_dir (only constant schedules can be extended)")
 
 
+def warn_prodigy_learning_rate(optimizer, learning_rate):
+    """Prodigy's learning rate multiplies the step size it finds, so it belongs near 1.0: an AdamW-sized one
+    (1e-4) all but stops training. Warned where it is more than 10x from 1.0, not refused, and the flag stays as
+    typed. Said here, not in check_args, which a script run calls twice."""
+    if optimizer != "prodigy" or 0.1 <= learning_rate <= 10:
+        return
+    default = " (the default, sized for AdamW)" if learning_rate == make_parser().get_default("learning_rate") else ""
+    warn(f"--learning_rate {learning_rate}{default} with --optimizer prodigy: Prodigy finds the step size itself "
+         "and multiplies it by the learning rate, which is usually 1.0; pass --learning_rate 1.0")
+
+
 def check_inputs(args, settings):
     """Everything that can be checked before a model loads. Returns the instance photos, their prompts, and the
     settings completed with what the inputs decide: the photos' checksum and the state to resume from."""
+    warn_prodigy_learning_rate(args.optimizer, args.learning_rate)
     instance_dir = resolve_instance_dir(args.instance_dir)
     warn_broken_links(instance_dir, "instance")
     instance_images = check_masks(list_images(instance_dir), args.masked_loss)
@@ -1298,17 +1337,33 @@ def add_lora(models, rank, alpha, dropout, train_text_encoder):
 
 
 def effective_learning_rates(args, num_processes):
-    """(UNet, text encoders) learning rates as trained: with --scale_lr, times the effective batch size."""
+    """(UNet, text encoders) learning rates as trained: with --scale_lr, times the effective batch size. Prodigy
+    takes one learning rate for every group (prodigyopt refuses any other but 0), so its text encoders share the
+    UNet's."""
     factor = args.train_batch_size * num_processes * args.gradient_accumulation_steps if args.scale_lr else 1
-    return args.learning_rate * factor, args.text_encoder_lr * factor
+    text_encoder_lr = args.learning_rate if args.optimizer == "prodigy" else args.text_encoder_lr
+    return args.learning_rate * factor, text_encoder_lr * factor
 
 
 def make_optimizer(trained, args, learning_rates):
-    """AdamW (8-bit by default) over the LoRA parameters; the text encoders get their own learning rate."""
+    """AdamW (8-bit by default) or Prodigy over the LoRA parameters; the text encoders get their own learning
+    rate (under Prodigy, the UNet's: see effective_learning_rates)."""
     unet_lr, text_encoder_lr = learning_rates
     groups = [{"params": [p for p in trained[0].parameters() if p.requires_grad], "lr": unet_lr}]
     for text_encoder in trained[1:]:
         groups.append({"params": [p for p in text_encoder.parameters() if p.requires_grad], "lr": text_encoder_lr})
+    if args.optimizer == "prodigy":
+        import prodigyopt  # imported here: only training with Prodigy needs it
+
+        # diffusers' advanced script's mapping. Prodigy keeps its step size d, its sums and its step count k in
+        # param_groups, which accelerate's save_state holds, so a resume is exact. stdout goes nowhere meanwhile:
+        # Prodigy prints "Using decoupled weight decay" from every process
+        with contextlib.redirect_stdout(None):
+            return prodigyopt.Prodigy(groups, lr=unet_lr, betas=(args.adam_beta1, args.adam_beta2),
+                                      beta3=args.prodigy_beta3, weight_decay=args.adam_weight_decay,
+                                      eps=args.adam_epsilon, decouple=args.prodigy_decouple,
+                                      use_bias_correction=args.prodigy_use_bias_correction,
+                                      safeguard_warmup=args.prodigy_safeguard_warmup)
     if args.optimizer == "adamw8bit":
         import bitsandbytes as bnb  # imported here: only training with 8-bit AdamW needs it
 
@@ -2155,7 +2210,7 @@ def card_settings(args, settings, step, num_processes, base_id, hub_model_id):
         f"| LoRA | rank {args.rank}, alpha {settings.lora_alpha}, on the UNet"
         f"{' and both text encoders' if te else ''} |",
         f"| learning rate | {args.learning_rate} ({args.lr_scheduler})"
-        f"{f', text encoders {args.text_encoder_lr}' if te else ''}{scaled} |",
+        f"{f', text encoders {args.text_encoder_lr}' if te and args.optimizer != 'prodigy' else ''}{scaled} |",
         f"| batch | {args.train_batch_size} x {args.gradient_accumulation_steps} accumulation |",
         f"| optimizer, precision | {args.optimizer}, {args.mixed_precision or 'as accelerate is configured'} |",
         f"| seed | {args.seed} |", "",
@@ -2526,7 +2581,7 @@ def start_checkpointing(accelerator, resume_state, gradient_accumulation_steps, 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)                       # the flags, every check of them in one place, then frozen
-    check_versions([p for p in MINIMUM_VERSIONS if p != "bitsandbytes" or args.optimizer == "adamw8bit"])
+    check_versions([p for p in MINIMUM_VERSIONS if OPTIMIZER_PACKAGES.get(p, args.optimizer) == args.optimizer])
     settings = derive_settings(args, argv)        # what they come to: defaults, absolute model folders
     with hold_output_dir(settings.output_dir):    # one trainer per output dir, until this one exits
         instance_images, instance_prompts, settings = check_inputs(args, settings)  # all before any model loads

@@ -225,6 +225,7 @@ def test_infer_and_evaluate_refuse_a_broken_install_first(monkeypatch, tmp_path,
     (["--adam_weight_decay", "inf"], "--adam_weight_decay must be finite and at least 0 (got inf)"),
     (["--adam_epsilon", "0"], "--adam_epsilon must be above 0 (got 0.0)"),
     (["--adam_epsilon=-1e-8"], "--adam_epsilon must be above 0 (got -1e-08)"),
+    (["--optimizer", "prodigy", "--prodigy_beta3", "1"], "--prodigy_beta3 must be in [0, 1) (got 1.0)"),
     (["--max_grad_norm", "0"], "--max_grad_norm must be above 0 (got 0.0)"),
     (["--max_grad_norm", "-1"], "--max_grad_norm must be above 0 (got -1.0)"),
     (["--max_grad_norm", "nan"], "--max_grad_norm must be finite and above 0 (got nan)"),
@@ -473,6 +474,13 @@ def test_a_fresh_run_never_replaces_resumable_states_silently(args_for, tmp_path
     (["--hub_token", "hf_x"], "--hub_token acts only with --push_to_hub"),
     (["--push_to_hub", "--hub_model_id", ""], "--hub_model_id is empty: pass a repo id"),
     (["--push_to_hub", "--hub_token", " "], "--hub_token is empty: pass a token"),
+    (["--prodigy_beta3", "0.99"], "--prodigy_beta3 acts only with --optimizer prodigy: add --optimizer prodigy, or "
+                                  "drop --prodigy_beta3"),
+    (["--optimizer", "adamw", "--no-prodigy_safeguard_warmup"], "--prodigy_safeguard_warmup acts only with "
+                                                                 "--optimizer prodigy"),
+    (["--optimizer", "prodigy", "--train_text_encoder", "--text_encoder_lr", "5e-6"],
+     "--text_encoder_lr 5e-06 would be ignored: Prodigy takes one learning rate for every parameter group, so the "
+     "text encoders train at --learning_rate; drop --text_encoder_lr"),
 ])
 def test_a_flag_that_would_be_ignored_or_an_empty_prompt_is_refused(args_for, extra, message):
     with pytest.raises(trainer.UserError, match=re.escape(message)):
@@ -483,6 +491,24 @@ def test_flags_at_their_default_value_are_not_refused_when_typed_in_context(args
     check(args_for("--with_prior_preservation", "--class_prompt", "a photo of dog", "--num_class_images", "100",
                    "--train_text_encoder", "--text_encoder_lr", "5e-6", "--validation_prompt", "a sks dog",
                    "--validation_steps", "100", "--lr_scheduler", "cosine", "--lr_warmup_steps", "10"))
+    check(args_for("--optimizer", "prodigy", "--learning_rate", "1.0", "--train_text_encoder", "--text_encoder_lr",
+                   "1.0", "--prodigy_decouple", "--prodigy_beta3", "0"))  # the lr Prodigy gives them anyway
+
+
+def test_prodigy_with_an_adamw_sized_learning_rate_warns_once_before_loading_and_keeps_it(args_for, capsys):
+    argv = [str(a) for a in args_for("--optimizer", "prodigy")]
+    args = trainer.parse_args(argv)
+    assert capsys.readouterr().err == "", "not in check_args: a script run parses its flags twice"
+    trainer.check_inputs(args, trainer.derive_settings(args, argv))
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "prodigy" in line]
+    assert warnings == ["warning: --learning_rate 0.0001 (the default, sized for AdamW) with --optimizer prodigy: "
+                        "Prodigy finds the step size itself and multiplies it by the learning rate, which is usually "
+                        "1.0; pass --learning_rate 1.0"]
+    assert args.learning_rate == 1e-4, "the flag stays as typed"
+    check(args_for("--optimizer", "prodigy", "--learning_rate", "0.01"))
+    assert "warning: --learning_rate 0.01 with --optimizer prodigy: Prodigy" in capsys.readouterr().err
+    check(args_for("--optimizer", "prodigy", "--learning_rate", "1.0"))
+    assert "prodigy" not in capsys.readouterr().err
 
 
 def test_an_empty_caption_file_is_named_not_replaced_by_the_instance_prompt(args_for, photos, tmp_path):
@@ -561,6 +587,28 @@ def test_a_tracker_that_is_not_installed_is_refused_not_dropped(args_for, monkey
     with pytest.raises(trainer.UserError, match=re.escape("--report_to wandb needs wandb: pip install wandb, or pass "
                                                           "--report_to none")):
         check(args_for("--report_to", "wandb"))
+
+
+def test_prodigy_without_prodigyopt_is_refused_before_anything_loads(args_for, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "prodigyopt" else real(name, *a))
+    with pytest.raises(trainer.UserError, match=re.escape("--optimizer prodigy needs prodigyopt: pip install "
+                                                          "prodigyopt, or pass --optimizer adamw8bit")):
+        check(args_for("--optimizer", "prodigy", "--learning_rate", "1.0"))
+
+
+def test_prodigyopt_version_is_checked_only_for_prodigy(monkeypatch, tmp_path):
+    fake_versions(monkeypatch, prodigyopt="1.0")
+    argv = ["--pretrained_model_name_or_path", tmp_path / "no-model", "--instance_dir", tmp_path / "no-photos",
+            "--instance_prompt", "a photo of sks dog", "--output_dir", tmp_path / "out"]
+    with pytest.raises(trainer.UserError) as refused:
+        run_trainer(*argv, "--optimizer", "prodigy", "--learning_rate", 1.0)
+    assert str(refused.value) == "prodigyopt 1.0 is older than the 1.1.2 this needs: run pip install -U " \
+                                 "'prodigyopt>=1.1.2'"
+    with pytest.raises(trainer.UserError, match="instance folder .*no-photos does not exist"):  # past the check
+        run_trainer(*argv, "--optimizer", "adamw")
 
 
 @pytest.mark.parametrize("damage, message", [

@@ -44,6 +44,29 @@ def test_default_optimizer_is_8bit_adamw(models, tiny_model, photos, tmp_path):
     assert isinstance(optimizer, bnb.optim.AdamW8bit)
 
 
+@pytest.mark.parametrize("extra, expected", [
+    ([], (None, True, True, True)),  # diffusers' advanced script's defaults
+    (["--prodigy_beta3", 0.99, "--no-prodigy_decouple", "--no-prodigy_use_bias_correction",
+      "--no-prodigy_safeguard_warmup"], (0.99, False, False, False)),
+])
+def test_prodigy_flags_and_the_adam_flags_reach_prodigy(models, tiny_model, photos, tmp_path, capsys, extra,
+                                                        expected):
+    from prodigyopt import Prodigy
+
+    args = parse(tiny_model, photos, tmp_path, "--optimizer", "prodigy", "--learning_rate", 0.5,
+                 "--train_text_encoder", "--adam_beta1", 0.8, "--adam_beta2", 0.95, "--adam_weight_decay", 0.01,
+                 "--adam_epsilon", 1e-6, *extra)
+    trained = trainer.add_lora(models, args.rank, args.rank, args.lora_dropout, args.train_text_encoder)
+    optimizer = trainer.make_optimizer(trained, args, trainer.effective_learning_rates(args, 1))
+    assert type(optimizer) is Prodigy
+    assert [g["lr"] for g in optimizer.param_groups] == [0.5] * 3, "Prodigy takes one lr: the text encoders share it"
+    for group in optimizer.param_groups:
+        assert (group["betas"], group["weight_decay"], group["eps"]) == ((0.8, 0.95), 0.01, 1e-6)
+        assert (group["beta3"], group["decouple"], group["use_bias_correction"],
+                group["safeguard_warmup"]) == expected
+    assert capsys.readouterr().out == "", "prodigyopt's print is silenced"
+
+
 def test_lora_flags_shape_the_adapters(models):
     trained = trainer.add_lora(models, rank=3, alpha=6, dropout=0.1, train_text_encoder=False)
     config = trained[0].peft_config["default"]

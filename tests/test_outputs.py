@@ -186,6 +186,15 @@ def test_model_card_links_a_hub_base_model(tmp_path):
     assert "[segmind/SSD-1B](https://huggingface.co/segmind/SSD-1B)" in (tmp_path / "README.md").read_text()
 
 
+def test_model_card_gives_no_text_encoder_lr_that_prodigy_did_not_use():
+    argv = ["--instance_dir", "dog", "--instance_prompt", "a photo of sks dog", "--optimizer", "prodigy",
+            "--learning_rate", "1.0", "--train_text_encoder"]
+    args = trainer.parse_args(argv)
+    lines = trainer.card_settings(args, trainer.derive_settings(args, argv), 500, 1, None, None)
+    assert "| learning rate | 1.0 (constant) |" in lines, "the text encoders train at --learning_rate too"
+    assert "| optimizer, precision | prodigy, as accelerate is configured |" in lines
+
+
 @pytest.fixture
 def hub_calls(monkeypatch):
     """huggingface_hub's upload calls, recorded instead of made: the Hub cannot be reached from here."""

@@ -83,6 +83,42 @@ def test_larger_max_train_steps_extends_a_finished_run(uninterrupted, tiny_model
     assert (tmp_path / "out" / "step1").is_dir(), "the earlier adapters stay"
 
 
+def test_prodigy_under_bf16_resumes_to_the_uninterrupted_adapters_and_step_size(tiny_model, photos, tmp_path):
+    # Prodigy keeps its step-size estimate d, its running sums and its step count k in param_groups, not in the
+    # per-parameter state; accelerate's save_state must carry them
+    argv = tiny_args(tiny_model, photos, tmp_path / "out", "--optimizer", "prodigy", "--learning_rate", 1.0,
+                     "--train_text_encoder", "--mixed_precision", "bf16", "--max_train_steps", 4,
+                     "--checkpointing_steps", 2)
+    run_trainer(*argv)
+    after_2, after_4 = adapters(tmp_path / "out" / "step1"), adapters(tmp_path / "out" / "step3")
+    for part in after_2:  # LoRA B starts at zero: bf16 autocast over fp32 LoRA weights trains
+        b = [t for key, t in after_2[part].items() if "lora_B" in key]
+        assert all(torch.isfinite(t).all() for t in b) and all(t.abs().sum() > 0 for t in b), part
+    # what a run stopped after 2 of its 4 steps leaves
+    shutil.copytree(tmp_path / "out", tmp_path / "cut")
+    shutil.rmtree(tmp_path / "cut" / "step3")
+    shutil.rmtree(tmp_path / "cut" / "state-step3")
+    cut = [tmp_path / "cut" if a == tmp_path / "out" else a for a in argv]
+    with pytest.raises(trainer.UserError, match="was trained with other settings: --prodigy_safeguard_warmup True "
+                                                r"\(now False\)"):
+        run_trainer(*cut, "--no-prodigy_safeguard_warmup", "--resume_from_checkpoint", "latest")
+    with pytest.raises(trainer.UserError, match="was trained with --optimizer prodigy, not adamw"):
+        run_trainer(*cut, "--optimizer", "adamw", "--resume_from_checkpoint", "latest")
+
+    run_trainer(*cut, "--resume_from_checkpoint", "latest")
+    # Prodigy's first steps move LoRA by about 1e-6 (d starts at 1e-6), so 1e-5 would hide a lost state
+    resumed = adapters(tmp_path / "cut" / "step3")
+    for part in after_4:
+        for key in after_4[part]:
+            torch.testing.assert_close(resumed[part][key], after_4[part][key], rtol=0, atol=1e-9, msg=f"{part} {key}")
+    groups = [torch.load(folder / "state-step3" / "optimizer.bin", weights_only=True)["param_groups"]
+              for folder in (tmp_path / "out", tmp_path / "cut")]
+    assert [g["k"] for g in groups[1]] == [4, 4, 4] and [g["lr"] for g in groups[1]] == [1.0] * 3
+    prodigy_state = ["d", "d_max", "d_numerator", "d_denom", "d_hat", "k"]
+    for whole, resumed in zip(*groups):
+        assert {k: resumed[k] for k in prodigy_state} == pytest.approx({k: whole[k] for k in prodigy_state}, rel=1e-6)
+
+
 @pytest.mark.parametrize("first, then, changed", [
     (["--lr_scheduler", "cosine"], ["--lr_scheduler", "cosine", "--max_train_steps", 3], "--max_train_steps"),
     (["--lr_scheduler", "linear"], ["--lr_scheduler", "linear", "--max_train_steps", 3], "--max_train_steps"),
