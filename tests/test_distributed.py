@@ -29,13 +29,13 @@ def two_process_run(tiny_model, photos, tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("ddp") / "out"
     flags = tiny_args(tiny_model, photos, output_dir, "--max_train_steps", 4, "--checkpointing_steps", 2,
                       "--with_prior_preservation", "--class_prompt", "a photo of dog", "--num_class_images", 5,
-                      "--train_text_encoder", "--optimizer", "adamw",
+                      "--train_text_encoder", "--optimizer", "prodigy", "--learning_rate", 1.0,
                       "--validation_prompt", "a photo of sks dog", "--num_validation_images", 1,
                       "--validation_inference_steps", 2)
     return output_dir, flags, torchrun(flags)
 
 
-def test_two_processes_train_with_prior_preservation(two_process_run):
+def test_two_processes_train_with_prior_preservation_and_prodigy(two_process_run):
     output_dir, _, result = two_process_run
     assert result.returncode == 0, result.stderr[-3000:]
     log = result.stdout + result.stderr
@@ -108,3 +108,31 @@ def test_example_accelerate_configs_load(name, distributed_type, processes):
 
     config = load_config_from_file(str(CONFIGS / name))
     assert (str(config.distributed_type).split(".")[-1], config.num_processes) == (distributed_type, processes)
+
+
+def test_two_processes_with_masks_caption_dropout_and_base_prediction_train_as_one_batch_of_two(
+        tiny_model, photos, tmp_path):
+    # sample k's photo, mask, caption dropout, noise and timestep come from (seed, k), and the class half's target
+    # from the base model: 2 processes x 1 sample is one batch of 2, whichever process holds which sample
+    from conftest import run_trainer
+
+    folder = tmp_path / "dog"
+    __import__("shutil").copytree(photos, folder)
+    for photo in trainer.list_images(folder)[:3]:
+        mask = np.zeros(Image.open(photo).size[::-1], np.uint8)
+        mask[: mask.shape[0] // 2] = 255
+        Image.fromarray(mask).save(trainer.mask_path(photo))
+    flags = ["--max_train_steps", 2, "--masked_loss", "--caption_dropout", 0.5, "--with_prior_preservation",
+             "--class_prompt", "a photo of dog", "--prior_target", "base_prediction", "--optimizer", "adamw",
+             "--learning_rate", 1e-2, "--random_flip", "--cache_latents", "off"]
+    result = torchrun(tiny_args(tiny_model, folder, tmp_path / "ddp", *flags))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "adapters identical on all 2 processes" in result.stdout + result.stderr
+    assert not (tmp_path / "ddp" / "class_images").exists()
+    run_trainer(*tiny_args(tiny_model, folder, tmp_path / "single", *flags, "--train_batch_size", 2))
+    ddp = load_file(tmp_path / "ddp" / "step1" / trainer.LORA_FILE)
+    single = load_file(tmp_path / "single" / "step1" / trainer.LORA_FILE)
+    assert ddp.keys() == single.keys()
+    assert max(v.abs().max().item() for k, v in ddp.items() if "lora_B" in k or "lora.up" in k) > 5e-3, "it learned"
+    for key in ddp:
+        torch.testing.assert_close(ddp[key], single[key], rtol=1e-3, atol=1e-4)  # gloo sums in its own order
