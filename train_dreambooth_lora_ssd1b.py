@@ -210,7 +210,8 @@ EMPTY_FIXES = {"instance_prompt": "a prompt, e.g. --instance_prompt 'a photo of 
                "pretrained_model_name_or_path": "a model folder or a hub id, e.g. segmind/SSD-1B",
                "resume_from_checkpoint": "latest or a state-stepN folder",
                "hub_model_id": "a repo id, e.g. you/sks-dog-lora, or leave it out for the output dir's name",
-               "hub_token": "a token, or leave it out to use the one of `hf auth login`"}
+               "hub_token": "a token, or leave it out to use the one of `hf auth login`",
+               "aspect_ratio_buckets": "auto, or 'h,w;h,w;...', or leave it out for squares"}
 # a negative number as a flag's value, in any notation float() reads: argparse takes -1e-4 for a flag
 NEGATIVE_NUMBER = re.compile(r"-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$|-(inf|infinity|nan)$", re.IGNORECASE)
 
@@ -321,17 +322,45 @@ class Settings:
     pretrained_vae_model_name_or_path: str | None  # None: the model's own VAE
     instance_data_sha256: str = None  # the photos and their captions, once check_inputs has read them
     resume_state: Path = None  # the state-stepN folder that --resume_from_checkpoint names, if one exists yet
+    buckets: tuple = None  # --aspect_ratio_buckets as (height, width) pairs; None: --resolution's square
+    validation_size: tuple = None  # (height, width) validation renders at: the photos' most common training size
 
 
 def derive_settings(args, argv):
     output_dir = args.output_dir or f"work_dirs/ssd_1b_dreambooth_lora_{Path(args.instance_dir.rstrip('/')).name}"
     vae = args.pretrained_vae_model_name_or_path
-    return Settings(command=tuple(argv), output_dir=output_dir,
+    return Settings(command=tuple(argv), output_dir=output_dir, buckets=parse_buckets(args.aspect_ratio_buckets,
+                                                                                    args.resolution),
                     class_dir=args.class_dir or str(Path(output_dir) / "class_images"),
                     lora_alpha=args.lora_alpha or args.rank, caption_extension=caption_suffix(args.caption_extension),
                     pretrained_model_name_or_path=absolute_if_local(args.pretrained_model_name_or_path),
                     pretrained_vae_model_name_or_path=None if vae.strip().lower() in ("", "none")
                     else absolute_if_local(vae))
+
+
+def parse_buckets(text, resolution):
+    """--aspect_ratio_buckets as sorted (height, width) pairs: 'auto', or 'h,w;h,w;...' with sides multiples of 32
+    (the VAE's 8 times the 4 of SSD-1B's two UNet downsamplings) up to 4096, at most MAX_ASPECT to 1. None: no
+    buckets."""
+    if text is None:
+        return None
+    if text.strip().lower() == "auto":
+        return tuple(auto_buckets(resolution))
+    buckets = set()
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        try:
+            height, width = (int(side) for side in part.split(","))
+        except ValueError:
+            raise UserError(f"--aspect_ratio_buckets {text!r}: {part!r} is not 'height,width'; pass e.g. "
+                            "'1024,1024;832,1216;1216,832', or auto") from None
+        if not (0 < height <= 4096 and 0 < width <= 4096 and height % 32 == 0 and width % 32 == 0) \
+                or max(height, width) > MAX_ASPECT * min(height, width):
+            raise UserError(f"--aspect_ratio_buckets: {height}x{width} (height x width) needs sides that are "
+                            f"multiples of 32 in [32, 4096], at most {MAX_ASPECT}:1; e.g. 832,1216")
+        buckets.add((height, width))
+    if not buckets:
+        raise UserError("--aspect_ratio_buckets is empty: pass auto, or 'h,w;h,w;...' such as '1024,1024;832,1216'")
+    return tuple(sorted(buckets))
 
 
 def absolute_if_local(name):
@@ -353,6 +382,9 @@ def add_data_flags(p):
     g.add_argument("--caption_extension", default=".txt",
                    help="photo.txt beside photo.jpg replaces the instance prompt for that photo")
     g.add_argument("--resolution", type=int, default=1024, help="a multiple of 8")
+    g.add_argument("--aspect_ratio_buckets", default=None,
+                   help="train each photo at the aspect ratio nearest its own: 'auto' (SDXL's buckets at "
+                        "--resolution's area, sides multiples of 64) or 'h,w;h,w;...'; default: squares")
     g.add_argument("--center_crop", action="store_true", help="default: a random crop, drawn anew every time")
     g.add_argument("--random_flip", action="store_true")
     g.add_argument("--caption_dropout", type=float, default=0.0,
@@ -494,6 +526,7 @@ def check_args(args, given):
             raise UserError(f"--{name} has no effect with --prior_target base_prediction, which makes and reads no "
                             f"class image: drop --{name}, or pass --prior_target class_images")
     caption_suffix(args.caption_extension)
+    parse_buckets(args.aspect_ratio_buckets, args.resolution)
 
 
 FP16_ON_CPU = ("mixed precision fp16 (from --mixed_precision or the accelerate config) needs a GPU; on this CPU pass "
@@ -635,6 +668,12 @@ def say(message):
 
 def warn(message):
     say(f"warning: {message}")
+
+
+def image_size(path):
+    """An image file's (height, width) as it is meant to be seen, from its header alone."""
+    with Image.open(path) as image:
+        return oriented_size(image)
 
 
 def oriented_size(image):
@@ -1029,7 +1068,7 @@ STATE_SHAPING_FLAGS = ["pretrained_model_name_or_path", "rank", "lora_alpha", "t
 TRAINING_FLAGS = ["pretrained_vae_model_name_or_path", "revision", "variant", "instance_dir", "instance_prompt",
                   "caption_extension", "with_prior_preservation", "class_prompt", "num_class_images",
                   "prior_loss_weight", "prior_target", "caption_dropout", "masked_loss", "mask_floor", "resolution",
-                  "center_crop", "random_flip", "train_batch_size", "lora_dropout",
+                  "aspect_ratio_buckets", "center_crop", "random_flip", "train_batch_size", "lora_dropout",
                   "learning_rate", "text_encoder_lr", "scale_lr", "adam_beta1", "adam_beta2", "adam_weight_decay",
                   "adam_epsilon", "max_grad_norm", "gradient_accumulation_steps", "snr_gamma", "noise_offset", "seed",
                   "mixed_precision", "instance_data_sha256", *OPTIMIZER_FLAGS["prodigy"]]
@@ -1154,18 +1193,20 @@ def check_inputs(args, settings):
         warn_broken_links(class_dir, "class")
         class_images = list_images(class_dir)
         check_images(class_images, "class", args.resolution)
-    if args.cache_latents == "on" and not latent_cache_is_exact([*instance_images, *class_images], args.center_crop):
-        raise UserError("--cache_latents on would fix one random crop of each non-square image for the whole run "
-                        "(kohya refuses this too): add --center_crop, or pass --cache_latents auto, which caches "
-                        "only where no crop is lost")
+    targets = latent_targets(instance_images, class_images, args.resolution, settings.buckets)
+    if args.cache_latents == "on" and not latent_cache_is_exact(targets, args.center_crop):
+        raise UserError("--cache_latents on would fix one random crop of each image that does not fit its training "
+                        "size for the whole run (kohya refuses this too): add --center_crop, or pass --cache_latents "
+                        "auto, which caches only where no crop is lost")
     check_models(settings.pretrained_model_name_or_path, settings.pretrained_vae_model_name_or_path, args.revision,
                  args.variant)
     if args.push_to_hub:
         check_hub(args.hub_model_id, Path(settings.output_dir).name, args.hub_token)
     refuse_file_as_folder(settings.output_dir, "--output_dir", "choose another --output_dir")
     remove_partial_dirs(settings.output_dir)
+    sizes = collections.Counter(training_size(path, args.resolution, settings.buckets) for path in instance_images)
     settings = dataclasses.replace(settings, instance_data_sha256=instance_data_sha256(
-        instance_images, instance_prompts, args.instance_prompt))
+        instance_images, instance_prompts, args.instance_prompt), validation_size=sizes.most_common(1)[0][0])
     settings = dataclasses.replace(settings, resume_state=check_resume(args, ran(run_settings(args, settings))))
     check_output_dir(settings.output_dir, args.overwrite_output_dir, settings.resume_state)
     captioned = sum(p != args.instance_prompt for p in instance_prompts)
@@ -1186,7 +1227,7 @@ class Models:
     unet: torch.nn.Module
     vae: torch.nn.Module
     noise_scheduler: object
-    latent_cache: dict = None  # (image path, flipped) -> (VAE posterior moments, time ids, mask or None)
+    latent_cache: dict = None  # (image path, flipped, size) -> (VAE posterior moments, time ids, mask or None)
     prompt_cache: dict = None  # prompt -> (prompt embeddings, pooled embedding), when the encoders are frozen
     # the pipeline's unconditional (classifier-free guidance's other half) is zeros, not the embedded "": SDXL's
     # force_zeros_for_empty_prompt, which SSD-1B keeps; --caption_dropout trains that same unconditional
@@ -1406,27 +1447,38 @@ def load_image(path, min_side=None):
         return image.convert("RGB"), original_size
 
 
-def crop_and_flip(image, resolution, center_crop, random_flip, rng):
-    """Resize the short side to `resolution`, maybe flip, then crop a square.
+def height_width(size):
+    """A training size as (height, width): --resolution's square, or an aspect-ratio bucket."""
+    return (size, size) if isinstance(size, int) else tuple(size)
 
-    Returns the square and (top, left) of the crop actually taken: after the flip, in the resized image,
+
+def cover_size(width, height, size):
+    """(width, height) of an image resized, keeping its aspect, to just cover `size`: what crop_and_flip crops."""
+    target_height, target_width = height_width(size)
+    scale = max(target_height / height, target_width / width)
+    return max(target_width, round(width * scale)), max(target_height, round(height * scale))
+
+
+def crop_and_flip(image, size, center_crop, random_flip, rng):
+    """Resize to just cover `size` (--resolution's square, or a bucket's (height, width)), maybe flip, then crop.
+
+    Returns the crop and (top, left) of the crop actually taken: after the flip, in the resized image,
     which is what SDXL's crop time ids mean.
     """
-    scale = resolution / min(image.size)
-    size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
-    image = image.resize(size, Image.Resampling.BILINEAR)
+    height, width = height_width(size)
+    image = image.resize(cover_size(image.width, image.height, size), Image.Resampling.BILINEAR)
     if random_flip and rng.random() < 0.5:
         image = ImageOps.mirror(image)
     if center_crop:
-        top, left = round((image.height - resolution) / 2), round((image.width - resolution) / 2)
+        top, left = round((image.height - height) / 2), round((image.width - width) / 2)
     else:
-        top, left = rng.randint(0, image.height - resolution), rng.randint(0, image.width - resolution)
-    return image.crop((left, top, left + resolution, top + resolution)), (top, left)
+        top, left = rng.randint(0, image.height - height), rng.randint(0, image.width - width)
+    return image.crop((left, top, left + width, top + height)), (top, left)
 
 
-def sdxl_time_ids(original_size, top, left, resolution):
-    """SDXL's added conditions: original (height, width), crop (top, left), target size."""
-    return torch.tensor([*original_size, top, left, resolution, resolution], dtype=torch.float32)
+def sdxl_time_ids(original_size, top, left, size):
+    """SDXL's added conditions: original (height, width), crop (top, left), target (height, width)."""
+    return torch.tensor([*original_size, top, left, *height_width(size)], dtype=torch.float32)
 
 
 def to_tensor(image):
@@ -1449,16 +1501,52 @@ def load_mask(photo, size):
     return mask if mask.size == size else mask.resize(size, Image.Resampling.BILINEAR)
 
 
-def crop_mask_alike(mask, resolution, center_crop, random_flip, rng_state):
+def crop_mask_alike(mask, size, center_crop, random_flip, rng_state):
     """The mask through exactly its photo's resize, flip and crop: crop_and_flip again, from the random state the
-    photo's call started from, on a mask of the photo's size. (1, resolution, resolution) weights in [0, 1]; all
-    ones for a photo without a mask."""
+    photo's call started from, on a mask of the photo's size. (1, height, width) weights in [0, 1]; all ones for a
+    photo without a mask."""
     if mask is None:
-        return torch.ones(1, resolution, resolution)
+        return torch.ones(1, *height_width(size))
     rng = random.Random()
     rng.setstate(rng_state)
-    square, _ = crop_and_flip(mask, resolution, center_crop, random_flip, rng)
-    return torch.from_numpy(np.asarray(square, dtype=np.float32) / 255.0)[None]
+    crop, _ = crop_and_flip(mask, size, center_crop, random_flip, rng)
+    return torch.from_numpy(np.asarray(crop, dtype=np.float32) / 255.0)[None]
+
+
+def auto_buckets(resolution):
+    """SDXL's aspect-ratio buckets at --resolution's pixel area: sides multiples of 64, from 1:4 to 4:1 (at 1024:
+    512x2048 ... 1024x1024 ... 2048x512, the sizes SDXL was trained at), as (height, width)."""
+    area, buckets = resolution * resolution, set()
+    for height in range(64, 4 * resolution + 1, 64):
+        width = area // height // 64 * 64
+        if width >= 64 and 1 / 4 <= height / width <= 4:
+            buckets.add((height, width))
+    return sorted(buckets) or [(resolution, resolution)]
+
+
+def nearest_bucket(height, width, buckets):
+    """The bucket whose aspect ratio is nearest the image's (by log ratio: 2:1 is as far from 1:1 as 1:2)."""
+    return min(buckets, key=lambda bucket: abs(math.log(bucket[0] / bucket[1]) - math.log(height / width)))
+
+
+def training_size(path, resolution, buckets=None):
+    """The (height, width) a photo trains at: --resolution's square, or its nearest bucket."""
+    return nearest_bucket(*image_size(path), buckets) if buckets else (resolution, resolution)
+
+
+def bucket_batches(sizes, batch_size, seed, epoch):
+    """One epoch as batches of photo indices, each batch one bucket: every photo once, in an order seeded per
+    epoch; a bucket's last batch, when short, is filled from that bucket's own photos. `sizes`: each photo's bucket.
+    The count of batches is the same every epoch."""
+    rng = random.Random(derive_seed(seed, "buckets", epoch))
+    batches = []
+    for bucket in sorted(set(sizes)):
+        members = [i for i, size in enumerate(sizes) if size == bucket]
+        order = rng.sample(members, len(members))
+        order += [rng.choice(members) for _ in range(-len(order) % batch_size)]
+        batches += [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    rng.shuffle(batches)
+    return batches
 
 
 def pick(items, k, seed, tag):
@@ -1474,10 +1562,13 @@ class DreamBoothDataset(torch.utils.data.Dataset):
 
     Which photo, the crop, the flip and the caption dropout come from (seed, k), so any sample can be redrawn
     exactly. A class prompt without class images (--prior_target base_prediction) adds the class prompt alone.
+    With aspect-ratio buckets, each photo trains at its nearest bucket, and samples come in runs of batch_size
+    of one bucket (bucket_batches), the class images cropped to it: a batch of the DataLoader is one bucket.
     """
 
     def __init__(self, instance_images, instance_prompts, class_images=None, *, class_prompt=None, resolution,
-                 center_crop, random_flip, seed, num_samples, cached=False, caption_dropout=0.0, masked=False):
+                 center_crop, random_flip, seed, num_samples, cached=False, caption_dropout=0.0, masked=False,
+                 buckets=None, batch_size=1):
         # one prompt per photo (its caption, or the instance prompt); a single string means the same for all
         if isinstance(instance_prompts, str):
             instance_prompts = [instance_prompts] * len(instance_images)
@@ -1485,33 +1576,45 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         self.class_images, self.class_prompt = list(class_images or []), class_prompt
         self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
         self.seed, self.num_samples, self.cached = seed, num_samples, cached
-        self.caption_dropout, self.masked = caption_dropout, masked
+        self.caption_dropout, self.masked, self.batch_size = caption_dropout, masked, batch_size
+        self.sizes = [training_size(path, resolution, buckets) for path in instance_images]
+        self.buckets, self.plan = bool(buckets), (None, None)
 
     def __len__(self):
         return self.num_samples
 
-    def example(self, path, rng, masked=False):
+    def instance(self, k):
+        """Photo index of sample k: without buckets, pick's per-epoch shuffle; with them, bucket_batches'."""
+        if not self.buckets:
+            return pick(range(len(self.instances)), k, self.seed, "instance")
+        batches = sum(-(-self.sizes.count(bucket) // self.batch_size) for bucket in set(self.sizes))
+        epoch, position = divmod(k, batches * self.batch_size)
+        if self.plan[0] != epoch:  # kept: the samples of a batch, and of an epoch, come one after another
+            self.plan = (epoch, bucket_batches(self.sizes, self.batch_size, self.seed, epoch))
+        return self.plan[1][position // self.batch_size][position % self.batch_size]
+
+    def example(self, path, size, rng, masked=False):
         if self.cached:  # the latent cache holds both flips (and their masks); draw the flip as crop_and_flip would
-            return {"latent_key": (str(path), self.random_flip and rng.random() < 0.5)}
-        image, original_size = load_image(path, self.resolution)
+            return {"latent_key": (str(path), self.random_flip and rng.random() < 0.5, size)}
+        image, original_size = load_image(path, max(size))
         state = rng.getstate()  # where the photo's crop and flip start: its mask's start there too
-        square, (top, left) = crop_and_flip(image, self.resolution, self.center_crop, self.random_flip, rng)
-        example = {"pixel_values": to_tensor(square),
-                   "time_ids": sdxl_time_ids(original_size, top, left, self.resolution)}
+        crop, (top, left) = crop_and_flip(image, size, self.center_crop, self.random_flip, rng)
+        example = {"pixel_values": to_tensor(crop), "time_ids": sdxl_time_ids(original_size, top, left, size)}
         if masked:
-            example["mask"] = crop_mask_alike(load_mask(path, image.size), self.resolution, self.center_crop,
-                                              self.random_flip, state)
+            example["mask"] = crop_mask_alike(load_mask(path, image.size), size, self.center_crop, self.random_flip,
+                                              state)
         return example
 
     def __getitem__(self, k):
         rng = random.Random(derive_seed(self.seed, "augment", k))
-        path, prompt = pick(self.instances, k, self.seed, "instance")
+        index = self.instance(k)
+        (path, prompt), size = self.instances[index], self.sizes[index]
         if self.caption_dropout and random.Random(derive_seed(self.seed, "caption dropout", k)).random() < \
                 self.caption_dropout:
             prompt = ""  # the empty prompt: prompt_embeddings gives it the pipeline's unconditional
-        item = {**self.example(path, rng, self.masked), "prompt": prompt, "sample": k}
-        if self.class_images:
-            class_example = self.example(pick(self.class_images, k, self.seed, "class"), rng)
+        item = {**self.example(path, size, rng, self.masked), "prompt": prompt, "sample": k}
+        if self.class_images:  # cropped to the instance's size: a batch holds one size
+            class_example = self.example(pick(self.class_images, k, self.seed, "class"), size, rng)
             item.update({f"class_{name}": value for name, value in class_example.items()})
         if self.class_prompt:
             item["class_prompt"] = self.class_prompt
@@ -1539,47 +1642,66 @@ def collate(examples):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def latent_cache_is_exact(images, center_crop):
-    """A cache holds one crop per image: exact with --center_crop, or when every image is square (no choice)."""
+def latent_targets(instance_images, class_images, resolution, buckets=None):
+    """{image: the (height, width) sizes it trains at}: --resolution's square; with buckets, a photo's nearest
+    bucket, and for a class image every bucket a photo has (the class half is cropped to the instance half's)."""
+    if not buckets:
+        return {path: {(resolution, resolution)} for path in [*instance_images, *class_images]}
+    targets = {path: {training_size(path, resolution, buckets)} for path in instance_images}
+    used = set().union(*targets.values())
+    for path in class_images:
+        targets.setdefault(path, set()).update(used)
+    return targets
+
+
+def latent_cache_is_exact(targets, center_crop):
+    """A cache holds one crop per (image, size): exact with --center_crop, or where the image's resize fits the
+    size exactly (a square photo to a square: no choice of crop). `targets`: latent_targets'."""
     if center_crop:
         return True
-    for path in images:
-        with Image.open(path) as image:
-            height, width = oriented_size(image)
-        if height != width:
+    for path, sizes in targets.items():
+        height, width = image_size(path)
+        if any(cover_size(width, height, size) != height_width(size)[::-1] for size in sizes):
             return False
     return True
 
 
-def encode_latent_cache(vae, images, resolution, center_crop, random_flip, seed, device, disable_progress=False,
-                        masked=False):
-    """VAE posterior moments, time ids and (masked) the loss mask at latent size of each (image, flip), encoded
-    once. Sampling from the moments with each step's generator gives exactly the latents that encoding every
-    step would."""
+def encode_latent_cache(vae, targets, center_crop, random_flip, seed, device, disable_progress=False, masked=False):
+    """VAE posterior moments, time ids and (masked) the loss mask at latent size of each (image, flip, size) of
+    `targets` (latent_targets'), encoded once. Sampling from the moments with each step's generator gives exactly
+    the latents that encoding every step would."""
     cache = {}
     with torch.no_grad():
-        for path in tqdm(images, desc="caching latents", unit="image", disable=disable_progress, leave=False):
-            image, original_size = load_image(path, resolution)
-            mask = load_mask(path, image.size) if masked else None
-            keys, pixels, time_ids, masks = [], [], [], []
-            for flipped in ([False, True] if random_flip else [False]):
-                # one crop per image, fixed by (seed, name): a cache cannot redraw it
-                rng = random.Random(derive_seed(seed, "cached crop", path.name))
-                state = rng.getstate()
-                source = ImageOps.mirror(image) if flipped else image
-                square, (top, left) = crop_and_flip(source, resolution, center_crop, False, rng)
-                keys.append((str(path), flipped))
-                pixels.append(to_tensor(square))
-                time_ids.append(sdxl_time_ids(original_size, top, left, resolution).to(device))
-                if masked:
-                    source = ImageOps.mirror(mask) if flipped and mask else mask
-                    masks.append(crop_mask_alike(source, resolution, center_crop, False, state))
-            moments = vae.encode(torch.stack(pixels).to(device, dtype=vae.dtype)).latent_dist.parameters
-            if masked:  # kept at latent size, as the loss weighs it
-                masks = F.interpolate(torch.stack(masks), size=moments.shape[-2:], mode="area").to(device)
-            cache.update((key, (m, t, mask)) for key, m, t, mask in
-                         itertools.zip_longest(keys, moments, time_ids, masks if masked else []))
+        for path, sizes in tqdm(targets.items(), desc="caching latents", unit="image", disable=disable_progress,
+                                leave=False):
+            for size in sorted(sizes):
+                cache.update(encode_cached(vae, path, height_width(size), center_crop, random_flip, seed, device,
+                                           masked))
     return cache
+
+
+def encode_cached(vae, path, size, center_crop, random_flip, seed, device, masked):
+    """The cache entries of one image at one size: each flip's moments, time ids and mask (None unless masked)."""
+    image, original_size = load_image(path, max(size))
+    mask = load_mask(path, image.size) if masked else None
+    keys, pixels, time_ids, masks = [], [], [], []
+    for flipped in ([False, True] if random_flip else [False]):
+        # one crop per image, fixed by (seed, name): a cache cannot redraw it
+        rng = random.Random(derive_seed(seed, "cached crop", path.name))
+        state = rng.getstate()
+        source = ImageOps.mirror(image) if flipped else image
+        crop, (top, left) = crop_and_flip(source, size, center_crop, False, rng)
+        keys.append((str(path), flipped, size))
+        pixels.append(to_tensor(crop))
+        time_ids.append(sdxl_time_ids(original_size, top, left, size).to(device))
+        if masked:
+            source = ImageOps.mirror(mask) if flipped and mask else mask
+            masks.append(crop_mask_alike(source, size, center_crop, False, state))
+    moments = vae.encode(torch.stack(pixels).to(device, dtype=vae.dtype)).latent_dist.parameters
+    if masked:  # kept at latent size, as the loss weighs it
+        masks = F.interpolate(torch.stack(masks), size=moments.shape[-2:], mode="area").to(device)
+    return {key: (m, t, mask) for key, m, t, mask in
+            itertools.zip_longest(keys, moments, time_ids, masks if masked else [])}
 
 
 def encode_prompt_cache(models, prompts, device):
@@ -2108,7 +2230,7 @@ def log_validation(accelerator, models, args, settings, step):
     started = time.perf_counter()
     with accelerator.autocast():
         prompt = None if models.prompt_cache else args.validation_prompt  # else it comes as embeddings
-        images = generate_images(pipe, prompt, seeds, args.resolution, args.resolution,
+        images = generate_images(pipe, prompt, seeds, *(settings.validation_size or [args.resolution] * 2),
                                  args.validation_inference_steps, **cached_prompt_kwargs(pipe, models, args))
     folder = Path(settings.output_dir) / "validation" / f"step{step - 1}"
     folder.mkdir(parents=True, exist_ok=True)
@@ -2512,7 +2634,7 @@ def prepare_class_images(accelerator, models, args, settings):
     return list_images(class_dir)[:args.num_class_images]
 
 
-def build_caches(accelerator, models, args, images, prompts):
+def build_caches(accelerator, models, args, targets, prompts):
     """What is the same every step, computed once: VAE latents (where that loses no random crop) and, while
     the text encoders are frozen, every prompt's embeddings. What a cache replaces is then let go: both text
     encoders (validation samples from the cached embeddings too) and the VAE's encoder (validation only decodes)."""
@@ -2522,10 +2644,9 @@ def build_caches(accelerator, models, args, images, prompts):
                                                   accelerator.device)
         models.text_encoders = [None, None]
         release_memory()
-    if args.cache_latents == "on" or (args.cache_latents == "auto" and latent_cache_is_exact(images, args.center_crop)):
-        models.latent_cache = encode_latent_cache(models.vae, images, args.resolution, args.center_crop,
-                                                  args.random_flip, args.seed, accelerator.device,
-                                                  disable_progress=not accelerator.is_main_process,
+    if args.cache_latents == "on" or (args.cache_latents == "auto" and latent_cache_is_exact(targets, args.center_crop)):
+        models.latent_cache = encode_latent_cache(models.vae, targets, args.center_crop, args.random_flip, args.seed,
+                                                  accelerator.device, disable_progress=not accelerator.is_main_process,
                                                   masked=args.masked_loss)
         models.vae.encoder = models.vae.quant_conv = None
         release_memory()
@@ -2540,14 +2661,15 @@ def release_memory():
         torch.cuda.empty_cache()
 
 
-def make_dataloader(instance_images, instance_prompts, class_images, args, num_processes, cached):
+def make_dataloader(instance_images, instance_prompts, class_images, args, settings, num_processes, cached):
     """One sample per (step, micro-batch, process, batch slot): the dataset is as long as the run."""
     num_samples = args.max_train_steps * args.gradient_accumulation_steps * args.train_batch_size * num_processes
     dataset = DreamBoothDataset(instance_images, instance_prompts, class_images,
                                 class_prompt=args.class_prompt if args.with_prior_preservation else None,
                                 resolution=args.resolution, center_crop=args.center_crop,
                                 random_flip=args.random_flip, seed=args.seed, num_samples=num_samples, cached=cached,
-                                caption_dropout=args.caption_dropout, masked=args.masked_loss)
+                                caption_dropout=args.caption_dropout, masked=args.masked_loss,
+                                buckets=settings.buckets, batch_size=args.train_batch_size)
     return torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, shuffle=False,
                                        collate_fn=collate, num_workers=args.dataloader_num_workers,
                                        pin_memory=torch.cuda.is_available())
@@ -2598,7 +2720,8 @@ def main(argv=None):
             class_images = prepare_class_images(accelerator, models, args, settings) if uses_class_images(args) \
                 else None  # none with --prior_target base_prediction: the base model's prediction is the target
         with clock.phase("caches"):
-            build_caches(accelerator, models, args, [*instance_images, *(class_images or [])], instance_prompts)
+            targets = latent_targets(instance_images, class_images or [], args.resolution, settings.buckets)
+            build_caches(accelerator, models, args, targets, instance_prompts)
         set_seed(args.seed)  # LoRA's initial weights
         trained = add_lora(models, args.rank, settings.lora_alpha, args.lora_dropout, args.train_text_encoder)
         if args.gradient_checkpointing:
@@ -2608,7 +2731,8 @@ def main(argv=None):
         if args.compile:
             trained[0] = models.unet = torch.compile(models.unet)  # unwrap() strips it for saving
 
-        dataloader = make_dataloader(instance_images, instance_prompts, class_images, args, accelerator.num_processes,
+        dataloader = make_dataloader(instance_images, instance_prompts, class_images, args, settings,
+                                     accelerator.num_processes,
                                      cached=models.latent_cache is not None)
         learning_rates = effective_learning_rates(args, accelerator.num_processes)
         if args.scale_lr:

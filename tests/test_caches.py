@@ -22,7 +22,8 @@ def losses(models, photos, tiny_model, tmp_path, cached, steps=4):
     models.latent_cache = models.prompt_cache = None
     if cached:
         accelerator = type("A", (), {"device": "cpu", "print": print, "is_main_process": True})()
-        trainer.build_caches(accelerator, models, args, images, ["a photo of sks dog"] * len(images))
+        trainer.build_caches(accelerator, models, args, trainer.latent_targets(images, images, 64),
+                             ["a photo of sks dog"] * len(images))
         assert models.latent_cache and models.prompt_cache
     dataset = trainer.DreamBoothDataset(images, "a photo of sks dog", images[::-1], class_prompt="a photo of dog",
                                         resolution=64, center_crop=True, random_flip=True, seed=0,
@@ -47,12 +48,12 @@ def test_cached_and_uncached_steps_give_the_same_loss_for_the_same_noise(models,
 
 def test_latent_cache_holds_both_flips_with_their_own_crop_coordinates(models, photos):
     images = trainer.list_images(photos)[:2]
-    cache = trainer.encode_latent_cache(models.vae, images, 64, False, True, 0, "cpu")
-    assert set(cache) == {(str(p), flipped) for p in images for flipped in (False, True)}
-    moments, time_ids, mask = cache[(str(images[0]), False)]
+    cache = trainer.encode_latent_cache(models.vae, trainer.latent_targets(images, [], 64), False, True, 0, "cpu")
+    assert set(cache) == {(str(p), flipped, (64, 64)) for p in images for flipped in (False, True)}
+    moments, time_ids, mask = cache[(str(images[0]), False, (64, 64))]
     assert mask is None, "no mask without --masked_loss"
     assert moments.shape == (8, 8, 8), "mean and log-variance of 4 latent channels at 64/8 pixels"
-    _, flipped_time_ids, _ = cache[(str(images[0]), True)]
+    _, flipped_time_ids, _ = cache[(str(images[0]), True, (64, 64))]
     height, width, top, left = time_ids[:4].tolist()
     scaled_width = round(width * 64 / min(height, width))
     assert flipped_time_ids[3].item() == scaled_width - 64 - left, "the crop actually taken, after the flip"
@@ -61,10 +62,15 @@ def test_latent_cache_holds_both_flips_with_their_own_crop_coordinates(models, p
 def test_latent_cache_is_on_by_default_only_where_it_is_exact(photos, tmp_path):
     from PIL import Image
 
-    assert trainer.latent_cache_is_exact(trainer.list_images(photos), center_crop=True)
-    assert not trainer.latent_cache_is_exact(trainer.list_images(photos), center_crop=False), "random crops"
+    targets = trainer.latent_targets(trainer.list_images(photos), [], 64)
+    assert trainer.latent_cache_is_exact(targets, center_crop=True)
+    assert not trainer.latent_cache_is_exact(targets, center_crop=False), "random crops"
     Image.new("RGB", (90, 90)).save(tmp_path / "square.png")
-    assert trainer.latent_cache_is_exact([tmp_path / "square.png"], center_crop=False), "a square leaves no choice"
+    square = trainer.latent_targets([tmp_path / "square.png"], [], 64)
+    assert trainer.latent_cache_is_exact(square, center_crop=False), "a square leaves no choice"
+    Image.new("RGB", (96, 64)).save(tmp_path / "wide.png")  # 3:2, in a 3:2 bucket: no choice either
+    assert trainer.latent_cache_is_exact(trainer.latent_targets([tmp_path / "wide.png"], [], 64, ((64, 96),)), False)
+    assert not trainer.latent_cache_is_exact(trainer.latent_targets([tmp_path / "wide.png"], [], 64), False)
 
 
 def test_validation_from_cached_embeddings_matches_the_pipeline(models, tiny_model, photos, tmp_path):

@@ -110,10 +110,10 @@ def test_example_accelerate_configs_load(name, distributed_type, processes):
     assert (str(config.distributed_type).split(".")[-1], config.num_processes) == (distributed_type, processes)
 
 
-def test_two_processes_with_masks_caption_dropout_and_base_prediction_train_as_one_batch_of_two(
+def test_two_processes_with_buckets_masks_caption_dropout_and_base_prediction_train_as_one_accumulating(
         tiny_model, photos, tmp_path):
-    # sample k's photo, mask, caption dropout, noise and timestep come from (seed, k), and the class half's target
-    # from the base model: 2 processes x 1 sample is one batch of 2, whichever process holds which sample
+    # sample k's photo, bucket, mask, caption dropout, noise and timestep come from (seed, k), and the class half's
+    # target from the base model: 2 processes x 1 sample train as 1 process accumulating 2 samples
     from conftest import run_trainer
 
     folder = tmp_path / "dog"
@@ -123,16 +123,21 @@ def test_two_processes_with_masks_caption_dropout_and_base_prediction_train_as_o
         mask[: mask.shape[0] // 2] = 255
         Image.fromarray(mask).save(trainer.mask_path(photo))
     flags = ["--max_train_steps", 2, "--masked_loss", "--caption_dropout", 0.5, "--with_prior_preservation",
-             "--class_prompt", "a photo of dog", "--prior_target", "base_prediction", "--optimizer", "adamw",
-             "--learning_rate", 1e-2, "--random_flip", "--cache_latents", "off"]
+             "--class_prompt", "a photo of dog", "--prior_target", "base_prediction", "--random_flip",
+             "--cache_latents", "off",
+             # Adam with a large epsilon and no clipping: updates in proportion to the gradients, as SGD's, so
+             # gloo's own order of summation cannot be blown up by Adam's normalisation of a near-zero gradient
+             "--optimizer", "adamw", "--learning_rate", 1.0, "--adam_epsilon", 1.0, "--adam_weight_decay", 0,
+             "--max_grad_norm", 1e6,
+             "--aspect_ratio_buckets", "64,64;64,96;96,64"]
     result = torchrun(tiny_args(tiny_model, folder, tmp_path / "ddp", *flags))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "adapters identical on all 2 processes" in result.stdout + result.stderr
     assert not (tmp_path / "ddp" / "class_images").exists()
-    run_trainer(*tiny_args(tiny_model, folder, tmp_path / "single", *flags, "--train_batch_size", 2))
+    run_trainer(*tiny_args(tiny_model, folder, tmp_path / "single", *flags, "--gradient_accumulation_steps", 2))
     ddp = load_file(tmp_path / "ddp" / "step1" / trainer.LORA_FILE)
     single = load_file(tmp_path / "single" / "step1" / trainer.LORA_FILE)
     assert ddp.keys() == single.keys()
-    assert max(v.abs().max().item() for k, v in ddp.items() if "lora_B" in k or "lora.up" in k) > 5e-3, "it learned"
+    assert max(v.abs().max().item() for k, v in ddp.items() if "lora_B" in k or "lora.up" in k) > 1e-4, "it learned"
     for key in ddp:
-        torch.testing.assert_close(ddp[key], single[key], rtol=1e-3, atol=1e-4)  # gloo sums in its own order
+        torch.testing.assert_close(ddp[key], single[key], rtol=1e-4, atol=1e-7)

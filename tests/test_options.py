@@ -133,7 +133,8 @@ class PointwiseUNet(torch.nn.Module):
 
 def test_the_latent_cache_keeps_each_flips_mask_as_an_uncached_step_sees_it(models, tmp_path):
     photos = masked_photos(tmp_path / "photos", n=2, size=(64, 64))
-    cache = trainer.encode_latent_cache(models.vae, photos, 64, True, True, 0, "cpu", masked=True)
+    cache = trainer.encode_latent_cache(models.vae, trainer.latent_targets(photos, [], 64), True, True, 0, "cpu",
+                                        masked=True)
     data = trainer.DreamBoothDataset(photos, "a photo of sks dog", resolution=64, center_crop=True,
                                      random_flip=True, seed=0, num_samples=8, masked=True)
     cached = trainer.DreamBoothDataset(photos, "a photo of sks dog", resolution=64, center_crop=True,
@@ -327,3 +328,118 @@ def test_masks_caption_dropout_and_base_prediction_resume_to_the_uninterrupted_a
     Image.fromarray(inverted).save(folder / "dog_0.mask.png")  # a mask edited under a resumable run
     with pytest.raises(trainer.UserError, match="the instance photos or their captions"):
         run("resumed", 6, "--resume_from_checkpoint", "latest")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Aspect-ratio buckets
+# ----------------------------------------------------------------------------------------------------------
+
+# the demo photos at 64 px: dog_0 and dog_4 square, dog_1 and dog_3 4:3 landscape, dog_2 5:7 portrait
+BUCKETS = "64,64;64,96;96,64"
+EXPECTED_BUCKETS = {"dog_0.jpg": (64, 64), "dog_1.jpg": (64, 96), "dog_2.jpg": (96, 64), "dog_3.jpg": (64, 96),
+                    "dog_4.jpg": (64, 64)}
+
+
+def test_auto_buckets_are_sdxls_sizes_at_the_resolutions_area():
+    buckets = trainer.auto_buckets(1024)
+    assert {(1024, 1024), (512, 2048), (2048, 512), (832, 1216), (1216, 832), (896, 1152)} <= set(buckets)
+    assert all(h % 64 == 0 and w % 64 == 0 and h * w <= 1024 ** 2 and 1 / 4 <= h / w <= 4 for h, w in buckets)
+    assert all(h * w > 0.9 * 1024 ** 2 for h, w in buckets), "each keeps about the resolution's pixel count"
+    assert trainer.parse_buckets("auto", 1024) == tuple(buckets)
+    assert trainer.parse_buckets("64,96; 96,64;64,96", 64) == ((64, 96), (96, 64))
+
+
+def test_each_photo_trains_at_its_nearest_bucket_with_the_crop_and_size_in_its_time_ids(photos, tmp_path):
+    images = trainer.list_images(photos)
+    data = trainer.DreamBoothDataset(images, "a photo of sks dog", images[::-1], class_prompt="a photo of dog",
+                                     resolution=64, center_crop=False, random_flip=True, seed=0, num_samples=20,
+                                     buckets=trainer.parse_buckets(BUCKETS, 64), batch_size=2)
+    for k in range(20):
+        item = data[k]
+        name = images[data.instance(k)].name
+        height, width = EXPECTED_BUCKETS[name]
+        assert item["pixel_values"].shape == item["class_pixel_values"].shape == (3, height, width), name
+        assert item["time_ids"][4:].tolist() == item["class_time_ids"][4:].tolist() == [height, width]
+        original = Image.open(images[data.instance(k)]).size[::-1]
+        assert item["time_ids"][:2].tolist() == list(original)
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 3])
+def test_buckets_drop_no_photo_and_each_batch_holds_one_bucket(photos, batch_size):
+    images = trainer.list_images(photos)
+    data = trainer.DreamBoothDataset(images, "a photo of sks dog", resolution=64, center_crop=True, random_flip=False,
+                                     seed=0, num_samples=60 * batch_size, buckets=trainer.parse_buckets(BUCKETS, 64),
+                                     batch_size=batch_size)
+    per_epoch = sum(-(-n // batch_size) for n in (2, 2, 1)) * batch_size
+    for epoch in range(3):
+        seen = set()
+        for start in range(epoch * per_epoch, (epoch + 1) * per_epoch, batch_size):
+            batch = trainer.collate([data[k] for k in range(start, start + batch_size)])  # stacks: one size
+            names = {images[data.instance(k)].name for k in range(start, start + batch_size)}
+            assert len({EXPECTED_BUCKETS[n] for n in names}) == 1, names
+            seen |= names
+        assert seen == set(EXPECTED_BUCKETS), f"every photo in epoch {epoch}"
+    orders = [[data.instance(k) for k in range(e * per_epoch, (e + 1) * per_epoch)] for e in range(3)]
+    assert len({tuple(o) for o in orders}) > 1, "each epoch has its own order"
+
+
+def test_cached_bucketed_latents_train_as_encoding_every_step(models, tiny_model, photos, tmp_path):
+    images = trainer.list_images(photos)
+    buckets = trainer.parse_buckets(BUCKETS, 64)
+    targets = trainer.latent_targets(images, images[:2], 64, buckets)
+    assert targets[images[0]] == {(64, 64), (64, 96), (96, 64)}, "a class image at every bucket a photo has"
+    assert targets[images[2]] == {(96, 64)}
+    models.latent_cache = trainer.encode_latent_cache(models.vae, targets, True, True, 0, "cpu")
+    args = trainer.parse_args([str(a) for a in tiny_args(tiny_model, photos, tmp_path / "out")])
+    losses = {}
+    try:
+        for cached in (False, True):
+            data = trainer.DreamBoothDataset(images, "a photo of sks dog", images[:2], class_prompt="a photo of dog",
+                                             resolution=64, center_crop=True, random_flip=True, seed=0,
+                                             num_samples=12, buckets=buckets, batch_size=2, cached=cached)
+            losses[cached] = []
+            for start in range(0, 12, 2):
+                batch = trainer.collate([data[start], data[start + 1]])
+                with torch.no_grad():
+                    losses[cached].append(trainer.training_step(
+                        batch, models, trainer.sample_generators(0, batch, "cpu"), "cpu",
+                        **trainer.method_settings(args)).item())
+    finally:
+        models.latent_cache = None
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+
+
+@pytest.mark.parametrize("value, message", [
+    ("64,96;abc", "--aspect_ratio_buckets '64,96;abc': 'abc' is not 'height,width'"),
+    ("64,100", "--aspect_ratio_buckets: 64x100 (height x width) needs sides that are multiples of 32 in [32, 4096]"),
+    ("64,1024", "at most 8:1"),
+    (" ; ", "--aspect_ratio_buckets is empty: pass auto"),
+    ("", "--aspect_ratio_buckets is empty: pass auto, or 'h,w;h,w;...', or leave it out for squares"),
+])
+def test_bucket_mistakes_are_one_line_before_any_model_loads(tiny_model, photos, tmp_path, value, message):
+    with pytest.raises(trainer.UserError, match=__import__("re").escape(message)):
+        trainer.parse_args([str(a) for a in tiny_args(tiny_model, photos, tmp_path / "out", "--aspect_ratio_buckets",
+                                                      value)])
+
+
+def test_a_bucketed_run_resumes_to_the_uninterrupted_adapters_and_validates_at_the_common_bucket(tiny_model, photos,
+                                                                                                tmp_path):
+    from safetensors.torch import load_file
+
+    flags = ["--aspect_ratio_buckets", BUCKETS, "--train_batch_size", 2, "--with_prior_preservation",
+             "--class_prompt", "a photo of dog", "--class_dir", photos, "--num_class_images", 2, "--random_flip",
+             "--optimizer", "adamw", "--learning_rate", 1e-3, "--checkpointing_steps", 2,
+             "--validation_prompt", "a sks dog", "--num_validation_images", 1, "--validation_inference_steps", 1,
+             "--validation_steps", 100]
+
+    def run(name, steps, *extra):
+        run_trainer(*tiny_args(tiny_model, photos, tmp_path / name, "--max_train_steps", steps, *flags, *extra))
+        return load_file(tmp_path / name / f"step{steps - 1}" / trainer.LORA_FILE)
+
+    uninterrupted = run("straight", 4)
+    run("resumed", 2)
+    resumed = run("resumed", 4, "--resume_from_checkpoint", "latest")
+    for key in uninterrupted:
+        torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=0, atol=1e-6, msg=key)
+    # two photos are 64x96 and two square: the first most common, 64x64 (dog_0 comes first)
+    assert Image.open(tmp_path / "straight" / "validation" / "step3" / "seed0.png").size == (64, 64)
