@@ -5,13 +5,15 @@
 
 Reads top to bottom as the method does (Ruiz et al., "DreamBooth", CVPR 2023); the sections, in file order:
   parse_args         flags, and every check of them; then frozen (derive_settings: what they came to)
-  check_inputs       photos, captions, models, output dir, resume state: all checked before any model loads
+  check_inputs       photos, masks, captions, models, output dir, resume state: all checked before any model loads
   load_models        tokenizers, both CLIP text encoders, UNet, fp16-fix VAE, noise scheduler
   class images       the base model makes the missing ones, split across processes, kept for the next run
   add_lora           peft LoRA on the UNet's attention (and both text encoders if asked); 8-bit AdamW or Prodigy
-  DreamBoothDataset  photo -> pixels + SDXL time ids (the crop actually taken), drawn anew per sample
+  DreamBoothDataset  photo -> pixels + SDXL time ids (the crop actually taken), drawn anew per sample; its mask;
+                     aspect-ratio buckets, a batch one bucket; caption dropout
   caches             VAE latents and prompt embeddings that are the same every step, computed once
-  training_step      noise, UNet, dreambooth_loss: instance MSE + prior_loss_weight * class MSE
+  training_step      noise, UNet, dreambooth_loss: instance MSE + prior_loss_weight * class MSE (the class half's
+                     target from class images, or the base model's own prediction)
   save_adapters      stepN/ adapters (PEFT, diffusers, kohya) + state-stepN/ to resume, each renamed into place
   log_validation     fixed-seed images of the validation prompt; the model card; push_to_hub
   train              the loop: step, then log, save and validate where their schedules say
