@@ -116,12 +116,9 @@ def test_two_processes_with_buckets_masks_caption_dropout_and_base_prediction_tr
     # target from the base model: 2 processes x 1 sample train as 1 process accumulating 2 samples
     from conftest import run_trainer
 
-    folder = tmp_path / "dog"
-    __import__("shutil").copytree(photos, folder)
-    for photo in trainer.list_images(folder)[:3]:
-        mask = np.zeros(Image.open(photo).size[::-1], np.uint8)
-        mask[: mask.shape[0] // 2] = 255
-        Image.fromarray(mask).save(trainer.mask_path(photo))
+    from test_options import with_half_masks
+
+    folder = with_half_masks(photos, tmp_path / "dog")
     flags = ["--max_train_steps", 2, "--masked_loss", "--caption_dropout", 0.5, "--with_prior_preservation",
              "--class_prompt", "a photo of dog", "--prior_target", "base_prediction", "--random_flip",
              "--cache_latents", "off",

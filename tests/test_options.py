@@ -302,20 +302,36 @@ def test_base_prediction_prior_holds_the_class_prompts_renders_nearer_the_base_m
 
 def test_masks_caption_dropout_and_base_prediction_resume_to_the_uninterrupted_adapters(tiny_model, photos,
                                                                                          tmp_path):
-    from safetensors.torch import load_file
+    folder = with_half_masks(photos, tmp_path / "dog")
+    flags = ["--masked_loss", "--mask_floor", 0.1, "--caption_dropout", 0.3, "--with_prior_preservation",
+             "--class_prompt", "a photo of dog", "--prior_target", "base_prediction", "--train_text_encoder",
+             "--text_encoder_lr", 1e-3, "--learning_rate", 1e-3, "--random_flip"]
+    run = straight_then_resumed(tiny_args(tiny_model, folder, tmp_path / "out", *flags), tmp_path)
+    inverted = 255 - np.asarray(Image.open(folder / "dog_0.mask.png"))
+    Image.fromarray(inverted).save(folder / "dog_0.mask.png")  # a mask edited under a resumable run
+    with pytest.raises(trainer.UserError, match="the instance photos or their captions"):
+        run("resumed", 6, "--resume_from_checkpoint", "latest")
 
-    folder = tmp_path / "dog"
+
+def with_half_masks(photos, folder):
+    """A copy of the photos, the first three with a mask whose left half is white; the others have none (and
+    weigh 1 everywhere)."""
     __import__("shutil").copytree(photos, folder)
-    for photo in trainer.list_images(folder)[:3]:  # two photos keep no mask: they weigh 1 everywhere
+    for photo in trainer.list_images(folder)[:3]:
         mask = np.zeros(Image.open(photo).size[::-1], np.uint8)
         mask[:, : mask.shape[1] // 2] = 255
         Image.fromarray(mask).save(trainer.mask_path(photo))
-    flags = ["--masked_loss", "--mask_floor", 0.1, "--caption_dropout", 0.3, "--with_prior_preservation",
-             "--class_prompt", "a photo of dog", "--prior_target", "base_prediction", "--train_text_encoder",
-             "--text_encoder_lr", 1e-3, "--learning_rate", 1e-3, "--random_flip", "--checkpointing_steps", 2]
+    return folder
+
+
+def straight_then_resumed(argv, tmp_path):
+    """Train 4 steps straight, and 2 then 2 more resumed; assert both end with the same adapters. Returns the
+    runner (folder name, steps, extra flags) for more."""
+    from safetensors.torch import load_file
 
     def run(name, steps, *extra):
-        run_trainer(*tiny_args(tiny_model, folder, tmp_path / name, "--max_train_steps", steps, *flags, *extra))
+        run_trainer(*argv, "--output_dir", tmp_path / name, "--max_train_steps", steps, "--checkpointing_steps", 2,
+                    *extra)
         return load_file(tmp_path / name / f"step{steps - 1}" / trainer.LORA_FILE)
 
     uninterrupted = run("straight", 4)
@@ -324,10 +340,7 @@ def test_masks_caption_dropout_and_base_prediction_resume_to_the_uninterrupted_a
     assert uninterrupted.keys() == resumed.keys()
     for key in uninterrupted:
         torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=0, atol=1e-6, msg=key)
-    inverted = 255 - np.asarray(Image.open(folder / "dog_0.mask.png"))
-    Image.fromarray(inverted).save(folder / "dog_0.mask.png")  # a mask edited under a resumable run
-    with pytest.raises(trainer.UserError, match="the instance photos or their captions"):
-        run("resumed", 6, "--resume_from_checkpoint", "latest")
+    return run
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -424,22 +437,10 @@ def test_bucket_mistakes_are_one_line_before_any_model_loads(tiny_model, photos,
 
 def test_a_bucketed_run_resumes_to_the_uninterrupted_adapters_and_validates_at_the_common_bucket(tiny_model, photos,
                                                                                                 tmp_path):
-    from safetensors.torch import load_file
-
     flags = ["--aspect_ratio_buckets", BUCKETS, "--train_batch_size", 2, "--with_prior_preservation",
              "--class_prompt", "a photo of dog", "--class_dir", photos, "--num_class_images", 2, "--random_flip",
-             "--optimizer", "adamw", "--learning_rate", 1e-3, "--checkpointing_steps", 2,
-             "--validation_prompt", "a sks dog", "--num_validation_images", 1, "--validation_inference_steps", 1,
-             "--validation_steps", 100]
-
-    def run(name, steps, *extra):
-        run_trainer(*tiny_args(tiny_model, photos, tmp_path / name, "--max_train_steps", steps, *flags, *extra))
-        return load_file(tmp_path / name / f"step{steps - 1}" / trainer.LORA_FILE)
-
-    uninterrupted = run("straight", 4)
-    run("resumed", 2)
-    resumed = run("resumed", 4, "--resume_from_checkpoint", "latest")
-    for key in uninterrupted:
-        torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=0, atol=1e-6, msg=key)
+             "--optimizer", "adamw", "--learning_rate", 1e-3, "--validation_prompt", "a sks dog",
+             "--num_validation_images", 1, "--validation_inference_steps", 1, "--validation_steps", 100]
+    straight_then_resumed(tiny_args(tiny_model, photos, tmp_path / "out", *flags), tmp_path)
     # two photos are 64x96 and two square: the first most common, 64x64 (dog_0 comes first)
     assert Image.open(tmp_path / "straight" / "validation" / "step3" / "seed0.png").size == (64, 64)
