@@ -1165,17 +1165,24 @@ def apply_adapters(pipe, step_dir, lora_scale=1.0):
 
 def check_adapters_landed(pipe, lora_file, adapter_name):
     """Each component's LoRA weights hold what the file holds. A name mismatch (another library version's
-    layout, say) leaves them at their initial values, and diffusers only logs a warning."""
+    layout, say) leaves them at their initial values, and diffusers only logs a warning. Compared as sorted values,
+    which no renaming or reshaping changes: a sum of squares can match by chance (a random lora_A's), or by
+    closeness (a DoRA magnitude starts at its base weight's row norms, near where training leaves it)."""
     saved = safetensors.torch.load_file(str(lora_file))
     for component in ("unet", "text_encoder", "text_encoder_2"):
-        expected = sum(float(v.float().square().sum()) for k, v in saved.items()
-                       if k.startswith(f"{component}.") and not k.endswith(".alpha"))
-        loaded = sum(float(p.detach().float().square().sum())
-                     for n, p in getattr(pipe, component).named_parameters()
-                     if ".lora_" in n and f".{adapter_name}." in n)
-        if expected and abs(loaded - expected) > 1e-2 * expected:
+        model = getattr(pipe, component)
+        in_file = [v for k, v in saved.items() if k.startswith(f"{component}.") and not k.endswith(".alpha")]
+        held = [p for n, p in model.named_parameters() if ".lora_" in n and f".{adapter_name}." in n]
+        if in_file and not same_values(in_file, held, model.dtype):
             raise UserError(f"the {component} adapter in {lora_file} did not load: its layer names don't match "
                             "this model; load it with the diffusers and transformers versions that wrote it")
+
+
+def same_values(tensors, others, dtype):
+    """Two lists of tensors hold the same values, in any order and shape, up to rounding to dtype."""
+    a, b = (torch.cat([t.detach().float().flatten().cpu() for t in ts] or [torch.zeros(0)]).sort().values
+            for ts in (tensors, others))
+    return a.shape == b.shape and torch.allclose(a, b, rtol=torch.finfo(dtype).eps, atol=torch.finfo(dtype).tiny)
 
 
 def generate_images(pipe, prompt, seeds, height, width, num_inference_steps, **kwargs):
@@ -1611,10 +1618,15 @@ def save_peft_adapter(model, folder, base_model):
 
 def portable_lora_weights(model):
     """LoRA weights named as transformers 4, diffusers, ComfyUI and kohya name them. transformers 5's
-    CLIPTextModel dropped its `text_model.` level; diffusers strips it again when the model lacks it."""
+    CLIPTextModel dropped its `text_model.` level; diffusers strips it again when the model lacks it. A text
+    encoder's DoRA magnitude is named as the parameter it is (`lora_magnitude_vector.weight`): transformers 5's
+    load_adapter, which diffusers loads text encoders with, leaves peft's shorter name unloaded; peft reads both."""
     state = get_peft_model_state_dict(model, save_embedding_layers=False)
     if isinstance(model, CLIPTextModel) and not hasattr(model, "text_model"):
         state = {f"text_model.{key}": value for key, value in state.items()}
+    if isinstance(model, (CLIPTextModel, CLIPTextModelWithProjection)):
+        state = {f"{key}.weight" if key.endswith(".lora_magnitude_vector") else key: value
+                 for key, value in state.items()}
     return state
 
 
