@@ -1159,7 +1159,17 @@ def apply_adapters(pipe, step_dir, lora_scale=1.0):
     """Load a step dir's diffusers-format file: unet, text_encoder and text_encoder_2 each get their own."""
     pipe.load_lora_weights(str(step_dir), weight_name=LORA_FILE, adapter_name="dreambooth")
     check_adapters_landed(pipe, Path(step_dir) / LORA_FILE, "dreambooth")
-    pipe.set_adapters("dreambooth", adapter_weights=lora_scale)
+    return set_lora_scale(pipe, lora_scale)
+
+
+def set_lora_scale(pipe, lora_scale):
+    """The adapters at lora_scale; 0 switches them off, so it is the base model for DoRA too: peft scales only
+    DoRA's low-rank update, and the trained magnitudes act at any other scale."""
+    if lora_scale == 0:
+        pipe.disable_lora()
+    else:
+        pipe.enable_lora()
+        pipe.set_adapters("dreambooth", adapter_weights=lora_scale)
     return pipe
 
 

@@ -138,6 +138,14 @@ def test_dora_magnitudes_left_at_their_initial_values_are_refused(dora_run, base
         trainer.check_adapters_landed(pipe, dora_run / "step1" / trainer.LORA_FILE, "dreambooth")
 
 
+def test_dora_lora_scale_zero_is_the_base_model_too(dora_run, base_pipeline):
+    # peft scales only DoRA's low-rank update: at weight 0 the trained magnitudes would still act
+    base = outputs(base_pipeline())
+    scaled = outputs(trainer.apply_adapters(base_pipeline(), dora_run / "step1", lora_scale=0.0))
+    for b, s in zip(base, scaled):
+        torch.testing.assert_close(s, b, rtol=1e-5, atol=1e-6)
+
+
 def test_apply_adapters_scale_zero_is_the_base_model(trained_run, base_pipeline):
     base = outputs(base_pipeline())
     scaled = outputs(trainer.apply_adapters(base_pipeline(), trained_run / "step3", lora_scale=0.0))
