@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from infer import add_render_flags, check_numbers, load_pipeline, pick_device, read_settings, render_images, resolve
 from train_dreambooth_lora_ssd1b import (ArgumentParser, UserError, check_images, check_model_source, check_versions,
                                          list_images, load_image, looks_like_hub_id, refuse_empty,
-                                         resolve_instance_dir, save_png_atomic, warn, write_text_atomic)
+                                         resolve_instance_dir, save_png_atomic, set_lora_scale, warn, write_text_atomic)
 
 DREAMBENCH = Path(__file__).resolve().parent / "dreambench_prompts.json"
 METRICS = ["DINO", "CLIP-I", "CLIP-T"]
@@ -447,7 +447,7 @@ def main(argv=None):
         pipe = load_pipeline(render, progress=False)  # the bar over prompts is enough; one per image is noise
         runs = {"this run": render_prompts(pipe, render, prompts, output_dir / "images", "this run")}
         if args.baseline:
-            pipe.set_adapters("dreambooth", adapter_weights=0.0)  # as infer.py --lora_scale 0: the base model
+            set_lora_scale(pipe, 0.0)  # as infer.py --lora_scale 0: the base model
             runs["base model"] = render_prompts(pipe, dataclasses.replace(render, lora_scale=0.0), prompts,
                                                 output_dir / "baseline_images", "base model")
     scores = {name: score_run(scorers, real, rows, args.identifier, name) for name, rows in runs.items()}

@@ -322,6 +322,7 @@ class Settings:
     caption_extension: str
     pretrained_model_name_or_path: str  # a local folder as an absolute path, a hub id as the id
     pretrained_vae_model_name_or_path: str | None  # None: the model's own VAE
+    output_kohya_format: bool  # off under --use_dora: diffusers drops a kohya file's DoRA magnitudes (dora_scale)
     instance_data_sha256: str = None  # the photos and their captions, once check_inputs has read them
     resume_state: Path = None  # the state-stepN folder that --resume_from_checkpoint names, if one exists yet
     buckets: tuple = None  # --aspect_ratio_buckets as (height, width) pairs; None: --resolution's square
@@ -335,6 +336,7 @@ def derive_settings(args, argv):
                                                                                     args.resolution),
                     class_dir=args.class_dir or str(Path(output_dir) / "class_images"),
                     lora_alpha=args.lora_alpha or args.rank, caption_extension=caption_suffix(args.caption_extension),
+                    output_kohya_format=args.output_kohya_format and not args.use_dora,
                     pretrained_model_name_or_path=absolute_if_local(args.pretrained_model_name_or_path),
                     pretrained_vae_model_name_or_path=None if vae.strip().lower() in ("", "none")
                     else absolute_if_local(vae))
@@ -418,6 +420,8 @@ def add_training_flags(p):
     g.add_argument("--rank", type=int, default=8)
     g.add_argument("--lora_alpha", type=int, default=None, help="default: the rank")
     g.add_argument("--lora_dropout", type=float, default=0.0)
+    g.add_argument("--use_dora", action="store_true",
+                   help="DoRA (weight-decomposed LoRA): each adapted layer also trains a magnitude per output row")
     g.add_argument("--train_text_encoder", action="store_true", help="LoRA on both CLIP text encoders too")
     g.add_argument("--text_encoder_lr", type=float, default=5e-6)
 
@@ -527,10 +531,17 @@ def check_args(args, given):
         if name in given:
             raise UserError(f"--{name} has no effect with --prior_target base_prediction, which makes and reads no "
                             f"class image: drop --{name}, or pass --prior_target class_images")
+    if args.use_dora and args.output_kohya_format and "output_kohya_format" in given:
+        raise UserError(f"--output_kohya_format cannot carry --use_dora: {DORA_IN_KOHYA_FILE}; drop "
+                        f"--output_kohya_format ({LORA_FILE} carries DoRA), or drop --use_dora")
     caption_suffix(args.caption_extension)
     parse_buckets(args.aspect_ratio_buckets, args.resolution)
 
 
+# Why --use_dora writes no kohya file: diffusers' SDXL loader (0.42) deletes a kohya file's dora_scale keys before
+# converting it, with only a warning, so nothing here can check such a file against the trained model
+DORA_IN_KOHYA_FILE = ("diffusers drops a kohya file's DoRA magnitudes (dora_scale) and loads it as plain LoRA, so "
+                      "that file could not be checked against the trained model")
 FP16_ON_CPU = ("mixed precision fp16 (from --mixed_precision or the accelerate config) needs a GPU; on this CPU pass "
                "--mixed_precision bf16 (faster where the CPU supports it) or no")
 
@@ -1035,6 +1046,7 @@ def check_resume(args, current):
     for key in ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path"):
         if isinstance(saved_settings.get(key), str):
             saved_settings[key] = absolute_if_local(saved_settings[key])
+    saved_settings.setdefault("use_dora", False)  # a state from before --use_dora existed trained plain LoRA
     check_same_settings(state, saved_settings, current, args.accept_changed_settings)
     if saved["step"] >= args.max_train_steps:
         raise UserError(f"{state} has already done {saved['step']} steps: pass a larger --max_train_steps "
@@ -1066,7 +1078,8 @@ def read_trainer_state(state):
 
 # What a resumed run must share with its state: the first ones shape the saved tensors themselves, the others
 # what the run learns (--accept_changed_settings accepts a change of those)
-STATE_SHAPING_FLAGS = ["pretrained_model_name_or_path", "rank", "lora_alpha", "train_text_encoder", "optimizer"]
+STATE_SHAPING_FLAGS = ["pretrained_model_name_or_path", "rank", "lora_alpha", "train_text_encoder", "use_dora",
+                       "optimizer"]
 TRAINING_FLAGS = ["pretrained_vae_model_name_or_path", "revision", "variant", "instance_dir", "instance_prompt",
                   "caption_extension", "with_prior_preservation", "class_prompt", "num_class_images",
                   "prior_loss_weight", "prior_target", "caption_dropout", "masked_loss", "mask_floor", "resolution",
@@ -1211,6 +1224,8 @@ def check_inputs(args, settings):
         instance_images, instance_prompts, args.instance_prompt), validation_size=sizes.most_common(1)[0][0])
     settings = dataclasses.replace(settings, resume_state=check_resume(args, ran(run_settings(args, settings))))
     check_output_dir(settings.output_dir, args.overwrite_output_dir, settings.resume_state)
+    if args.output_kohya_format and not settings.output_kohya_format:
+        say(f"note: --use_dora writes no {KOHYA_FILE}: {DORA_IN_KOHYA_FILE}")
     captioned = sum(p != args.instance_prompt for p in instance_prompts)
     say(f"{captioned} of {len(instance_images)} photos have a {settings.caption_extension} caption"
         + ("; the others use the instance prompt" if captioned else ""))
@@ -1300,23 +1315,40 @@ def apply_adapters(pipe, step_dir, lora_scale=1.0):
     """Load a step dir's diffusers-format file: unet, text_encoder and text_encoder_2 each get their own."""
     pipe.load_lora_weights(str(step_dir), weight_name=LORA_FILE, adapter_name="dreambooth")
     check_adapters_landed(pipe, Path(step_dir) / LORA_FILE, "dreambooth")
-    pipe.set_adapters("dreambooth", adapter_weights=lora_scale)
+    return set_lora_scale(pipe, lora_scale)
+
+
+def set_lora_scale(pipe, lora_scale):
+    """The adapters at lora_scale; 0 switches them off, so it is the base model for DoRA too: peft scales only
+    DoRA's low-rank update, and the trained magnitudes act at any other scale."""
+    if lora_scale == 0:
+        pipe.disable_lora()
+    else:
+        pipe.enable_lora()
+        pipe.set_adapters("dreambooth", adapter_weights=lora_scale)
     return pipe
 
 
 def check_adapters_landed(pipe, lora_file, adapter_name):
     """Each component's LoRA weights hold what the file holds. A name mismatch (another library version's
-    layout, say) leaves them at their initial values, and diffusers only logs a warning."""
+    layout, say) leaves them at their initial values, and diffusers only logs a warning. Compared as sorted values,
+    which no renaming or reshaping changes: a sum of squares can match by chance (a random lora_A's), or by
+    closeness (a DoRA magnitude starts at its base weight's row norms, near where training leaves it)."""
     saved = safetensors.torch.load_file(str(lora_file))
     for component in ("unet", "text_encoder", "text_encoder_2"):
-        expected = sum(float(v.float().square().sum()) for k, v in saved.items()
-                       if k.startswith(f"{component}.") and not k.endswith(".alpha"))
-        loaded = sum(float(p.detach().float().square().sum())
-                     for n, p in getattr(pipe, component).named_parameters()
-                     if ".lora_" in n and f".{adapter_name}." in n)
-        if expected and abs(loaded - expected) > 1e-2 * expected:
+        model = getattr(pipe, component)
+        in_file = [v for k, v in saved.items() if k.startswith(f"{component}.") and not k.endswith(".alpha")]
+        held = [p for n, p in model.named_parameters() if ".lora_" in n and f".{adapter_name}." in n]
+        if in_file and not same_values(in_file, held, model.dtype):
             raise UserError(f"the {component} adapter in {lora_file} did not load: its layer names don't match "
                             "this model; load it with the diffusers and transformers versions that wrote it")
+
+
+def same_values(tensors, others, dtype):
+    """Two lists of tensors hold the same values, in any order and shape, up to rounding to dtype."""
+    a, b = (torch.cat([t.detach().float().flatten().cpu() for t in ts] or [torch.zeros(0)]).sort().values
+            for ts in (tensors, others))
+    return a.shape == b.shape and torch.allclose(a, b, rtol=torch.finfo(dtype).eps, atol=torch.finfo(dtype).tiny)
 
 
 def generate_images(pipe, prompt, seeds, height, width, num_inference_steps, **kwargs):
@@ -1359,11 +1391,12 @@ def generate_class_images(pipe, class_dir, class_prompt, names, batch_size, reso
 # ----------------------------------------------------------------------------------------------------------
 
 
-def add_lora(models, rank, alpha, dropout, train_text_encoder):
-    """Inject LoRA; returns the modules that train. Their parameters are kept fp32 under mixed precision."""
+def add_lora(models, rank, alpha, dropout, train_text_encoder, use_dora=False):
+    """Inject LoRA (DoRA with use_dora: its magnitudes start at the base weights' row norms, so the model starts
+    unchanged); returns the modules that train. Their parameters are kept fp32 under mixed precision."""
     def config(targets, exclude=None):
         return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian",
-                          target_modules=targets, exclude_modules=exclude)
+                          target_modules=targets, exclude_modules=exclude, use_dora=use_dora)
 
     models.unet.add_adapter(config(UNET_TARGETS))
     trained = [models.unet]
@@ -1961,10 +1994,15 @@ def save_peft_adapter(model, folder, base_model):
 
 def portable_lora_weights(model):
     """LoRA weights named as transformers 4, diffusers, ComfyUI and kohya name them. transformers 5's
-    CLIPTextModel dropped its `text_model.` level; diffusers strips it again when the model lacks it."""
+    CLIPTextModel dropped its `text_model.` level; diffusers strips it again when the model lacks it. A text
+    encoder's DoRA magnitude is named as the parameter it is (`lora_magnitude_vector.weight`): transformers 5's
+    load_adapter, which diffusers loads text encoders with, leaves peft's shorter name unloaded; peft reads both."""
     state = get_peft_model_state_dict(model, save_embedding_layers=False)
     if isinstance(model, CLIPTextModel) and not hasattr(model, "text_model"):
         state = {f"text_model.{key}": value for key, value in state.items()}
+    if isinstance(model, (CLIPTextModel, CLIPTextModelWithProjection)):
+        state = {f"{key}.weight" if key.endswith(".lora_magnitude_vector") else key: value
+                 for key, value in state.items()}
     return state
 
 
@@ -2331,7 +2369,7 @@ def card_settings(args, settings, step, num_processes, base_id, hub_model_id):
         f"| prior preservation | {prior} |",
         f"| steps | {step} of {args.max_train_steps} |",
         f"| resolution | {args.resolution} |",
-        f"| LoRA | rank {args.rank}, alpha {settings.lora_alpha}, on the UNet"
+        f"| LoRA | {'DoRA, ' if args.use_dora else ''}rank {args.rank}, alpha {settings.lora_alpha}, on the UNet"
         f"{' and both text encoders' if te else ''} |",
         f"| learning rate | {args.learning_rate} ({args.lr_scheduler})"
         f"{f', text encoders {args.text_encoder_lr}' if te and args.optimizer != 'prodigy' else ''}{scaled} |",
@@ -2367,10 +2405,10 @@ def card_usage(args, settings, step, hub_model_id):
                   "from peft import PeftModel", "",
                   f'ckpt = Path("{step_dir}")', 'pipe.unet = PeftModel.from_pretrained(pipe.unet, ckpt / "unet")',
                   *(te_lines if args.train_text_encoder else []), "```", ""]
-    return lines + card_file_table(args, step_dir, hub_model_id)
+    return lines + card_file_table(args, step_dir, hub_model_id, settings.output_kohya_format)
 
 
-def card_file_table(args, step_dir, hub_model_id):
+def card_file_table(args, step_dir, hub_model_id, kohya):
     """Which file each tool loads, with the one line it needs. ComfyUI and A1111 skip every UNet tensor of the
     diffusers file without an error, so the kohya-named file is the one for them."""
     where = "" if hub_model_id else f"{step_dir}/"
@@ -2381,7 +2419,7 @@ def card_file_table(args, step_dir, hub_model_id):
                  + f" | `PeftModel.from_pretrained(pipe.unet, \"{step_dir}/unet\")` |",
                  f"| this project's `infer.py` | `{step_dir}/` | "
                  f"`python infer.py --checkpoint {step_dir} --prompt ...` |"]
-    if args.output_kohya_format:
+    if kohya:
         name = Path(KOHYA_FILE).stem
         rows += [f"| ComfyUI | `{where}{KOHYA_FILE}` | copy it to `ComfyUI/models/loras/`, then a LoraLoader node |",
                  f"| A1111 / Forge | `{where}{KOHYA_FILE}` | copy it to `models/Lora/`, then `<lora:{name}:1>` in the "
@@ -2559,7 +2597,7 @@ def save_checkpoint(accelerator, trained, args, settings, step):
     try:
         if accelerator.is_main_process:
             step_dir = save_adapters(Path(output_dir) / f"step{step - 1}", unwrapped, record,
-                                     kohya=args.output_kohya_format)
+                                     kohya=settings.output_kohya_format)
             tqdm.write(f"saved adapters to {step_dir}")
         save_resumable_state(accelerator, output_dir, step, record)
     except Exception as e:  # OSError, and safetensors' own error for a full disk
@@ -2646,7 +2684,8 @@ def build_caches(accelerator, models, args, targets, prompts):
                                                   accelerator.device)
         models.text_encoders = [None, None]
         release_memory()
-    if args.cache_latents == "on" or (args.cache_latents == "auto" and latent_cache_is_exact(targets, args.center_crop)):
+    if args.cache_latents == "on" or (args.cache_latents == "auto"
+                                      and latent_cache_is_exact(targets, args.center_crop)):
         models.latent_cache = encode_latent_cache(models.vae, targets, args.center_crop, args.random_flip, args.seed,
                                                   accelerator.device, disable_progress=not accelerator.is_main_process,
                                                   masked=args.masked_loss)
@@ -2725,7 +2764,8 @@ def main(argv=None):
             targets = latent_targets(instance_images, class_images or [], args.resolution, settings.buckets)
             build_caches(accelerator, models, args, targets, instance_prompts)
         set_seed(args.seed)  # LoRA's initial weights
-        trained = add_lora(models, args.rank, settings.lora_alpha, args.lora_dropout, args.train_text_encoder)
+        trained = add_lora(models, args.rank, settings.lora_alpha, args.lora_dropout, args.train_text_encoder,
+                           use_dora=args.use_dora)
         if args.gradient_checkpointing:
             models.unet.enable_gradient_checkpointing()
             for text_encoder in trained[1:]:  # transformers 5 renamed it; the old name warns until it goes in v6

@@ -1,4 +1,4 @@
-"""Shared fixtures: one tiny SSD-1B-shaped model per test run, the demo photos, and one trained run."""
+"""Shared fixtures: one tiny SSD-1B-shaped model per test run, the demo photos, one trained run and one DoRA run."""
 
 import shutil
 from pathlib import Path
@@ -77,4 +77,25 @@ def trained_run(tiny_model, photos, tmp_path_factory):
                            "--train_text_encoder", "--text_encoder_lr", 1e-2, "--learning_rate", 1e-2,
                            "--rank", 4, "--lora_alpha", 8, "--max_train_steps", 4, "--checkpointing_steps", 2,
                            "--optimizer", "adamw", "--random_flip"))
+    return output_dir
+
+
+DORA_VALIDATION = ["--validation_prompt", "a photo of sks dog in a bucket", "--num_validation_images", 1,
+                   "--validation_inference_steps", 2]
+
+
+def dora_args(tiny_model, photos, output_dir, *extra):
+    """The DoRA run's flags, validation aside: DoRA on the UNet and both text encoders, rank 4 with alpha 8."""
+    return tiny_args(tiny_model, photos, output_dir, "--use_dora", "--train_text_encoder", "--text_encoder_lr", 1e-2,
+                     "--learning_rate", 1e-2, "--rank", 4, "--lora_alpha", 8, "--optimizer", "adamw", *extra)
+
+
+@pytest.fixture(scope="session")
+def dora_run(tiny_model, photos, tmp_path_factory):
+    """A 2-step DoRA run that validates at its end: validation/step1/seed0.png is the trained model's own render.
+
+    The learning rate is high so the adapters visibly change outputs after so few steps.
+    """
+    output_dir = tmp_path_factory.mktemp("dora") / "out"
+    run_trainer(*dora_args(tiny_model, photos, output_dir, "--max_train_steps", 2, *DORA_VALIDATION))
     return output_dir

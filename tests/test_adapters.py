@@ -92,6 +92,60 @@ def test_peft_and_load_lora_weights_give_equal_outputs(trained_run, base_pipelin
         assert (p - b).abs().max() > 1e-4, f"{name}: the adapter changes nothing"
 
 
+def test_dora_adapters_train_magnitudes_and_load_through_peft_and_diffusers_to_equal_outputs(dora_run,
+                                                                                             base_pipeline):
+    from peft import PeftModel
+
+    step = dora_run / "step1"
+    base_pipe = base_pipeline()
+    for part, model in [("unet", base_pipe.unet), ("text_encoder_one", base_pipe.text_encoder),
+                        ("text_encoder_two", base_pipe.text_encoder_2)]:
+        assert json.loads((step / part / "adapter_config.json").read_text())["use_dora"], part
+        weights = load_file(step / part / "adapter_model.safetensors")
+        magnitudes = {k.removeprefix("base_model.model.").rsplit(".lora_magnitude_vector", 1)[0]: v
+                      for k, v in weights.items() if k.endswith(".lora_magnitude_vector")}
+        assert magnitudes.keys() == {k.removeprefix("base_model.model.").rsplit(".lora_A", 1)[0]
+                                     for k in weights if ".lora_A" in k}, f"{part}: one magnitude per adapted layer"
+        moved = max((m - model.get_submodule(name).weight.norm(dim=1)).abs().max() for name, m in magnitudes.items())
+        assert moved > 1e-3, f"{part}: the magnitudes start at the base weights' row norms; training must move them"
+    base = outputs(base_pipe)
+
+    peft_pipe = base_pipeline()
+    peft_pipe.unet = PeftModel.from_pretrained(peft_pipe.unet, step / "unet")
+    peft_pipe.text_encoder = PeftModel.from_pretrained(peft_pipe.text_encoder, step / "text_encoder_one")
+    peft_pipe.text_encoder_2 = PeftModel.from_pretrained(peft_pipe.text_encoder_2, step / "text_encoder_two")
+    via_peft = outputs(peft_pipe)
+
+    diffusers_pipe = base_pipeline()
+    diffusers_pipe.load_lora_weights(step)  # the file's metadata says use_dora: diffusers makes DoRA layers
+    via_diffusers = outputs(diffusers_pipe)
+
+    for name, b, p, d in zip(["unet", "text_encoder", "text_encoder_2"], base, via_peft, via_diffusers):
+        torch.testing.assert_close(d, p, rtol=1e-5, atol=1e-5, msg=f"{name}: PEFT and diffusers disagree")
+        assert (p - b).abs().max() > 1e-4, f"{name}: the adapter changes nothing"
+
+
+def test_dora_magnitudes_left_at_their_initial_values_are_refused(dora_run, base_pipeline):
+    # what transformers 5's load_adapter makes of peft's own name for a text encoder's magnitude (the name diffusers'
+    # script writes): DoRA layers whose magnitudes keep the base weights' row norms, and a logged warning. Those
+    # differ from the trained ones by too little for a sum of squares to tell.
+    pipe = trainer.apply_adapters(base_pipeline(), dora_run / "step1")
+    with torch.no_grad():
+        for module in pipe.text_encoder.modules():
+            if "dreambooth" in (getattr(module, "lora_magnitude_vector", None) or {}):
+                module.lora_magnitude_vector["dreambooth"].weight.copy_(module.get_base_layer().weight.norm(dim=1))
+    with pytest.raises(trainer.UserError, match="the text_encoder adapter .* did not load"):
+        trainer.check_adapters_landed(pipe, dora_run / "step1" / trainer.LORA_FILE, "dreambooth")
+
+
+def test_dora_lora_scale_zero_is_the_base_model_too(dora_run, base_pipeline):
+    # peft scales only DoRA's low-rank update: at weight 0 the trained magnitudes would still act
+    base = outputs(base_pipeline())
+    scaled = outputs(trainer.apply_adapters(base_pipeline(), dora_run / "step1", lora_scale=0.0))
+    for b, s in zip(base, scaled):
+        torch.testing.assert_close(s, b, rtol=1e-5, atol=1e-6)
+
+
 def test_apply_adapters_scale_zero_is_the_base_model(trained_run, base_pipeline):
     base = outputs(base_pipeline())
     scaled = outputs(trainer.apply_adapters(base_pipeline(), trained_run / "step3", lora_scale=0.0))

@@ -37,6 +37,10 @@ def args_for(tiny_model, photos, tmp_path):
     (["--learning_rate", "0"], "--learning_rate must be above 0"),
     (["--max_train_steps", "0"], "--max_train_steps must be in [1, 1000000000]"),
     (["--lora_dropout", "1.5"], "--lora_dropout must be in [0, 1)"),
+    (["--use_dora", "--output_kohya_format"],
+     "--output_kohya_format cannot carry --use_dora: diffusers drops a kohya file's DoRA magnitudes (dora_scale) and "
+     "loads it as plain LoRA, so that file could not be checked against the trained model; drop "
+     "--output_kohya_format (pytorch_lora_weights.safetensors carries DoRA), or drop --use_dora"),
 ])
 def test_contradictory_or_invalid_flags_are_refused(args_for, extra, message):
     with pytest.raises(trainer.UserError, match=re.escape(message)):

@@ -76,6 +76,22 @@ def test_lora_flags_shape_the_adapters(models):
     assert not any("lora_" in n for n, _ in models.text_encoders[0].named_parameters())
 
 
+def test_use_dora_trains_a_magnitude_per_output_row_kept_fp32_under_bf16(tiny_model, photos, tmp_path):
+    models = trainer.load_models(tiny_model, tiny_model / "vae", None, None, torch.bfloat16, "cpu")
+    trained = trainer.add_lora(models, 4, 4, 0.0, True, use_dora=True)
+    args = parse(tiny_model, photos, tmp_path, "--optimizer", "adamw", "--use_dora", "--train_text_encoder")
+    optimized = {id(p) for g in trainer.make_optimizer(trained, args, (1e-4, 1e-4)).param_groups for p in g["params"]}
+    for model in trained:
+        layers = [m for m in model.modules() if "default" in (getattr(m, "lora_A", None) or {})]
+        assert layers and all("default" in m.lora_magnitude_vector for m in layers), "DoRA on every adapted layer"
+        for layer in layers:
+            magnitude, base = layer.lora_magnitude_vector["default"].weight, layer.get_base_layer().weight
+            assert (magnitude.dtype, base.dtype, magnitude.shape) == (torch.float32, torch.bfloat16, base.shape[:1])
+            assert magnitude.requires_grad and id(magnitude) in optimized
+            # the model starts as the base model: each magnitude is its base weight row's norm
+            torch.testing.assert_close(magnitude, base.float().norm(dim=1), rtol=1e-2, atol=0)
+
+
 class NoiseDrawn(Exception):
     """Raised by the add_noise spy to end a step once its noise is drawn."""
 

@@ -50,6 +50,14 @@ def test_seed_gives_exactly_the_plain_diffusers_image(rendered, trained_run, tin
     assert not np.array_equal(np.asarray(Image.open(rendered[0])), np.asarray(Image.open(rendered[1])))
 
 
+def test_dora_adapters_render_what_the_trained_model_rendered(dora_run, tmp_path):
+    # the run's validation image is the trained model's own render, made with its adapters still in memory
+    path = infer.main(["--checkpoint", str(dora_run / "step1"), "--prompt", "a photo of sks dog in a bucket",
+                       "--num_inference_steps", "2", "--output", str(tmp_path)])[0]
+    np.testing.assert_array_equal(np.asarray(Image.open(path)),
+                                  np.asarray(Image.open(dora_run / "validation" / "step1" / "seed0.png")))
+
+
 def test_png_carries_a1111_parameters(rendered, trained_run):
     text = Image.open(rendered[0]).text["parameters"]
     prompt, negative, settings = text.split("\n")

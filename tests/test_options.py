@@ -225,9 +225,9 @@ def test_base_prediction_prior_is_exactly_zero_while_lora_is_still_zero(tiny_mod
     models = trainer.load_models(tiny_model, tiny_model / "vae", None, None, torch.float32, "cpu")
     trainer.add_lora(models, 4, 4, 0.0, train_text_encoder)
     extra = ["--train_text_encoder"] if train_text_encoder else []
-    args = trainer.parse_args([str(a) for a in tiny_args(tiny_model, photos, tmp_path / "out", *extra,
-                                                         "--with_prior_preservation", "--class_prompt", "a photo of dog",
-                                                         "--prior_target", "base_prediction")])
+    args = trainer.parse_args([str(a) for a in tiny_args(
+        tiny_model, photos, tmp_path / "out", *extra, "--with_prior_preservation", "--class_prompt", "a photo of dog",
+        "--prior_target", "base_prediction")])
     data = trainer.DreamBoothDataset(trainer.list_images(photos), "a photo of sks dog", class_prompt="a photo of dog",
                                      resolution=64, center_crop=True, random_flip=False, seed=0, num_samples=2)
     batch = trainer.collate([data[0], data[1]])

@@ -17,7 +17,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import train_dreambooth_lora_ssd1b as trainer
-from conftest import ROOT, run_trainer, tiny_args
+from conftest import ROOT, check_inputs, dora_args, run_trainer, tiny_args
 from test_adapters import outputs
 
 
@@ -103,6 +103,35 @@ def test_kohya_file_loads_back_to_the_same_weights(shared_run, tiny_model):
     for b, d, k in zip(base, outputs(via_diffusers_file), outputs(via_kohya_file)):
         torch.testing.assert_close(k, d, rtol=1e-5, atol=1e-6)
         assert (k - b).abs().max() > 1e-4
+
+
+def test_use_dora_writes_no_kohya_file_and_says_why_in_one_line(dora_run, tiny_model, photos, tmp_path, capsys):
+    step = dora_run / "step1"
+    assert (step / trainer.LORA_FILE).is_file() and not (step / trainer.KOHYA_FILE).exists()
+    settings = json.loads((step / trainer.SETTINGS_FILE).read_text())
+    assert settings["output_kohya_format"] and not settings["derived"]["output_kohya_format"], "as typed; as it ran"
+    card = (dora_run / "README.md").read_text()
+    assert "| LoRA | DoRA, rank 4, alpha 8, on the UNet and both text encoders |" in card and "ComfyUI" not in card
+    capsys.readouterr()
+    check_inputs(dora_args(tiny_model, photos, tmp_path / "out"))  # the note comes before any model loads
+    assert f"note: --use_dora writes no {trainer.KOHYA_FILE}: diffusers drops a kohya file's DoRA magnitudes " \
+           "(dora_scale) and loads it as plain LoRA, so that file could not be checked against the trained model\n" \
+           in capsys.readouterr().err
+    check_inputs(dora_args(tiny_model, photos, tmp_path / "out", "--no-output_kohya_format"))
+    assert "note: --use_dora" not in capsys.readouterr().err, "no file was asked for: nothing to explain"
+
+
+def test_diffusers_still_loads_a_kohya_files_dora_scale_as_plain_lora():
+    # why --use_dora writes no kohya file: diffusers' SDXL loader deletes dora_scale keys, with only a warning, before
+    # its kohya converter runs. Once this fails, write peft's magnitude as <module>.dora_scale, shaped (out, 1) for
+    # ComfyUI (it takes a first axis of the weight's length as the output axis), and test that file like the others.
+    from diffusers import StableDiffusionXLPipeline
+
+    name = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
+    kohya = {f"{name}.lora_down.weight": torch.zeros(4, 8), f"{name}.lora_up.weight": torch.zeros(8, 4),
+             f"{name}.alpha": torch.tensor(4.0), f"{name}.dora_scale": torch.ones(8, 1)}
+    state, _ = StableDiffusionXLPipeline.lora_state_dict(kohya)
+    assert len(state) == 2 and not any("magnitude" in k or "dora" in k for k in state), list(state)
 
 
 def test_kohya_names_follow_sgm_blocks():

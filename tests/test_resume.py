@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import train_dreambooth_lora_ssd1b as trainer
-from conftest import ROOT, run_trainer, tiny_args
+from conftest import ROOT, check_inputs, dora_args, run_trainer, tiny_args
 
 # random crop and flip, LoRA dropout (global RNG), 8-bit AdamW states, text encoders, prior preservation
 FLAGS = ["--random_flip", "--lora_dropout", 0.1, "--train_text_encoder", "--text_encoder_lr", 1e-3,
@@ -117,6 +117,22 @@ def test_prodigy_under_bf16_resumes_to_the_uninterrupted_adapters_and_step_size(
     prodigy_state = ["d", "d_max", "d_numerator", "d_denom", "d_hat", "k"]
     for whole, resumed in zip(*groups):
         assert {k: resumed[k] for k in prodigy_state} == pytest.approx({k: whole[k] for k in prodigy_state}, rel=1e-6)
+
+
+def test_dora_state_resumes_to_the_uninterrupted_adapters_and_only_with_use_dora(dora_run, tiny_model, photos,
+                                                                                 tmp_path):
+    shutil.copytree(dora_run, tmp_path / "resumed")  # its state-step1: 2 of the 4 steps done
+    argv = dora_args(tiny_model, photos, tmp_path / "resumed", "--max_train_steps", 4, "--resume_from_checkpoint",
+                     "latest")
+    with pytest.raises(trainer.UserError) as refused:
+        check_inputs([a for a in argv if a != "--use_dora"])
+    assert str(refused.value) == (f"{tmp_path / 'resumed' / 'state-step1'} was trained with --use_dora True, not "
+                                  "False: resume with the same flags")
+    run_trainer(*argv)
+    run_trainer(*dora_args(tiny_model, photos, tmp_path / "whole", "--max_train_steps", 4))
+    resumed = adapters(tmp_path / "resumed" / "step3")
+    assert all(any(k.endswith(".lora_magnitude_vector") for k in part) for part in resumed.values())
+    assert_same_adapters(resumed, adapters(tmp_path / "whole" / "step3"))
 
 
 @pytest.mark.parametrize("first, then, changed", [
@@ -372,3 +388,18 @@ def test_state_recorded_before_derived_settings_resumes_with_its_model_typed_rel
     run_trainer(*tiny_args(tiny_model, photos, output_dir, "--max_train_steps", 2, "--optimizer", "adamw",
                            "--resume_from_checkpoint", "latest"))
     assert (output_dir / "step1" / trainer.LORA_FILE).is_file()
+
+
+def test_a_state_from_before_use_dora_resumes_as_plain_lora(one_step_run, tiny_model, photos, tmp_path):
+    def forget_use_dora(state):  # an older trainer recorded no use_dora: it trained plain LoRA
+        record = json.loads((state / trainer.TRAINER_STATE).read_text())
+        del record["settings"]["use_dora"]
+        (state / trainer.TRAINER_STATE).write_text(json.dumps({**record, "seal": trainer.seal(record)}))
+
+    output_dir = damaged_copy(one_step_run, tmp_path, forget_use_dora)
+    argv = tiny_args(tiny_model, photos, output_dir, "--max_train_steps", 2, "--optimizer", "adamw",
+                     "--resume_from_checkpoint", "latest")
+    assert check_inputs(argv)[2].resume_state == output_dir / "state-step0"
+    with pytest.raises(trainer.UserError, match="state-step0 was trained with --use_dora False, not True: resume "
+                                                "with the same flags"):
+        check_inputs([*argv, "--use_dora"])
