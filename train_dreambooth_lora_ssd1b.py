@@ -134,9 +134,9 @@ FLAG_RANGES = {
     "train_batch_size": (1, INF, "[)", 1),
     "dataloader_num_workers": (0, INF, "[)", 0),
     "num_class_images": (1, INF, "[)", 100),
-    "prior_loss_weight": (0, INF, "[)", 1.0),
+    "prior_loss_weight": (0, INF, "()", 1.0),  # 0 would switch the prior off, at the cost of computing it
     "caption_dropout": (0, 1, "[)", 0.1),  # 1 would never show the prompt: nothing would tie it to the subject
-    "mask_floor": (0, 1, "[]", 0.1),
+    "mask_floor": (0, 1, "[)", 0.1),  # 1 would weigh the black part as the white: the masks would do nothing
     "sample_batch_size": (1, INF, "[)", 4),
     "rank": (1, 1024, "[]", 8),  # beyond 1024, LoRA is no longer low-rank for any layer of SDXL's UNet
     "lora_alpha": (1, 65536, "[]", 8),  # 0 would switch LoRA off, a negative one flip its sign
@@ -214,8 +214,9 @@ EMPTY_FIXES = {"instance_prompt": "a prompt, e.g. --instance_prompt 'a photo of 
                "hub_model_id": "a repo id, e.g. you/sks-dog-lora, or leave it out for the output dir's name",
                "hub_token": "a token, or leave it out to use the one of `hf auth login`",
                "aspect_ratio_buckets": "auto, or 'h,w;h,w;...', or leave it out for squares"}
-# a negative number as a flag's value, in any notation float() reads: argparse takes -1e-4 for a flag
-NEGATIVE_NUMBER = re.compile(r"-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$|-(inf|infinity|nan)$", re.IGNORECASE)
+# a value that starts with a minus, as a flag's value: a number in any notation float() reads, or a list such as
+# "-64,64"; argparse takes -1e-4 for a flag. No flag starts with a minus and a digit.
+NEGATIVE_NUMBER = re.compile(r"-(\d|\.\d)|-(inf|infinity|nan)$", re.IGNORECASE)
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -342,6 +343,17 @@ def derive_settings(args, argv):
                     else absolute_if_local(vae))
 
 
+def auto_buckets(resolution):
+    """SDXL's aspect-ratio buckets at --resolution's pixel area: sides multiples of 64, from 1:4 to 4:1 (at 1024:
+    512x2048 ... 1024x1024 ... 2048x512, the sizes SDXL was trained at), as (height, width), each with its mirror."""
+    area, buckets = resolution * resolution, set()
+    for height in range(64, 4 * resolution + 1, 64):
+        width = area // height // 64 * 64
+        if width >= 64 and 1 / 4 <= height / width <= 4:
+            buckets.update([(height, width), (width, height)])
+    return sorted(buckets)
+
+
 def parse_buckets(text, resolution):
     """--aspect_ratio_buckets as sorted (height, width) pairs: 'auto', or 'h,w;h,w;...' with sides multiples of 32
     (the VAE's 8 times the 4 of SSD-1B's two UNet downsamplings) up to 4096, at most MAX_ASPECT to 1. None: no
@@ -349,6 +361,9 @@ def parse_buckets(text, resolution):
     if text is None:
         return None
     if text.strip().lower() == "auto":
+        if len(auto_buckets(resolution)) < 2:
+            raise UserError(f"--aspect_ratio_buckets auto at --resolution {resolution} leaves only the square (sides "
+                            "are multiples of 64): pass a larger --resolution, or a list such as '64,64;64,96;96,64'")
         return tuple(auto_buckets(resolution))
     buckets = set()
     for part in filter(None, (p.strip() for p in text.split(";"))):
@@ -708,9 +723,10 @@ def decoded_size(path):
     return size
 
 
-def check_images(paths, what, resolution):
+def check_images(paths, what, resolution, buckets=None):
     """Decode every image and name every bad file at once. Refuse images whose resize would need unbounded
-    memory (see MAX_ASPECT); warn once, listing them, about images that will be upscaled."""
+    memory (see MAX_ASPECT); warn once, listing them, about images that will be upscaled to their training size
+    (--resolution's square, or with buckets their nearest bucket)."""
     bad, huge, small = [], [], []
     for path in paths:
         try:
@@ -723,7 +739,8 @@ def check_images(paths, what, resolution):
             continue
         if max(height, width) > MAX_ASPECT * min(height, width):
             huge.append(f"{path.name} ({width}x{height}: one side over {MAX_ASPECT} times the other)")
-        elif min(height, width) < resolution:
+        elif max(size / side for size, side in zip(
+                nearest_bucket(height, width, buckets) if buckets else (resolution, resolution), (height, width))) > 1:
             small.append(f"{path.name} ({width}x{height})")
     if bad:
         raise UserError(f"{len(bad)} unreadable {what} image(s) in {paths[0].parent}: {', '.join(bad)}; "
@@ -733,7 +750,8 @@ def check_images(paths, what, resolution):
                         f"{', '.join(huge)}; crop each to at most {MAX_ASPECT}:1 and downscale it below "
                         f"{2 * Image.MAX_IMAGE_PIXELS} pixels")
     if small:
-        warn(f"{len(small)} {what} image(s) have a short side below --resolution {resolution} and will be "
+        warn(f"{len(small)} {what} image(s) are smaller than their training size ("
+             + (f"--resolution {resolution}" if not buckets else "their bucket") + ") and will be "
              f"upscaled: {', '.join(small)}")
 
 
@@ -742,10 +760,10 @@ def uses_class_images(args):
     return args.with_prior_preservation and args.prior_target == "class_images"
 
 
-def check_masks(images, masked_loss):
-    """The photos of a folder's images, its photo.mask.png files set apart: with --masked_loss each must belong to
-    a photo and have its size (a mask cut to another size would weigh the wrong pixels); without it, a mask would
-    be trained on as a photo, so it is refused."""
+def check_masks(folder, images, masked_loss, mask_floor):
+    """The photos of a folder's images, its photo.mask.png files set apart: with --masked_loss each must be a
+    readable grey-scale file that belongs to a photo and has its size (a mask cut to another size would weigh the
+    wrong pixels); without it, a mask would be trained on as a photo, so it is refused."""
     masks = [p for p in images if p.name.lower().endswith(MASK_SUFFIX)]
     photos = [p for p in images if p not in masks]
     if masks and not masked_loss:
@@ -753,30 +771,48 @@ def check_masks(images, masked_loss):
                         "--masked_loss to use them, or move them out of the folder")
     if not masked_loss:
         return photos
-    if not masks:
+    named = sorted(p for p in Path(folder).iterdir() if p.name.lower().endswith(MASK_SUFFIX) and p not in masks)
+    bad = [f"{p.name} ({'a broken symlink' if points_nowhere(p) else 'not a file'})" for p in named]
+    if not masks and not bad:
         raise UserError(f"--masked_loss found no masks: add photo{MASK_SUFFIX} (grey scale, white = subject) beside "
                         "photo.jpg in the instance folder, or drop --masked_loss")
     owners = {mask_path(p): p for p in photos}
-    bad = []
     for mask in masks:
-        photo = owners.get(mask)
-        if photo is None:
-            stem = mask.name[:-len(MASK_SUFFIX)]
+        stem = mask.name[:-len(MASK_SUFFIX)]
+        if mask not in owners:
             bad.append(f"{mask.name} (" + ("not named in lower case" if mask.name != stem + MASK_SUFFIX else
                                            f"no photo named {stem}.*") + ")")
-            continue
-        try:
-            mask_size, photo_size = decoded_size(mask), decoded_size(photo)
-        except Exception as e:
-            bad.append(f"{mask.name} (unreadable: {type(e).__name__})")
-            continue
-        if mask_size != photo_size:
-            bad.append(f"{mask.name} ({mask_size[1]}x{mask_size[0]}, its photo {photo.name} is "
-                       f"{photo_size[1]}x{photo_size[0]})")
+        else:
+            problem = mask_problem(mask, owners[mask], mask_floor)
+            bad += [f"{mask.name} ({problem})"] if problem else []
     if bad:
-        raise UserError(f"{len(bad)} mask(s) in {masks[0].parent} cannot be used: {', '.join(bad)}; each mask must "
-                        f"be photo{MASK_SUFFIX} for a photo.* beside it, with the photo's size")
+        raise UserError(f"{len(bad)} mask(s) in {folder} cannot be used: {', '.join(bad)}; each mask must be a "
+                        f"grey-scale photo{MASK_SUFFIX} for a photo.* beside it, with the photo's size")
     return photos
+
+
+def mask_problem(mask, photo, mask_floor):
+    """What makes a mask unusable for its photo, in a few words; None for a good one. A photo that cannot be
+    read is check_images' to name."""
+    try:
+        photo_size = decoded_size(photo)
+    except Exception:
+        return None
+    try:
+        with Image.open(mask) as image:
+            size, mode = oriented_size(image), image.mode
+            transparent = mode in ("RGBA", "LA", "PA") or "transparency" in image.info
+            weights = eight_bit(image).convert("L") if not transparent else None
+            all_black = weights is not None and weights.getextrema()[1] == 0
+    except Exception as e:
+        return f"unreadable: {type(e).__name__}"
+    if transparent:  # is the subject in its alpha or in its grey? Either reading could be the wrong one
+        return "has transparency: save it as grey scale without alpha"
+    if size != photo_size:
+        return f"{size[1]}x{size[0]}, its photo {photo.name} is {photo_size[1]}x{photo_size[0]}"
+    if all_black and mask_floor == 0:
+        return "all black: at --mask_floor 0 its photo would train nothing"
+    return None
 
 
 def read_captions(images, instance_prompt, caption_extension):
@@ -1083,7 +1119,7 @@ STATE_SHAPING_FLAGS = ["pretrained_model_name_or_path", "rank", "lora_alpha", "t
 TRAINING_FLAGS = ["pretrained_vae_model_name_or_path", "revision", "variant", "instance_dir", "instance_prompt",
                   "caption_extension", "with_prior_preservation", "class_prompt", "num_class_images",
                   "prior_loss_weight", "prior_target", "caption_dropout", "masked_loss", "mask_floor", "resolution",
-                  "aspect_ratio_buckets", "center_crop", "random_flip", "train_batch_size", "lora_dropout",
+                  "buckets", "center_crop", "random_flip", "train_batch_size", "lora_dropout",
                   "learning_rate", "text_encoder_lr", "scale_lr", "adam_beta1", "adam_beta2", "adam_weight_decay",
                   "adam_epsilon", "max_grad_norm", "gradient_accumulation_steps", "snr_gamma", "noise_offset", "seed",
                   "mixed_precision", "instance_data_sha256", *OPTIMIZER_FLAGS["prodigy"]]
@@ -1103,7 +1139,9 @@ def instance_data_sha256(images, prompts, instance_prompt):
 
 def describe_change(key, was, now):
     if key == "instance_data_sha256":
-        return "the instance photos or their captions"
+        return "the instance photos, their captions or their masks (put them back as they were)"
+    if key == "buckets":  # compared as parsed, so a list spelled another way is the same buckets
+        return f"the aspect-ratio buckets {was} (now {now})"
     return f"--{key} {was} (now {now})"
 
 
@@ -1190,15 +1228,15 @@ def check_inputs(args, settings):
     settings completed with what the inputs decide: the photos' checksum and the state to resume from."""
     warn_prodigy_learning_rate(args.optimizer, args.learning_rate)
     instance_dir = resolve_instance_dir(args.instance_dir)
+    instance_images = check_masks(instance_dir, list_images(instance_dir), args.masked_loss, args.mask_floor)
     warn_broken_links(instance_dir, "instance")
-    instance_images = check_masks(list_images(instance_dir), args.masked_loss)
     if not instance_images:
         raise UserError(f"no images in {instance_dir}: add 3-20 photos (jpg, png, webp, ...) of the subject")
     subfolders = [p.name for p in instance_dir.iterdir()
                   if not p.name.startswith(".") and not points_nowhere(p) and p.is_dir()]
     if subfolders:
         warn(f"subfolders of {instance_dir} are ignored: {', '.join(sorted(subfolders))}")
-    check_images(instance_images, "instance", args.resolution)
+    check_images(instance_images, "instance", args.resolution, settings.buckets)
     instance_prompts = read_captions(instance_images, args.instance_prompt, settings.caption_extension)
     class_dir = settings.class_dir
     if uses_class_images(args):
@@ -1472,9 +1510,7 @@ def load_image(path, min_side=None):
         if min_side:
             scale = min_side / min(image.size)
             image.draft("RGB", (math.ceil(image.width * scale), math.ceil(image.height * scale)))
-        image = ImageOps.exif_transpose(image)
-        if image.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit grey: convert() would clip, so scale
-            image = Image.fromarray((np.asarray(image, dtype=np.float32) / 257).round().clip(0, 255).astype(np.uint8))
+        image = eight_bit(ImageOps.exif_transpose(image))
         if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
             rgba = image.convert("RGBA")
             image = Image.new("RGB", rgba.size, (255, 255, 255))
@@ -1492,6 +1528,13 @@ def cover_size(width, height, size):
     target_height, target_width = height_width(size)
     scale = max(target_height / height, target_width / width)
     return max(target_width, round(width * scale)), max(target_height, round(height * scale))
+
+
+def eight_bit(image):
+    """A 16-bit grey image as 8-bit grey, scaled: convert() would clip everything above 255 to white."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L"):
+        return Image.fromarray((np.asarray(image, dtype=np.float32) / 257).round().clip(0, 255).astype(np.uint8))
+    return image
 
 
 def crop_and_flip(image, size, center_crop, random_flip, rng):
@@ -1532,7 +1575,7 @@ def load_mask(photo, size):
     if not mask_path(photo).is_file():
         return None
     with Image.open(mask_path(photo)) as mask:
-        mask = ImageOps.exif_transpose(mask).convert("L")
+        mask = eight_bit(ImageOps.exif_transpose(mask)).convert("L")
     return mask if mask.size == size else mask.resize(size, Image.Resampling.BILINEAR)
 
 
@@ -1546,17 +1589,6 @@ def crop_mask_alike(mask, size, center_crop, random_flip, rng_state):
     rng.setstate(rng_state)
     crop, _ = crop_and_flip(mask, size, center_crop, random_flip, rng)
     return torch.from_numpy(np.asarray(crop, dtype=np.float32) / 255.0)[None]
-
-
-def auto_buckets(resolution):
-    """SDXL's aspect-ratio buckets at --resolution's pixel area: sides multiples of 64, from 1:4 to 4:1 (at 1024:
-    512x2048 ... 1024x1024 ... 2048x512, the sizes SDXL was trained at), as (height, width)."""
-    area, buckets = resolution * resolution, set()
-    for height in range(64, 4 * resolution + 1, 64):
-        width = area // height // 64 * 64
-        if width >= 64 and 1 / 4 <= height / width <= 4:
-            buckets.add((height, width))
-    return sorted(buckets) or [(resolution, resolution)]
 
 
 def nearest_bucket(height, width, buckets):
@@ -2243,7 +2275,8 @@ def run_settings(args, settings, step=None, num_processes=1):
                if k != "command"}
     derived.update(num_processes=num_processes, effective_learning_rate=unet_lr,
                    effective_text_encoder_lr=text_encoder_lr)
-    return {**flags, "derived": derived, "step": step, "trainer": "train_dreambooth_lora_ssd1b.py"}
+    record = {**flags, "derived": derived, "step": step, "trainer": "train_dreambooth_lora_ssd1b.py"}
+    return json.loads(json.dumps(record))  # as it reads back: a resume compares it with a saved one
 
 
 # ----------------------------------------------------------------------------------------------------------

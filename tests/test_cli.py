@@ -212,8 +212,8 @@ def test_infer_and_evaluate_refuse_a_broken_install_first(monkeypatch, tmp_path,
     (["--train_batch_size", "0"], "--train_batch_size must be at least 1 (got 0)"),
     (["--dataloader_num_workers", "-1"], "--dataloader_num_workers must be at least 0 (got -1)"),
     (["--num_class_images", "0"], "--num_class_images must be at least 1 (got 0)"),
-    (["--prior_loss_weight", "-1"], "--prior_loss_weight must be at least 0 (got -1.0)"),
-    (["--prior_loss_weight", "nan"], "--prior_loss_weight must be finite and at least 0 (got nan)"),
+    (["--prior_loss_weight", "-1"], "--prior_loss_weight must be above 0 (got -1.0)"),
+    (["--prior_loss_weight", "nan"], "--prior_loss_weight must be finite and above 0 (got nan)"),
     (["--sample_batch_size", "0"], "--sample_batch_size must be at least 1 (got 0)"),
     (["--rank", "-1"], "--rank must be in [1, 1024] (got -1)"),
     (["--lora_alpha", "0"], "--lora_alpha must be in [1, 65536] (got 0)"),
@@ -268,7 +268,7 @@ def test_every_numeric_flag_has_a_range_and_says_it_in_help():
 
 
 def test_the_edges_of_each_range_are_accepted(args_for):
-    check(args_for("--adam_beta1", "0", "--noise_offset", "1", "--prior_loss_weight", "0", "--lr_warmup_steps",
+    check(args_for("--adam_beta1", "0", "--noise_offset", "1", "--lr_warmup_steps",
                    "500", "--max_train_steps", "500", "--lr_scheduler", "constant_with_warmup",
                    "--with_prior_preservation", "--class_prompt", "a photo of dog", "--dataloader_num_workers", "0", "--seed", str(2**32 - 1),
                    "--resolution", "8", "--adam_weight_decay", "0", "--lora_alpha", "1"))
@@ -532,7 +532,7 @@ def test_caching_latents_on_request_is_refused_where_it_would_freeze_a_random_cr
     for i in range(3):
         Image.new("RGB", (96, 64), (i * 80, 0, 0)).save(folder / f"wide_{i}.png")
     with pytest.raises(trainer.UserError, match=re.escape("--cache_latents on would fix one random crop of each "
-                                                          "non-square image for the whole run")):
+                                                          "image that does not fit its training size")):
         check(args_for("--cache_latents", "on", instance_dir=folder))
     check(args_for("--cache_latents", "on", "--center_crop", instance_dir=folder))  # one crop is all there is
     square = tmp_path / "square"

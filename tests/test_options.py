@@ -152,21 +152,39 @@ def test_the_latent_cache_keeps_each_flips_mask_as_an_uncached_step_sees_it(mode
     ("wrong size", "dog_0.mask.png (32x32, its photo dog_0.jpg is"),
     ("upper case", "dog_0.MASK.png (not named in lower case)"),
     ("unreadable", "dog_0.mask.png (unreadable: "),
+    ("transparent", "dog_0.mask.png (has transparency: save it as grey scale without alpha)"),
+    ("all black", "dog_0.mask.png (all black: at --mask_floor 0 its photo would train nothing)"),
+    ("a folder", "1 mask(s) in {folder} cannot be used: dog_0.mask.png (not a file)"),
+    ("a broken link", "1 mask(s) in {folder} cannot be used: dog_0.mask.png (a broken symlink)"),
 ])
-def test_masks_are_checked_before_any_model_loads(tiny_model, photos, tmp_path, setup, message):
+def test_masks_are_checked_before_any_model_loads(tiny_model, photos, tmp_path, capsys, setup, message):
     import shutil
 
     folder = tmp_path / "dog"
     shutil.copytree(photos, folder)
     name = {"upper case": "dog_0.MASK.png", "orphan": "cat.mask.png"}.get(setup, "dog_0.mask.png")
+    size = (32, 32) if setup == "wrong size" else Image.open(folder / "dog_0.jpg").size
     if setup == "unreadable":
         (folder / name).write_bytes(b"not a png")
+    elif setup == "a folder":
+        (folder / name).mkdir()
+    elif setup == "a broken link":
+        (folder / name).symlink_to(folder / "gone.png")
+    elif setup in ("transparent", "all black"):
+        Image.new("LA" if setup == "transparent" else "L", size, 0).save(folder / name)
     elif setup != "no masks":
-        size = (32, 32) if setup == "wrong size" else Image.open(folder / "dog_0.jpg").size
         Image.new("L", size, 255).save(folder / name)
     flags = [] if setup == "mask only" else ["--masked_loss"]
     with pytest.raises(trainer.UserError, match=__import__("re").escape(message.format(folder=folder))):
         run_trainer(*tiny_args(tiny_model, folder, tmp_path / "out", *flags))
+    assert "warning" not in capsys.readouterr().err, "the refusal is all that is said"
+
+
+def test_a_16_bit_mask_is_scaled_not_clipped(tmp_path):
+    photo = gradient_photo(tmp_path / "dog.png", (32, 32))
+    Image.fromarray(np.full((32, 32), 32768, np.uint16)).save(trainer.mask_path(photo))  # half of 65535
+    mask = trainer.load_mask(photo, (32, 32))
+    assert set(np.asarray(mask).ravel().tolist()) == {128}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -275,7 +293,9 @@ def test_base_prediction_makes_and_reads_no_class_image(tiny_model, photos, tmp_
       "--class_dir", "x"], "--class_dir has no effect with --prior_target base_prediction"),
     (["--prior_target", "images"], "argument --prior_target: invalid choice: 'images'"),
     (["--mask_floor", "0.1"], "--mask_floor acts only with --masked_loss: add --masked_loss, or drop --mask_floor"),
-    (["--masked_loss", "--mask_floor", "1.5"], "--mask_floor must be in [0, 1] (got 1.5)"),
+    (["--masked_loss", "--mask_floor", "1"], "--mask_floor must be in [0, 1) (got 1.0)"),
+    (["--with_prior_preservation", "--class_prompt", "a photo of dog", "--prior_loss_weight", "0"],
+     "--prior_loss_weight must be above 0 (got 0.0)"),
     (["--caption_dropout", "1"], "--caption_dropout must be in [0, 1) (got 1.0)"),
     (["--caption_dropout", "-0.1"], "--caption_dropout must be in [0, 1) (got -0.1)"),
 ])
@@ -309,7 +329,7 @@ def test_masks_caption_dropout_and_base_prediction_resume_to_the_uninterrupted_a
     run = straight_then_resumed(tiny_args(tiny_model, folder, tmp_path / "out", *flags), tmp_path)
     inverted = 255 - np.asarray(Image.open(folder / "dog_0.mask.png"))
     Image.fromarray(inverted).save(folder / "dog_0.mask.png")  # a mask edited under a resumable run
-    with pytest.raises(trainer.UserError, match="the instance photos or their captions"):
+    with pytest.raises(trainer.UserError, match="the instance photos, their captions or their masks"):
         run("resumed", 6, "--resume_from_checkpoint", "latest")
 
 
@@ -422,10 +442,23 @@ def test_cached_bucketed_latents_train_as_encoding_every_step(models, tiny_model
     assert losses[True] == pytest.approx(losses[False], rel=1e-5)
 
 
+def test_the_upscaling_warning_follows_each_photos_bucket_not_resolution(tiny_model, photos, tmp_path, capsys):
+    from conftest import check_inputs
+
+    check_inputs(tiny_args(tiny_model, photos, tmp_path / "a", "--resolution", 512, "--aspect_ratio_buckets", BUCKETS))
+    assert "warning" not in capsys.readouterr().err, "the photos cover their 64 and 96 px buckets"
+    check_inputs(tiny_args(tiny_model, photos, tmp_path / "b", "--aspect_ratio_buckets", "128,128;128,192;192,128"))
+    assert ("warning: 4 instance image(s) are smaller than their training size (their bucket) and will be upscaled: "
+            "dog_1.jpg (160x120), dog_2.jpg (112x160), dog_3.jpg (128x96), dog_4.jpg (96x96)"  # 160x120 to 192x128
+            ) in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("value, message", [
     ("64,96;abc", "--aspect_ratio_buckets '64,96;abc': 'abc' is not 'height,width'"),
     ("64,100", "--aspect_ratio_buckets: 64x100 (height x width) needs sides that are multiples of 32 in [32, 4096]"),
     ("64,1024", "at most 8:1"),
+    ("-64,64", "--aspect_ratio_buckets: -64x64 (height x width) needs sides that are multiples of 32"),
+    ("auto", "--aspect_ratio_buckets auto at --resolution 64 leaves only the square"),
     (" ; ", "--aspect_ratio_buckets is empty: pass auto"),
     ("", "--aspect_ratio_buckets is empty: pass auto, or 'h,w;h,w;...', or leave it out for squares"),
 ])
@@ -441,6 +474,11 @@ def test_a_bucketed_run_resumes_to_the_uninterrupted_adapters_and_validates_at_t
              "--class_prompt", "a photo of dog", "--class_dir", photos, "--num_class_images", 2, "--random_flip",
              "--optimizer", "adamw", "--learning_rate", 1e-3, "--validation_prompt", "a sks dog",
              "--num_validation_images", 1, "--validation_inference_steps", 1, "--validation_steps", 100]
-    straight_then_resumed(tiny_args(tiny_model, photos, tmp_path / "out", *flags), tmp_path)
+    run = straight_then_resumed(tiny_args(tiny_model, photos, tmp_path / "out", *flags), tmp_path)
+    respelled = ["--aspect_ratio_buckets", " 96,64 ;64,96; 64,64;"]  # the same buckets: resumes
+    run("resumed", 5, *respelled, "--resume_from_checkpoint", "latest")
+    with pytest.raises(trainer.UserError, match=__import__("re").escape(
+            "the aspect-ratio buckets [[64, 64], [64, 96], [96, 64]] (now [[64, 64], [96, 64]])")):
+        run("resumed", 6, "--aspect_ratio_buckets", "64,64;96,64", "--resume_from_checkpoint", "latest")
     # two photos are 64x96 and two square: the first most common, 64x64 (dog_0 comes first)
     assert Image.open(tmp_path / "straight" / "validation" / "step3" / "seed0.png").size == (64, 64)

@@ -66,8 +66,8 @@ def test_small_images_are_upscaled_with_one_warning_listing_them(tiny_model, tmp
     make_photo(folder / "thin.png", (200, 50))
     check(tiny_args(tiny_model, folder, tmp_path / "out"))
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
-    assert warnings == ["warning: 2 instance image(s) have a short side below --resolution 64 and will be "
-                        "upscaled: thin.png (200x50), tiny.png (32x40)"]
+    assert warnings == ["warning: 2 instance image(s) are smaller than their training size (--resolution 64) and "
+                        "will be upscaled: thin.png (200x50), tiny.png (32x40)"]
     image, _ = trainer.load_image(folder / "tiny.png")
     square, _ = trainer.crop_and_flip(image, 64, True, False, None)
     assert square.size == (64, 64)

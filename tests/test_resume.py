@@ -355,8 +355,8 @@ def test_a_photo_changed_in_the_same_folder_is_refused_on_resume(tiny_model, pho
     argv = tiny_args(tiny_model, folder, tmp_path / "out", "--optimizer", "adamw")
     run_trainer(*argv, "--max_train_steps", 1)
     Image.new("RGB", (64, 64), "red").save(folder / "dog_0.jpg")  # same folder, same names, same flags
-    with pytest.raises(trainer.UserError, match="was trained with other settings: the instance photos or their "
-                                                "captions; resume with the same flags"):
+    with pytest.raises(trainer.UserError, match=r"was trained with other settings: the instance photos, their "
+                                                r"captions or their masks \(put them back as they were\)"):
         run_trainer(*argv, "--max_train_steps", 2, "--resume_from_checkpoint", "latest")
 
 
