@@ -2238,10 +2238,14 @@ class Interrupted(Exception):
 
 
 class GracefulStop:
-    """SIGINT / SIGTERM (Ctrl-C, cluster preemption): finish the step, save, exit. A second one exits at once."""
+    """SIGINT / SIGTERM (Ctrl-C, cluster preemption): finish the step, save, exit. A second one exits at once,
+    unless it comes within REPEAT_WINDOW seconds of the first: that is the same stop passed on by a launcher
+    (accelerate launch 1.16 sends its own SIGTERM to the trainer when it gets Ctrl-C or a SIGTERM of the group)."""
+
+    REPEAT_WINDOW = 1.0
 
     def __enter__(self):
-        self.signum, self.previous = 0, {}
+        self.signum, self.previous, self.first = 0, {}, None
         if threading.current_thread() is threading.main_thread():  # signals can only be caught there
             self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
         return self
@@ -2251,9 +2255,11 @@ class GracefulStop:
             signal.signal(signum, handler)
 
     def handle(self, signum, frame):
+        if self.signum and time.monotonic() - self.first < self.REPEAT_WINDOW:
+            return
         if self.signum:
             os._exit(128 + signum)
-        self.signum = signum
+        self.signum, self.first = signum, time.monotonic()
         print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a resumable checkpoint "
               "(interrupt again to exit at once)", file=sys.stderr, flush=True)
 
