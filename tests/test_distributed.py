@@ -110,10 +110,10 @@ def test_example_accelerate_configs_load(name, distributed_type, processes):
     assert (str(config.distributed_type).split(".")[-1], config.num_processes) == (distributed_type, processes)
 
 
-def test_two_processes_with_buckets_masks_caption_dropout_and_base_prediction_train_as_one_accumulating(
+def test_two_processes_with_buckets_masks_dropout_base_prediction_and_dora_train_as_one_accumulating(
         tiny_model, photos, tmp_path):
     # sample k's photo, bucket, mask, caption dropout, noise and timestep come from (seed, k), and the class half's
-    # target from the base model: 2 processes x 1 sample train as 1 process accumulating 2 samples
+    # target from the base model (DoRA switched off too): 2 processes x 1 sample train as 1 process accumulating 2
     from conftest import run_trainer
 
     from test_options import with_half_masks
@@ -126,7 +126,7 @@ def test_two_processes_with_buckets_masks_caption_dropout_and_base_prediction_tr
              # gloo's own order of summation cannot be blown up by Adam's normalisation of a near-zero gradient
              "--optimizer", "adamw", "--learning_rate", 1.0, "--adam_epsilon", 1.0, "--adam_weight_decay", 0,
              "--max_grad_norm", 1e6,
-             "--aspect_ratio_buckets", "64,64;64,96;96,64"]
+             "--aspect_ratio_buckets", "64,64;64,96;96,64", "--use_dora"]
     result = torchrun(tiny_args(tiny_model, folder, tmp_path / "ddp", *flags))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "adapters identical on all 2 processes" in result.stdout + result.stderr
@@ -134,7 +134,7 @@ def test_two_processes_with_buckets_masks_caption_dropout_and_base_prediction_tr
     run_trainer(*tiny_args(tiny_model, folder, tmp_path / "single", *flags, "--gradient_accumulation_steps", 2))
     ddp = load_file(tmp_path / "ddp" / "step1" / trainer.LORA_FILE)
     single = load_file(tmp_path / "single" / "step1" / trainer.LORA_FILE)
-    assert ddp.keys() == single.keys()
+    assert ddp.keys() == single.keys() and any("magnitude" in k for k in ddp), "DoRA's magnitudes, as trained"
     assert max(v.abs().max().item() for k, v in ddp.items() if "lora_B" in k or "lora.up" in k) > 1e-4, "it learned"
     for key in ddp:
         torch.testing.assert_close(ddp[key], single[key], rtol=1e-4, atol=1e-7)
