@@ -1,6 +1,5 @@
 """Beyond diffusers' script: masked loss, caption dropout, and prior preservation from the base model's prediction."""
 
-import random
 
 import numpy as np
 import pytest
@@ -304,15 +303,49 @@ def test_option_mistakes_are_one_line_before_any_model_loads(tiny_model, photos,
         trainer.parse_args([str(a) for a in tiny_args(tiny_model, photos, tmp_path / "out", *extra)])
 
 
-def test_base_prediction_prior_holds_the_class_prompts_renders_nearer_the_base_model(tiny_model, photos, tmp_path):
-    # benchmarks/prior_drift.py measures it; the README's Recipes section has its numbers. On the random tiny model
-    # the prompts barely differ, so the instance prompt is held too: issue 17's pre-trained world will tell them apart
-    import prior_drift
+def test_base_prediction_is_the_base_models_own_once_the_adapters_have_trained(tiny_model, photos, tmp_path):
+    # with LoRA's B no longer zero, the class half's target must be the model with its adapters off: the same as
+    # the model with every lora_B zeroed. (Whether this holds the class prompt's renders nearer the base model's
+    # is measured by benchmarks/prior_drift.py, in the README; a random tiny model shows it weakly, and not under
+    # every library version's initialisation: issue 17's pre-trained world is where a test can hold it.)
+    models = trainer.load_models(tiny_model, tiny_model / "vae", None, None, torch.float32, "cpu")
+    trainer.add_lora(models, 4, 4, 0.0, True)
+    torch.manual_seed(0)
+    for name, p in [*models.unet.named_parameters(), *(np for te in models.text_encoders
+                                                        for np in te.named_parameters())]:
+        if "lora_B" in name:
+            p.data.normal_(std=0.1)  # as training leaves them
+    args = trainer.parse_args([str(a) for a in tiny_args(
+        tiny_model, photos, tmp_path / "out", "--train_text_encoder", "--with_prior_preservation", "--class_prompt",
+        "a photo of dog", "--prior_target", "base_prediction")])
+    data = trainer.DreamBoothDataset(trainer.list_images(photos), "a photo of sks dog", class_prompt="a photo of dog",
+                                     resolution=64, center_crop=True, random_flip=False, seed=0, num_samples=2)
+    batch = trainer.collate([data[0], data[1]])
+    seen = {}
+    real = trainer.dreambooth_loss
+    with pytest.MonkeyPatch.context() as patch, torch.no_grad():
+        patch.setattr(trainer, "dreambooth_loss", lambda pred, target, *a, **k: seen.update(
+            pred=pred, target=target) or real(pred, target, *a, **k))
+        patch.setattr(trainer, "base_prediction", spy_on(trainer.base_prediction, seen))
+        trainer.training_step(batch, models, trainer.sample_generators(0, batch, "cpu"), "cpu",
+                              **trainer.method_settings(args))
+        noisy, timesteps, time_ids = seen["inputs"]
+        for name, p in [*models.unet.named_parameters(), *(np for te in models.text_encoders
+                                                            for np in te.named_parameters())]:
+            if "lora_B" in name:
+                p.data.zero_()
+        embeds, pooled = trainer.encode_prompt(models.text_encoders, models.tokenizers, ["a photo of dog"] * 2, "cpu")
+        base = models.unet(noisy, timesteps, embeds, added_cond_kwargs={"text_embeds": pooled,
+                                                                       "time_ids": time_ids}).sample
+    torch.testing.assert_close(seen["target"][2:], base, rtol=0, atol=1e-6)
+    assert (seen["pred"][2:] - seen["target"][2:]).abs().mean() > 1e-2, "the trained model differs from it"
 
-    drift = prior_drift.measure(str(tiny_model), photos, tmp_path, steps=8, learning_rate=1e-2, seeds=(0, 1),
-                                inference_steps=4, variants=("no prior", "base prediction"))
-    assert drift["base prediction"][0] < 0.8 * drift["no prior"][0], drift
-    assert drift["no prior"][0] > 5, "the no-prior run drifts visibly: the comparison means something"
+
+def spy_on(function, seen):
+    def spy(models, noisy_latents, timesteps, prompts, time_ids, *args):
+        seen["inputs"] = (noisy_latents, timesteps, time_ids)
+        return function(models, noisy_latents, timesteps, prompts, time_ids, *args)
+    return spy
 
 
 # ----------------------------------------------------------------------------------------------------------
