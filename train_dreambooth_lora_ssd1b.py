@@ -1646,6 +1646,8 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         self.caption_dropout, self.masked, self.batch_size = caption_dropout, masked, batch_size
         self.sizes = [training_size(path, resolution, buckets) for path in instance_images]
         self.buckets, self.plan = bool(buckets), (None, None)
+        # samples per epoch with buckets: each bucket's photos in whole batches (bucket_batches' count)
+        self.epoch_length = batch_size * sum(-(-self.sizes.count(size) // batch_size) for size in set(self.sizes))
 
     def __len__(self):
         return self.num_samples
@@ -1654,8 +1656,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         """Photo index of sample k: without buckets, pick's per-epoch shuffle; with them, bucket_batches'."""
         if not self.buckets:
             return pick(range(len(self.instances)), k, self.seed, "instance")
-        batches = sum(-(-self.sizes.count(bucket) // self.batch_size) for bucket in set(self.sizes))
-        epoch, position = divmod(k, batches * self.batch_size)
+        epoch, position = divmod(k, self.epoch_length)
         if self.plan[0] != epoch:  # kept: the samples of a batch, and of an epoch, come one after another
             self.plan = (epoch, bucket_batches(self.sizes, self.batch_size, self.seed, epoch))
         return self.plan[1][position // self.batch_size][position % self.batch_size]
@@ -1748,7 +1749,8 @@ def encode_latent_cache(vae, targets, center_crop, random_flip, seed, device, di
 
 
 def encode_cached(vae, path, size, center_crop, random_flip, seed, device, masked):
-    """The cache entries of one image at one size: each flip's moments, time ids and mask (None unless masked)."""
+    """The cache entries of one image at one size: each flip's moments, time ids and mask (None unless masked).
+    Decoded anew per size, as the uncached path does: a JPEG's reduced decode depends on the size it covers."""
     image, original_size = load_image(path, max(size))
     mask = load_mask(path, image.size) if masked else None
     keys, pixels, time_ids, masks = [], [], [], []
