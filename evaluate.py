@@ -15,8 +15,14 @@ Reads as the protocol does (Ruiz et al., "DreamBooth", CVPR 2023):
 --images DIR scores existing PNGs instead, each under the prompt in its `parameters` chunk (which infer.py and
 this script write). --baseline also renders the base model (the adapter at scale 0, as `infer.py --lora_scale 0`)
 on the same prompts and seeds, so the gain from training is visible.
+
+Which step to keep: --checkpoint work_dirs/<run> (the run folder) scores every stepN in it (or --steps 199,299)
+and the base model, on the same prompts and seeds, and writes curve.csv, curve.png, a contact sheet of prompts
+across steps, and a recommended step (RECOMMENDATION_RULE). Each step's renders are kept with what they were made
+with: rerun it as training goes on, and only new steps render. --prompts K renders a fixed subset of K prompts.
 """
 
+import argparse
 import csv
 import dataclasses
 import io
@@ -30,9 +36,11 @@ from PIL import Image, ImageDraw, ImageOps
 from tqdm.auto import tqdm
 
 from infer import add_render_flags, check_numbers, load_pipeline, pick_device, read_settings, render_images, resolve
-from train_dreambooth_lora_ssd1b import (ArgumentParser, UserError, check_images, check_model_source, check_versions,
-                                         list_images, load_image, looks_like_hub_id, refuse_empty,
-                                         resolve_instance_dir, save_png_atomic, set_lora_scale, warn, write_text_atomic)
+from train_dreambooth_lora_ssd1b import (CURVE_PACKAGES, LORA_FILE, ArgumentParser, UserError, apply_adapters,
+                                         check_images, check_model_source, check_versions, file_sha256,
+                                         finished_adapters, infer_command, list_images, load_image, looks_like_hub_id,
+                                         refuse_empty, resolve_instance_dir, save_png_atomic, set_card_evaluation,
+                                         set_lora_scale, step_of, warn, write_text_atomic)
 
 DREAMBENCH = Path(__file__).resolve().parent / "dreambench_prompts.json"
 METRICS = ["DINO", "CLIP-I", "CLIP-T"]
@@ -44,12 +52,25 @@ PROCESSOR_FILES = ["preprocessor_config.json", "processor_config.json"]
 EMBED_BATCH = 16  # images per scorer forward pass: small enough for any GPU, and for CPU memory
 CELL = 256  # side of one image on the contact sheet
 LABEL_HEIGHT = 14  # the strip above each row of the contact sheet that names its prompt
+# DreamBench's prompts by kind, as its lists are ordered. --prompts K takes one of each kind in turn, each kind in
+# list order, so that any K spreads over the kinds: K = 3 (live) is the jungle, the red hat and "a red ...".
+PROMPT_KINDS = {"object": [("recontextualization", range(0, 20)), ("property modification", range(20, 25))],
+                "live": [("recontextualization", range(0, 10)), ("accessorization", range(10, 20)),
+                         ("property modification", range(20, 25))]}
+RECOMMENDATION_RULE = ("the step with the highest DINO among those whose CLIP-T is at least the base model's minus "
+                       "--clip_t_tolerance; the earliest of equals; none when no step keeps CLIP-T that high")
+RENDER_FILE = "render.json"  # in each column's folder of a run evaluation: what its images were made with
+SHEET_PROMPTS = 4  # rows of a run's contact sheet: the first prompts of the subset, so they spread over the kinds
 
 
 def parser():
     p = ArgumentParser(description=__doc__.split("\n")[0])
     g = p.add_argument_group("what to score")
-    g.add_argument("--checkpoint", default=None, help="a step dir, e.g. work_dirs/<run>/step499: render and score")
+    g.add_argument("--checkpoint", default=None, help="a step dir, e.g. work_dirs/<run>/step499: render and score "
+                   "it; or a run folder, e.g. work_dirs/<run>: score every stepN and the base model, draw the curve "
+                   "and recommend a step")
+    g.add_argument("--steps", default=None, help="with a run folder: only these steps, e.g. 199,299; default: every "
+                   "stepN in it")
     g.add_argument("--images", default=None, help="a folder of PNGs with `parameters` chunks: score them as they are "
                    "(instead of --checkpoint)")
     g.add_argument("--instance_dir", required=True, help="the subject's real photos: a folder or a hub dataset id")
@@ -64,6 +85,10 @@ def parser():
 
     g = p.add_argument_group("rendering (as infer.py; --device is the scorers' too)")
     g.add_argument("--images_per_prompt", type=int, default=4, help="image j of every prompt uses seed + j")
+    g.add_argument("--prompts", type=int, default=None, help="render only K of the 25 DreamBench prompts, a fixed "
+                   "subset spread over the kinds of prompt (README: Evaluate); default: all 25")
+    g.add_argument("--clip_t_tolerance", type=float, default=None, help="with a run folder: how far below the base "
+                   "model's CLIP-T the recommended step may be; default: 0.02")
     add_render_flags(g)
 
     g = p.add_argument_group("scorers (hub ids or local folders)")
@@ -96,6 +121,23 @@ def check_args(args):
     if args.checkpoint and not (args.class_noun and args.subject_kind):
         raise UserError("rendering needs --class_noun (e.g. dog) and --subject_kind (live for pets, else object)")
     check_numbers(args, "images_per_prompt")  # infer.py's ranges, so the two scripts refuse alike
+    for flag in ("steps", "prompts", "clip_t_tolerance"):
+        if args.images and getattr(args, flag) is not None:
+            raise UserError(f"--{flag} says what to render, and --images renders nothing: pass --checkpoint instead")
+    step_numbers(args.steps)
+
+
+def step_numbers(text):
+    """--steps '199,299' -> [199, 299]; None -> None."""
+    if text is None:
+        return None
+    parts = [part.strip() for part in text.split(",")]
+    if not all(part.isdigit() for part in parts):
+        raise UserError(f"--steps must be step numbers separated by commas, e.g. 199,299 (got {text!r})")
+    numbers = [int(part) for part in parts]
+    if len(set(numbers)) < len(numbers):
+        raise UserError(f"--steps names a step twice ({text}): name each once")
+    return sorted(numbers)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -107,6 +149,24 @@ def dreambench_prompts(subject_kind, identifier, class_noun):
     """DreamBench's 25 prompts for this kind of subject, with {0} the identifier and {1} the class noun."""
     bench = json.loads(DREAMBENCH.read_text())
     return [p.format(identifier, class_noun) for p in bench[PROMPT_LISTS[subject_kind]]]
+
+
+def prompt_subset(subject_kind, count):
+    """The DreamBench indices --prompts K renders: one of each kind in turn (PROMPT_KINDS), each kind in list
+    order; every prompt, in list order, when no K is given."""
+    if count is None:
+        return list(range(25))
+    queues = [list(indices) for _, indices in PROMPT_KINDS[subject_kind]]
+    order = []
+    while len(order) < count:
+        order += [queue.pop(0) for queue in queues if queue][:count - len(order)]
+    return order
+
+
+def chosen_prompts(args):
+    """[(DreamBench index, prompt)] to render: --prompts K of them, or all 25."""
+    prompts = dreambench_prompts(args.subject_kind, args.identifier, args.class_noun)
+    return [(i, prompts[i]) for i in prompt_subset(args.subject_kind, args.prompts)]
 
 
 def scored_prompt(prompt, identifier):
@@ -309,12 +369,13 @@ def score_run(scorers, real, rows, identifier, name="images"):
 
 def render_prompts(pipe, render, prompts, folder, name):
     """Every prompt's images, through infer.py's render_images, so each PNG carries its `parameters` chunk:
-    `--images` can score them again and `infer.py --prompt P --seed S` redraws any one. Returns [(prompt, images)]."""
+    `--images` can score them again and `infer.py --prompt P --seed S` redraws any one. prompts: [(DreamBench
+    index, prompt)]; image j of prompt i is promptII_seedS.png. Returns [(prompt, images)]."""
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.glob("prompt*_seed*.png"):  # an earlier evaluation's: --images would score them too
         stale.unlink()
     rows = []
-    for i, prompt in enumerate(tqdm(prompts, desc=f"rendering {name}", unit="prompt")):
+    for i, prompt in tqdm(prompts, desc=f"rendering {name}", unit="prompt"):
         images = render_images(pipe, dataclasses.replace(render, prompt=prompt), folder, f"prompt{i:02d}")
         rows.append((prompt, [image for _, image in images]))
     print(f"{name}: {len(prompts) * len(render.seeds)} images in {folder}")
@@ -397,7 +458,17 @@ def report_settings(args, device, render):
             "num_inference_steps": render.num_inference_steps, "guidance_scale": render.guidance_scale,
             "height": render.height, "width": render.width, "lora_scale": render.lora_scale,
             "pretrained_model_name_or_path": render.model, "pretrained_vae_model_name_or_path": render.vae_model,
-            "dtype": render.dtype}
+            "dtype": render.dtype, "prompts": len(prompt_subset(args.subject_kind, args.prompts)),
+            "dreambench_indices": prompt_subset(args.subject_kind, args.prompts),
+            "prompt_subset": subset_text(args.subject_kind, args.prompts)}
+
+
+def subset_text(subject_kind, count):
+    """How the report names the prompts it used."""
+    if count is None:
+        return "all 25"
+    kinds = ", ".join(kind for kind, _ in PROMPT_KINDS[subject_kind])
+    return f"--prompts {count}: one of each kind in turn ({kinds}); numbers from other subsets are not comparable"
 
 
 def write_outputs(output_dir, runs, scores, real_scores, settings):
@@ -422,6 +493,233 @@ def write_outputs(output_dir, runs, scores, real_scores, settings):
     return report
 
 
+def write_curve_csv(path, base, steps):
+    """One row for the base model, then one per step: the three scores and how many images they average."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["step", *METRICS, "num_images"])
+    for name, scores in [("base", base), *((s["step"], s) for s in steps)]:
+        writer.writerow([name, *(f"{scores[m]:.6f}" for m in METRICS), scores["num_images"]])
+    write_text_atomic(path, out.getvalue())
+
+
+def draw_curve(path, base, steps, real, recommended, tolerance):
+    """curve.png: each score against the step, the base model and the instance photos as reference lines, and
+    the CLIP-T floor of the recommendation."""
+    import matplotlib
+    matplotlib.use("Agg")  # no screen needed
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    figure, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 3.4), constrained_layout=True)
+    for ax, metric in zip(axes, METRICS):
+        ax.plot([s["step"] for s in steps], [s[metric] for s in steps], marker="o", label="this run")
+        ax.axhline(base[metric], color="grey", linestyle="--", label="base model")
+        if real.get(metric) is not None:  # CLIP-T has no value for photos: they carry no prompt
+            ax.axhline(real[metric], color="green", linestyle=":", label="instance photos")
+        if metric == "CLIP-T":
+            ax.axhline(base[metric] - tolerance, color="grey", linestyle=":", label="the recommendation's floor")
+        if recommended is not None:
+            ax.axvline(recommended, color="red", alpha=0.4, label=f"recommended: step{recommended}")
+        ax.set(title=metric, xlabel="step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(fontsize=7)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    plt.close(figure)
+    save_png_atomic(Image.open(buffer), path)
+
+
+def run_contact_sheet(columns, runs):
+    """A few prompts (rows) across the base model and the steps (columns), each prompt's first seed."""
+    rows = [(prompt, [[runs[name][r][1][0]] for name, _ in columns])
+            for r, (prompt, _) in enumerate(runs["base"][:SHEET_PROMPTS])]
+    rows[0] = (f"{rows[0][0]}    [columns: {', '.join(name for name, _ in columns)}]", rows[0][1])
+    return contact_sheet(rows)
+
+
+def write_run_per_prompt_csv(path, scores):
+    """One row per (column, prompt): which step, what was rendered, what CLIP-T read, the three scores."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["column", "prompt", "scored_prompt", "num_images", *METRICS])
+    for name, (_, per_prompt) in scores.items():
+        for row in per_prompt:
+            writer.writerow([name, row["prompt"], row["scored_prompt"], row["num_images"],
+                             *(f"{row[m]:.6f}" for m in METRICS)])
+    write_text_atomic(path, out.getvalue())
+
+
+def recommendation_line(recommended, steps, base, tolerance, run_dir, prompt):
+    """The one line that answers the question, with the command that renders from the answer."""
+    if recommended is None:
+        closest = max(steps, key=lambda s: s["CLIP-T"])
+        return (f"no recommended step: every step's CLIP-T is more than {tolerance:g} below the base model's "
+                f"{base['CLIP-T']:.3f} (the highest, step{closest['step']}, has {closest['CLIP-T']:.3f}); the "
+                "subject crowds out the prompts: train fewer steps or at a lower learning rate")
+    chosen = next(s for s in steps if s["step"] == recommended)
+    return (f"recommended: step{recommended} (DINO {chosen['DINO']:.3f}, CLIP-T {chosen['CLIP-T']:.3f}, base model "
+            f"{base['DINO']:.3f} and {base['CLIP-T']:.3f}); render from it: "
+            f"{infer_command(Path(run_dir) / f'step{recommended}', prompt)}")
+
+
+def write_run_outputs(output_dir, args, columns, runs, scores, real_scores, tolerance, settings):
+    """curve.csv, curve.png, contact_sheet.png, per_prompt.csv and report.json, each written atomically; the
+    run's model card gains the curve when this evaluation lies in the run folder. Returns the report."""
+    base = scores["base"][0]
+    steps = [{"step": step_of(step_dir) - 1, **scores[name][0]} for name, step_dir in columns[1:]]
+    recommended = recommend(steps, base, tolerance)
+    line = recommendation_line(recommended, steps, base, tolerance, args.checkpoint, runs["base"][0][0])
+    write_curve_csv(output_dir / "curve.csv", base, steps)
+    draw_curve(output_dir / "curve.png", base, steps, real_scores, recommended, tolerance)
+    save_png_atomic(run_contact_sheet(columns, runs), output_dir / "contact_sheet.png")
+    write_run_per_prompt_csv(output_dir / "per_prompt.csv", scores)
+    report = {"kind": "run", "run": str(Path(args.checkpoint).resolve()), "base_model": base, "steps": steps,
+              "recommended_step": recommended, "recommendation": line, "rule": RECOMMENDATION_RULE,
+              "clip_t_tolerance": tolerance, "instance_photos": real_scores, "settings": settings,
+              "paper_table_1": json.loads(DREAMBENCH.read_text())["paper_table_1"]}
+    write_json_atomic(output_dir / "report.json", report)
+    set_card_evaluation(args.checkpoint, output_dir)
+    print("step    " + "".join(f"{m:>9}" for m in METRICS))
+    for name, values in [("base", base), *((f"step{s['step']}", s) for s in steps)]:
+        print(f"{name:<8}" + "".join(f"{values[m]:>9.3f}" for m in METRICS))
+    print(f"wrote curve.csv, curve.png, contact_sheet.png, per_prompt.csv and report.json in {output_dir}\n{line}")
+    return report
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A whole run: every step beside the base model, the curve, and the step to keep
+# ----------------------------------------------------------------------------------------------------------
+
+
+def is_run_folder(checkpoint):
+    """A run folder holds stepN dirs with adapters; a step dir holds the adapter file itself."""
+    return not (Path(checkpoint) / LORA_FILE).is_file() and bool(finished_adapters(checkpoint))
+
+
+def run_columns(run_dir, numbers):
+    """[(name, step dir)] to score: the base model (step dir None), then every stepN or those of --steps, each
+    step's adapter file and settings checked as infer.py checks them."""
+    steps = {step_of(p) - 1: p for p in finished_adapters(run_dir)}
+    missing = [n for n in numbers or [] if n not in steps]
+    if missing:
+        raise UserError(f"--steps: {run_dir} has no step{missing[0]} with adapters; it has "
+                        f"{', '.join(p.name for p in steps.values())}")
+    chosen = [steps[n] for n in numbers] if numbers else list(steps.values())
+    for step_dir in chosen:
+        read_settings(step_dir)
+    return [("base", None)] + [(step_dir.name, step_dir) for step_dir in chosen]
+
+
+def column_record(render, prompts, step_dir):
+    """What a column's images depend on: every rendering setting, the prompts, and the adapters' own bytes."""
+    record = {k: v for k, v in dataclasses.asdict(render).items() if k not in ("checkpoint", "prompt", "seeds")}
+    record.update(seeds=list(render.seeds), prompts=[list(p) for p in prompts],
+                  lora_scale=render.lora_scale if step_dir else 0.0,
+                  adapters_sha256=file_sha256(step_dir / LORA_FILE) if step_dir else None)
+    return record
+
+
+def read_json(path):
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+
+
+def columns_to_render(output_dir, columns, records, overwrite):
+    """The columns whose images are missing or stale. One rendered with other settings is not replaced silently;
+    one whose adapters changed since (a retrained step) is rendered again."""
+    todo = []
+    for (name, _), record in zip(columns, records):
+        saved = read_json(output_dir / name / RENDER_FILE)
+        if saved == record and all((output_dir / name / png).is_file() for png in column_files(record)):
+            continue
+        changed = [k for k in record if isinstance(saved, dict) and k != "adapters_sha256"
+                   and saved.get(k) != record[k]]
+        if changed and not overwrite:
+            raise UserError(f"{output_dir / name} holds renders made with another {changed[0]}: choose another "
+                            "--output_dir, or pass --overwrite_output_dir to render them again")
+        if isinstance(saved, dict) and not changed:
+            print(f"{name}: its adapters changed since it was rendered; rendering it again")
+        todo.append(name)
+    return todo
+
+
+def column_files(record):
+    """The PNG names of a column, in prompt-then-seed order."""
+    return [f"prompt{i:02d}_seed{seed}.png" for i, _ in record["prompts"] for seed in record["seeds"]]
+
+
+def make_run_output_dir(output_dir):
+    """The run evaluation's folder, made if missing; one that holds a single step's evaluation is not mixed in."""
+    report = read_json(Path(output_dir) / "report.json")
+    if (Path(output_dir) / "report.json").exists() and not (isinstance(report, dict) and report.get("kind") == "run"):
+        raise UserError(f"{output_dir} already holds another evaluation (report.json): choose another --output_dir")
+    return make_output_dir(output_dir, overwrite=True)
+
+
+def render_columns(render, columns, todo, prompts, output_dir, records):
+    """Render the columns in todo with one pipeline: the adapters are swapped between steps, and the base model
+    is the adapters at scale 0. Each column's render.json is written last, so a cut-short column renders again."""
+    pipe = None
+    for (name, step_dir), record in zip(columns, records):
+        if name not in todo:
+            continue
+        (output_dir / name / RENDER_FILE).unlink(missing_ok=True)
+        adapters = step_dir or columns[-1][1]
+        if pipe is None:
+            pipe = load_pipeline(dataclasses.replace(render, checkpoint=str(adapters)), progress=False)
+        elif step_dir:
+            pipe.unload_lora_weights()
+            apply_adapters(pipe, step_dir, render.lora_scale)
+        set_lora_scale(pipe, record["lora_scale"])
+        column = dataclasses.replace(render, checkpoint=str(adapters), lora_scale=record["lora_scale"])
+        render_prompts(pipe, column, prompts, output_dir / name, name)
+        write_json_atomic(output_dir / name / RENDER_FILE, record)
+
+
+def load_column(folder, record):
+    """[(prompt, images)] of a rendered column, read back from its PNGs."""
+    return [(prompt, [load_image(folder / f"prompt{i:02d}_seed{seed}.png")[0] for seed in record["seeds"]])
+            for i, prompt in record["prompts"]]
+
+
+def recommend(steps, base, tolerance):
+    """The step to keep, by RECOMMENDATION_RULE; steps: [{"step", "DINO", "CLIP-T", ...}]. None if no step
+    qualifies. The small slack keeps a CLIP-T printed equal to the floor on the right side of it."""
+    kept = [s for s in steps if s["CLIP-T"] >= base["CLIP-T"] - tolerance - 1e-9]
+    if not kept:
+        return None
+    best = max(s["DINO"] for s in kept)
+    return min(s["step"] for s in kept if s["DINO"] == best)
+
+
+def evaluate_run(args, photos, device):
+    """Score every step of a run and the base model on the same prompts and seeds, reusing what was rendered."""
+    check_versions(CURVE_PACKAGES)
+    columns = run_columns(args.checkpoint, step_numbers(args.steps))  # base first; every adapter file checked
+    prompts = chosen_prompts(args)
+    step_args = argparse.Namespace(**{**vars(args), "checkpoint": str(columns[-1][1])})  # the newest step's settings
+    render = resolve(step_args, read_settings(columns[-1][1]), prompts[0][1], args.images_per_prompt)
+    records = [column_record(render, prompts, step_dir) for _, step_dir in columns]
+    output_dir = make_run_output_dir(args.output_dir)
+    todo = columns_to_render(output_dir, columns, records, args.overwrite_output_dir)
+
+    scorers = Scorers(args.dino_model, args.clip_model, device)  # small: loaded first, so a bad one fails fast
+    real = scorers.embed_images([load_image(p)[0] for p in photos], "instance photos")
+    real_scores = {"DINO": real_pairs(real["DINO"]), "CLIP-I": real_pairs(real["CLIP-I"]), "num_images": len(photos)}
+    if todo:
+        kept = [name for name, _ in columns if name not in todo]
+        print(f"rendering {', '.join(todo)}; already rendered: {', '.join(kept) or 'none'}")
+        render_columns(render, columns, todo, prompts, output_dir, records)
+    runs = {name: load_column(output_dir / name, record) for (name, _), record in zip(columns, records)}
+    scores = {name: score_run(scorers, real, rows, args.identifier, name) for name, rows in runs.items()}
+    tolerance = 0.02 if args.clip_t_tolerance is None else args.clip_t_tolerance
+    return write_run_outputs(output_dir, args, columns, runs, scores, real_scores, tolerance,
+                             report_settings(args, device, render))
+
+
 def main(argv=None):
     args = parse_args(argv)                                      # flags, every check of them in one place
     check_versions(["torch", "diffusers", "transformers", "peft"])  # as at import, for callers of main() too
@@ -429,13 +727,19 @@ def main(argv=None):
     check_scorer(args.dino_model, "--dino_model")
     check_scorer(args.clip_model, "--clip_model")
     device = pick_device(args.device)
+    if args.checkpoint and is_run_folder(args.checkpoint):
+        return evaluate_run(args, photos, device)                # every step beside the base model: the curve
+    for flag in ("steps", "clip_t_tolerance"):
+        if args.checkpoint and getattr(args, flag) is not None:
+            raise UserError(f"--{flag} is for a run folder, and {args.checkpoint} is one step dir: pass its run "
+                            f"folder, {Path(args.checkpoint).parent}")
     render = None
     if args.images:
         groups = prompted_images(args.images)                    # {prompt: PNGs}, from their parameters chunks
     else:
-        prompts = dreambench_prompts(args.subject_kind, args.identifier, args.class_noun)
+        prompts = chosen_prompts(args)
         # infer.py's own checks of checkpoint and models; each prompt's Render is this one with its prompt
-        render = resolve(args, read_settings(args.checkpoint), prompts[0], args.images_per_prompt)
+        render = resolve(args, read_settings(args.checkpoint), prompts[0][1], args.images_per_prompt)
     output_dir = make_output_dir(args.output_dir, args.overwrite_output_dir)
 
     scorers = Scorers(args.dino_model, args.clip_model, device)  # small: loaded first, so a bad one fails fast

@@ -41,6 +41,8 @@ NUMBER_RANGES = {
     # SDXL-family models are trained at 1024; past 4096 a render needs tens of GB and days on a CPU
     "height": ("a multiple of 8 in [8, 4096]", lambda v: 8 <= v <= 4096 and v % 8 == 0),
     "width": ("a multiple of 8 in [8, 4096]", lambda v: 8 <= v <= 4096 and v % 8 == 0),
+    "prompts": ("in [1, 25] (DreamBench has 25 prompts per kind of subject)", lambda v: 1 <= v <= 25),
+    "clip_t_tolerance": ("a finite number >= 0", lambda v: v >= 0),
 }
 
 LORA_PREFIXES = ("unet.", "text_encoder.", "text_encoder_2.")  # the components of a diffusers-format adapter file

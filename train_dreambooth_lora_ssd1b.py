@@ -95,8 +95,9 @@ class UserError(Exception):
 
 # requirements.txt's lower bounds; diffusers before 0.35.2 fails at import under transformers 5
 MINIMUM_VERSIONS = {"torch": "2.4", "diffusers": "0.35.2", "transformers": "4.44", "peft": "0.17",
-                    "accelerate": "1.2", "bitsandbytes": "0.50", "prodigyopt": "1.1.2"}
+                    "accelerate": "1.2", "bitsandbytes": "0.50", "prodigyopt": "1.1.2", "matplotlib": "3.9"}
 OPTIMIZER_PACKAGES = {"bitsandbytes": "adamw8bit", "prodigyopt": "prodigy"}  # checked only for that --optimizer
+CURVE_PACKAGES = ["matplotlib"]  # evaluate.py's curve.png needs it; training does not
 KNOWN_CLASHES = [  # (package, from version, other package, below version, the pip command that fixes it)
     ("transformers", "5.24", "peft", "0.22", "pip install 'transformers>=4.44,<5.24'"),  # add_adapter refuses
 ]
@@ -193,7 +194,8 @@ NEEDS = {
                     "prior_target"]},
     "mask_floor": ("masked_loss", "--masked_loss"),
     **{flag: ("validation_prompt", "--validation_prompt 'a photo of sks dog in a bucket'")
-       for flag in ["validation_steps", "num_validation_images", "validation_inference_steps"]},
+       for flag in ["validation_steps", "num_validation_images", "validation_inference_steps",
+                    "validation_compare_base"]},
     "accept_changed_settings": ("resume_from_checkpoint", "--resume_from_checkpoint latest"),
     "hub_model_id": ("push_to_hub", "--push_to_hub"),
     "hub_token": ("push_to_hub", "--push_to_hub"),
@@ -485,6 +487,8 @@ def add_output_flags(p):
     g.add_argument("--num_validation_images", type=int, default=4)
     g.add_argument("--validation_steps", type=int, default=100)
     g.add_argument("--validation_inference_steps", type=int, default=50)
+    g.add_argument("--validation_compare_base", action="store_true",
+                   help="beside each round's images, the base model's (adapters off, same seeds), rendered once")
     g.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "wandb", "all", "none"])
     g.add_argument("--logging_steps", type=int, default=10,
                    help="read the loss back from the device every N steps (each read waits for the device)")
@@ -2313,11 +2317,12 @@ def log_validation(accelerator, models, args, settings, step):
         prompt = None if models.prompt_cache else args.validation_prompt  # else it comes as embeddings
         images = generate_images(pipe, prompt, seeds, *(settings.validation_size or [args.resolution] * 2),
                                  args.validation_inference_steps, **cached_prompt_kwargs(pipe, models, args))
+        base = base_validation_images(pipe, models, args, settings, seeds) if args.validation_compare_base else None
     folder = Path(settings.output_dir) / "validation" / f"step{step - 1}"
     folder.mkdir(parents=True, exist_ok=True)
     for seed, image in zip(seeds, images):
         save_png_atomic(image, folder / f"seed{seed}.png")
-    grid = image_grid(images)
+    grid = side_by_side(image_grid(images), image_grid(base)) if base else image_grid(images)
     save_png_atomic(grid, folder / "grid.png")
     tqdm.write(f"validation: {len(images)} images of '{args.validation_prompt}' in {folder} "
                f"({(time.perf_counter() - started) / len(images):.1f} s/image)")
@@ -2328,6 +2333,42 @@ def log_validation(accelerator, models, args, settings, step):
     for text_encoder in text_encoders if args.train_text_encoder else []:
         text_encoder.train()
     return images
+
+
+def base_validation_images(pipe, models, args, settings, seeds):
+    """--validation_compare_base: the base model's images for the validation seeds, its adapters off. Rendered
+    once per run into validation/base/ with what they were made with, then read back by every later round, a
+    resumed run's too; made again only when that record differs (an --overwrite_output_dir run, say)."""
+    folder = Path(settings.output_dir) / "validation" / "base"
+    record = {"prompt": args.validation_prompt, "seeds": seeds,
+              "size": list(settings.validation_size or [args.resolution] * 2),  # a list, as JSON reads it back
+              "steps": args.validation_inference_steps, "model": settings.pretrained_model_name_or_path,
+              "vae": settings.pretrained_vae_model_name_or_path, "mixed_precision": args.mixed_precision}
+    paths = [folder / f"seed{seed}.png" for seed in seeds]
+    try:
+        if json.loads((folder / "render.json").read_text()) == record and all(p.is_file() for p in paths):
+            return [load_image(path)[0] for path in paths]
+    except (OSError, ValueError):
+        pass  # none yet, or unreadable: render them
+    text_encoders = [m for m in [pipe.text_encoder, pipe.text_encoder_2] if m is not None and args.train_text_encoder]
+    with adapters_off([pipe.unet, *text_encoders]):
+        prompt = None if models.prompt_cache else args.validation_prompt
+        images = generate_images(pipe, prompt, seeds, *record["size"], args.validation_inference_steps,
+                                 **cached_prompt_kwargs(pipe, models, args))
+    folder.mkdir(parents=True, exist_ok=True)
+    for path, image in zip(paths, images):
+        save_png_atomic(image, path)
+    write_text_atomic(folder / "render.json", json.dumps(record) + "\n")
+    return images
+
+
+def side_by_side(left, right):
+    """Two grids in one picture, a white gap between: the trained model's, then the base model's."""
+    gap = max(left.width // 16, 4)
+    both = Image.new("RGB", (left.width + gap + right.width, max(left.height, right.height)), "white")
+    both.paste(left, (0, 0))
+    both.paste(right, (left.width + gap, 0))
+    return both
 
 
 def cached_prompt_kwargs(pipe, models, args):
@@ -2369,7 +2410,7 @@ def write_model_card(output_dir, args, settings, step, num_processes, hub_model_
     shown = [f"Validation, `{args.validation_prompt}`, {grid.parent.name}:", "",
              f"![validation]({widget[0]['output']['url']})", ""] if grid else []
     description = "\n".join([*card_settings(args, settings, step, num_processes, base_id, hub_model_id), *shown,
-                             *card_usage(args, settings, step, hub_model_id)])
+                             *card_evaluation(output_dir), *card_usage(args, settings, step, hub_model_id)])
     with mock.patch.object(huggingface_hub.constants, "HF_HUB_OFFLINE", True):  # made here, from the template
         card = load_or_create_model_card(hub_model_id or "local/dreambooth-lora", from_training=True,
                                          base_model=base_id, prompt=args.instance_prompt, widget=widget,
@@ -2384,6 +2425,61 @@ def last_validation_grid(output_dir):
     """The grid of the last validation round in output_dir, or None."""
     grids = sorted(Path(output_dir).glob("validation/step*/grid.png"), key=lambda p: int(p.parent.name[4:]))
     return grids[-1] if grids else None
+
+
+# evaluate.py rewrites what lies between these in the card, so a newer evaluation replaces the older one's
+EVALUATION_SECTION = ("<!-- evaluate.py's section: the newest run evaluation in this folder -->",
+                      "<!-- end of evaluate.py's section -->")
+
+
+def latest_evaluation(output_dir):
+    """(folder, report) of the newest whole-run evaluation in a folder of output_dir, as `evaluate.py --checkpoint
+    OUTPUT_DIR --output_dir OUTPUT_DIR/eval` writes it, or None. An unreadable report is passed over: evaluate.py
+    names it when it runs, and a card is no place to fail a training run."""
+    found = []
+    for report_file in Path(output_dir).glob("*/report.json"):
+        try:
+            report = json.loads(report_file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        if isinstance(report, dict) and report.get("kind") == "run" and (report_file.parent / "curve.png").is_file():
+            found.append((report_file.stat().st_mtime, report_file.parent, report))
+    return max(found, key=lambda f: f[0])[1:] if found else None
+
+
+def card_evaluation(output_dir):
+    """The card's section on the newest run evaluation: its curve and the step it recommends; [] if none."""
+    evaluation = latest_evaluation(output_dir)
+    if evaluation is None:
+        return []
+    folder, report = evaluation
+    settings, step = report.get("settings") or {}, report.get("recommended_step")
+    verdict = (f"Recommended: `step{step}`: {report.get('rule')} (tolerance {report.get('clip_t_tolerance')})."
+               if step is not None
+               else f"No step recommended: {report.get('recommendation')}")
+    return [EVALUATION_SECTION[0], "## Which step to keep", "",
+            f"DreamBench's DINO, CLIP-I and CLIP-T of each step beside the base model, by `evaluate.py` "
+            f"({settings.get('prompts')} prompts x {settings.get('images_per_prompt')} images; "
+            f"`{folder.name}/report.json`):", "",
+            f"![curve]({(folder / 'curve.png').relative_to(output_dir).as_posix()})", "", verdict, "",
+            EVALUATION_SECTION[1], ""]
+
+
+def set_card_evaluation(output_dir, evaluation_dir):
+    """Put the evaluation section into output_dir's model card, when the card exists and the evaluation lies in
+    a folder of output_dir. Returns whether it did."""
+    card = Path(output_dir) / "README.md"
+    if not card.is_file() or Path(evaluation_dir).resolve().parent != Path(output_dir).resolve():
+        return False
+    text = card.read_text(encoding="utf-8")
+    start, end = EVALUATION_SECTION
+    if start in text and end in text.split(start, 1)[1]:
+        before, rest = text.split(start, 1)
+        text = before + rest.split(end, 1)[1].lstrip("\n")
+    section = "\n".join(card_evaluation(output_dir)) + "\n"
+    at = text.find("## Use it")
+    write_text_atomic(card, text[:at] + section + text[at:] if at >= 0 else text + "\n" + section)
+    return True
 
 
 def card_settings(args, settings, step, num_processes, base_id, hub_model_id):
@@ -2476,17 +2572,19 @@ def infer_command(step_dir, prompt):
 
 
 def push_to_hub(output_dir, args, settings, step, num_processes):
-    """Upload the final adapters, the model card and the last validation grid to --hub_model_id, as one commit.
-    The files are first gathered in output_dir/hub/, so a failed upload can be repeated by hand."""
+    """Upload the final adapters, the model card, the last validation grid and the newest run evaluation's curve
+    to --hub_model_id, as one commit. The files are first gathered in output_dir/hub/, so a failed upload can be
+    repeated by hand."""
     output_dir, step_dir = Path(output_dir), Path(output_dir) / f"step{step - 1}"
     repo_id = args.hub_model_id or Path(settings.output_dir).name
     staging = output_dir / "hub"
     tmp = output_dir / f".hub.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    grid = last_validation_grid(output_dir)
-    for source in [f for f in [step_dir / LORA_FILE, step_dir / KOHYA_FILE, grid] if f and f.is_file()]:
-        target = tmp / (source.relative_to(output_dir).as_posix() if source == grid else source.name)
+    grid, evaluation = last_validation_grid(output_dir), latest_evaluation(output_dir)
+    shown = [grid, *([evaluation[0] / "curve.png", evaluation[0] / "report.json"] if evaluation else [])]
+    for source in [f for f in [step_dir / LORA_FILE, step_dir / KOHYA_FILE, *shown] if f and f.is_file()]:
+        target = tmp / (source.relative_to(output_dir).as_posix() if source in shown else source.name)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, target)
     write_model_card(tmp, args, settings, step, num_processes, hub_model_id=repo_id)
@@ -2785,7 +2883,8 @@ def start_checkpointing(accelerator, resume_state, gradient_accumulation_steps, 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)                       # the flags, every check of them in one place, then frozen
-    check_versions([p for p in MINIMUM_VERSIONS if OPTIMIZER_PACKAGES.get(p, args.optimizer) == args.optimizer])
+    check_versions([p for p in MINIMUM_VERSIONS if OPTIMIZER_PACKAGES.get(p, args.optimizer) == args.optimizer
+                    and p not in CURVE_PACKAGES])
     settings = derive_settings(args, argv)        # what they come to: defaults, absolute model folders
     with hold_output_dir(settings.output_dir):    # one trainer per output dir, until this one exits
         instance_images, instance_prompts, settings = check_inputs(args, settings)  # all before any model loads

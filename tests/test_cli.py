@@ -665,3 +665,12 @@ def test_help_states_every_default(capsys):
                           ("max_train_steps", "500"), ("optimizer", "adamw8bit"), ("lora_dropout", "0.0")]:
         assert re.search(rf"--{flag} \S+ [^-]*?\(?default: {re.escape(default)}\b", text), flag
     assert "(default: None)" not in text and "(default: False)" not in text
+
+
+def test_the_trainer_does_not_need_matplotlib(monkeypatch, tmp_path):
+    fake_versions(monkeypatch, matplotlib=None)  # only evaluate.py's curve draws with it
+    argv = ["--pretrained_model_name_or_path", tmp_path / "no-model", "--instance_dir", tmp_path / "no-photos",
+            "--instance_prompt", "a photo of sks dog", "--output_dir", tmp_path / "out"]
+    with pytest.raises(trainer.UserError) as refused:
+        run_trainer(*argv)
+    assert "matplotlib" not in str(refused.value) and "no-photos" in str(refused.value)

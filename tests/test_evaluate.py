@@ -277,7 +277,9 @@ def test_mistakes_are_refused_in_one_line(case, message, trained_run, photos, sc
 EVALUATE_BAD_NUMBERS = [("--images_per_prompt", "0"), ("--images_per_prompt", "-4"), ("--seed", "-1"),
                         ("--seed", str(2**64)), ("--num_inference_steps", "0"), ("--num_inference_steps", "-1"),
                         ("--guidance_scale", "nan"), ("--guidance_scale", "-inf"), ("--guidance_scale", "-1"),
-                        ("--height", "-64"), ("--height", "12"), ("--width", "0"), ("--lora_scale", "nan")]
+                        ("--height", "-64"), ("--height", "12"), ("--width", "0"), ("--lora_scale", "nan"),
+                        ("--prompts", "0"), ("--prompts", "26"), ("--clip_t_tolerance", "-0.01"),
+                        ("--clip_t_tolerance", "inf")]
 
 
 @pytest.mark.parametrize("flag, value", EVALUATE_BAD_NUMBERS)
@@ -356,3 +358,218 @@ def test_an_empty_value_is_refused_not_read_as_the_current_folder(flag, tmp_path
                       flag, "")
     with pytest.raises(UserError, match=f"^{flag} is empty: pass "):
         evaluate.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A whole run: every step beside the base model, the curve, the recommended step
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def three_step_run(tiny_model, photos, tmp_path_factory):
+    """A run with three checkpoints, step0 to step2, at a learning rate high enough to move the renders."""
+    from conftest import run_trainer, tiny_args
+
+    output_dir = tmp_path_factory.mktemp("run3") / "out"
+    run_trainer(*tiny_args(tiny_model, photos, output_dir, "--max_train_steps", 3, "--checkpointing_steps", 1,
+                           "--optimizer", "adamw", "--learning_rate", 3e-2))
+    return output_dir
+
+
+def run_argv(run, photos, scorer_dirs, output_dir, *extra):
+    """A quick run evaluation: 3 prompts, one image each, 2 denoising steps."""
+    return with_flags(["--checkpoint", str(run), "--instance_dir", str(photos), "--class_noun", "dog", "--identifier",
+                       "sks", "--subject_kind", "live", "--prompts", "3", "--images_per_prompt", "1",
+                       "--num_inference_steps", "2", "--output_dir", str(output_dir), *scorer_flags(scorer_dirs)],
+                      *extra)
+
+
+def copy_run(run, folder, steps):
+    """A copy of the run's step dirs named in steps (and its model card), as a run part-way through would hold."""
+    import shutil
+
+    folder.mkdir(parents=True)
+    shutil.copyfile(run / "README.md", folder / "README.md")
+    for step in steps:
+        shutil.copytree(run / step, folder / step)
+    return folder
+
+
+def rendered_columns(monkeypatch):
+    """The names of the columns evaluate.py renders from here on."""
+    names, real = [], evaluate.render_prompts
+
+    def render_prompts(pipe, render, prompts, folder, name):
+        names.append(name)
+        return real(pipe, render, prompts, folder, name)
+    monkeypatch.setattr(evaluate, "render_prompts", render_prompts)
+    return names
+
+
+@pytest.fixture(scope="module")
+def run_evaluated(three_step_run, photos, scorer_dirs, tmp_path_factory):
+    """The three-step run evaluated into a folder of its own copy, as `--output_dir RUN/eval` would be."""
+    run = copy_run(three_step_run, tmp_path_factory.mktemp("run3eval") / "run", ["step0", "step1", "step2"])
+    report = evaluate.main(run_argv(run, photos, scorer_dirs, run / "eval"))
+    return report, run
+
+
+def test_a_run_gives_a_curve_row_per_step_plus_the_base_model(run_evaluated):
+    report, run = run_evaluated
+    with open(run / "eval" / "curve.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["step"] for r in rows] == ["base", "0", "1", "2"]
+    assert [float(r["DINO"]) for r in rows] == pytest.approx(
+        [report["base_model"]["DINO"], *(s["DINO"] for s in report["steps"])], abs=1e-6)
+    assert all(r["num_images"] == "3" for r in rows), "3 prompts x 1 image in every row"
+    assert len({r["CLIP-T"] for r in rows}) > 1, "the steps render differently from the base model"
+    with Image.open(run / "eval" / "curve.png") as curve:
+        assert curve.format == "PNG" and curve.width > 600
+    sheet = Image.open(run / "eval" / "contact_sheet.png")  # 3 prompts (rows) x base + 3 steps (columns)
+    assert sheet.height == 3 * (64 + evaluate.LABEL_HEIGHT) and sheet.width >= 4 * 64
+    assert report["settings"]["dreambench_indices"] == [0, 10, 20]
+    assert report["settings"]["prompt_subset"].startswith("--prompts 3: one of each kind in turn")
+
+
+def test_the_recommended_step_follows_the_stated_rule(run_evaluated, capsys):
+    report, run = run_evaluated
+    assert report["recommended_step"] == evaluate.recommend(report["steps"], report["base_model"], 0.02)
+    assert report["rule"] == evaluate.RECOMMENDATION_RULE and report["clip_t_tolerance"] == 0.02
+    if report["recommended_step"] is not None:
+        assert f"infer.py --checkpoint {run.resolve()}/step{report['recommended_step']} --prompt" in \
+            report["recommendation"]
+
+
+def test_each_column_is_what_infer_py_renders_for_that_step(run_evaluated, tmp_path):
+    """The adapters are swapped between steps, and the base column is the adapters at scale 0."""
+    _, run = run_evaluated
+    for column, step, scale in [("step1", "step1", "1"), ("step2", "step2", "1"), ("base", "step0", "0")]:
+        theirs = infer.main(["--checkpoint", str(run / step), "--prompt", "a sks dog wearing a red hat",
+                             "--num_inference_steps", "2", "--lora_scale", scale,
+                             "--output", str(tmp_path / column)])[0]
+        ours = run / "eval" / column / "prompt10_seed0.png"
+        np.testing.assert_array_equal(np.asarray(Image.open(ours)), np.asarray(Image.open(theirs)))
+
+
+def test_the_model_card_shows_the_curve_and_the_recommended_step_once(run_evaluated, photos, scorer_dirs):
+    report, run = run_evaluated
+    evaluate.main(run_argv(run, photos, scorer_dirs, run / "eval"))  # again: the section is replaced, not added
+    card = (run / "README.md").read_text()
+    assert card.count("## Which step to keep") == 1 and "![curve](eval/curve.png)" in card
+    step = report["recommended_step"]
+    assert (f"Recommended: `step{step}`" if step is not None else "No step recommended") in card
+    assert card.index("## Which step to keep") < card.index("## Use it")
+
+
+def test_rerunning_after_one_more_checkpoint_renders_only_the_new_step(three_step_run, photos, scorer_dirs, tmp_path,
+                                                                       monkeypatch):
+    import shutil
+
+    run = copy_run(three_step_run, tmp_path / "run", ["step0", "step1"])
+    rendered = rendered_columns(monkeypatch)
+    first = evaluate.main(run_argv(run, photos, scorer_dirs, tmp_path / "eval", "--prompts", "2"))
+    assert rendered == ["base", "step0", "step1"]
+    shutil.copytree(three_step_run / "step2", run / "step2")  # training went on
+    rendered.clear()
+    second = evaluate.main(run_argv(run, photos, scorer_dirs, tmp_path / "eval", "--prompts", "2"))
+    assert rendered == ["step2"]
+    assert second["steps"][:2] == first["steps"] and second["base_model"] == first["base_model"]
+    assert [s["step"] for s in second["steps"]] == [0, 1, 2]
+
+
+def test_renders_made_with_other_settings_are_not_replaced_silently(three_step_run, photos, scorer_dirs, tmp_path,
+                                                                    no_model_loads):
+    run = copy_run(three_step_run, tmp_path / "run", ["step0"])
+    (tmp_path / "eval" / "base").mkdir(parents=True)
+    earlier = {"num_inference_steps": 50, "prompts": [[0, "a sks dog in the jungle"]]}
+    (tmp_path / "eval" / "base" / evaluate.RENDER_FILE).write_text(json.dumps(earlier))
+    with pytest.raises(UserError, match=re.escape(f"{tmp_path / 'eval' / 'base'} holds renders made with another ")):
+        evaluate.main(run_argv(run, photos, scorer_dirs, tmp_path / "eval"))
+    assert json.loads((tmp_path / "eval" / "base" / evaluate.RENDER_FILE).read_text()) == earlier
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--steps", "1,7"], "--steps: {run} has no step7 with adapters; it has step0, step1, step2"),
+    (["--steps", "1,x"], "--steps must be step numbers separated by commas, e.g. 199,299 (got '1,x')"),
+    (["--steps", "2,2"], "--steps names a step twice (2,2): name each once"),
+])
+def test_steps_that_are_not_in_the_run_are_refused_before_anything_loads(extra, message, three_step_run, photos,
+                                                                         scorer_dirs, tmp_path, no_model_loads):
+    with pytest.raises(UserError, match=re.escape(message.format(run=three_step_run))):
+        evaluate.main(run_argv(three_step_run, photos, scorer_dirs, tmp_path / "out", *extra))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--steps", "1"], "--steps is for a run folder, and {run}/step1 is one step dir: pass its run folder, {run}"),
+    (["--clip_t_tolerance", "0.1"], "--clip_t_tolerance is for a run folder, and {run}/step1 is one step dir"),
+])
+def test_run_flags_beside_a_step_dir_are_refused(extra, message, three_step_run, photos, scorer_dirs, tmp_path,
+                                                 no_model_loads):
+    with pytest.raises(UserError, match=re.escape(message.format(run=three_step_run))):
+        evaluate.main(run_argv(three_step_run / "step1", photos, scorer_dirs, tmp_path / "out", *extra))
+
+
+@pytest.mark.parametrize("flag, value", [("--prompts", "3"), ("--steps", "1"), ("--clip_t_tolerance", "0.1")])
+def test_render_flags_beside_images_are_refused(flag, value, tmp_path):
+    with pytest.raises(UserError, match=f"^{flag} says what to render, and --images renders nothing"):
+        evaluate.parse_args(["--images", str(tmp_path), "--instance_dir", str(tmp_path), "--output_dir",
+                             str(tmp_path / "out"), flag, value])
+
+
+def test_a_single_step_evaluation_folder_is_not_mixed_with_a_run_evaluation(three_step_run, photos, scorer_dirs,
+                                                                            tmp_path, no_model_loads):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "report.json").write_text(json.dumps({"DINO": 0.5}))
+    with pytest.raises(UserError, match="already holds another evaluation"):
+        evaluate.main(run_argv(three_step_run, photos, scorer_dirs, tmp_path / "out"))
+
+
+def scores(step, dino, clip_t):
+    return {"step": step, "DINO": dino, "CLIP-I": 0.5, "CLIP-T": clip_t, "num_images": 4}
+
+
+@pytest.mark.parametrize("table, tolerance, expected", [
+    # the highest DINO among steps whose CLIP-T stays within the tolerance of the base model's 0.30
+    ([(99, 0.40, 0.30), (199, 0.55, 0.29), (299, 0.70, 0.25)], 0.02, 199),
+    # ties: the earliest of the best
+    ([(99, 0.60, 0.30), (199, 0.60, 0.29), (299, 0.50, 0.30)], 0.02, 99),
+    # exactly at the floor (0.30 - 0.02) counts as within
+    ([(99, 0.40, 0.30), (199, 0.65, 0.28)], 0.02, 199),
+    # no step within the tolerance: no recommendation
+    ([(99, 0.60, 0.20), (199, 0.70, 0.10)], 0.02, None),
+    # tolerance 0: only steps at least as prompt-faithful as the base model
+    ([(99, 0.60, 0.31), (199, 0.70, 0.2999)], 0.0, 99),
+    # a wide tolerance: simply the highest DINO
+    ([(99, 0.60, 0.31), (199, 0.70, 0.10)], 1.0, 199),
+])
+def test_recommendation_rule_on_hand_made_score_tables(table, tolerance, expected):
+    steps = [scores(*row) for row in table]
+    assert evaluate.recommend(steps, scores(None, 0.3, 0.30), tolerance) == expected
+
+
+def test_no_recommendation_names_the_closest_step_and_what_to_change(tmp_path):
+    steps = [scores(99, 0.6, 0.20), scores(199, 0.7, 0.10)]
+    line = evaluate.recommendation_line(None, steps, scores(None, 0.3, 0.30), 0.02, tmp_path, "a sks dog")
+    assert line.startswith("no recommended step: every step's CLIP-T is more than 0.02 below the base model's 0.300")
+    assert "step99, has 0.200" in line and "train fewer steps or at a lower learning rate" in line
+
+
+def test_prompt_subsets_spread_over_the_kinds_and_grow_by_one():
+    assert evaluate.prompt_subset("live", 3) == [0, 10, 20]  # recontextualization, accessorization, property
+    assert evaluate.prompt_subset("object", 4) == [0, 20, 1, 21]
+    assert evaluate.prompt_subset("live", None) == list(range(25))
+    assert sorted(evaluate.prompt_subset("object", 25)) == list(range(25))
+    for kind in ("live", "object"):
+        for k in range(1, 25):
+            assert evaluate.prompt_subset(kind, k + 1)[:k] == evaluate.prompt_subset(kind, k)
+
+
+def test_a_run_without_matplotlib_is_refused_in_one_line_before_anything_loads(three_step_run, photos, scorer_dirs,
+                                                                              tmp_path, monkeypatch, no_model_loads):
+    from test_cli import fake_versions
+
+    fake_versions(monkeypatch, matplotlib=None)
+    with pytest.raises(UserError, match="^matplotlib is not installed: run pip install -r requirements.txt$"):
+        evaluate.main(run_argv(three_step_run, photos, scorer_dirs, tmp_path / "out"))
+    assert not (tmp_path / "out").exists()

@@ -308,3 +308,49 @@ def test_the_printed_infer_command_works_from_another_folder(tiny_model, photos,
     assert Path(script) == ROOT / "infer.py"
     rendered = infer.main([*flags, "--num_inference_steps", "1", "--output", "renders"])
     assert rendered[0].resolve().parent == elsewhere / "renders" and rendered[0].is_file()
+
+
+def test_validation_compare_base_puts_the_base_model_beside_each_round_rendered_once(tiny_model, photos, tmp_path,
+                                                                                     monkeypatch):
+    import numpy as np
+
+    import infer
+
+    calls, real = [], trainer.generate_images
+    monkeypatch.setattr(trainer, "generate_images", lambda *a, **k: calls.append(1) or real(*a, **k))
+    out = tmp_path / "out"
+    run_trainer(*tiny_args(tiny_model, photos, out, "--max_train_steps", 2, "--optimizer", "adamw",
+                           "--learning_rate", 3e-2, "--train_text_encoder", "--text_encoder_lr", 3e-2,
+                           "--validation_prompt", "a sks dog", "--validation_steps", 1, "--num_validation_images", 1,
+                           "--validation_inference_steps", 2, "--validation_compare_base"))
+    assert len(calls) == 3, "each of the two rounds renders the trained model; the base model renders once"
+    grid = Image.open(out / "validation" / "step1" / "grid.png")
+    assert grid.size == (64 + 4 + 64, 64), "trained | gap | base"
+    trained, base = Image.open(out / "validation" / "step1" / "seed0.png"), Image.open(out / "validation" / "base"
+                                                                                      / "seed0.png")
+    assert grid.crop((0, 0, 64, 64)).tobytes() == trained.tobytes()
+    assert grid.crop((68, 0, 132, 64)).tobytes() == base.tobytes()
+    # the base column is the base model, text encoders' adapters off too: infer.py at --lora_scale 0
+    rendered = infer.main(["--checkpoint", str(out / "step1"), "--prompt", "a sks dog", "--num_inference_steps", "2",
+                           "--lora_scale", "0", "--output", str(tmp_path / "renders")])[0]
+    np.testing.assert_allclose(np.asarray(base, dtype=float), np.asarray(Image.open(rendered), dtype=float), atol=2)
+    assert np.abs(np.asarray(base, dtype=float) - np.asarray(trained, dtype=float)).max() > 10
+
+
+def test_model_card_section_comes_from_the_newest_run_evaluation_only(tmp_path):
+    def evaluation(name, report, mtime):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "report.json").write_text(report if isinstance(report, str) else json.dumps(report))
+        Image.new("RGB", (8, 8)).save(tmp_path / name / "curve.png")
+        os.utime(tmp_path / name / "report.json", (mtime, mtime))
+
+    run = {"kind": "run", "recommended_step": 299, "rule": "the rule", "clip_t_tolerance": 0.02,
+           "settings": {"prompts": 25, "images_per_prompt": 4}}
+    evaluation("eval-old", {**run, "recommended_step": 99}, 1000)
+    evaluation("eval", run, 2000)
+    evaluation("broken", "{not json", 3000)
+    evaluation("one-step", {"DINO": 0.5}, 4000)  # a single step's evaluation draws no curve
+    lines = "\n".join(trainer.card_evaluation(tmp_path))
+    assert "![curve](eval/curve.png)" in lines and "Recommended: `step299`" in lines
+    assert "25 prompts x 4 images" in lines
+    assert trainer.card_evaluation(tmp_path / "eval") == [], "no evaluation in its own folders"
