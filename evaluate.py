@@ -651,8 +651,12 @@ def column_files(record):
     return [f"prompt{i:02d}_seed{seed}.png" for i, _ in record["prompts"] for seed in record["seeds"]]
 
 
-def make_run_output_dir(output_dir):
-    """The run evaluation's folder, made if missing; one that holds a single step's evaluation is not mixed in."""
+def make_run_output_dir(output_dir, run_dir):
+    """The run evaluation's folder, made if missing; not the run folder or a step dir, whose names its columns
+    would take, and not one that holds a single step's evaluation."""
+    if Path(output_dir).resolve() == Path(run_dir).resolve() or (Path(output_dir) / LORA_FILE).exists():
+        raise UserError(f"--output_dir {output_dir} is the run folder or one of its step dirs: pass a folder of "
+                        f"its own, e.g. {Path(run_dir) / 'eval'}")
     report = read_json(Path(output_dir) / "report.json")
     if (Path(output_dir) / "report.json").exists() and not (isinstance(report, dict) and report.get("kind") == "run"):
         raise UserError(f"{output_dir} already holds another evaluation (report.json): choose another --output_dir")
@@ -703,7 +707,7 @@ def evaluate_run(args, photos, device):
     step_args = argparse.Namespace(**{**vars(args), "checkpoint": str(columns[-1][1])})  # the newest step's settings
     render = resolve(step_args, read_settings(columns[-1][1]), prompts[0][1], args.images_per_prompt)
     records = [column_record(render, prompts, step_dir) for _, step_dir in columns]
-    output_dir = make_run_output_dir(args.output_dir)
+    output_dir = make_run_output_dir(args.output_dir, args.checkpoint)
     todo = columns_to_render(output_dir, columns, records, args.overwrite_output_dir)
 
     scorers = Scorers(args.dino_model, args.clip_model, device)  # small: loaded first, so a bad one fails fast
@@ -729,6 +733,9 @@ def main(argv=None):
     device = pick_device(args.device)
     if args.checkpoint and is_run_folder(args.checkpoint):
         return evaluate_run(args, photos, device)                # every step beside the base model: the curve
+    if args.checkpoint and Path(args.checkpoint).is_dir() and not (Path(args.checkpoint) / LORA_FILE).exists():
+        raise UserError(f"{args.checkpoint} is not a step dir (no {LORA_FILE}) and holds no stepN dirs: pass a step "
+                        "dir, e.g. work_dirs/<run>/step499, or a run folder, e.g. work_dirs/<run>")
     for flag in ("steps", "clip_t_tolerance"):
         if args.checkpoint and getattr(args, flag) is not None:
             raise UserError(f"--{flag} is for a run folder, and {args.checkpoint} is one step dir: pass its run "

@@ -517,6 +517,23 @@ def test_render_flags_beside_images_are_refused(flag, value, tmp_path):
                              str(tmp_path / "out"), flag, value])
 
 
+@pytest.mark.parametrize("where", ["run", "step"])
+def test_the_run_folder_and_its_step_dirs_are_no_output_dir(where, three_step_run, photos, scorer_dirs, tmp_path,
+                                                            no_model_loads):
+    output_dir = three_step_run if where == "run" else three_step_run / "step1"
+    with pytest.raises(UserError, match=f"--output_dir {output_dir} is the run folder or one of its step dirs: pass "
+                                        f"a folder of its own, e.g. {three_step_run / 'eval'}"):
+        evaluate.main(run_argv(three_step_run, photos, scorer_dirs, output_dir))
+    assert sorted(p.name for p in (three_step_run / "step1").iterdir()) == sorted(
+        p.name for p in (three_step_run / "step0").iterdir()), "nothing was written into a step dir"
+
+
+def test_a_folder_without_steps_is_neither_a_step_dir_nor_a_run(photos, scorer_dirs, tmp_path, no_model_loads):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="empty is not a step dir .* and holds no stepN dirs: pass a step dir"):
+        evaluate.main(run_argv(tmp_path / "empty", photos, scorer_dirs, tmp_path / "out"))
+
+
 def test_a_single_step_evaluation_folder_is_not_mixed_with_a_run_evaluation(three_step_run, photos, scorer_dirs,
                                                                             tmp_path, no_model_loads):
     (tmp_path / "out").mkdir()
