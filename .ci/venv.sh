@@ -31,7 +31,7 @@ ci_print_versions() {
 import platform
 from importlib.metadata import PackageNotFoundError, version
 names = ["torch", "diffusers", "transformers", "peft", "accelerate", "bitsandbytes", "huggingface_hub",
-         "safetensors", "tokenizers", "numpy", "pillow", "pytest"]
+         "safetensors", "tokenizers", "numpy", "pillow", "matplotlib", "pytest"]
 def v(name):
     try:
         return version(name)
