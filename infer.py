@@ -51,6 +51,12 @@ LORA_PREFIXES = ("unet.", "text_encoder.", "text_encoder_2.")  # the components 
 RECORDED = {
     "resolution": ("a positive multiple of 8", lambda v: type(v) is int and v > 0 and v % 8 == 0,
                    "--height and --width"),
+    # (height, width) the run validated at: the photos' most common training size, which aspect-ratio buckets
+    # can make other than a square
+    "validation_size": ("null or a [height, width] pair of positive multiples of 8",
+                        lambda v: v is None or (isinstance(v, list) and len(v) == 2
+                                                and all(type(x) is int and x > 0 and x % 8 == 0 for x in v)),
+                        "--height and --width"),
     "instance_prompt": ("a string", lambda v: isinstance(v, str), "--prompt"),
     "pretrained_model_name_or_path": ("a non-empty string", lambda v: isinstance(v, str) and v.strip() != "",
                                       "--pretrained_model_name_or_path"),
@@ -90,8 +96,10 @@ def add_render_flags(p):
     p.add_argument("--num_inference_steps", type=int, default=50, help="denoising steps")
     p.add_argument("--guidance_scale", type=float, default=5.0,
                    help="classifier-free guidance; 1 or below turns it off")
-    p.add_argument("--height", type=int, default=None, help="default: the recorded training resolution, else 1024")
-    p.add_argument("--width", type=int, default=None, help="default: the recorded training resolution, else 1024")
+    p.add_argument("--height", type=int, default=None,
+                   help="default: the size the run validated at (its photos' most common), else 1024")
+    p.add_argument("--width", type=int, default=None,
+                   help="default: the size the run validated at (its photos' most common), else 1024")
     p.add_argument("--lora_scale", type=float, default=1.0, help="the adapters' strength; 0 renders the base model")
     p.add_argument("--pretrained_model_name_or_path", default=None,
                    help="default: what the checkpoint recorded (segmind/SSD-1B if nothing)")
@@ -197,9 +205,10 @@ def recorded(settings, name, checkpoint, default=None):
 def resolve(args, settings, prompt, num_images):
     """The Render these flags ask for: what they leave out comes from the checkpoint's settings, and the models
     are checked before any loads. prompt None: the run's instance prompt; num_images: how many seeds."""
-    resolution = None
-    if args.height is None or args.width is None:
+    size = [None, None]
+    if args.height is None or args.width is None:  # the size the run validated at, else its square
         resolution = recorded(settings, "resolution", args.checkpoint, 1024)
+        size = recorded(settings, "validation_size", args.checkpoint) or [resolution] * 2
     prompt = prompt or recorded(settings, "instance_prompt", args.checkpoint)
     if not prompt:
         raise UserError("no --prompt given and the checkpoint records none: pass --prompt 'a photo of sks dog'")
@@ -213,8 +222,8 @@ def resolve(args, settings, prompt, num_images):
     device = pick_device(args.device)
     render = Render(checkpoint=args.checkpoint, prompt=prompt, negative_prompt=args.negative_prompt,
                     seeds=range(args.seed, args.seed + num_images), num_inference_steps=args.num_inference_steps,
-                    guidance_scale=args.guidance_scale, height=args.height or resolution,
-                    width=args.width or resolution, lora_scale=args.lora_scale, model=model, vae_model=vae_model,
+                    guidance_scale=args.guidance_scale, height=args.height or size[0],
+                    width=args.width or size[1], lora_scale=args.lora_scale, model=model, vae_model=vae_model,
                     revision=recorded(settings, "revision", args.checkpoint),
                     variant=recorded(settings, "variant", args.checkpoint), device=device,
                     dtype=args.dtype or ("fp32" if device == "cpu" else "fp16"))

@@ -294,7 +294,7 @@ def test_help_shows_the_defaults(monkeypatch):
     for flag, default in [("--num_inference_steps", "50"), ("--guidance_scale", "5.0"), ("--images_per_prompt", "4"),
                           ("--seed", "0"), ("--identifier", "sks"), ("--dino_model", "facebook/dino-vits16")]:
         assert f"(default: {default})" in shown[flag]
-    assert shown["--height"].endswith("default: the recorded training resolution, else 1024")
+    assert shown["--height"].endswith("default: the size the run validated at (its photos' most common), else 1024")
 
 
 def test_every_numeric_flag_has_a_range_and_a_refusal_test():

@@ -267,6 +267,9 @@ SETTINGS_DAMAGES = {  # how run_settings.json gets damaged -> what the refusal s
     "revision a list": (lambda s: edit_settings(s, revision=["main"]),
                         r'records revision \["main"\], which is not a string or null: restore it from the run$'),
     "derived a list": (lambda s: edit_settings(s, derived=[1]), "records derived as a JSON list, not an object"),
+    "validation size odd": (lambda s: edit_settings(s, validation_size=[64, 60]), r"records validation_size \[64, "
+                            r"60\], which is not null or a \[height, width\] pair of positive multiples of 8: pass "
+                            "--height and --width explicitly"),
     "derived model a number": (lambda s: edit_settings(s, derived={"pretrained_model_name_or_path": 5}),
                                "records pretrained_model_name_or_path 5, which is not a non-empty string"),
 }
@@ -290,6 +293,16 @@ def test_flags_named_in_the_refusal_replace_the_damaged_fields(trained_run, tiny
     args = infer.parse_args(argv)
     render = infer.resolve(args, infer.read_settings(step), args.prompt, args.num_images)
     assert (render.height, render.width, render.prompt, render.model) == (32, 48, "a dog", str(tiny_model))
+
+
+def test_a_bucketed_run_renders_at_the_size_it_validated_at(trained_run, tmp_path):
+    step = step_copy(trained_run, tmp_path)
+    edit_settings(step, validation_size=[64, 96])  # (height, width): most of the photos were landscape
+    [path] = infer.main(["--checkpoint", str(step), "--num_inference_steps", "1", "--output", str(tmp_path / "out")])
+    assert Image.open(path).size == (96, 64)
+    [path] = infer.main(["--checkpoint", str(step), "--num_inference_steps", "1", "--height", "32", "--width", "32",
+                         "--output", str(tmp_path / "out")])
+    assert Image.open(path).size == (32, 32), "the flags still decide"
 
 
 def test_a_second_render_never_replaces_the_first(trained_run, tmp_path):
