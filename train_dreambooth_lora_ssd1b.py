@@ -534,9 +534,10 @@ def check_args(args, given):
             raise UserError(f"--{name} acts only with --{needed}: add {add}, or drop --{name}")
     for optimizer, names in OPTIMIZER_FLAGS.items():
         for name in sorted(given.intersection(names)):
+            typed = f"--no-{name}" if getattr(args, name) is False else f"--{name}"  # as the user spelled it
             if args.optimizer != optimizer:
-                raise UserError(f"--{name} acts only with --optimizer {optimizer}: add --optimizer {optimizer}, "
-                                f"or drop --{name}")
+                raise UserError(f"{typed} acts only with --optimizer {optimizer}: add --optimizer {optimizer}, "
+                                f"or drop {typed}")
     if args.optimizer == "prodigy" and "text_encoder_lr" in given and args.text_encoder_lr != args.learning_rate:
         raise UserError(f"--text_encoder_lr {args.text_encoder_lr} would be ignored: Prodigy takes one learning rate "
                         "for every parameter group, so the text encoders train at --learning_rate; drop "

@@ -480,8 +480,10 @@ def test_a_fresh_run_never_replaces_resumable_states_silently(args_for, tmp_path
     (["--push_to_hub", "--hub_token", " "], "--hub_token is empty: pass a token"),
     (["--prodigy_beta3", "0.99"], "--prodigy_beta3 acts only with --optimizer prodigy: add --optimizer prodigy, or "
                                   "drop --prodigy_beta3"),
-    (["--optimizer", "adamw", "--no-prodigy_safeguard_warmup"], "--prodigy_safeguard_warmup acts only with "
-                                                                 "--optimizer prodigy"),
+    (["--optimizer", "adamw", "--no-prodigy_safeguard_warmup"], "--no-prodigy_safeguard_warmup acts only with "
+                                                                 "--optimizer prodigy: add --optimizer prodigy, or "
+                                                                 "drop --no-prodigy_safeguard_warmup"),
+    (["--optimizer", "adamw", "--prodigy_decouple"], "--prodigy_decouple acts only with --optimizer prodigy"),
     (["--optimizer", "prodigy", "--train_text_encoder", "--text_encoder_lr", "5e-6"],
      "--text_encoder_lr 5e-06 would be ignored: Prodigy takes one learning rate for every parameter group, so the "
      "text encoders train at --learning_rate; drop --text_encoder_lr"),
