@@ -600,6 +600,19 @@ def is_run_folder(checkpoint):
     return not (Path(checkpoint) / LORA_FILE).is_file() and bool(finished_adapters(checkpoint))
 
 
+def check_step_dir(args):
+    """--checkpoint, when it is no run folder: a step dir, without the flags that only a run folder takes."""
+    if not args.checkpoint:
+        return
+    if Path(args.checkpoint).is_dir() and not (Path(args.checkpoint) / LORA_FILE).exists():
+        raise UserError(f"{args.checkpoint} is not a step dir (no {LORA_FILE}) and holds no stepN dirs: pass a step "
+                        "dir, e.g. work_dirs/<run>/step499, or a run folder, e.g. work_dirs/<run>")
+    for flag in ("steps", "clip_t_tolerance"):
+        if getattr(args, flag) is not None:
+            raise UserError(f"--{flag} is for a run folder, and {args.checkpoint} is one step dir: pass its run "
+                            f"folder, {Path(args.checkpoint).parent}")
+
+
 def run_columns(run_dir, numbers):
     """[(name, step dir)] to score: the base model (step dir None), then every stepN or those of --steps, each
     step's adapter file and settings checked as infer.py checks them."""
@@ -736,13 +749,7 @@ def main(argv=None):
     device = pick_device(args.device)
     if args.checkpoint and is_run_folder(args.checkpoint):
         return evaluate_run(args, photos, device)                # every step beside the base model: the curve
-    if args.checkpoint and Path(args.checkpoint).is_dir() and not (Path(args.checkpoint) / LORA_FILE).exists():
-        raise UserError(f"{args.checkpoint} is not a step dir (no {LORA_FILE}) and holds no stepN dirs: pass a step "
-                        "dir, e.g. work_dirs/<run>/step499, or a run folder, e.g. work_dirs/<run>")
-    for flag in ("steps", "clip_t_tolerance"):
-        if args.checkpoint and getattr(args, flag) is not None:
-            raise UserError(f"--{flag} is for a run folder, and {args.checkpoint} is one step dir: pass its run "
-                            f"folder, {Path(args.checkpoint).parent}")
+    check_step_dir(args)                                         # one step, so no run folder's flags
     render = None
     if args.images:
         groups = prompted_images(args.images)                    # {prompt: PNGs}, from their parameters chunks
