@@ -1,9 +1,13 @@
 """Peak memory and speed of the trainer on a CPU, and the phase each peak falls in: benchmarks/RESULTS.md.
 
     python benchmarks/make_full_ssd1b.py /tmp/full-ssd1b --device cpu     # once: random weights, 4.5 GB, 1 min
-    python benchmarks/cpu_memory.py --model /tmp/full-ssd1b --label after
     python benchmarks/cpu_memory.py --model /tmp/full-ssd1b --label before --trainer_root ../older-checkout
+    python benchmarks/cpu_memory.py --model /tmp/full-ssd1b --label after  # this checkout's trainer
     python benchmarks/cpu_memory.py --tiny --label after                  # the plumbing only, in seconds a row
+
+Run before and after back to back, one setting at a time (--mixed_precision, --gradient_checkpointing and
+--cache_latents each take a subset), so both see the same load on the machine; --round 2 repeats them in rows of
+their own. Records go to RESULTS-cpu-memory.json, not RESULTS.json, whose records run_benchmarks.py renders.
 
 The setting is issue 16's: 128 px, rank 8, batch 1, 8-bit AdamW, 6 steps, one thread (OMP_NUM_THREADS=1, so
 torch uses one), one row per --mixed_precision (no, bf16) x gradient checkpointing (off, on) x latent cache (on,
@@ -224,7 +228,7 @@ def benchmark(setting: tuple[str, str, str], args, model: Path, context: dict) -
     run = run_and_sample(command, args.trainer_root, env, args.work_dir / f"{name}.log")
     if run["returncode"]:
         sys.exit(f"the trainer failed (exit {run['returncode']}); its output is in {args.work_dir / f'{name}.log'}")
-    return {"size": "tiny" if args.tiny else "full", "label": args.label, "precision": precision,
+    return {"size": "tiny" if args.tiny else "full", "round": args.round, "label": args.label, "precision": precision,
             "checkpointing": checkpointing, "latent_cache": latent_cache, **context,
             "trainer": trainer_version(args.trainer_root), "load_average": f"{load_before} -> {load_average()}",
             "command": f"cd {args.trainer_root} && OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1 "
@@ -237,7 +241,7 @@ def benchmark(setting: tuple[str, str, str], args, model: Path, context: dict) -
 # ----------------------------------------------------------------------------------------------------------
 
 def key(record: dict, *, label: bool = True) -> tuple:
-    return (record["size"], record["machine"], record["precision"], record["checkpointing"],
+    return (record["size"], record["machine"], record.get("round", 1), record["precision"], record["checkpointing"],
             record["latent_cache"], *([record["label"]] if label else []))
 
 
@@ -261,7 +265,8 @@ def cpu(seconds: float | None) -> str:
 
 
 def row(record: dict, before: dict | None) -> str:
-    return (f"| {record['size']} | {record['label']} ({record['trainer']}) | {record['precision']} "
+    return (f"| {record['size']} | {record.get('round', 1)} | {record['label']} ({record['trainer']}) "
+            f"| {record['precision']} "
             f"| {record['checkpointing']} | {record['latent_cache']} | {record['peak_gib']:.2f} "
             f"| {record['peak_phase']} | {record['anon_peak_gib']:.2f} | {record['training_peak_gib']:.2f} "
             f"| {record['peak_gib'] - record['training_peak_gib']:.2f} "
@@ -273,26 +278,29 @@ def row(record: dict, before: dict | None) -> str:
 def details(record: dict) -> list[str]:
     peaks = ", ".join(f"{name} {gib:.2f}" for name, gib in record["phase_peaks_gib"].items())
     seconds = ", ".join(f"{name} {s:.1f}" for name, s in record["phase_seconds"].items())
-    packages = ", ".join(f"{name} {version}" for name, version in record["versions"].items())
-    return [f"- **{record['size']} {record['label']} {record['precision']}, checkpointing {record['checkpointing']}, "
-            f"latent cache {record['latent_cache']}**: {record['machine']}, {record['date']}, load average "
-            f"{record['load_average']}. Peak RSS by phase (GiB): {peaks}. Phase seconds: {seconds}. "
-            f"Versions: {packages}.", "", "  ```bash", f"  {record['command']}", "  ```", ""]
+    return [f"- **{record['size']}, round {record.get('round', 1)}, {record['label']}: {record['precision']}, "
+            f"checkpointing {record['checkpointing']}, latent cache {record['latent_cache']}** "
+            f"({record['date']}, load average {record['load_average']}). Peak RSS by phase (GiB): {peaks}. "
+            f"Seconds by phase: {seconds}.", "", "  ```bash", f"  {record['command']}", "  ```", ""]
 
 
 def render(records: list[dict]) -> str:
     order = {"full": 0, "tiny": 1}
-    records = sorted(records, key=lambda r: (order[r["size"]], r["machine"], PRECISIONS.index(r["precision"]),
-                                             CHECKPOINTING.index(r["checkpointing"]),
+    records = sorted(records, key=lambda r: (order[r["size"]], r["machine"], r.get("round", 1),
+                                             PRECISIONS.index(r["precision"]), CHECKPOINTING.index(r["checkpointing"]),
                                              LATENT_CACHE.index(r["latent_cache"]), r["label"] != "before",
                                              r["label"]))
     befores = {key(r, label=False): r for r in records if r["label"] == "before"}
-    lines = [BEGIN, "", "| size | trainer | precision | checkpointing | latent cache | peak RSS, whole run (GiB) "
-             "| phase of the peak | anonymous peak (GiB) | training peak (GiB) | above training (GiB) "
-             "| s/step, wall (CPU) | first optimizer step (s), wall (CPU) | wall (s) | after / before, wall (CPU) |",
-             "|---" * 14 + "|"]
+    lines = [BEGIN, "", "| size | round | trainer | precision | checkpointing | latent cache "
+             "| peak RSS, whole run (GiB) | phase of the peak | anonymous peak (GiB) | training peak (GiB) "
+             "| above training (GiB) | s/step, wall (CPU) | first optimizer step (s), wall (CPU) | wall (s) "
+             "| after / before, wall (CPU) |", "|---" * 15 + "|"]
     lines += [row(r, befores.get(key(r, label=False))) for r in records]
-    lines += ["", "Peak RSS and seconds per phase, machine, load, versions and the exact command of each row:", ""]
+    lines += [""]
+    for machine_, versions_ in dict.fromkeys((r["machine"], json.dumps(r["versions"])) for r in records):
+        packages = ", ".join(f"{name} {version}" for name, version in json.loads(versions_).items())
+        lines += [f"Machine: {machine_}. Versions: {packages}.", ""]
+    lines += ["Peak RSS and seconds by phase, load and the exact command of each row:", ""]
     for record in records:
         lines += details(record)
     return "\n".join([*lines, END])
@@ -334,6 +342,8 @@ def parse_args(argv=None):
     p.add_argument("--work_dir", type=Path, default=ROOT / "work_dirs" / "cpu_memory",
                    help="output dirs and logs; each row's output dir is replaced")
     p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
+    p.add_argument("--round", type=int, default=1,
+                   help="numbers a repeat of the same rows; each round's after rows are compared with its before rows")
     p.add_argument("--mixed_precision", nargs="+", choices=PRECISIONS, default=PRECISIONS)
     p.add_argument("--gradient_checkpointing", nargs="+", choices=CHECKPOINTING, default=CHECKPOINTING)
     p.add_argument("--cache_latents", nargs="+", choices=LATENT_CACHE, default=LATENT_CACHE)

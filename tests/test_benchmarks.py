@@ -133,7 +133,7 @@ def test_cpu_memory_run_records_the_peak_its_phase_and_the_step_time(tiny_model,
     assert list(record["phase_peaks_gib"]) == ["load", "caches", "UNet load", "set-up", "training", "exit"]
     assert 0 < record["training_peak_gib"] <= record["peak_gib"] == max(record["phase_peaks_gib"].values())
     assert record["s_per_step"] > 0 and 0 < record["first_step_s"] < record["wall"]
-    table = [line for line in results.read_text().splitlines() if line.startswith("| tiny | after")]
+    table = [line for line in results.read_text().splitlines() if line.startswith("| tiny | 1 | after")]
     assert len(table) == 1 and f"| {record['peak_gib']:.2f} | {record['peak_phase']} |" in table[0]
     assert "OMP_NUM_THREADS=1" in results.read_text(), "the exact command, one thread"
 
