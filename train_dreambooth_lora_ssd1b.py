@@ -1294,8 +1294,9 @@ class Models:
     empty_prompt_is_zeros: bool = True
 
 
-def load_models(model, vae_model, revision, variant, dtype, device):
-    """SSD-1B's parts, frozen, in `dtype` on `device`. vae_model=None means the model's own VAE."""
+def load_models(model, vae_model, revision, variant, dtype, device, with_unet=True):
+    """SSD-1B's parts, frozen, in `dtype` on `device`. vae_model=None means the model's own VAE. with_unet=False
+    leaves models.unet None, for load_unet once the text encoders have gone."""
     common = dict(revision=revision, variant=variant)
     # each loaded straight in its run dtype: no full-precision copy first (and diffusers warns at a later cast)
     diffusers_common = dict(common, torch_dtype=dtype)
@@ -1306,23 +1307,30 @@ def load_models(model, vae_model, revision, variant, dtype, device):
         text_encoders = [CLIPTextModel.from_pretrained(model, subfolder="text_encoder", **transformers_common),
                          CLIPTextModelWithProjection.from_pretrained(model, subfolder="text_encoder_2",
                                                                      **transformers_common)]
-        unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", **diffusers_common)
+        unet = load_unet(model, revision, variant, dtype, device) if with_unet else None
         if vae_model:
             vae = AutoencoderKL.from_pretrained(vae_model, torch_dtype=dtype)
         else:
             vae = AutoencoderKL.from_pretrained(model, subfolder="vae", **diffusers_common)
         noise_scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler", revision=revision)
         pipeline_config = StableDiffusionXLPipeline.load_config(model, revision=revision)
-    for module in [*text_encoders, unet, vae]:
+    for module in [*text_encoders, vae]:
         module.requires_grad_(False)
-    for module in text_encoders:
         module.to(device)
-    unet.to(device)
-    vae.to(device)
     if vae.config.force_upcast:  # SDXL's original VAE overflows in fp16; the fp16-fix VAE does not
         vae.to(dtype=torch.float32)
     return Models(tokenizers, text_encoders, unet, vae, noise_scheduler,
                   empty_prompt_is_zeros=pipeline_config.get("force_zeros_for_empty_prompt", True))
+
+
+def load_unet(model, revision, variant, dtype, device):
+    """The UNet, frozen, in `dtype` on `device`. While it loads, the pages of its weights file are mapped beside
+    the weights being made from them (2.5 GiB each for SSD-1B in bf16 from fp16), so the trainer loads it only
+    once the prompt cache has let the text encoders go."""
+    with load_errors_named(model):
+        unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", revision=revision, variant=variant,
+                                                    torch_dtype=dtype)
+    return unet.requires_grad_(False).to(device)
 
 
 @contextlib.contextmanager
@@ -2789,13 +2797,15 @@ def make_accelerator(args, settings):
         raise UserError(FP16_ON_CPU)
     accelerator.print(f"{accelerator.state}".strip())
     if accelerator.device.type == "cpu" and accelerator.mixed_precision == "no":
-        accelerator.print("note: on a CPU that supports bf16, --mixed_precision bf16 trains about 1.6x faster in "
-                          "about 60% of fp32's memory (full-size SSD-1B at 128 px: 2.0 vs 3.2 s/step, 5.9 vs 10.0 GiB)")
+        accelerator.print("note: on a CPU that supports bf16, --mixed_precision bf16 trains about 1.8x faster in "
+                          "about two thirds of fp32's memory (full-size SSD-1B at 128 px, benchmarks/RESULTS.md: "
+                          "5.6 vs 8.2 GiB at peak)")
     return accelerator
 
 
-def prepare_class_images(accelerator, models, args, settings):
-    """Every process makes its share of the missing class images; N asked for means exactly N files."""
+def prepare_class_images(accelerator, models, args, settings, load_unet):
+    """Every process makes its share of the missing class images; N asked for means exactly N files. Making
+    them needs the UNet, so it loads here then, beside the text encoders, rather than after the caches."""
     class_dir = Path(settings.class_dir)
     if accelerator.is_main_process:
         class_dir.mkdir(parents=True, exist_ok=True)
@@ -2805,6 +2815,8 @@ def prepare_class_images(accelerator, models, args, settings):
     if missing:
         accelerator.print(f"making {len(missing)} class images of '{args.class_prompt}' in {class_dir} (kept for "
                           "the next run)")
+        if models.unet is None:
+            models.unet = load_unet()
         pipe = build_pipeline(models, settings.pretrained_model_name_or_path, args.revision, args.variant,
                               progress=False)  # the bar counts images instead
         with accelerator.split_between_processes(missing) as mine, accelerator.autocast():
@@ -2894,16 +2906,23 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 matmuls on tensor cores
         clock = Clock()
 
-        with clock.phase("load"):
+        load_unet_now = functools.partial(load_unet, settings.pretrained_model_name_or_path, args.revision,
+                                          args.variant, weight_dtype, accelerator.device)
+        with clock.phase("load"):  # all but the UNet: it comes after the caches, once the text encoders have gone
             models = load_models(settings.pretrained_model_name_or_path, settings.pretrained_vae_model_name_or_path,
-                                 args.revision, args.variant, weight_dtype, accelerator.device)
-        accelerator.print(f"loaded the models in {clock.phases['load']:.1f} s")
-        with clock.phase("class images"):
-            class_images = prepare_class_images(accelerator, models, args, settings) if uses_class_images(args) \
-                else None  # none with --prior_target base_prediction: the base model's prediction is the target
+                                 args.revision, args.variant, weight_dtype, accelerator.device, with_unet=False)
+        accelerator.print(f"loaded the text encoders and the VAE in {clock.phases['load']:.1f} s")
+        with clock.phase("class images"):  # none with --prior_target base_prediction: the base model's is the target
+            class_images = (prepare_class_images(accelerator, models, args, settings, load_unet_now)
+                            if uses_class_images(args) else None)
         with clock.phase("caches"):
             targets = latent_targets(instance_images, class_images or [], args.resolution, settings.buckets)
             build_caches(accelerator, models, args, targets, instance_prompts)
+        if models.unet is None:  # so the UNet's load never shares memory with the text encoders
+            loaded = clock.phases["load"]
+            with clock.phase("load"):
+                models.unet = load_unet_now()
+            accelerator.print(f"loaded the UNet in {clock.phases['load'] - loaded:.1f} s")
         set_seed(args.seed)  # LoRA's initial weights
         trained = add_lora(models, args.rank, settings.lora_alpha, args.lora_dropout, args.train_text_encoder,
                            use_dora=args.use_dora)

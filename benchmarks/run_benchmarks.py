@@ -32,8 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from count_flops import device_peak_tflops, step_flops  # noqa: E402  (the runner's own folder)
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # count_flops.py, imported where FLOPs are counted
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAINER = "train_dreambooth_lora_ssd1b.py"
@@ -118,6 +117,8 @@ def run_trainer(command: list[str], log: Path) -> tuple[str, float]:
 
 def add_flops(record: dict, model: Path, resolution: int, gradient_checkpointing: bool) -> dict:
     """TFLOP/step of the mode's step (instance + class latent: batch 2), and MFU where the GPU's peak is known."""
+    from count_flops import device_peak_tflops, step_flops  # it imports the trainer: cpu_memory.py need not
+
     tflop = step_flops(model, resolution, 2, gradient_checkpointing=gradient_checkpointing) / 1e12
     peak = device_peak_tflops(record["machine"])
     return {**record, "tflop": tflop, "peak": peak, "mfu": 100 * tflop / (record["ms"] / 1000) / peak if peak else None}

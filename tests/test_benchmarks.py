@@ -30,13 +30,17 @@ def test_tiny_benchmark_records_the_trainers_report(tmp_path):
     assert "GiB RSS" in table[0] and "train_dreambooth_lora_ssd1b.py" in results.read_text()
 
 
-def load_runner():
+def load_module(name):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("run_benchmarks", BENCHMARKS / "run_benchmarks.py")
-    runner = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(runner)
-    return runner
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_runner():
+    return load_module("run_benchmarks")
 
 
 def test_gpu_report_is_read_with_both_peaks(monkeypatch, capsys, tiny_model):
@@ -113,3 +117,37 @@ def test_profiler_records_the_asked_steps_of_the_real_trainer(tiny_model, photos
     with gzip.open(tmp_path / "profile" / "trace.json.gz") as trace:
         assert json.load(trace)["traceEvents"]
     assert (tmp_path / "run" / "step4" / "pytorch_lora_weights.safetensors").is_file(), "the run itself completes"
+
+
+def test_cpu_memory_run_records_the_peak_its_phase_and_the_step_time(tiny_model, tmp_path):
+    results = tmp_path / "RESULTS.md"
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "cpu_memory.py"), "--tiny", "--model", str(tiny_model),
+                             "--mixed_precision", "no", "--gradient_checkpointing", "off", "--cache_latents", "on",
+                             "--work_dir", str(tmp_path / "work"), "--results", str(results)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    import json
+
+    [record] = json.loads((tmp_path / "RESULTS-cpu-memory.json").read_text())
+    assert record["peak_phase"] in record["phase_peaks_gib"], "the peak falls in one of the trainer's phases"
+    assert list(record["phase_peaks_gib"]) == ["load", "caches", "UNet load", "set-up", "training", "exit"]
+    assert 0 < record["training_peak_gib"] <= record["peak_gib"] == max(record["phase_peaks_gib"].values())
+    assert record["s_per_step"] > 0 and 0 < record["first_step_s"] < record["wall"]
+    table = [line for line in results.read_text().splitlines() if line.startswith("| tiny | 1 | after")]
+    assert len(table) == 1 and f"| {record['peak_gib']:.2f} | {record['peak_phase']} |" in table[0]
+    assert "OMP_NUM_THREADS=1" in results.read_text(), "the exact command, one thread"
+
+
+def test_cpu_memory_puts_the_peak_in_the_phase_where_the_high_water_mark_rose():
+    runner = load_module("cpu_memory")
+    lines = [(1.0, "loaded the models in 0.5 s"), (2.0, "cached: 5 latents (on), 2 prompt embeddings"),
+             (3.0, "5 instance photos, 0 class images; ..."), (5.0, "steady-state 500.0 ms/step over 3 steps")]
+    bounds = runner.phase_bounds(lines, 6.0)
+    assert list(bounds) == ["load", "caches", "set-up", "training", "exit"], "no UNet load line: a trainer before it"
+    gib = 2**30  # samples: (seconds, VmRSS, VmHWM, RssAnon, CPU seconds)
+    samples = [(0.5, 2 * gib, 2 * gib, gib, 0.4), (1.5, gib, 5 * gib, gib, 1.4), (2.5, gib, 5 * gib, gib, 2.4),
+               (4.0, 3 * gib, 5 * gib, gib, 3.9), (5.5, 2 * gib, 5 * gib, gib, 5.4)]
+    # the high-water mark rose between 0.5 and 1.5 s: a peak no sample saw, in the caches phase
+    assert runner.peak_phase(samples, bounds, 5 * gib) == "caches"
+    peaks = runner.phase_peaks(samples, bounds)
+    assert peaks == {"load": 2 * gib, "caches": 5 * gib, "set-up": gib, "training": 3 * gib, "exit": 2 * gib}

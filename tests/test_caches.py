@@ -128,3 +128,34 @@ def test_what_the_caches_replace_is_let_go_and_validation_still_renders(tiny_mod
     validation = Image.open(tmp_path / "out" / "validation" / "step0" / "seed0.png")
     np.testing.assert_allclose(np.asarray(validation, dtype=float), np.asarray(Image.open(rendered[0]), dtype=float),
                                atol=2)
+
+
+@pytest.mark.parametrize("class_images, alive", [(False, [False, False]), (True, [True, True])])
+def test_the_unet_loads_once_and_after_the_text_encoders_unless_class_images_need_both(
+        class_images, alive, tiny_model, photos, tmp_path, monkeypatch):
+    # A UNet load holds its weights file's pages beside the weights it makes from them; beside the text encoders
+    # too, that was the whole run's peak (full-size SSD-1B in bf16 on a CPU, benchmarks/cpu_memory.py)
+    import gc
+    import weakref
+
+    encoders, alive_at_unet_load = [], []
+    real_load_models, real_load_unet = trainer.load_models, trainer.load_unet
+
+    def load_models(*a, **k):
+        models = real_load_models(*a, **k)
+        encoders.extend(weakref.ref(m) for m in models.text_encoders)
+        return models
+
+    def load_unet(*a, **k):
+        gc.collect()
+        alive_at_unet_load.append([r() is not None for r in encoders])
+        return real_load_unet(*a, **k)
+
+    monkeypatch.setattr(trainer, "load_models", load_models)
+    monkeypatch.setattr(trainer, "load_unet", load_unet)
+    prior = ["--with_prior_preservation", "--class_prompt", "a photo of dog", "--num_class_images", 1,
+             "--class_dir", tmp_path / "class_images"] if class_images else []
+    run_trainer(*tiny_args(tiny_model, photos, tmp_path / "out", "--max_train_steps", 1, "--optimizer", "adamw",
+                           *prior))
+    assert alive_at_unet_load == [alive]
+    assert len(list((tmp_path / "class_images").glob("*"))) == (1 if class_images else 0)
