@@ -1,14 +1,14 @@
-"""How far the class prompt's renders drift from the base model's: no prior, class images, the base prediction.
+"""Subject fidelity and language drift on the tiny world: no prior, class images, the base prediction.
 
-    python benchmarks/prior_drift.py                     # the tiny random model, on a CPU: about a minute
-    python benchmarks/prior_drift.py --model PATH ...    # any SSD-1B-shaped model folder
+    python benchmarks/prior_drift.py                  # examples/tiny_world_model and its subject, on a CPU
+    python benchmarks/prior_drift.py --steps 300 ...  # other settings
 
-DreamBooth's language drift: training "a photo of sks dog" also changes what "a photo of dog" renders. Prior
-preservation holds the class prompt to the base model, either with class images (the paper's) or with the base
-model's own prediction as the class half's target (--prior_target base_prediction). Each variant trains the same
-steps with the same seed; then the class prompt renders with fixed seeds, and the drift is the mean absolute
-pixel difference (0-255) from the base model's renders of the same seeds. The instance prompt's change is printed
-beside it: a prior that held the class prompt by not learning at all would show there.
+DreamBooth's two measures, on the pre-trained tiny world (examples/tiny_world.py), where training can teach:
+- subject fidelity: the instance prompt's renders' distance to the subject (tiny_world.subject_distance, colours
+  of the object, 0 = the subject's, 1 = none shared), as a ratio of the base model's: below 1 moved toward it;
+- language drift: how much closer the class prompt's renders came to the subject (base distance - trained
+  distance; 0 = no drift), and how much their pixels changed (mean absolute difference, 0-255).
+Each variant trains the same steps with the same seed, then both prompts render with fixed seeds.
 """
 
 from __future__ import annotations
@@ -21,80 +21,100 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "examples")]
+import tiny_world  # noqa: E402
 import train_dreambooth_lora_ssd1b as trainer  # noqa: E402
 
+WORLD_MODEL, WORLD_SUBJECT = ROOT / "examples" / "tiny_world_model", ROOT / "examples" / "tiny_world_subject"
+INSTANCE_PROMPT, CLASS_PROMPT = "a photo of sks star", "a photo of a star"
 VARIANTS = {
     "no prior": [],
-    "class images": ["--with_prior_preservation", "--prior_target", "class_images", "--num_class_images", 4],
-    "base prediction": ["--with_prior_preservation", "--prior_target", "base_prediction"],
+    "class images": ["--with_prior_preservation", "--class_prompt", CLASS_PROMPT, "--num_class_images", 20,
+                     "--prior_target", "class_images"],
+    "base prediction": ["--with_prior_preservation", "--class_prompt", CLASS_PROMPT,
+                        "--prior_target", "base_prediction"],
 }
-INSTANCE_PROMPT, CLASS_PROMPT = "a photo of sks dog", "a photo of dog"
+# the settings that the README's table and tests/test_world.py use
+STEPS, LEARNING_RATE, RANK, SEEDS, INFERENCE_STEPS = 200, 1e-3, 8, tuple(range(8)), 20
 
 
-def train(variant, model, photos, output_dir, steps, learning_rate, seed):
+def train(model, photos, output_dir, extra=(), steps=STEPS, learning_rate=LEARNING_RATE, seed=0):
+    """One run of the trainer on the world's subject; returns its last step dir."""
     from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
-    extra = VARIANTS[variant] + (["--class_prompt", CLASS_PROMPT] if VARIANTS[variant] else [])
     trainer.main([str(a) for a in [
-        "--pretrained_model_name_or_path", model, "--pretrained_vae_model_name_or_path", Path(model) / "vae",
-        "--instance_dir", photos, "--instance_prompt", INSTANCE_PROMPT, "--resolution", 64, "--center_crop",
-        "--output_dir", output_dir, "--report_to", "none", "--optimizer", "adamw", "--learning_rate", learning_rate,
-        "--max_train_steps", steps, "--checkpointing_steps", steps, "--seed", seed, *extra]])
+        "--pretrained_model_name_or_path", model, "--pretrained_vae_model_name_or_path", "none",
+        "--instance_dir", photos, "--instance_prompt", INSTANCE_PROMPT, "--resolution", 64, "--random_flip",
+        "--output_dir", output_dir, "--report_to", "none", "--optimizer", "adamw", "--rank", RANK,
+        "--learning_rate", learning_rate, "--max_train_steps", steps, "--checkpointing_steps", steps,
+        "--seed", seed, *extra]])
     return Path(output_dir) / f"step{steps - 1}"
 
 
-def renders(pipe, step_dir, prompts, seeds, inference_steps):
-    """Each prompt's images, one per seed, as one array per prompt; the base model's when step_dir is None."""
+def world_pipeline(model):
+    models = trainer.load_models(model, None, None, None, torch.float32, "cpu")
+    return trainer.build_pipeline(models, model, None, None, progress=False)
+
+
+def renders(pipe, step_dir, prompt, seeds=SEEDS, inference_steps=INFERENCE_STEPS):
+    """The prompt's images, one per seed; the base model's when step_dir is None."""
     if step_dir is not None:
         trainer.apply_adapters(pipe, step_dir)
-    images = [np.stack([np.asarray(trainer.generate_images(pipe, prompt, [seed], 64, 64, inference_steps)[0],
-                                   dtype=np.float64) for seed in seeds]) for prompt in prompts]
-    if step_dir is not None:
-        pipe.delete_adapters("dreambooth")
-    return images
+    try:
+        return trainer.generate_images(pipe, prompt, list(seeds), 64, 64, inference_steps)
+    finally:
+        if step_dir is not None:
+            pipe.delete_adapters("dreambooth")
 
 
-def measure(model, photos, work_dir, steps=30, learning_rate=3e-3, seeds=(0, 1, 2, 3), inference_steps=8,
-            seed=0, variants=tuple(VARIANTS)):
-    """{variant: (class prompt's drift, instance prompt's change)} from the base model's renders."""
-    prompts = (CLASS_PROMPT, INSTANCE_PROMPT)
-    step_dirs = {variant: train(variant, model, photos, Path(work_dir) / variant.replace(" ", "_"), steps,
-                                learning_rate, seed) for variant in variants}
-    models = trainer.load_models(model, Path(model) / "vae", None, None, torch.float32, "cpu")
-    pipe = trainer.build_pipeline(models, model, None, None, progress=False)
-    base = renders(pipe, None, prompts, seeds, inference_steps)
-    return {variant: tuple(float(np.abs(trained - before).mean()) for trained, before in
-                           zip(renders(pipe, step_dir, prompts, seeds, inference_steps), base))
-            for variant, step_dir in step_dirs.items()}
+def pixel_change(images, before):
+    return float(np.mean([np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).mean()
+                          for a, b in zip(images, before)]))
+
+
+def scores(pipe, step_dir, base, profile):
+    """{fidelity, toward, pixels} of a step dir against the base model's renders `base` (prompt -> images)."""
+    instance, klass = renders(pipe, step_dir, INSTANCE_PROMPT), renders(pipe, step_dir, CLASS_PROMPT)
+    d = {prompt: tiny_world.subject_distance(images, profile) for prompt, images in base.items()}
+    return {"fidelity": tiny_world.subject_distance(instance, profile) / d[INSTANCE_PROMPT],
+            "toward": d[CLASS_PROMPT] - tiny_world.subject_distance(klass, profile),
+            "pixels": pixel_change(klass, base[CLASS_PROMPT])}
+
+
+def measure(model, photos, work_dir, variants=tuple(VARIANTS), **train_kwargs):
+    """{variant: scores} for each variant trained from the same seed."""
+    step_dirs = {variant: train(model, photos, Path(work_dir) / variant.replace(" ", "_"), VARIANTS[variant],
+                                **train_kwargs) for variant in variants}
+    pipe = world_pipeline(model)
+    base = {prompt: renders(pipe, None, prompt) for prompt in (INSTANCE_PROMPT, CLASS_PROMPT)}
+    profile = tiny_world.subject_profile([Image.open(p).convert("RGB") for p in trainer.list_images(Path(photos))])
+    return {variant: scores(pipe, step_dir, base, profile) for variant, step_dir in step_dirs.items()}
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=None, help="default: the tiny random SSD-1B-shaped model, built here")
-    p.add_argument("--photos", default=str(ROOT / "examples" / "dog"))
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--learning_rate", type=float, default=3e-3)
+    p.add_argument("--model", default=str(WORLD_MODEL))
+    p.add_argument("--photos", default=str(WORLD_SUBJECT))
+    p.add_argument("--steps", type=int, default=STEPS)
+    p.add_argument("--learning_rate", type=float, default=LEARNING_RATE)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="prior_drift_"))
     try:
-        if args.model is None:
-            from make_tiny_ssd1b import make_tiny_ssd1b
-
-            args.model = str(make_tiny_ssd1b(work / "tiny"))
-        result = measure(args.model, args.photos, work, args.steps, args.learning_rate, seed=args.seed)
+        result = measure(args.model, args.photos, work, steps=args.steps, learning_rate=args.learning_rate,
+                         seed=args.seed)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"| prior | class prompt's drift from the base model | instance prompt's change |  ({args.steps} steps, "
-          f"lr {args.learning_rate:g}, seed {args.seed})")
-    print("|---|---|---|")
-    for variant, (drift, change) in result.items():
-        print(f"| {variant} | {drift:.2f} | {change:.2f} |")
+    print(f"| prior | instance prompt's distance to the subject, / base model's | class prompt's move toward the "
+          f"subject | class prompt's pixel change |  ({args.steps} steps, lr {args.learning_rate:g}, seed {args.seed})")
+    print("|---|---|---|---|")
+    for variant, s in result.items():
+        print(f"| {variant} | {s['fidelity']:.2f} | {s['toward']:.3f} | {s['pixels']:.1f} |")
 
 
 if __name__ == "__main__":

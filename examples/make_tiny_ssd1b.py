@@ -65,12 +65,12 @@ def byte_alphabet() -> list[str]:
     return [chr(b) for b in printable] + [chr(256 + n) for n in range(len(others))]
 
 
-def vocabulary_and_merges() -> tuple[dict[str, int], list[str]]:
+def vocabulary_and_merges(words=MERGED_WORDS) -> tuple[dict[str, int], list[str]]:
     # Every byte, plain and word-final, so no input ever needs the unknown token.
     alphabet = byte_alphabet()
     tokens = alphabet + [c + "</w>" for c in alphabet]
     merges: list[str] = []
-    for word in MERGED_WORDS:
+    for word in words:
         pieces = [*word[:-1], word[-1] + "</w>"]
         merged = pieces[0]
         for piece in pieces[1:]:
@@ -85,18 +85,18 @@ def vocabulary_and_merges() -> tuple[dict[str, int], list[str]]:
     return {token: i for i, token in enumerate(tokens)}, merges
 
 
-def write_vocab_files(folder: Path) -> None:
-    vocab, merges = vocabulary_and_merges()
+def write_vocab_files(folder: Path, words=MERGED_WORDS) -> None:
+    vocab, merges = vocabulary_and_merges(words)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
 
 
-def make_tokenizers() -> tuple[CLIPTokenizer, CLIPTokenizer]:
+def make_tokenizers(words=MERGED_WORDS) -> tuple[CLIPTokenizer, CLIPTokenizer]:
     # Loading from vocab.json + merges.txt is the one construction path that transformers 4.x
     # (slow tokenizer: vocab_file, merges_file) and 5.x (vocab dict, merges as tuples) share.
     with tempfile.TemporaryDirectory() as tmp:
-        write_vocab_files(Path(tmp))
+        write_vocab_files(Path(tmp), words)
         tokenizer = CLIPTokenizer.from_pretrained(tmp, model_max_length=MAX_TOKENS, pad_token="<|endoftext|>")
         tokenizer_2 = CLIPTokenizer.from_pretrained(tmp, model_max_length=MAX_TOKENS, pad_token="!")
     return tokenizer, tokenizer_2
@@ -127,7 +127,7 @@ def make_text_encoders(vocab_size: int, seed: int) -> tuple[CLIPTextModel, CLIPT
     return text_encoder, text_encoder_2
 
 
-def make_unet(seed: int) -> UNet2DConditionModel:
+def make_unet(seed: int, widths=(16, 32, 32)) -> UNet2DConditionModel:
     torch.manual_seed(seed)
     return UNet2DConditionModel(
         sample_size=8,
@@ -138,7 +138,7 @@ def make_unet(seed: int) -> UNet2DConditionModel:
         # SSD-1B's distillation removed the mid block's attention; code that walks
         # unet.mid_block.attentions must cope with its absence.
         mid_block_type="UNetMidBlock2D",
-        block_out_channels=(16, 32, 32),
+        block_out_channels=widths,
         layers_per_block=2,
         norm_num_groups=8,
         # Number of heads per block (diffusers' historical naming): two 16-wide heads.
@@ -157,7 +157,7 @@ def make_unet(seed: int) -> UNet2DConditionModel:
     )
 
 
-def make_vae(seed: int) -> AutoencoderKL:
+def make_vae(seed: int, widths=(8, 8, 16, 16)) -> AutoencoderKL:
     torch.manual_seed(seed)
     return AutoencoderKL(
         in_channels=3,
@@ -165,7 +165,7 @@ def make_vae(seed: int) -> AutoencoderKL:
         # Four blocks, so three downsamplings: the real 8x VAE scale factor.
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 16, 16),
+        block_out_channels=widths,
         layers_per_block=2,
         norm_num_groups=4,
         latent_channels=4,
@@ -189,27 +189,32 @@ def add_text_model_prefix(weights: Path) -> None:
     save_file({f"text_model.{key}": value for key, value in state.items()}, weights, metadata={"format": "pt"})
 
 
-def make_tiny_ssd1b(out_dir: str | Path, seed: int = 0) -> Path:
-    """Write the tiny pipeline folder to out_dir and return its path."""
+def save_pipeline(out_dir: str | Path, vae, text_encoders, tokenizers, unet, words=MERGED_WORDS) -> Path:
+    """Write the parts as an SDXL pipeline folder that both transformers 4.x and 5.x load."""
     out_dir = Path(out_dir)
-    tokenizer, tokenizer_2 = make_tokenizers()
-    text_encoder, text_encoder_2 = make_text_encoders(len(tokenizer), seed)
     pipe = StableDiffusionXLPipeline(
-        vae=make_vae(seed),
-        text_encoder=text_encoder,
-        text_encoder_2=text_encoder_2,
-        tokenizer=tokenizer,
-        tokenizer_2=tokenizer_2,
-        unet=make_unet(seed),
+        vae=vae,
+        text_encoder=text_encoders[0],
+        text_encoder_2=text_encoders[1],
+        tokenizer=tokenizers[0],
+        tokenizer_2=tokenizers[1],
+        unet=unet,
         # from_config, not the constructor: it keeps the keys Euler does not take in the saved config.
         scheduler=EulerDiscreteScheduler.from_config(SCHEDULER_CONFIG),
     )
     pipe.save_pretrained(out_dir, safe_serialization=True)
     # transformers 5 saves only tokenizer.json; the vocabulary files keep the folder loadable by 4.x.
-    write_vocab_files(out_dir / "tokenizer")
-    write_vocab_files(out_dir / "tokenizer_2")
+    write_vocab_files(out_dir / "tokenizer", words)
+    write_vocab_files(out_dir / "tokenizer_2", words)
     add_text_model_prefix(out_dir / "text_encoder" / "model.safetensors")
     return out_dir
+
+
+def make_tiny_ssd1b(out_dir: str | Path, seed: int = 0) -> Path:
+    """Write the tiny pipeline folder to out_dir and return its path."""
+    tokenizers = make_tokenizers()
+    text_encoders = make_text_encoders(len(tokenizers[0]), seed)
+    return save_pipeline(out_dir, make_vae(seed), text_encoders, tokenizers, make_unet(seed))
 
 
 def main(argv: list[str] | None = None) -> None:

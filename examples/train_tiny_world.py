@@ -1,0 +1,182 @@
+"""Pre-train the tiny SSD-1B-shaped model on the tiny world, from scratch, on a CPU; reproducible from a seed.
+
+    python examples/train_tiny_world.py OUT_DIR [--seed 0] [--vae_steps 1500] [--unet_steps 2500]
+
+The result, examples/tiny_world_model/, is shipped, so nothing else retrains it. It has the real model's classes
+and layout (SDXL pipeline folder, UNet with text_time conditioning, both CLIP text encoders, an 8x VAE), wider than
+the random test model's, and it generates the world of examples/tiny_world.py from captions.
+1. The VAE learns to reconstruct the world's photos (MSE, a very light KL term); its scaling_factor is then set
+   to 1 / the latents' standard deviation, as Stable Diffusion's was.
+2. The UNet learns to denoise those scaled latents (epsilon, SDXL's noise schedule) given the captions' SDXL
+   conditioning, computed by diffusers' own StableDiffusionXLPipeline.encode_prompt, the path every render takes:
+   both text encoders' penultimate layers, the pooled projection, and time ids (64, 64, 0, 0, 64, 64). One caption
+   in ten is dropped to all zeros, the pipeline's unconditional, so classifier-free guidance works. The weights
+   saved are an exponential moving average.
+The text encoders stay as initialised (random, seeded): their word tokens are distinct, and that is all the UNet
+needs. Every photo is drawn fresh, so the model never sees the same one twice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler, StableDiffusionXLPipeline
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import tiny_world  # noqa: E402
+from make_tiny_ssd1b import (SCHEDULER_CONFIG, make_text_encoders, make_tokenizers, make_unet,  # noqa: E402
+                             make_vae, save_pipeline)
+
+UNET_WIDTHS = (32, 64, 64)
+VAE_WIDTHS = (8, 16, 32, 32)
+TIME_IDS = (64, 64, 0, 0, 64, 64)  # original size, crop top-left, target size: what a 64 px render passes
+UNCONDITIONAL = 0.1
+
+
+def pixels(images):
+    return torch.stack([torch.from_numpy(np.asarray(im, dtype=np.float32)).permute(2, 0, 1) for im in images]) / 127.5 - 1
+
+
+def learning_rate(step, steps, peak, warmup=100):
+    return peak * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
+
+
+def flipped(image, rng):
+    return image.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else image
+
+
+def train_vae(vae, pool, steps, batch_size, rng, log_every):
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, steps, 1e-3)
+        x = pixels([flipped(rng.choice(pool)[0], rng) for _ in range(batch_size)])
+        posterior = vae.encode(x).latent_dist
+        loss = F.mse_loss(vae.decode(posterior.sample()).sample, x) + 1e-6 * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % log_every == 0 or step == steps - 1:
+            print(f"vae step {step}: loss {loss.item():.4f}", flush=True)
+    vae.eval().requires_grad_(False)
+
+
+def encode_pool(vae, pool):
+    """Each photo's VAE posterior (mean and log-variance), and its mirror image's; sets the VAE's scaling_factor."""
+    plain, mirrored = [], []
+    with torch.no_grad():
+        for i in range(0, len(pool), 64):
+            images = [photo for photo, _ in pool[i:i + 64]]
+            plain.append(vae.encode(pixels(images)).latent_dist.parameters)
+            mirrored.append(vae.encode(pixels([im.transpose(Image.FLIP_LEFT_RIGHT) for im in images])).latent_dist.parameters)
+    moments = torch.cat(plain + mirrored)  # row i is pool[i % len(pool)]
+    std = moments[:, :4].std()
+    vae.register_to_config(scaling_factor=float(1 / std))
+    print(f"vae latents' std {std.item():.4f}: scaling_factor {vae.config.scaling_factor:.5f}", flush=True)
+    return moments
+
+
+class Captions:
+    """Each caption's SDXL conditioning, through the pipeline's own encode_prompt, computed once per caption."""
+
+    def __init__(self, pipe):
+        self.pipe, self.cache = pipe, {}
+
+    def __call__(self, captions):
+        for text in set(captions) - set(self.cache):
+            with torch.no_grad():
+                embeds, _, pooled, _ = self.pipe.encode_prompt(text, device="cpu", do_classifier_free_guidance=False)
+            self.cache[text] = (embeds[0], pooled[0])
+        embeds, pooled = zip(*(self.cache[text] for text in captions))
+        return torch.stack(embeds), torch.stack(pooled)
+
+
+def train_unet(unet, vae, pool, moments, captions, steps, batch_size, rng, log_every):
+    scheduler = DDPMScheduler.from_config(SCHEDULER_CONFIG)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3, weight_decay=1e-2)
+    ema = [p.detach().clone() for p in unet.parameters()]
+    time_ids = torch.tensor([TIME_IDS], dtype=torch.float32).repeat(batch_size, 1)
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, steps, 1e-3)
+        picked = [rng.randrange(len(moments)) for _ in range(batch_size)]
+        latents = DiagonalGaussianDistribution(moments[picked]).sample() * vae.config.scaling_factor
+        embeds, pooled = captions([tiny_world.caption(*pool[i % len(pool)][1], rng=rng) for i in picked])
+        dropped = torch.tensor([rng.random() < UNCONDITIONAL for _ in picked])
+        embeds, pooled = embeds.masked_fill(dropped[:, None, None], 0), pooled.masked_fill(dropped[:, None], 0)
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,))
+        prediction = unet(scheduler.add_noise(latents, noise, timesteps), timesteps, encoder_hidden_states=embeds,
+                          added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+        loss = F.mse_loss(prediction, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        decay = min(0.999, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for average, p in zip(ema, unet.parameters()):
+                average.lerp_(p, 1 - decay)
+        if step % log_every == 0 or step == steps - 1:
+            print(f"unet step {step}: loss {loss.item():.4f}", flush=True)
+    with torch.no_grad():
+        for average, p in zip(ema, unet.parameters()):
+            p.copy_(average)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pool", type=int, default=8000, help="photos of the world drawn, once")
+    parser.add_argument("--vae_steps", type=int, default=1200)
+    parser.add_argument("--vae_batch_size", type=int, default=8)
+    parser.add_argument("--unet_steps", type=int, default=2000)
+    parser.add_argument("--batch_size", type=int, default=24)
+    parser.add_argument("--log_every", type=int, default=100)
+    args = parser.parse_args(argv)
+    if args.out_dir.exists():
+        parser.error(f"{args.out_dir} exists; give a new folder")
+    started = time.perf_counter()
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+    words = tiny_world.world_vocabulary()
+    tokenizers = make_tokenizers(words)
+    text_encoders = make_text_encoders(len(tokenizers[0]), args.seed)
+    vae, unet = make_vae(args.seed, VAE_WIDTHS), make_unet(args.seed, UNET_WIDTHS)
+    torch.manual_seed(args.seed)
+    pool = [tiny_world.sample(rng)[::2] for _ in range(args.pool)]
+    print(f"{len(pool)} photos drawn in {time.perf_counter() - started:.0f} s", flush=True)
+    train_vae(vae, pool, args.vae_steps, args.vae_batch_size, rng, args.log_every)
+    moments = encode_pool(vae, pool)
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoders[0], text_encoder_2=text_encoders[1],
+                                     tokenizer=tokenizers[0], tokenizer_2=tokenizers[1], unet=unet,
+                                     scheduler=DDPMScheduler.from_config(SCHEDULER_CONFIG))
+    train_unet(unet, vae, pool, moments, Captions(pipe), args.unet_steps, args.batch_size, rng, args.log_every)
+    seconds = time.perf_counter() - started
+    partial = args.out_dir.with_name(args.out_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    save_pipeline(partial, vae, text_encoders, tokenizers, unet.eval(), words)
+    record = {"seed": args.seed, "pool": args.pool, "vae_steps": args.vae_steps, "vae_batch_size": args.vae_batch_size,
+              "unet_steps": args.unet_steps, "batch_size": args.batch_size, "seconds": round(seconds), "torch_threads": torch.get_num_threads(),
+              "torch": torch.__version__, "machine": platform.processor() or platform.machine()}
+    (partial / "tiny_world_training.json").write_text(json.dumps(record, indent=1) + "\n")
+    partial.rename(args.out_dir)
+    print(f"{args.out_dir}: trained in {seconds / 60:.1f} min on {torch.get_num_threads()} threads")
+
+
+if __name__ == "__main__":
+    main()
