@@ -267,7 +267,9 @@ def test_sigterm_saves_prints_the_resume_command_and_exits_within_seconds(tiny_m
     sent = time.time()
     process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=60)
-    assert time.time() - sent < 10, "exits within seconds"
+    # Responsiveness, not speed: it finishes the step it is in, saves and exits instead of running to 100000.
+    # A quiet 2-core machine takes under 10 s; a loaded one has taken 19.5 s, so the bound leaves room for that.
+    assert time.time() - sent < 45, "exits within seconds, not after the run"
     assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
     assert "Traceback" not in stderr
     command = stderr.strip().splitlines()[-1].strip()
