@@ -1,7 +1,7 @@
 """A tiny procedural world to pre-train the tiny SSD-1B-shaped model on, a subject in it, and a similarity measure.
 
 The world: 64x64 photos of one object each, a circle, square, triangle or star, in one of ten named colours
-(jittered, so no two reds are the same), plain, striped or dotted, of any size and position, on one of five
+(jittered, so no two reds are the same) or, one time in four, in any colour, which the caption does not name; plain, striped or dotted, of any size and position, on one of five
 backgrounds, captioned as "a photo of a red striped star on a grey background". Training drops parts of the
 caption at random, so "a photo of a star" renders some star.
 
@@ -38,6 +38,7 @@ PATTERNS = ("plain", "striped", "dotted")
 BACKGROUNDS = {"grey": (128, 128, 128), "sand": (215, 195, 150), "sky": (150, 200, 240), "grass": (110, 150, 80),
                "night": (30, 35, 70)}
 JITTER = 25  # each colour channel moves by up to this much, per photo
+UNNAMED = 0.25  # chance that an object has any colour at all, one no caption names (so the VAE can draw any colour)
 DROP = 0.35  # chance that a caption leaves out the colour, the pattern or the background, each on its own
 
 SUBJECT_CLASS = "star"
@@ -104,16 +105,15 @@ def pattern_mask(pattern, cx, cy, radius, rng):
     return mask
 
 
-def render(shape, colour, pattern, backdrop, cx, cy, radius, turn, rng):
-    """One photo of the world as a 64x64 RGB image."""
+def render(shape, fill, pattern, backdrop, cx, cy, radius, turn, rng):
+    """One photo of the world as a 64x64 RGB image, the object filled with the RGB colour `fill`."""
     image = background(BACKGROUNDS[backdrop], rng)
-    fill = jitter(COLOURS[colour], rng)
     shape_mask = Image.new("L", image.size, 0)
     draw_shape(ImageDraw.Draw(shape_mask), shape, cx * SCALE, cy * SCALE, radius * SCALE, turn, fill=255)
     image.paste(Image.new("RGB", image.size, fill), mask=shape_mask)
     marks = pattern_mask(pattern, cx, cy, radius, rng)
     if marks is not None:
-        mark_colour = (25, 25, 25) if colour == "white" else (245, 245, 245)
+        mark_colour = (25, 25, 25) if min(fill) > 200 else (245, 245, 245)
         marks = Image.fromarray(np.minimum(np.asarray(marks), np.asarray(shape_mask)))
         image.paste(Image.new("RGB", image.size, mark_colour), mask=marks)
     return image.resize((SIZE, SIZE), Image.LANCZOS)
@@ -122,7 +122,7 @@ def render(shape, colour, pattern, backdrop, cx, cy, radius, turn, rng):
 def caption(shape, colour, pattern, backdrop, rng=None):
     """The photo's caption; with rng, the colour, pattern and background are each left out with chance DROP."""
     keep = (lambda: rng is None or rng.random() >= DROP)
-    words = [colour if keep() else None, pattern if pattern != "plain" and keep() else None, shape]
+    words = [colour if colour and keep() else None, pattern if pattern != "plain" and keep() else None, shape]
     words = [w for w in words if w]
     article = "an" if words[0][0] in "aeiou" else "a"
     text = f"a photo of {article} {' '.join(words)}"
@@ -130,12 +130,15 @@ def caption(shape, colour, pattern, backdrop, rng=None):
 
 
 def sample(rng):
-    """(image, full caption, attributes) of one random photo of the world."""
+    """(image, full caption, attributes) of one random photo of the world; an unnamed colour's attribute is None."""
     shape, colour = rng.choice(SHAPES), rng.choice(sorted(COLOURS))
+    fill = jitter(COLOURS[colour], rng)
+    if rng.random() < UNNAMED:
+        colour, fill = None, tuple(rng.randrange(256) for _ in range(3))
     pattern, backdrop = rng.choice(PATTERNS), rng.choice(sorted(BACKGROUNDS))
     radius = rng.uniform(10, 24)
     cx, cy = (rng.uniform(radius + 2, SIZE - radius - 2) for _ in range(2))
-    image = render(shape, colour, pattern, backdrop, cx, cy, radius, rng.uniform(-30, 30), rng)
+    image = render(shape, fill, pattern, backdrop, cx, cy, radius, rng.uniform(-30, 30), rng)
     return image, caption(shape, colour, pattern, backdrop), (shape, colour, pattern, backdrop)
 
 

@@ -306,8 +306,8 @@ def test_option_mistakes_are_one_line_before_any_model_loads(tiny_model, photos,
 def test_base_prediction_is_the_base_models_own_once_the_adapters_have_trained(tiny_model, photos, tmp_path):
     # with LoRA's B no longer zero, the class half's target must be the model with its adapters off: the same as
     # the model with every lora_B zeroed. (Whether this holds the class prompt's renders nearer the base model's
-    # is measured by benchmarks/prior_drift.py, in the README; a random tiny model shows it weakly, and not under
-    # every library version's initialisation: issue 17's pre-trained world is where a test can hold it.)
+    # is held by tests/test_world.py on the pre-trained tiny world, with benchmarks/prior_drift.py's numbers in the
+    # README.)
     models = trainer.load_models(tiny_model, tiny_model / "vae", None, None, torch.float32, "cpu")
     trainer.add_lora(models, 4, 4, 0.0, True)
     torch.manual_seed(0)
