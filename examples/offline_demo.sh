@@ -1,21 +1,26 @@
 #!/usr/bin/env bash
-# The whole flow on a tiny, randomly initialised SSD-1B-shaped model: CPU only, no network, under 2 minutes on
-# 2 cores. It proves the plumbing (class images -> training -> validation -> infer.py), never image quality.
+# DreamBooth end to end on the tiny pre-trained world (examples/tiny_world.py): CPU only, no network, under
+# 2 minutes on 2 cores. The shipped model (examples/tiny_world_model) learns the subject in
+# examples/tiny_world_subject, a teal star with a yellow dot that no caption of its world describes:
+# training with prior preservation from the base model's prediction -> validation -> infer.py -> a before/after
+# sheet. The tiny model is weak: the renders move toward the subject's colours, they do not yet draw it.
 #   bash examples/offline_demo.sh [WORK_DIR]     (default work_dirs/offline_demo)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 work=${1:-work_dirs/offline_demo}
 export HF_HUB_OFFLINE=1
 
-python examples/make_tiny_ssd1b.py "$work/tiny-ssd1b"
 python train_dreambooth_lora_ssd1b.py \
-  --pretrained_model_name_or_path "$work/tiny-ssd1b" \
-  --pretrained_vae_model_name_or_path "$work/tiny-ssd1b/vae" \
-  --instance_dir examples/dog --instance_prompt "a photo of sks dog" \
-  --with_prior_preservation --class_prompt "a photo of dog" --num_class_images 8 \
-  --resolution 64 --max_train_steps 20 --checkpointing_steps 10 \
-  --validation_prompt "a photo of sks dog in a bucket" --validation_steps 10 --validation_inference_steps 10 \
+  --pretrained_model_name_or_path examples/tiny_world_model --pretrained_vae_model_name_or_path none \
+  --instance_dir examples/tiny_world_subject --instance_prompt "a photo of sks star" \
+  --with_prior_preservation --class_prompt "a photo of a star" --prior_target base_prediction \
+  --resolution 64 --random_flip --optimizer adamw --learning_rate 1e-3 \
+  --max_train_steps 200 --checkpointing_steps 100 \
+  --validation_prompt "a photo of sks star on a night background" --validation_steps 100 \
+  --validation_inference_steps 20 \
   --output_dir "$work/run" --overwrite_output_dir  # a demo: re-running it replaces its own adapters
-python infer.py --checkpoint "$work/run/step19" --prompt "a photo of sks dog in a bucket" \
+python infer.py --checkpoint "$work/run/step199" --prompt "a photo of sks star on a grass background" \
   --num_inference_steps 20 --output "$work/renders"
-echo "adapters: $work/run/step19   validation: $work/run/validation   renders: $work/renders"
+python examples/before_after.py --checkpoint "$work/run/step199" --output "$work/before_after.png"
+echo "adapters: $work/run/step199   validation: $work/run/validation   renders: $work/renders"
+echo "before and after: $work/before_after.png"

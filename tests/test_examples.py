@@ -20,11 +20,16 @@ def test_offline_demo_runs_as_written(tmp_path):
                             capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     run = tmp_path / "demo" / "run"
-    assert sorted(p.name for p in run.glob("step*")) == ["step19", "step9"]
-    assert len(list((run / "class_images").glob("*.png"))) == 8
-    assert len(list((run / "validation" / "step19").glob("seed*.png"))) == 4
-    assert Image.open(run / "validation" / "step19" / "seed0.png").size == (64, 64), "at training resolution"
-    assert Image.open(tmp_path / "demo" / "renders" / "step19_seed0.png").size == (64, 64)
+    assert sorted(p.name for p in run.glob("step*")) == ["step199", "step99"]
+    assert not (run / "class_images").exists(), "the base model's prediction needs no class images"
+    assert len(list((run / "validation" / "step199").glob("seed*.png"))) == 4
+    assert Image.open(run / "validation" / "step199" / "seed0.png").size == (64, 64), "at training resolution"
+    assert Image.open(tmp_path / "demo" / "renders" / "step199_seed0.png").size == (64, 64)
+    # the before/after sheet: the trained instance prompt is nearer the subject than the base model's
+    distances = [float(line.split("distance to the subject ")[1]) for line in result.stdout.splitlines()
+                 if "'a photo of sks star'" in line]
+    assert len(distances) == 2 and distances[1] < distances[0], result.stdout
+    assert Image.open(tmp_path / "demo" / "before_after.png").width > 64
 
 
 def test_dog_recipe_is_the_reference_recipe(monkeypatch):
