@@ -5,7 +5,6 @@ independent of the trainer. The runs and renders are benchmarks/prior_drift.py's
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import prior_drift as world
