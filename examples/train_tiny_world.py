@@ -1,19 +1,22 @@
 """Pre-train the tiny SSD-1B-shaped model on the tiny world, from scratch, on a CPU; reproducible from a seed.
 
-    python examples/train_tiny_world.py OUT_DIR [--seed 0] [--vae_steps 1500] [--unet_steps 2500]
+    python examples/train_tiny_world.py OUT_DIR [--seed 0] [--vae_steps 2000] [--unet_steps 10000]
+    python examples/train_tiny_world.py OUT_DIR --vae examples/tiny_world_model/vae     # stage 2 only
 
 The result, examples/tiny_world_model/, is shipped, so nothing else retrains it. It has the real model's classes
 and layout (SDXL pipeline folder, UNet with text_time conditioning, both CLIP text encoders, an 8x VAE), wider than
 the random test model's, and it generates the world of examples/tiny_world.py from captions.
 1. The VAE learns to reconstruct the world's photos (MSE, a very light KL term); its scaling_factor is then set
    to 1 / the latents' standard deviation, as Stable Diffusion's was.
-2. The UNet learns to denoise those scaled latents (epsilon, SDXL's noise schedule) given the captions' SDXL
-   conditioning, computed by diffusers' own StableDiffusionXLPipeline.encode_prompt, the path every render takes:
-   both text encoders' penultimate layers, the pooled projection, and time ids (64, 64, 0, 0, 64, 64). One caption
-   in ten is dropped to all zeros, the pipeline's unconditional, so classifier-free guidance works. The weights
-   saved are an exponential moving average.
-The text encoders stay as initialised (random, seeded): their word tokens are distinct, and that is all the UNet
-needs. Every photo is drawn fresh, so the model never sees the same one twice.
+2. The UNet and both text encoders (all weights) learn together to denoise those scaled latents (epsilon, SDXL's
+   noise schedule) given the captions' SDXL conditioning, computed by diffusers' own
+   StableDiffusionXLPipeline.encode_prompt, the path every render takes: both text encoders' penultimate layers,
+   the pooled projection, and time ids (64, 64, 0, 0, 64, 64). One caption in ten is dropped to all zeros, the
+   pipeline's unconditional, so classifier-free guidance works. The weights saved are an exponential moving
+   average. Random text encoders made captions differ too little for the UNet to follow colour words; trained,
+   they do. The identifier "sks" has its own token and never appears in a caption, so it stays untrained.
+Stage 2 draws from its own seeds, so `--vae` (a VAE that stage 1 made with the same seed) gives the same model.
+The photos come from a pool of --pool drawn once, each also seen mirrored.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler, StableDiffusionXLPipeline
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from PIL import Image
 
@@ -44,6 +47,7 @@ UNET_WIDTHS = (32, 64, 64)
 VAE_WIDTHS = (16, 32, 64, 64)
 TIME_IDS = (64, 64, 0, 0, 64, 64)  # original size, crop top-left, target size: what a 64 px render passes
 UNCONDITIONAL = 0.1
+TEXT_ENCODER_LR = 5e-4
 
 
 def pixels(images):
@@ -102,32 +106,29 @@ def encode_pool(vae, pool):
     return moments
 
 
-class Captions:
-    """Each caption's SDXL conditioning, through the pipeline's own encode_prompt, computed once per caption."""
-
-    def __init__(self, pipe):
-        self.pipe, self.cache = pipe, {}
-
-    def __call__(self, captions):
-        for text in set(captions) - set(self.cache):
-            with torch.no_grad():
-                embeds, _, pooled, _ = self.pipe.encode_prompt(text, device="cpu", do_classifier_free_guidance=False)
-            self.cache[text] = (embeds[0], pooled[0])
-        embeds, pooled = zip(*(self.cache[text] for text in captions))
-        return torch.stack(embeds), torch.stack(pooled)
+def conditioning(pipe, captions):
+    """The captions' SDXL conditioning, through the pipeline's own encode_prompt (the path every render takes),
+    with gradients, as the text encoders train with the UNet."""
+    embeds, _, pooled, _ = pipe.encode_prompt(list(captions), device="cpu", do_classifier_free_guidance=False)
+    return embeds, pooled
 
 
-def train_unet(unet, vae, pool, moments, captions, steps, batch_size, rng, log_every):
+def train_unet(pipe, pool, moments, steps, batch_size, rng, log_every):
+    """The UNet and both text encoders, all weights, to denoise the photos' latents given their captions."""
+    unet, vae = pipe.unet, pipe.vae
     scheduler = DDPMScheduler.from_config(SCHEDULER_CONFIG)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3, weight_decay=1e-2)
-    ema = [p.detach().clone() for p in unet.parameters()]
+    text_params = [p for encoder in (pipe.text_encoder, pipe.text_encoder_2) for p in encoder.parameters()]
+    params = [*unet.parameters(), *text_params]
+    optimizer = torch.optim.AdamW([{"params": list(unet.parameters()), "peak": 1e-3},
+                                   {"params": text_params, "peak": TEXT_ENCODER_LR}], weight_decay=1e-2)
+    ema = [p.detach().clone() for p in params]
     time_ids = torch.tensor([TIME_IDS], dtype=torch.float32).repeat(batch_size, 1)
     for step in range(steps):
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, steps, 1e-3)
+            group["lr"] = learning_rate(step, steps, group["peak"])
         picked = [rng.randrange(len(moments)) for _ in range(batch_size)]
         latents = DiagonalGaussianDistribution(moments[picked]).sample() * vae.config.scaling_factor
-        embeds, pooled = captions([tiny_world.caption(*pool[i % len(pool)][1], rng=rng) for i in picked])
+        embeds, pooled = conditioning(pipe, [tiny_world.caption(*pool[i % len(pool)][1], rng=rng) for i in picked])
         dropped = torch.tensor([rng.random() < UNCONDITIONAL for _ in picked])
         embeds, pooled = embeds.masked_fill(dropped[:, None, None], 0), pooled.masked_fill(dropped[:, None], 0)
         noise = torch.randn_like(latents)
@@ -137,16 +138,16 @@ def train_unet(unet, vae, pool, moments, captions, steps, batch_size, rng, log_e
         loss = F.mse_loss(prediction, noise)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         decay = min(0.999, (1 + step) / (10 + step))
         with torch.no_grad():
-            for average, p in zip(ema, unet.parameters()):
+            for average, p in zip(ema, params):
                 average.lerp_(p, 1 - decay)
         if step % log_every == 0 or step == steps - 1:
             print(f"unet step {step}: loss {loss.item():.4f}", flush=True)
     with torch.no_grad():
-        for average, p in zip(ema, unet.parameters()):
+        for average, p in zip(ema, params):
             p.copy_(average)
 
 
@@ -157,9 +158,11 @@ def main(argv=None):
     parser.add_argument("--pool", type=int, default=8000, help="photos of the world drawn, once")
     parser.add_argument("--vae_steps", type=int, default=2000)
     parser.add_argument("--vae_batch_size", type=int, default=16)
-    parser.add_argument("--unet_steps", type=int, default=8000)
+    parser.add_argument("--unet_steps", type=int, default=10000)
     parser.add_argument("--batch_size", type=int, default=24)
     parser.add_argument("--log_every", type=int, default=100)
+    parser.add_argument("--vae", type=Path, help="a VAE folder this script trained with the same --seed, --pool and "
+                        "--vae_* flags (e.g. examples/tiny_world_model/vae): skips stage 1, which it equals")
     args = parser.parse_args(argv)
     if args.out_dir.exists():
         parser.error(f"{args.out_dir} exists; give a new folder")
@@ -173,18 +176,25 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     pool = [tiny_world.sample(rng)[::2] for _ in range(args.pool)]
     print(f"{len(pool)} photos drawn in {time.perf_counter() - started:.0f} s", flush=True)
-    train_vae(vae, pool, args.vae_steps, args.vae_batch_size, rng, args.log_every)
+    if args.vae:
+        vae.load_state_dict(AutoencoderKL.from_pretrained(args.vae).state_dict())  # weights only: config as trained
+        vae.eval().requires_grad_(False)
+    else:
+        train_vae(vae, pool, args.vae_steps, args.vae_batch_size, rng, args.log_every)
     moments = encode_pool(vae, pool)
+    torch.manual_seed(args.seed + 1)  # stage 2 draws from its own seeds, so a reused VAE gives the same model
+    rng = random.Random(f"{args.seed} stage 2")
     pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoders[0], text_encoder_2=text_encoders[1],
                                      tokenizer=tokenizers[0], tokenizer_2=tokenizers[1], unet=unet,
                                      scheduler=DDPMScheduler.from_config(SCHEDULER_CONFIG))
-    train_unet(unet, vae, pool, moments, Captions(pipe), args.unet_steps, args.batch_size, rng, args.log_every)
+    train_unet(pipe, pool, moments, args.unet_steps, args.batch_size, rng, args.log_every)
     seconds = time.perf_counter() - started
     partial = args.out_dir.with_name(args.out_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    save_pipeline(partial, vae, text_encoders, tokenizers, unet.eval(), words)
+    save_pipeline(partial, vae, [encoder.eval() for encoder in text_encoders], tokenizers, unet.eval(), words)
     record = {"seed": args.seed, "pool": args.pool, "vae_steps": args.vae_steps, "vae_batch_size": args.vae_batch_size,
-              "unet_steps": args.unet_steps, "batch_size": args.batch_size, "seconds": round(seconds), "torch_threads": torch.get_num_threads(),
+              "vae_reused": str(args.vae) if args.vae else None,
+              "unet_steps": args.unet_steps, "text_encoder_lr": TEXT_ENCODER_LR, "batch_size": args.batch_size, "seconds": round(seconds), "torch_threads": torch.get_num_threads(),
               "torch": torch.__version__, "machine": platform.processor() or platform.machine()}
     (partial / "tiny_world_training.json").write_text(json.dumps(record, indent=1) + "\n")
     partial.rename(args.out_dir)

@@ -12,13 +12,14 @@ import tiny_world
 import train_dreambooth_lora_ssd1b as trainer
 
 # The margins, stated in the README ("The tiny world"). Measured with the locked versions on a 2-core CPU
-# (benchmarks/prior_drift.py, 2026-12-05): fidelity 0.86 without a prior and 0.76 with the base prediction;
-# toward 0.187 without a prior, -0.043 with the base prediction. The class-images prior (0.177) is measured in the
-# README's table but not held here: on this weak model it does not hold the class prompt back.
-FIDELITY_MAX = 0.93  # the instance prompt's distance to the subject, as a share of the base model's
-TOWARD_MIN = 0.1  # how much nearer the subject the class prompt's renders come without a prior
-PRIOR_SHARE_MAX = 0.5  # the base prediction's drift toward the subject, as a share of the drift without one
-TESTED = ("no prior", "base prediction")
+# (benchmarks/prior_drift.py, 2026-12-05, training seed 0, which the tests use): fidelity 0.74 without a prior, 0.79
+# with class images, 0.85 with the base prediction; toward 0.237 without a prior, 0.202 with class images (a share
+# of 0.85), 0.133 with the base prediction (0.56). Seeds 1 and 2 gave shares of 0.70 and 0.52 with class images,
+# 0.67 and 0.49 with the base prediction: both priors hold the class prompt back, the base prediction more.
+FIDELITY_MAX = 0.90  # the instance prompt's distance to the subject, as a share of the base model's
+TOWARD_MIN = 0.15  # how much nearer the subject the class prompt's renders come without a prior
+PRIOR_SHARE_MAX = {"class images": 0.92, "base prediction": 0.75}  # each prior's drift, as a share of none's
+TESTED = ("no prior", "class images", "base prediction")
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +55,9 @@ def test_without_a_prior_the_class_prompt_drifts_to_the_subject(world_scores):
     assert world_scores["no prior"]["toward"] >= TOWARD_MIN, world_scores
 
 
-@pytest.mark.parametrize("prior", ["base prediction"])
+@pytest.mark.parametrize("prior", ["class images", "base prediction"])
 def test_prior_preservation_holds_the_class_prompt_and_still_learns(world_scores, prior):
-    assert world_scores[prior]["toward"] <= PRIOR_SHARE_MAX * world_scores["no prior"]["toward"], world_scores
+    assert world_scores[prior]["toward"] <= PRIOR_SHARE_MAX[prior] * world_scores["no prior"]["toward"], world_scores
     assert world_scores[prior]["fidelity"] <= FIDELITY_MAX, world_scores
 
 
