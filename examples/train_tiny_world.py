@@ -117,9 +117,10 @@ def train_unet(pipe, pool, moments, steps, batch_size, rng, log_every):
     """The UNet and both text encoders, all weights, to denoise the photos' latents given their captions."""
     unet, vae = pipe.unet, pipe.vae
     scheduler = DDPMScheduler.from_config(SCHEDULER_CONFIG)
+    unet_params = list(unet.parameters())
     text_params = [p for encoder in (pipe.text_encoder, pipe.text_encoder_2) for p in encoder.parameters()]
-    params = [*unet.parameters(), *text_params]
-    optimizer = torch.optim.AdamW([{"params": list(unet.parameters()), "peak": 1e-3},
+    params = unet_params + text_params
+    optimizer = torch.optim.AdamW([{"params": unet_params, "peak": 1e-3},
                                    {"params": text_params, "peak": TEXT_ENCODER_LR}], weight_decay=1e-2)
     ema = [p.detach().clone() for p in params]
     time_ids = torch.tensor([TIME_IDS], dtype=torch.float32).repeat(batch_size, 1)
@@ -151,6 +152,17 @@ def train_unet(pipe, pool, moments, steps, batch_size, rng, log_every):
             p.copy_(average)
 
 
+def reuse_vae(vae, path):
+    """--vae: stage 1's weights from an earlier run, loaded into this run's VAE, whose config stays as stage 1 makes
+    it; anything else is refused in one line, before the pool is drawn."""
+    try:
+        vae.load_state_dict(AutoencoderKL.from_pretrained(path).state_dict())
+    except (OSError, ValueError, RuntimeError) as error:
+        raise SystemExit(f"error: --vae {path} is not a VAE this script trained ({str(error).splitlines()[0]}); give "
+                         "the vae folder of a model it made, e.g. examples/tiny_world_model/vae, or leave --vae out")
+    return vae.eval().requires_grad_(False)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path)
@@ -173,13 +185,12 @@ def main(argv=None):
     tokenizers = make_tokenizers(words)
     text_encoders = make_text_encoders(len(tokenizers[0]), args.seed)
     vae, unet = make_vae(args.seed, VAE_WIDTHS), make_unet(args.seed, UNET_WIDTHS)
+    if args.vae:
+        vae = reuse_vae(vae, args.vae)
     torch.manual_seed(args.seed)
     pool = [tiny_world.sample(rng)[::2] for _ in range(args.pool)]
     print(f"{len(pool)} photos drawn in {time.perf_counter() - started:.0f} s", flush=True)
-    if args.vae:
-        vae.load_state_dict(AutoencoderKL.from_pretrained(args.vae).state_dict())  # weights only: config as trained
-        vae.eval().requires_grad_(False)
-    else:
+    if not args.vae:
         train_vae(vae, pool, args.vae_steps, args.vae_batch_size, rng, args.log_every)
     moments = encode_pool(vae, pool)
     torch.manual_seed(args.seed + 1)  # stage 2 draws from its own seeds, so a reused VAE gives the same model
@@ -193,8 +204,9 @@ def main(argv=None):
     shutil.rmtree(partial, ignore_errors=True)
     save_pipeline(partial, vae, [encoder.eval() for encoder in text_encoders], tokenizers, unet.eval(), words)
     record = {"seed": args.seed, "pool": args.pool, "vae_steps": args.vae_steps, "vae_batch_size": args.vae_batch_size,
-              "vae_reused": str(args.vae) if args.vae else None,
-              "unet_steps": args.unet_steps, "text_encoder_lr": TEXT_ENCODER_LR, "batch_size": args.batch_size, "seconds": round(seconds), "torch_threads": torch.get_num_threads(),
+              "vae_reused": str(args.vae) if args.vae else None, "unet_steps": args.unet_steps,
+              "text_encoder_lr": TEXT_ENCODER_LR, "batch_size": args.batch_size, "seconds": round(seconds),
+              "torch_threads": torch.get_num_threads(),
               "torch": torch.__version__, "machine": platform.processor() or platform.machine()}
     (partial / "tiny_world_training.json").write_text(json.dumps(record, indent=1) + "\n")
     partial.rename(args.out_dir)

@@ -83,3 +83,15 @@ def test_the_world_model_ships_as_safetensors_under_20_mb():
     assert {p.parent.name for p in weights} == {"unet", "vae", "text_encoder", "text_encoder_2"}
     assert all(p.suffix == ".safetensors" for p in weights)
     assert sum(p.stat().st_size for p in files) < 20 * 2**20
+
+
+@pytest.mark.parametrize("case", ["missing", "another model's VAE"])
+def test_train_tiny_world_refuses_a_wrong_vae_in_one_line(case, tiny_model, tmp_path, capsys):
+    import train_tiny_world
+
+    vae = tmp_path / "nowhere" if case == "missing" else tiny_model / "vae"  # the random test model's: other widths
+    with pytest.raises(SystemExit) as stop:
+        train_tiny_world.main([str(tmp_path / "out"), "--vae", str(vae), "--pool", "1"])
+    message = str(stop.value)
+    assert message.startswith(f"error: --vae {vae} is not a VAE this script trained") and "\n" not in message
+    assert not (tmp_path / "out").exists()
