@@ -622,6 +622,7 @@ for _name in ("diffusers.loaders.lora_base", "diffusers.loaders.peft"):
 # bitsandbytes (imported by diffusers) looks, on a CPU with AVX512-BF16, for a 4-bit kernel in the `kernels` package
 # and warns when that is not installed: no layer here is 4-bit, and the warning would stand above every refusal
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(lambda r: "kernels-community" not in r.getMessage())
+import accelerate  # noqa: E402
 import huggingface_hub  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed  # noqa: E402
@@ -634,6 +635,7 @@ from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_
 from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict  # noqa: E402
 import safetensors.torch  # noqa: E402
+from safetensors import SafetensorError, safe_open  # noqa: E402
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: E402
 
 # transformers 4.56 renamed from_pretrained's torch_dtype to dtype; the old name warns from 5 on
@@ -1324,13 +1326,76 @@ def load_models(model, vae_model, revision, variant, dtype, device, with_unet=Tr
 
 
 def load_unet(model, revision, variant, dtype, device):
-    """The UNet, frozen, in `dtype` on `device`. While it loads, the pages of its weights file are mapped beside
-    the weights being made from them (2.5 GiB each for SSD-1B in bf16 from fp16), so the trainer loads it only
-    once the prompt cache has let the text encoders go."""
+    """The UNet, frozen, in `dtype` on `device`. The trainer loads it last, once the prompt cache has let the text
+    encoders go, and from a safetensors file a few tensors at a time (stream_weights), so the file is never mapped
+    whole beside the weights cast from it: from_pretrained keeps all of SSD-1B's fp16 file (2.5 GiB) mapped until
+    the bf16 weights made from it (2.5 GiB more) are complete. Other weights (.bin, a hub model's shards) load with
+    from_pretrained."""
     with load_errors_named(model):
-        unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", revision=revision, variant=variant,
-                                                    torch_dtype=dtype)
-    return unet.requires_grad_(False).to(device)
+        files = unet_safetensors(model, revision, variant)
+        if not files:
+            unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", revision=revision, variant=variant,
+                                                        torch_dtype=dtype)
+            return unet.requires_grad_(False).to(device)
+        config = UNet2DConditionModel.load_config(model, subfolder="unet", revision=revision)
+    with accelerate.init_empty_weights():  # parameters on the meta device: no memory until the weights come
+        unet = UNet2DConditionModel.from_config(config)
+    unexpected = [name for file in files for name in stream_weights(unet, file, dtype, device, model)]
+    missing = [name for name, tensor in unet.state_dict().items() if tensor.is_meta]
+    if missing or unexpected:
+        raise UserError(f"cannot load {model}: its UNet weights do not fit its config ({len(missing)} tensors "
+                        f"missing, {len(unexpected)} unknown, e.g. {(missing + unexpected)[0]}); download the model "
+                        "again")
+    unet.register_to_config(_name_or_path=model)  # as from_pretrained does
+    return unet.eval().requires_grad_(False).to(device)  # from_pretrained's eval mode; buffers to the device
+
+
+def unet_safetensors(model, revision, variant):
+    """The UNet's safetensors files, as from_pretrained would pick them: a local folder's single file or its
+    shards, or a hub model's single file (fetched, or found in the cache). [] when there are none, or the hub
+    does not give one: from_pretrained then loads what there is, or names what is wrong."""
+    name = f"diffusion_pytorch_model{'.' + variant if variant else ''}.safetensors"
+    folder = Path(model) / "unet"
+    if folder.is_dir():
+        index = folder / f"{name}.index.json"
+        if (folder / name).is_file():
+            return [folder / name]
+        if index.is_file():
+            shards = read_json_config(index, "--pretrained_model_name_or_path", model).get("weight_map", {})
+            return [folder / shard for shard in sorted(set(shards.values()))]
+        return []
+    try:
+        return [Path(huggingface_hub.hf_hub_download(model, name, subfolder="unet", revision=revision))]
+    except Exception:  # not there (a model of shards or .bin), offline and not cached, unreachable
+        return []
+
+
+def stream_weights(unet, file, dtype, device, model, tensors_at_once=32):
+    """One safetensors file into `unet` (made on the meta device), each tensor cast to `dtype` on `device`.
+    safe_open maps the whole file, and the tensors it hands out are views of that mapping; opening it again for
+    every few tensors lets the pages read so far go. Returns the names the UNet has no place for."""
+    names, unexpected = read_safetensors(file, model), []
+    for start in range(0, len(names), tensors_at_once):
+        tensors = read_safetensors(file, model, names[start:start + tensors_at_once], dtype, device)
+        try:
+            unexpected += unet.load_state_dict(tensors, strict=False, assign=True).unexpected_keys
+        except RuntimeError as e:  # a tensor of another shape than the config's
+            raise UserError(f"cannot load {model}: its UNet weights do not fit its config ({one_line(e)}); "
+                            "download the model again") from None
+    return unexpected
+
+
+def read_safetensors(file, model, names=None, dtype=None, device=None):
+    """A safetensors file's tensor names (names=None), or those tensors cast to `dtype` on `device`; the file is
+    closed, and its mapping gone with the last view of it, when this returns."""
+    try:
+        with safe_open(file, "pt") as weights:
+            if names is None:
+                return list(weights.keys())
+            return {name: weights.get_tensor(name).to(device=device, dtype=dtype) for name in names}
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"cannot load {model}: unet/{Path(file).name} is unreadable ({one_line(e)}); download "
+                        "the model again") from None
 
 
 @contextlib.contextmanager

@@ -1,0 +1,103 @@
+"""The UNet's load: read a few tensors at a time, so its weights file is never mapped whole beside the weights cast
+from it (issue 16), and the same model as from_pretrained's in every other respect."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+
+import train_dreambooth_lora_ssd1b as trainer
+
+
+def assert_same_unet(loaded, reference):
+    mine, theirs = loaded.state_dict(), reference.state_dict()
+    assert mine.keys() == theirs.keys()
+    for name in mine:
+        assert mine[name].dtype == theirs[name].dtype and torch.equal(mine[name], theirs[name]), name
+    assert {**loaded.config, "_name_or_path": None} == {**reference.config, "_name_or_path": None}
+    assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_streamed_unet_is_from_pretrained_s(tiny_model, dtype):
+    reference = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet", torch_dtype=dtype)
+    loaded = trainer.load_unet(tiny_model, None, None, dtype, "cpu")
+    assert_same_unet(loaded, reference)
+    assert loaded.config._name_or_path == reference.config._name_or_path
+
+
+def test_the_file_is_opened_again_for_every_few_tensors(tiny_model, monkeypatch):
+    """What keeps the peak down: no one opening of the file hands out more than tensors_at_once tensors, so the
+    pages read through one mapping go before the next is read."""
+    handed_out, real_safe_open = [], trainer.safe_open
+
+    class Counted:
+        def __init__(self, *a, **k):
+            self.inner = real_safe_open(*a, **k)
+
+        def __enter__(self):
+            handed_out.append(0)
+            self.inner.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.inner.__exit__(*exc)
+
+        def keys(self):
+            return self.inner.keys()
+
+        def get_tensor(self, name):
+            handed_out[-1] += 1
+            return self.inner.get_tensor(name)
+
+    monkeypatch.setattr(trainer, "safe_open", Counted)
+    unet = trainer.load_unet(tiny_model, None, None, torch.bfloat16, "cpu")
+    tensors = len(unet.state_dict())
+    assert sum(handed_out) == tensors and max(handed_out) <= 32 and len(handed_out) >= tensors // 32
+
+
+def test_shards_and_bin_weights_load_as_from_pretrained_loads_them(tiny_model, tmp_path):
+    reference = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
+    for name, options in {"shards": dict(max_shard_size="200KB"), "bin": dict(safe_serialization=False)}.items():
+        model = tmp_path / name
+        shutil.copytree(tiny_model, model, ignore=shutil.ignore_patterns("unet"))
+        reference.save_pretrained(model / "unet", **options)
+        files = trainer.unet_safetensors(model, None, None)
+        assert len(files) > 1 if name == "shards" else files == []  # .bin: from_pretrained's own load
+        assert_same_unet(trainer.load_unet(model, None, None, torch.float32, "cpu"), reference)
+
+
+def test_a_damaged_or_mismatched_unet_file_is_refused_in_one_line(tiny_model, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(trainer.UserError, match=r"^cannot load .*: unet/diffusion_pytorch_model.safetensors is "
+                                                r"unreadable \(.*\); download the model again$"):
+        trainer.load_unet(model, None, None, torch.float32, "cpu")
+
+    weights.write_bytes(data)
+    config = json.loads((model / "unet" / "config.json").read_text())
+    config["block_out_channels"] = [2 * c for c in config["block_out_channels"]]  # weights of another model
+    (model / "unet" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(trainer.UserError, match=r"^cannot load .*: its UNet weights do not fit its config "
+                                                r"\(.*\); download the model again$") as refusal:
+        trainer.load_unet(model, None, None, torch.float32, "cpu")
+    assert "\n" not in str(refusal.value)
+
+
+def test_a_unet_file_missing_a_tensor_is_refused_in_one_line(tiny_model, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    dropped = sorted(tensors)[0]
+    save_file({name: t for name, t in tensors.items() if name != dropped}, weights)
+    with pytest.raises(trainer.UserError, match=rf"^cannot load .*: its UNet weights do not fit its config \(1 "
+                                                rf"tensors missing, 0 unknown, e.g. {dropped}\); download"):
+        trainer.load_unet(model, None, None, torch.float32, "cpu")
