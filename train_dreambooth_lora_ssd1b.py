@@ -622,9 +622,8 @@ for _name in ("diffusers.loaders.lora_base", "diffusers.loaders.peft"):
 # bitsandbytes (imported by diffusers) looks, on a CPU with AVX512-BF16, for a 4-bit kernel in the `kernels` package
 # and warns when that is not installed: no layer here is 4-bit, and the warning would stand above every refusal
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(lambda r: "kernels-community" not in r.getMessage())
-import accelerate  # noqa: E402
 import huggingface_hub  # noqa: E402
-from accelerate import Accelerator  # noqa: E402
+from accelerate import Accelerator, init_empty_weights  # noqa: E402
 from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed  # noqa: E402
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel  # noqa: E402
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution  # noqa: E402
@@ -1338,7 +1337,7 @@ def load_unet(model, revision, variant, dtype, device):
                                                         torch_dtype=dtype)
             return unet.requires_grad_(False).to(device)
         config = UNet2DConditionModel.load_config(model, subfolder="unet", revision=revision)
-    with accelerate.init_empty_weights():  # parameters on the meta device: no memory until the weights come
+    with init_empty_weights():  # parameters on the meta device: no memory until the weights come
         unet = UNet2DConditionModel.from_config(config)
     unexpected = [name for file in files for name in stream_weights(unet, file, dtype, device, model)]
     missing = [name for name, tensor in unet.state_dict().items() if tensor.is_meta]
@@ -1361,7 +1360,10 @@ def unet_safetensors(model, revision, variant):
         if (folder / name).is_file():
             return [folder / name]
         if index.is_file():
-            shards = read_json_config(index, "--pretrained_model_name_or_path", model).get("weight_map", {})
+            shards = read_json_config(index, "--pretrained_model_name_or_path", model).get("weight_map")
+            if not isinstance(shards, dict) or not shards:
+                raise UserError(f"--pretrained_model_name_or_path {model}: unet/{index.name} lists no shards: "
+                                "download the model again")
             return [folder / shard for shard in sorted(set(shards.values()))]
         return []
     try:
@@ -1374,9 +1376,13 @@ def stream_weights(unet, file, dtype, device, model, tensors_at_once=32):
     """One safetensors file into `unet` (made on the meta device), each tensor cast to `dtype` on `device`.
     safe_open maps the whole file, and the tensors it hands out are views of that mapping; opening it again for
     every few tensors lets the pages read so far go. Returns the names the UNet has no place for."""
-    names, unexpected = read_safetensors(file, model), []
+    with unreadable_named(file, model), safe_open(file, "pt") as weights:
+        names = list(weights.keys())
+    unexpected = []
     for start in range(0, len(names), tensors_at_once):
-        tensors = read_safetensors(file, model, names[start:start + tensors_at_once], dtype, device)
+        with unreadable_named(file, model), safe_open(file, "pt") as weights:
+            tensors = {name: weights.get_tensor(name).to(device=device, dtype=dtype)
+                       for name in names[start:start + tensors_at_once]}
         try:
             unexpected += unet.load_state_dict(tensors, strict=False, assign=True).unexpected_keys
         except RuntimeError as e:  # a tensor of another shape than the config's
@@ -1385,14 +1391,11 @@ def stream_weights(unet, file, dtype, device, model, tensors_at_once=32):
     return unexpected
 
 
-def read_safetensors(file, model, names=None, dtype=None, device=None):
-    """A safetensors file's tensor names (names=None), or those tensors cast to `dtype` on `device`; the file is
-    closed, and its mapping gone with the last view of it, when this returns."""
+@contextlib.contextmanager
+def unreadable_named(file, model):
+    """A damaged or missing safetensors file of the UNet as one line naming it."""
     try:
-        with safe_open(file, "pt") as weights:
-            if names is None:
-                return list(weights.keys())
-            return {name: weights.get_tensor(name).to(device=device, dtype=dtype) for name in names}
+        yield
     except (SafetensorError, OSError) as e:
         raise UserError(f"cannot load {model}: unet/{Path(file).name} is unreadable ({one_line(e)}); download "
                         "the model again") from None

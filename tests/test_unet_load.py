@@ -101,3 +101,15 @@ def test_a_unet_file_missing_a_tensor_is_refused_in_one_line(tiny_model, tmp_pat
     with pytest.raises(trainer.UserError, match=rf"^cannot load .*: its UNet weights do not fit its config \(1 "
                                                 rf"tensors missing, 0 unknown, e.g. {dropped}\); download"):
         trainer.load_unet(model, None, None, torch.float32, "cpu")
+
+
+def test_a_shard_index_without_shards_is_refused_in_one_line(tiny_model, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model, ignore=shutil.ignore_patterns("unet"))
+    UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet").save_pretrained(model / "unet",
+                                                                                       max_shard_size="200KB")
+    index = model / "unet" / "diffusion_pytorch_model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": ["not", "a", "map"]}))
+    with pytest.raises(trainer.UserError, match=r"^--pretrained_model_name_or_path .*: unet/diffusion_pytorch_model"
+                                                r"\.safetensors\.index\.json lists no shards: download the model again$"):
+        trainer.load_unet(model, None, None, torch.float32, "cpu")
