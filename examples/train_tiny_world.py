@@ -7,7 +7,8 @@ The result, examples/tiny_world_model/, is shipped, so nothing else retrains it.
 and layout (SDXL pipeline folder, UNet with text_time conditioning, both CLIP text encoders, an 8x VAE), wider than
 the random test model's, and it generates the world of examples/tiny_world.py from captions.
 1. The VAE learns to reconstruct the world's photos (MSE, a very light KL term); its scaling_factor is then set
-   to 1 / the latents' standard deviation, as Stable Diffusion's was.
+   to 1 / the latents' standard deviation, as Stable Diffusion's was. It prints how near the VAE brings the
+   subject's photos back to the subject: the UNet cannot draw what the VAE cannot reconstruct.
 2. The UNet and both text encoders (all weights) learn together to denoise those scaled latents (epsilon, SDXL's
    noise schedule) given the captions' SDXL conditioning, computed by diffusers' own
    StableDiffusionXLPipeline.encode_prompt, the path every render takes: both text encoders' penultimate layers,
@@ -89,6 +90,18 @@ def train_vae(vae, pool, steps, batch_size, rng, log_every):
         if step % log_every == 0 or step == steps - 1:
             print(f"vae step {step}: loss {loss.item():.4f}", flush=True)
     vae.eval().requires_grad_(False)
+
+
+def report_reconstruction(vae):
+    """How near the VAE brings the subject's photos back to the subject (tiny_world.subject_distance), beside the
+    photos' own distance: the UNet cannot draw what the VAE cannot reconstruct. Measured only; nothing trains on it."""
+    photos = tiny_world.subject_photos()
+    with torch.no_grad():
+        decoded = vae.decode(vae.encode(pixels(photos)).latent_dist.mode()).sample
+    decoded = ((decoded.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    rebuilt = [round(tiny_world.subject_distance([Image.fromarray(a)]), 2) for a in decoded]
+    print(f"vae: the subject's photos reconstructed at distance {rebuilt} to the subject (the photos: "
+          f"{[round(tiny_world.subject_distance([p]), 2) for p in photos]})", flush=True)
 
 
 def encode_pool(vae, pool):
@@ -192,6 +205,7 @@ def main(argv=None):
     print(f"{len(pool)} photos drawn in {time.perf_counter() - started:.0f} s", flush=True)
     if not args.vae:
         train_vae(vae, pool, args.vae_steps, args.vae_batch_size, rng, args.log_every)
+    report_reconstruction(vae)
     moments = encode_pool(vae, pool)
     torch.manual_seed(args.seed + 1)  # stage 2 draws from its own seeds, so a reused VAE gives the same model
     rng = random.Random(f"{args.seed} stage 2")

@@ -3,6 +3,8 @@ teaches the subject (subject fidelity), the class prompt drifts toward it withou
 both priors hold it back. Distances are tiny_world.subject_distance: the colours of the object, from pixels alone,
 independent of the trainer. The runs and renders are benchmarks/prior_drift.py's, whose table is in the README."""
 
+import re
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -95,3 +97,31 @@ def test_train_tiny_world_refuses_a_wrong_vae_in_one_line(case, tiny_model, tmp_
     message = str(stop.value)
     assert message.startswith(f"error: --vae {vae} is not a VAE this script trained") and "\n" not in message
     assert not (tmp_path / "out").exists()
+
+
+def test_train_tiny_world_reports_how_near_its_vae_brings_back_the_subject(capsys):
+    """Stage 1's check that the VAE can draw the subject at all: a VAE that gives its input back scores exactly
+    the photos' own distances, and the shipped VAE scores worse (it loses the dot and the teal: issue 17)."""
+    from types import SimpleNamespace
+
+    from diffusers import AutoencoderKL
+    import train_tiny_world
+
+    class GivesBack:
+        def encode(self, x):
+            return SimpleNamespace(latent_dist=SimpleNamespace(mode=lambda: x))
+
+        def decode(self, z):
+            return SimpleNamespace(sample=z)
+
+    def reported():
+        line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("vae: the subject's photos")]
+        rebuilt, photos = ([float(d) for d in found.split(", ")] for found in re.findall(r"\[([^]]*)\]", line[0]))
+        return rebuilt, photos
+
+    train_tiny_world.report_reconstruction(GivesBack())
+    rebuilt, photos = reported()
+    assert rebuilt == photos and all(d <= 0.2 for d in photos)
+    train_tiny_world.report_reconstruction(AutoencoderKL.from_pretrained(world.WORLD_MODEL / "vae"))
+    rebuilt, photos = reported()
+    assert len(rebuilt) == 5 and min(rebuilt) > max(photos)
