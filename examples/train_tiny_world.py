@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline
+from diffusers.image_processor import VaeImageProcessor
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from PIL import Image
 
@@ -94,14 +95,17 @@ def train_vae(vae, pool, steps, batch_size, rng, log_every):
 
 def report_reconstruction(vae):
     """How near the VAE brings the subject's photos back to the subject (tiny_world.subject_distance), beside the
-    photos' own distance: the UNet cannot draw what the VAE cannot reconstruct. Measured only; nothing trains on it."""
+    photos' own distance: the UNet cannot draw what the VAE cannot reconstruct. Measured only; nothing trains on it.
+    Prints both and returns them, as two lists of distances."""
     photos = tiny_world.subject_photos()
+    profile = tiny_world.subject_profile(photos)
     with torch.no_grad():
         decoded = vae.decode(vae.encode(pixels(photos)).latent_dist.mode()).sample
-    decoded = ((decoded.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-    rebuilt = [round(tiny_world.subject_distance([Image.fromarray(a)]), 2) for a in decoded]
-    print(f"vae: the subject's photos reconstructed at distance {rebuilt} to the subject (the photos: "
-          f"{[round(tiny_world.subject_distance([p]), 2) for p in photos]})", flush=True)
+    rebuilt, own = ([round(tiny_world.subject_distance([image], profile), 2) for image in images]
+                    for images in (VaeImageProcessor().postprocess(decoded, output_type="pil"), photos))
+    print(f"vae: the subject's photos reconstructed at distance {rebuilt} to the subject (the photos: {own})",
+          flush=True)
+    return rebuilt, own
 
 
 def encode_pool(vae, pool):
