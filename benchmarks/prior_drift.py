@@ -41,18 +41,23 @@ VARIANTS = {
 STEPS, LEARNING_RATE, RANK, SEEDS, INFERENCE_STEPS = 200, 1e-3, 8, tuple(range(8)), 20
 
 
-def train(model, photos, output_dir, extra=(), steps=STEPS, learning_rate=LEARNING_RATE, seed=0):
-    """One run of the trainer on the world's subject; returns its last step dir."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    trainer.main([str(a) for a in [
+def train_argv(model, photos, output_dir, extra=(), steps=STEPS, learning_rate=LEARNING_RATE, seed=0):
+    """The trainer's flags for one run on the world's subject."""
+    return [str(a) for a in [
         "--pretrained_model_name_or_path", model, "--pretrained_vae_model_name_or_path", "none",
         "--instance_dir", photos, "--instance_prompt", INSTANCE_PROMPT, "--resolution", 64, "--random_flip",
         "--output_dir", output_dir, "--report_to", "none", "--optimizer", "adamw", "--rank", RANK,
         "--learning_rate", learning_rate, "--max_train_steps", steps, "--checkpointing_steps", steps,
-        "--seed", seed, *extra]])
+        "--seed", seed, *extra]]
+
+
+def train(model, photos, output_dir, extra=(), steps=STEPS, learning_rate=LEARNING_RATE, seed=0):
+    """One run of the trainer on the world's subject, in this process; returns its last step dir."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    trainer.main(train_argv(model, photos, output_dir, extra, steps, learning_rate, seed))
     return Path(output_dir) / f"step{steps - 1}"
 
 

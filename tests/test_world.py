@@ -3,8 +3,13 @@ teaches the subject (subject fidelity), the class prompt drifts toward it withou
 both priors hold it back. Distances are tiny_world.subject_distance: the colours of the object, from pixels alone,
 independent of the trainer. The runs and renders are benchmarks/prior_drift.py's, whose table is in the README."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import prior_drift as world
@@ -29,19 +34,46 @@ def world_pipe():
 
 @pytest.fixture(scope="module")
 def world_scores(world_pipe, tmp_path_factory):
-    """Each tested prior's scores, and those of a run that scales its latents wrongly (a broken wiring)."""
+    """Each tested prior's scores, and those of a run that scales its latents wrongly (a broken wiring).
+
+    The runs train two at a time, on one thread each: each prior's run in a trainer process of its own while this
+    process trains one of the others. Runs this small gain little from a second thread (the scores are the same)."""
     work = tmp_path_factory.mktemp("world")
-    step_dirs = {variant: world.train(world.WORLD_MODEL, world.WORLD_SUBJECT, work / variant.replace(" ", "_"),
-                                      world.VARIANTS[variant]) for variant in TESTED}
-    real = trainer.latents_and_time_ids
+    real, threads = trainer.latents_and_time_ids, torch.get_num_threads()
 
     def sd_scale(batch, models, generators, device):  # a classic bug: SD 1.x's 0.18215, not the VAE's own factor
         latents, time_ids, masks = real(batch, models, generators, device)
         return latents * 0.18215 / models.vae.config.scaling_factor, time_ids, masks
 
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(trainer, "latents_and_time_ids", sd_scale)
-        step_dirs["wrong latent scale"] = world.train(world.WORLD_MODEL, world.WORLD_SUBJECT, work / "wrong_scale", [])
+    def here(variant, patch=None):
+        with pytest.MonkeyPatch.context() as monkeypatch:
+            if patch:
+                monkeypatch.setattr(trainer, "latents_and_time_ids", patch)
+            return world.train(world.WORLD_MODEL, world.WORLD_SUBJECT, work / variant.replace(" ", "_"),
+                               world.VARIANTS.get(variant, []))
+
+    def beside(prior):
+        argv = world.train_argv(world.WORLD_MODEL, world.WORLD_SUBJECT, work / prior.replace(" ", "_"),
+                                world.VARIANTS[prior])
+        with open(work / f"{prior}.log", "w") as log:
+            return subprocess.Popen([sys.executable, trainer.__file__, *argv], stdout=log, stderr=subprocess.STDOUT,
+                                    env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+
+    def finished(process, prior):
+        assert process.wait(timeout=600) == 0, (work / f"{prior}.log").read_text()[-3000:]
+        return work / prior.replace(" ", "_") / f"step{world.STEPS - 1}"
+
+    torch.set_num_threads(1)
+    process = beside("class images")
+    try:
+        step_dirs = {"no prior": here("no prior")}
+        step_dirs["class images"] = finished(process, "class images")
+        process = beside("base prediction")
+        step_dirs["wrong latent scale"] = here("wrong latent scale", sd_scale)
+        step_dirs["base prediction"] = finished(process, "base prediction")
+    finally:
+        torch.set_num_threads(threads)
+        process.kill()
     base = {prompt: world.renders(world_pipe, None, prompt) for prompt in (world.INSTANCE_PROMPT, world.CLASS_PROMPT)}
     profile = tiny_world.subject_profile()
     return {variant: world.scores(world_pipe, step_dir, base, profile) for variant, step_dir in step_dirs.items()}
