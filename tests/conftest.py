@@ -1,6 +1,12 @@
-"""Shared fixtures: one tiny SSD-1B-shaped model per test run, the demo photos, one trained run and one DoRA run."""
+"""Shared fixtures: one tiny SSD-1B-shaped model per test run, the demo photos, one trained run and one DoRA run;
+and the offline demo, run beside the suite from its start."""
 
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -9,6 +15,39 @@ from make_tiny_ssd1b import make_tiny_ssd1b
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_PHOTOS = ROOT / "examples" / "dog"
+OFFLINE_DEMO_TEST = "test_offline_demo_runs_as_written"
+BESIDE = {}  # the offline demo's process and work folder, while the session runs
+
+
+# The offline demo (tests/test_examples.py) is the suite's longest test, a minute or more, and shares nothing with
+# the others: when it is collected, it starts as collection ends, on one thread beside the tests before it (which
+# mostly wait on one core: imports, subprocesses, small models), and its test waits for it and checks it.
+def pytest_collection_finish(session):
+    if any(item.name == OFFLINE_DEMO_TEST for item in session.items):
+        work = Path(tempfile.mkdtemp(prefix="offline_demo_"))
+        # the script calls `python` and `accelerate` from PATH: make them this interpreter's, not whatever is first
+        env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+               "OMP_NUM_THREADS": "1"}
+        command = ["bash", str(ROOT / "examples" / "offline_demo.sh"), str(work / "demo")]
+        with open(work / "stdout", "w") as stdout, open(work / "stderr", "w") as stderr:
+            BESIDE["process"] = subprocess.Popen(command, stdout=stdout, stderr=stderr, env=env,
+                                                 start_new_session=True)  # its own group, so it ends whole
+        BESIDE["work"] = work
+
+
+def pytest_sessionfinish(session):
+    if BESIDE:
+        if BESIDE["process"].poll() is None:  # the session stopped before the demo's test
+            os.killpg(BESIDE["process"].pid, signal.SIGKILL)
+        BESIDE["process"].wait()
+        shutil.rmtree(BESIDE["work"], ignore_errors=True)
+
+
+def offline_demo(timeout=600):
+    """The offline demo's finished run, started as collection ended: (returncode, stdout, stderr, its work folder)."""
+    returncode = BESIDE["process"].wait(timeout=timeout)
+    work = BESIDE["work"]
+    return returncode, (work / "stdout").read_text(), (work / "stderr").read_text(), work / "demo"
 
 
 def run_trainer(*argv):

@@ -1,35 +1,29 @@
 """examples/: the offline demo runs as written, and the dog recipe's command is what the README promises."""
 
-import os
 import re
 import shlex
-import subprocess
-import sys
-from pathlib import Path
 
 from PIL import Image
 
 import train_dreambooth_lora_ssd1b as trainer
-from conftest import ROOT
+from conftest import ROOT, offline_demo
 
 
-def test_offline_demo_runs_as_written(tmp_path):
-    # the script calls `python` and `accelerate` from PATH: make them this interpreter's, not whatever is first
-    env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
-    result = subprocess.run(["bash", str(ROOT / "examples" / "offline_demo.sh"), str(tmp_path / "demo")],
-                            capture_output=True, text=True, timeout=300, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    run = tmp_path / "demo" / "run"
+def test_offline_demo_runs_as_written():
+    # started by conftest.py as collection ended, beside the tests before this one
+    returncode, stdout, stderr, demo = offline_demo()
+    assert returncode == 0, stderr[-3000:]
+    run = demo / "run"
     assert sorted(p.name for p in run.glob("step*")) == ["step199", "step99"]
     assert not (run / "class_images").exists(), "the base model's prediction needs no class images"
     assert len(list((run / "validation" / "step199").glob("seed*.png"))) == 4
     assert Image.open(run / "validation" / "step199" / "seed0.png").size == (64, 64), "at training resolution"
-    assert Image.open(tmp_path / "demo" / "renders" / "step199_seed0.png").size == (64, 64)
+    assert Image.open(demo / "renders" / "step199_seed0.png").size == (64, 64)
     # the before/after sheet: the trained instance prompt is nearer the subject than the base model's
-    distances = [float(line.split("distance to the subject ")[1]) for line in result.stdout.splitlines()
+    distances = [float(line.split("distance to the subject ")[1]) for line in stdout.splitlines()
                  if "'a photo of sks star'" in line]
-    assert len(distances) == 2 and distances[1] < distances[0], result.stdout
-    assert Image.open(tmp_path / "demo" / "before_after.png").width > 64
+    assert len(distances) == 2 and distances[1] < distances[0], stdout
+    assert Image.open(demo / "before_after.png").width > 64
 
 
 def test_dog_recipe_is_the_reference_recipe(monkeypatch):
