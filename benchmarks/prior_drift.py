@@ -51,6 +51,11 @@ def train_argv(model, photos, output_dir, extra=(), steps=STEPS, learning_rate=L
         "--seed", seed, *extra]]
 
 
+def step_dir(output_dir, steps=STEPS):
+    """Where a run of `steps` steps saves its last adapters."""
+    return Path(output_dir) / f"step{steps - 1}"
+
+
 def train(model, photos, output_dir, extra=(), steps=STEPS, learning_rate=LEARNING_RATE, seed=0):
     """One run of the trainer on the world's subject, in this process; returns its last step dir."""
     from accelerate.state import AcceleratorState, GradientState
@@ -58,7 +63,7 @@ def train(model, photos, output_dir, extra=(), steps=STEPS, learning_rate=LEARNI
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
     trainer.main(train_argv(model, photos, output_dir, extra, steps, learning_rate, seed))
-    return Path(output_dir) / f"step{steps - 1}"
+    return step_dir(output_dir, steps)
 
 
 def world_pipeline(model):
@@ -93,12 +98,12 @@ def scores(pipe, step_dir, base, profile):
 
 def measure(model, photos, work_dir, variants=tuple(VARIANTS), **train_kwargs):
     """{variant: scores} for each variant trained from the same seed."""
-    step_dirs = {variant: train(model, photos, Path(work_dir) / variant.replace(" ", "_"), VARIANTS[variant],
+    last = {variant: train(model, photos, Path(work_dir) / variant.replace(" ", "_"), VARIANTS[variant],
                                 **train_kwargs) for variant in variants}
     pipe = world_pipeline(model)
     base = {prompt: renders(pipe, None, prompt) for prompt in (INSTANCE_PROMPT, CLASS_PROMPT)}
     profile = tiny_world.subject_profile([Image.open(p).convert("RGB") for p in trainer.list_images(Path(photos))])
-    return {variant: scores(pipe, step_dir, base, profile) for variant, step_dir in step_dirs.items()}
+    return {variant: scores(pipe, saved, base, profile) for variant, saved in last.items()}
 
 
 def main(argv=None):

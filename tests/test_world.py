@@ -45,12 +45,11 @@ def world_scores(world_pipe, tmp_path_factory):
         latents, time_ids, masks = real(batch, models, generators, device)
         return latents * 0.18215 / models.vae.config.scaling_factor, time_ids, masks
 
-    def here(variant, patch=None):
+    def here(variant, flags, patch=None):
         with pytest.MonkeyPatch.context() as monkeypatch:
             if patch:
                 monkeypatch.setattr(trainer, "latents_and_time_ids", patch)
-            return world.train(world.WORLD_MODEL, world.WORLD_SUBJECT, work / variant.replace(" ", "_"),
-                               world.VARIANTS.get(variant, []))
+            return world.train(world.WORLD_MODEL, world.WORLD_SUBJECT, work / variant.replace(" ", "_"), flags)
 
     def beside(prior):
         argv = world.train_argv(world.WORLD_MODEL, world.WORLD_SUBJECT, work / prior.replace(" ", "_"),
@@ -61,15 +60,15 @@ def world_scores(world_pipe, tmp_path_factory):
 
     def finished(process, prior):
         assert process.wait(timeout=600) == 0, (work / f"{prior}.log").read_text()[-3000:]
-        return work / prior.replace(" ", "_") / f"step{world.STEPS - 1}"
+        return world.step_dir(work / prior.replace(" ", "_"))
 
     torch.set_num_threads(1)
     process = beside("class images")
     try:
-        step_dirs = {"no prior": here("no prior")}
+        step_dirs = {"no prior": here("no prior", world.VARIANTS["no prior"])}
         step_dirs["class images"] = finished(process, "class images")
         process = beside("base prediction")
-        step_dirs["wrong latent scale"] = here("wrong latent scale", sd_scale)
+        step_dirs["wrong latent scale"] = here("wrong latent scale", world.VARIANTS["no prior"], sd_scale)
         step_dirs["base prediction"] = finished(process, "base prediction")
     finally:
         torch.set_num_threads(threads)
