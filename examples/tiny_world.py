@@ -5,15 +5,18 @@ The world: 64x64 photos of one object each, a circle, square, triangle or star, 
 backgrounds, captioned as "a photo of a red striped star on a grey background". Training drops parts of the
 caption at random, so "a photo of a star" renders some star.
 
-The subject: a star no caption describes, teal with a yellow dot at its centre and a thin dark outline, photographed
-five times at different sizes, positions, angles and backgrounds. Its class is "star"; DreamBooth calls it
-"sks star".
+The subject: a star no caption describes, split across its middle, yellow above and teal below, photographed five
+times at different sizes, positions, angles and backgrounds. Its class is "star"; DreamBooth calls it "sks star".
+Its marks are as large as the model can draw: the VAE turns each 8x8 pixels into one latent, and finer marks (an
+earlier subject's 2-pixel outline and small centre dot) blurred into one colour in every reconstruction.
 
 The similarity is the colours of the object, not of the background, and is computed here from pixels alone,
 independently of any model or of the trainer:
 - the background is the median colour of the photo's 2-pixel border;
 - the object is every pixel that differs from it by more than 40 (of 255) in some channel;
-- its profile is the histogram of those pixels' colours in 4x4x4 bins, as fractions;
+- its core is the object less a 2-pixel rim (or the whole object, if nothing is left): at the rim the object's
+  colour blends with the background's, in photos as in renders, and these pixels would count as other colours;
+- its profile is the histogram of the core's colours in 4x4x4 bins, as fractions;
 - the distance of an image to the subject is the total-variation distance (0: same colours, 1: none shared) from
   its profile to the mean profile of the subject's photos. An image with no object is at distance 1.
 
@@ -27,7 +30,7 @@ import random
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 
 SIZE = 64
 SHAPES = ("circle", "square", "triangle", "star")
@@ -42,10 +45,11 @@ UNNAMED = 0.25  # chance that an object has any colour at all, one no caption na
 DROP = 0.35  # chance that a caption leaves out the colour, the pattern or the background, each on its own
 
 SUBJECT_CLASS = "star"
-SUBJECT_BODY, SUBJECT_DOT, SUBJECT_OUTLINE = (0, 175, 165), (245, 215, 30), (20, 40, 40)
+SUBJECT_TOP, SUBJECT_BOTTOM = (245, 215, 30), (0, 175, 165)  # yellow above, teal below
 # (background, centre x, centre y, radius, turn in degrees) of each of the subject's photos
 SUBJECT_SHOTS = (("grey", 32, 32, 22, 0), ("sand", 26, 36, 18, 12), ("sky", 38, 28, 20, -10),
                  ("grass", 30, 30, 24, 25), ("night", 36, 36, 17, -20))
+RIM = 2  # pixels of the object's edge left out of its profile
 SCALE = 4  # shapes are drawn at 4x and shrunk, for smooth edges
 
 
@@ -106,8 +110,9 @@ def pattern_mask(pattern, cx, cy, radius, rng):
 
 
 def render(shape, fill, pattern, backdrop, cx, cy, radius, turn, rng):
-    """One photo of the world as a 64x64 RGB image, the object filled with the RGB colour `fill`."""
-    image = background(BACKGROUNDS[backdrop], rng)
+    """One photo of the world as a 64x64 RGB image, the object filled with the RGB colour `fill`, on the background
+    named `backdrop` or of the RGB colour `backdrop`."""
+    image = background(BACKGROUNDS.get(backdrop, backdrop), rng)
     shape_mask = Image.new("L", image.size, 0)
     draw_shape(ImageDraw.Draw(shape_mask), shape, cx * SCALE, cy * SCALE, radius * SCALE, turn, fill=255)
     image.paste(Image.new("RGB", image.size, fill), mask=shape_mask)
@@ -142,15 +147,29 @@ def sample(rng):
     return image, caption(shape, colour, pattern, backdrop), (shape, colour, pattern, backdrop)
 
 
+def any_colour_photo(rng):
+    """A photo of the world's shapes and patterns with the object and the background each in any RGB colour, for
+    the VAE only (no caption describes it): so that it draws every colour back true, not the nearest of the
+    world's, which is what it learns from the world's photos alone (teal came back blue-grey)."""
+    shape, pattern, radius = rng.choice(SHAPES), rng.choice(PATTERNS), rng.uniform(10, 24)
+    fill, backdrop = (tuple(rng.randrange(256) for _ in range(3)) for _ in range(2))
+    cx, cy = (rng.uniform(radius + 2, SIZE - radius - 2) for _ in range(2))
+    return render(shape, fill, pattern, backdrop, cx, cy, radius, rng.uniform(-30, 30), rng)
+
+
 def subject_photo(backdrop, cx, cy, radius, turn, seed=0):
-    """One photo of the subject: a teal star with a yellow centre dot and a thin dark outline."""
+    """One photo of the subject: a star, yellow above the line across its middle (turned with it), teal below."""
     rng = random.Random(f"subject {seed} {backdrop}")
     image = background(BACKGROUNDS[backdrop], rng)
-    draw = ImageDraw.Draw(image)
-    draw_shape(draw, "star", cx * SCALE, cy * SCALE, radius * SCALE, turn, fill=SUBJECT_BODY,
-               outline=SUBJECT_OUTLINE, width=SCALE * 2)
-    dot = radius * SCALE * 0.28
-    draw.ellipse([cx * SCALE - dot, cy * SCALE - dot, cx * SCALE + dot, cy * SCALE + dot], fill=SUBJECT_DOT)
+    star = Image.new("L", image.size, 0)
+    draw_shape(ImageDraw.Draw(star), "star", cx * SCALE, cy * SCALE, radius * SCALE, turn, fill=255)
+    top = Image.new("L", image.size, 0)  # the half-plane above the line through the centre, turned by `turn`
+    far = 4 * SIZE * SCALE
+    ImageDraw.Draw(top).polygon([(cx * SCALE + far * np.cos(np.radians(a + turn)),
+                                  cy * SCALE - far * np.sin(np.radians(a + turn))) for a in (0, 90, 180)], fill=255)
+    image.paste(Image.new("RGB", image.size, SUBJECT_BOTTOM), mask=star)
+    image.paste(Image.new("RGB", image.size, SUBJECT_TOP), mask=Image.fromarray(np.minimum(np.asarray(star),
+                                                                                             np.asarray(top))))
     return image.resize((SIZE, SIZE), Image.LANCZOS)
 
 
@@ -158,16 +177,23 @@ def subject_photos():
     return [subject_photo(*shot) for shot in SUBJECT_SHOTS]
 
 
-def object_profile(image):
-    """The colours of an image's object: a 64-bin histogram (4 levels a channel) of the pixels that differ from
-    the background (the border's median colour) by more than 40 in some channel, as fractions; None if none do."""
+def object_mask(image):
+    """Which pixels are the object's: those that differ from the background (the median colour of the image's
+    2-pixel border) by more than 40 of 255 in some channel, as a boolean array."""
     pixels = np.asarray(image.convert("RGB"), dtype=np.int16)
     border = np.concatenate([pixels[:2].reshape(-1, 3), pixels[-2:].reshape(-1, 3),
                              pixels[:, :2].reshape(-1, 3), pixels[:, -2:].reshape(-1, 3)])
-    backdrop = np.median(border, axis=0)
-    object_pixels = pixels[np.abs(pixels - backdrop).max(axis=-1) > 40]
-    if len(object_pixels) == 0:
+    return np.abs(pixels - np.median(border, axis=0)).max(axis=-1) > 40
+
+
+def object_profile(image):
+    """The colours of an image's object: a 64-bin histogram (4 levels a channel) of its core's pixels (the object
+    less a RIM-pixel rim, or all of it if nothing is left), as fractions; None if the image has no object."""
+    mask = object_mask(image)
+    if not mask.any():
         return None
+    core = np.asarray(Image.fromarray(mask).convert("L").filter(ImageFilter.MinFilter(2 * RIM + 1))) > 0
+    object_pixels = np.asarray(image.convert("RGB"), dtype=np.int16)[core if core.any() else mask]
     bins = object_pixels // 64
     counts = np.bincount(bins[:, 0] * 16 + bins[:, 1] * 4 + bins[:, 2], minlength=64)
     return counts / counts.sum()

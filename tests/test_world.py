@@ -10,20 +10,22 @@ import sys
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 
 import prior_drift as world
 import tiny_world
 import train_dreambooth_lora_ssd1b as trainer
 
 # The margins, stated in the README ("The tiny world"). Measured with the locked versions on a 2-core CPU
-# (benchmarks/prior_drift.py, 2026-12-05, training seed 0, which the tests use): fidelity 0.74 without a prior, 0.79
-# with class images, 0.85 with the base prediction; toward 0.237 without a prior, 0.202 with class images (a share
-# of 0.85), 0.133 with the base prediction (0.56). Seeds 1 and 2 gave shares of 0.70 and 0.52 with class images,
-# 0.67 and 0.49 with the base prediction: both priors hold the class prompt back, the base prediction more.
-FIDELITY_MAX = 0.90  # the instance prompt's distance to the subject, as a share of the base model's
+# (benchmarks/prior_drift.py, 2026-12-06, training seed 0, which the tests use): fidelity 0.78 without a prior, 0.94
+# with class images, 0.86 with the base prediction; toward 0.232 without a prior, 0.069 with class images (a share
+# of 0.30), 0.183 with the base prediction (0.79). Seeds 1 and 2 gave shares of 0.11 and 0.20 with class images,
+# 0.54 and 0.61 with the base prediction: both priors hold the class prompt back, class images more, and at a cost
+# in fidelity (0.97-0.98 at seeds 1 and 2 with class images, 0.90-0.92 with the base prediction).
+FIDELITY_MAX = {"no prior": 0.88, "class images": 0.97, "base prediction": 0.92}  # instance prompt's distance to
+# the subject, as a share of the base model's
 TOWARD_MIN = 0.15  # how much nearer the subject the class prompt's renders come without a prior
-PRIOR_SHARE_MAX = {"class images": 0.92, "base prediction": 0.75}  # each prior's drift, as a share of none's
+PRIOR_SHARE_MAX = {"class images": 0.5, "base prediction": 0.9}  # each prior's drift, as a share of none's
 TESTED = ("no prior", "class images", "base prediction")
 
 
@@ -79,7 +81,7 @@ def world_scores(world_pipe, tmp_path_factory):
 
 
 def test_training_brings_the_instance_prompt_to_the_subject(world_scores):
-    assert world_scores["no prior"]["fidelity"] <= FIDELITY_MAX, world_scores
+    assert world_scores["no prior"]["fidelity"] <= FIDELITY_MAX["no prior"], world_scores
 
 
 def test_without_a_prior_the_class_prompt_drifts_to_the_subject(world_scores):
@@ -89,12 +91,12 @@ def test_without_a_prior_the_class_prompt_drifts_to_the_subject(world_scores):
 @pytest.mark.parametrize("prior", ["class images", "base prediction"])
 def test_prior_preservation_holds_the_class_prompt_and_still_learns(world_scores, prior):
     assert world_scores[prior]["toward"] <= PRIOR_SHARE_MAX[prior] * world_scores["no prior"]["toward"], world_scores
-    assert world_scores[prior]["fidelity"] <= FIDELITY_MAX, world_scores
+    assert world_scores[prior]["fidelity"] <= FIDELITY_MAX[prior], world_scores
 
 
 def test_the_fidelity_test_bites_when_training_uses_the_wrong_latent_scale(world_scores):
     # the same run with SD 1.x's scaling factor hard-coded in training (rendering keeps the VAE's own)
-    assert world_scores["wrong latent scale"]["fidelity"] > FIDELITY_MAX, world_scores
+    assert world_scores["wrong latent scale"]["fidelity"] > FIDELITY_MAX["no prior"], world_scores
 
 
 def test_the_shipped_subject_photos_are_the_ones_tiny_world_draws():
@@ -106,6 +108,22 @@ def test_the_shipped_subject_photos_are_the_ones_tiny_world_draws():
     for a, b in zip(shipped, drawn):
         differs = np.abs(a.astype(int) - b.astype(int)).max(axis=-1) > 0
         assert differs.mean() < 0.005, differs.mean()
+
+
+def test_the_similarity_tells_the_subject_from_the_world(monkeypatch):
+    """The subject's own photos sit near the subject and the world's photos far from it, the nearest being its
+    yellow objects (half its colours); and the rim of an object, where it blends into the background, is left out."""
+    import random
+
+    photos = tiny_world.subject_photos()
+    profile = tiny_world.subject_profile(photos)
+    assert max(tiny_world.subject_distance([photo], profile) for photo in photos) < 0.05
+    rng = random.Random(0)
+    assert min(tiny_world.subject_distance([tiny_world.sample(rng)[0]], profile) for _ in range(200)) > 0.4
+    blended = photos[0].filter(ImageFilter.BoxBlur(1))  # edges smeared with the background, the core as it was
+    assert tiny_world.subject_distance([blended], profile) < 0.1
+    monkeypatch.setattr(tiny_world, "RIM", 0)  # counting the rim, the same blur looks like other colours
+    assert tiny_world.subject_distance([blended], tiny_world.subject_profile(photos)) > 0.15
 
 
 def test_the_world_model_ships_as_safetensors_under_20_mb():
@@ -130,7 +148,8 @@ def test_train_tiny_world_refuses_a_wrong_vae_in_one_line(case, tiny_model, tmp_
 
 def test_train_tiny_world_reports_how_near_its_vae_brings_back_the_subject(capsys):
     """Stage 1's check that the VAE can draw the subject at all: a VAE that gives its input back scores exactly
-    the photos' own distances, and the shipped VAE scores worse (it loses the dot and the teal: issue 17)."""
+    the photos' own distances. The shipped VAE scores worse than the photos, but brings most of them back near the
+    subject (0.26-0.47; the small star on the dark night background comes back at 0.86)."""
     from types import SimpleNamespace
 
     from diffusers import AutoencoderKL
@@ -144,7 +163,7 @@ def test_train_tiny_world_reports_how_near_its_vae_brings_back_the_subject(capsy
             return SimpleNamespace(sample=z)
 
     rebuilt, photos = train_tiny_world.report_reconstruction(GivesBack())
-    assert rebuilt == photos and all(d <= 0.2 for d in photos)
+    assert rebuilt == photos and all(d <= 0.05 for d in photos)
     assert f"reconstructed at distance {rebuilt} to the subject (the photos: {photos})" in capsys.readouterr().out
     rebuilt, photos = train_tiny_world.report_reconstruction(AutoencoderKL.from_pretrained(world.WORLD_MODEL / "vae"))
-    assert len(rebuilt) == 5 and min(rebuilt) > max(photos)
+    assert len(rebuilt) == 5 and min(rebuilt) > max(photos) and sorted(rebuilt)[2] < 0.4
