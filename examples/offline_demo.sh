@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # DreamBooth end to end on the tiny pre-trained world (examples/tiny_world.py): CPU only, no network, under
 # 2 minutes on 2 cores. The shipped model (examples/tiny_world_model) learns the subject in
-# examples/tiny_world_subject, a teal star with a yellow dot that no caption of its world describes:
-# training with prior preservation from the base model's prediction -> validation -> infer.py -> a before/after
-# sheet. The tiny model is weak: the renders move toward the subject's colours, they do not yet draw it.
+# examples/tiny_world_subject, a star yellow above its middle and teal below, that no caption of its world
+# describes: training with prior preservation from the base model's prediction -> validation -> infer.py -> a
+# before/after sheet. The tiny model is weak: its renders take the subject's colours, roughly, not its crisp shape.
 #   bash examples/offline_demo.sh [WORK_DIR]     (default work_dirs/offline_demo)
 set -euo pipefail
 cd "$(dirname "$0")/.."
