@@ -33,6 +33,7 @@ import platform
 import random
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -199,21 +200,37 @@ def reuse_vae(vae, path):
     return vae.eval().requires_grad_(False)
 
 
+def at_least_one(text):
+    """argparse type for counts: an int of 1 or more, or a one-line usage error naming the value."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of 1 or more")
+    return value
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--pool", type=int, default=8000, help="photos of the world drawn, once")
-    parser.add_argument("--vae_steps", type=int, default=6000)
-    parser.add_argument("--vae_batch_size", type=int, default=16)
-    parser.add_argument("--unet_steps", type=int, default=10000)
-    parser.add_argument("--batch_size", type=int, default=24)
-    parser.add_argument("--log_every", type=int, default=100)
+    parser.add_argument("--pool", type=at_least_one, default=8000, help="photos of the world drawn, once")
+    parser.add_argument("--vae_steps", type=at_least_one, default=6000)
+    parser.add_argument("--vae_batch_size", type=at_least_one, default=16)
+    parser.add_argument("--unet_steps", type=at_least_one, default=10000)
+    parser.add_argument("--batch_size", type=at_least_one, default=24)
+    parser.add_argument("--log_every", type=at_least_one, default=100)
     parser.add_argument("--vae", type=Path, help="a VAE folder this script trained with the same --seed, --pool and "
                         "--vae_* flags (e.g. examples/tiny_world_model/vae): skips stage 1, which it equals")
     args = parser.parse_args(argv)
     if args.out_dir.exists():
         parser.error(f"{args.out_dir} exists; give a new folder")
+    try:  # the model is written only after an hour of training: find out now that it can be
+        args.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=args.out_dir.parent).close()
+    except OSError as error:
+        parser.error(f"cannot write in {args.out_dir.parent} ({error.strerror}); give a folder you can write to")
     started = time.perf_counter()
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)

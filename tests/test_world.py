@@ -167,3 +167,29 @@ def test_train_tiny_world_reports_how_near_its_vae_brings_back_the_subject(capsy
     assert f"reconstructed at distance {rebuilt} to the subject (the photos: {photos})" in capsys.readouterr().out
     rebuilt, photos = train_tiny_world.report_reconstruction(AutoencoderKL.from_pretrained(world.WORLD_MODEL / "vae"))
     assert len(rebuilt) == 5 and min(rebuilt) > max(photos) and sorted(rebuilt)[2] < 0.4
+
+
+@pytest.mark.parametrize("flags, named", [(["--log_every", "0"], "--log_every"), (["--pool", "-5"], "--pool"),
+                                          (["--vae_steps", "many"], "--vae_steps"),
+                                          (["--batch_size", "2.5"], "--batch_size")])
+def test_train_tiny_world_refuses_counts_below_one_in_one_line(flags, named, tmp_path, capsys):
+    import train_tiny_world
+
+    with pytest.raises(SystemExit) as stop:
+        train_tiny_world.main([str(tmp_path / "out"), *flags])
+    assert stop.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert named in error and "is not a whole number of 1 or more" in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_tiny_world_checks_it_can_write_before_training(tmp_path, capsys):
+    import train_tiny_world
+
+    blocked = tmp_path / "a file"
+    blocked.write_text("")
+    with pytest.raises(SystemExit) as stop:
+        train_tiny_world.main([str(blocked / "model")])  # its parent is a file: nothing can be written there
+    assert stop.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"cannot write in {blocked}" in error and "give a folder you can write to" in error
