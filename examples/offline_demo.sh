@@ -2,8 +2,9 @@
 # DreamBooth end to end on the tiny pre-trained world (examples/tiny_world.py): CPU only, no network, under
 # 2 minutes on 2 cores. The shipped model (examples/tiny_world_model) learns the subject in
 # examples/tiny_world_subject, a star yellow above its middle and teal below, that no caption of its world
-# describes: training with prior preservation from the base model's prediction -> validation -> infer.py -> a
-# before/after sheet. The tiny model is weak: its renders take the subject's colours, roughly, not its crisp shape.
+# describes: training (LoRA on the UNet and both text encoders, which never saw "sks" in pre-training) with prior
+# preservation from the base model's prediction -> validation -> infer.py -> a before/after sheet. The tiny model is
+# weak: its renders take the subject's colours and their layout, roughly, not its crisp shape.
 #   bash examples/offline_demo.sh [WORK_DIR]     (default work_dirs/offline_demo)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +16,7 @@ python train_dreambooth_lora_ssd1b.py \
   --instance_dir examples/tiny_world_subject --instance_prompt "a photo of sks star" \
   --with_prior_preservation --class_prompt "a photo of a star" --prior_target base_prediction \
   --resolution 64 --random_flip --optimizer adamw --learning_rate 1e-3 \
+  --train_text_encoder --text_encoder_lr 1e-3 \
   --max_train_steps 200 --checkpointing_steps 100 \
   --validation_prompt "a photo of sks star on a night background" --validation_steps 100 \
   --validation_inference_steps 20 \

@@ -19,10 +19,19 @@ def test_offline_demo_runs_as_written():
     assert len(list((run / "validation" / "step199").glob("seed*.png"))) == 4
     assert Image.open(run / "validation" / "step199" / "seed0.png").size == (64, 64), "at training resolution"
     assert Image.open(demo / "renders" / "step199_seed0.png").size == (64, 64)
-    # the before/after sheet: the trained instance prompt is nearer the subject than the base model's
-    distances = [float(line.split("distance to the subject ")[1]) for line in stdout.splitlines()
-                 if "'a photo of sks star'" in line]
-    assert len(distances) == 2 and distances[1] < distances[0], stdout
+    # the before/after sheet, in DreamBooth's terms (measured 2026-12-06, locked versions: instance prompt 1.00 ->
+    # 0.74, class prompt 1.00 -> 1.00; README "Offline demo"): the trained instance prompt comes nearer the subject
+    # by a margin, and with the text encoders trained and the base model's prior the class prompt does not follow
+    def distances(prompt):
+        found = [float(line.split("distance to the subject ")[1]) for line in stdout.splitlines()
+                 if f"{prompt!r}: distance" in line]
+        assert len(found) == 2, stdout
+        return found
+
+    base, trained = distances("a photo of sks star")
+    assert trained <= 0.85 * base, stdout
+    base, trained = distances("a photo of a star")
+    assert trained >= base - 0.05, stdout
     assert Image.open(demo / "before_after.png").width > 64
 
 
