@@ -66,10 +66,6 @@ def learning_rate(step, steps, peak, warmup=100):
     return peak * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
 
 
-def flipped(image, rng):
-    return image.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else image
-
-
 def fix_variance(vae, logvar=-20.0):
     """Make the encoder's posterior a point: its log-variance outputs a constant e^-20 whatever the photo.
 
