@@ -56,16 +56,21 @@ PRECISIONS, CHECKPOINTING, LATENT_CACHE = ["no", "bf16"], ["off", "on"], ["on", 
 STEPS, SAMPLE_SECONDS = 6, 0.05
 BEGIN, END = "<!-- cpu memory: begin (written by cpu_memory.py) -->", "<!-- cpu memory: end -->"
 # The trainer's lines that end each phase, and whether every trainer prints it; "exit" ends with the process.
-PHASES = [("load", re.compile(r"^loaded the (models|text encoders and the VAE) in"), True),
+PHASES = [("load", re.compile(r"^loaded the (models|text encoders and the VAE) in"), False),  # from 51c6b7c on
           ("caches", re.compile(r"^cached: "), True),
           ("UNet load", re.compile(r"^loaded the UNet in"), False),  # before issue 16 the UNet loaded with the rest
           ("set-up", re.compile(r"^\d+ instance photos"), True),
           ("training", re.compile(r"^steady-state "), True),
           ("exit", None, True)]
 STEADY = re.compile(r"steady-state (?P<ms>[\d.]+) ms/step over (?P<steps>\d+) steps")
-# tqdm's bar, redrawn after each optimizer step; at a second and more a step it shows every one
-BAR = re.compile(r"^training:.*\|\s*(?P<step>\d+)/\d+ ")
+# tqdm's bar, redrawn after each optimizer step; at a second and more a step it shows every one. Before 51c6b7c
+# (the trainer issue 16 was filed against) the bar was "steps" and no line ended the load phase: there load and
+# caches are one phase, "caches".
+BAR = re.compile(r"^(training|steps):.*\|\s*(?P<step>\d+)/\d+ ")
 WARMUP_STEPS = 3  # the trainer's: its steady-state time leaves out steps 1 to 3
+# Labels of the rows the others are compared with: the trainer issue 16 was filed against ("filed", 71d69bc: its
+# first step ran under FlopCounterMode) and the last one before the issue's own commits ("before", a688f10).
+BASELINES = ["filed", "before"]
 
 
 def row_flags(precision: str, checkpointing: str, latent_cache: str, resolution: int) -> list[str]:
@@ -97,6 +102,8 @@ class Output:
                 now = time.perf_counter() - self.started
                 *complete, pending = re.split(r"[\r\n]", pending + chunk)
                 self.lines += [(now, line) for line in complete if line.strip()]
+                if BAR.search(pending):  # tqdm ends a redraw with no newline: its "\r" comes with the next one
+                    self.lines.append((now, pending))
         if pending.strip():
             self.lines.append((time.perf_counter() - self.started, pending))
 
@@ -246,7 +253,7 @@ def key(record: dict, *, label: bool = True) -> tuple:
 
 
 def versus(record: dict, before: dict | None) -> str:
-    """An after row against the before row of the same setting: the ratios the issue's targets name, wall (CPU)."""
+    """An after row against a baseline row of the same setting: the ratios the issue's targets name, wall (CPU)."""
     if before is None or record is before:
         return ""
 
@@ -264,7 +271,7 @@ def cpu(seconds: float | None) -> str:
     return f" ({seconds:.2f})" if seconds is not None else ""
 
 
-def row(record: dict, before: dict | None) -> str:
+def row(record: dict, baselines: list[dict]) -> str:
     return (f"| {record['size']} | {record.get('round', 1)} | {record['label']} ({record['trainer']}) "
             f"| {record['precision']} "
             f"| {record['checkpointing']} | {record['latent_cache']} | {record['peak_gib']:.2f} "
@@ -272,7 +279,11 @@ def row(record: dict, before: dict | None) -> str:
             f"| {record['peak_gib'] - record['training_peak_gib']:.2f} "
             f"| {record['s_per_step']:.2f}{cpu(record['cpu_s_per_step'])} "
             f"| {record['first_step_s']:.1f}{cpu(record['first_step_cpu_s'])} | {record['wall']:.0f} "
-            f"| {versus(record, before)} |")
+            f"| {'; '.join(compared(record, b) for b in baselines)} |")
+
+
+def compared(record: dict, baseline: dict) -> str:
+    return f"vs {baseline['label']}: {versus(record, baseline)}"
 
 
 def details(record: dict) -> list[str]:
@@ -288,14 +299,18 @@ def render(records: list[dict]) -> str:
     order = {"full": 0, "tiny": 1}
     records = sorted(records, key=lambda r: (order[r["size"]], r["machine"], r.get("round", 1),
                                              PRECISIONS.index(r["precision"]), CHECKPOINTING.index(r["checkpointing"]),
-                                             LATENT_CACHE.index(r["latent_cache"]), r["label"] != "before",
+                                             LATENT_CACHE.index(r["latent_cache"]),
+                                             BASELINES.index(r["label"]) if r["label"] in BASELINES else 9,
                                              r["label"]))
-    befores = {key(r, label=False): r for r in records if r["label"] == "before"}
+    baselines = {(key(r, label=False), r["label"]): r for r in records if r["label"] in BASELINES}
     lines = [BEGIN, "", "| size | round | trainer | precision | checkpointing | latent cache "
              "| peak RSS, whole run (GiB) | phase of the peak | anonymous peak (GiB) | training peak (GiB) "
              "| above training (GiB) | s/step, wall (CPU) | first optimizer step (s), wall (CPU) | wall (s) "
-             "| after / before, wall (CPU) |", "|---" * 15 + "|"]
-    lines += [row(r, befores.get(key(r, label=False))) for r in records]
+             "| after / filed, after / before, wall (CPU) |", "|---" * 15 + "|"]
+    for r in records:  # a baseline row is compared with nothing; another with each baseline of its setting
+        setting = key(r, label=False)
+        lines.append(row(r, [] if r["label"] in BASELINES else
+                         [baselines[setting, b] for b in BASELINES if (setting, b) in baselines]))
     lines += [""]
     for machine_, versions_ in dict.fromkeys((r["machine"], json.dumps(r["versions"])) for r in records):
         packages = ", ".join(f"{name} {version}" for name, version in json.loads(versions_).items())
@@ -334,7 +349,7 @@ def parse_args(argv=None):
     p.add_argument("--model", type=Path, help="a folder written by make_full_ssd1b.py (with --tiny: optional, a "
                                               "tiny model's folder, else one is made in --work_dir)")
     p.add_argument("--tiny", action="store_true", help="the tiny model at 64 px: the plumbing, not the figures")
-    p.add_argument("--label", default="after", help="names the rows: 'before' rows are what 'after' rows are "
+    p.add_argument("--label", default="after", help="names the rows: 'filed' and 'before' rows are what others are "
                                                     "compared with (default: after)")
     p.add_argument("--trainer_root", type=Path, default=ROOT,
                    help="the checkout whose trainer runs (default: this one)")

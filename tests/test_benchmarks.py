@@ -151,3 +151,28 @@ def test_cpu_memory_puts_the_peak_in_the_phase_where_the_high_water_mark_rose():
     assert runner.peak_phase(samples, bounds, 5 * gib) == "caches"
     peaks = runner.phase_peaks(samples, bounds)
     assert peaks == {"load": 2 * gib, "caches": 5 * gib, "set-up": gib, "training": 3 * gib, "exit": 2 * gib}
+
+
+def test_cpu_memory_stamps_a_progress_bar_when_it_is_drawn_not_when_the_next_one_is(tmp_path):
+    """tqdm draws "\\r" + the bar, with no newline: the first step's bar is complete text long before the second
+    step's "\\r" ends it, and the time to the first step is the former."""
+    import os
+    import time
+
+    runner = load_module("cpu_memory")
+    read, write = os.pipe()
+    output = runner.Output(os.fdopen(read, "rb"), tmp_path / "log", time.perf_counter())
+    os.write(write, b"\rtraining:   0%|          | 0/6 [00:00<?, ?step/s]")
+    time.sleep(0.2)
+    os.write(write, b"\rtraining:  17%|#7        | 1/6 [00:02<00:13,  2.61s/step]")
+    time.sleep(0.5)
+    os.write(write, b"\rtraining:  33%|###3      | 2/6 [00:04<00:09,  2.29s/step]\nsteady-state 1.0 ms/step\n")
+    os.close(write)
+    output.thread.join(timeout=10)
+    first = {}
+    for t, line in output.lines:
+        if match := runner.BAR.search(line):
+            first.setdefault(int(match["step"]), t)
+    assert sorted(first) == [0, 1, 2] and first[2] - first[1] >= 0.4, "step 1 stamped when drawn"
+    old = runner.BAR.search("steps:  17%|#7        | 1/6 [00:02<00:13,  2.61s/step]")
+    assert old and old["step"] == "1", "the bar of the trainer issue 16 was filed against"
