@@ -113,3 +113,35 @@ def test_a_shard_index_without_shards_is_refused_in_one_line(tiny_model, tmp_pat
     with pytest.raises(trainer.UserError, match=r"^--pretrained_model_name_or_path .*: unet/diffusion_pytorch_model"
                                                 r"\.safetensors\.index\.json lists no shards: download the model again$"):
         trainer.load_unet(model, None, None, torch.float32, "cpu")
+
+
+@pytest.mark.parametrize("source, dtype", [(torch.float16, torch.bfloat16), (torch.bfloat16, torch.float16)])
+def test_a_cast_between_half_precisions_through_fp32_pieces_is_torchs_bit_for_bit(source, dtype):
+    """On a CPU, fp16 <-> bf16 goes through fp32 a scratch-sized piece at a time (issue 16: torch's direct copy
+    is about 4x slower there); rounding, overflow, subnormals, signed zeros and NaN must come out as torch's."""
+    torch.manual_seed(0)
+    scale = 10.0 ** torch.randint(-9, 6, (3991,))
+    special = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), 65504.0, 6e-8, 3e38, -1e-40])
+    values = torch.cat([torch.randn(3991) * scale, special]).to(source).reshape(2, -1)
+    cast, expected = trainer.cast(values, dtype, "cpu", torch.empty(333)), values.to(dtype)
+    assert cast.dtype == dtype and cast.shape == values.shape
+    nan = expected.isnan()
+    assert torch.equal(cast.isnan(), nan) and nan.sum() == 1  # a NaN's sign bit may differ: it is NaN either way
+    assert torch.equal(cast[~nan].view(torch.int16), expected[~nan].view(torch.int16))
+    assert trainer.cast(values, torch.float32, "cpu", torch.empty(333)).dtype == torch.float32  # other casts: .to
+
+
+@pytest.mark.parametrize("stored, dtype", [(torch.float16, torch.bfloat16), (torch.bfloat16, torch.float16)])
+def test_a_half_precision_file_loads_in_the_other_as_from_pretrained_loads_it(tiny_model, tmp_path, monkeypatch,
+                                                                              stored, dtype):
+    """SSD-1B's fp16 weights trained in bf16 on a CPU: the pieced cast gives from_pretrained's weights exactly,
+    also for tensors that span many pieces."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model, ignore=shutil.ignore_patterns("unet"))
+    UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet", torch_dtype=stored).save_pretrained(
+        model / "unet")
+    reference = UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=dtype)
+    real = trainer.stream_weights
+    monkeypatch.setattr(trainer, "stream_weights", lambda *a, **k: real(*a, **k, scratch_size=1000))
+    assert max(t.numel() for t in reference.state_dict().values()) > 10 * 1000
+    assert_same_unet(trainer.load_unet(model, None, None, dtype, "cpu"), reference)
