@@ -2911,9 +2911,8 @@ def build_caches(accelerator, models, args, targets, prompts):
     the text encoders are frozen, every prompt's embeddings. What a cache replaces is then let go: both text
     encoders (validation samples from the cached embeddings too) and the VAE's encoder (validation only decodes)."""
     if not args.train_text_encoder:  # first: the encoders go before the VAE encodes at full size
-        prompts = [*prompts, args.class_prompt, args.validation_prompt, ""]  # "": the negative prompt
-        models.prompt_cache = encode_prompt_cache(models, [p for p in prompts if p is not None],
-                                                  accelerator.device)
+        prompts = prompts_to_cache(prompts, args, models.empty_prompt_is_zeros)
+        models.prompt_cache = encode_prompt_cache(models, prompts, accelerator.device)
         models.text_encoders = [None, None]
         release_memory()
     if args.cache_latents == "on" or (args.cache_latents == "auto"
@@ -2925,6 +2924,16 @@ def build_caches(accelerator, models, args, targets, prompts):
         release_memory()
     accelerator.print(f"cached: {len(models.latent_cache or {})} latents ({args.cache_latents}), "
                       f"{len(models.prompt_cache or {})} prompt embeddings")
+
+
+def prompts_to_cache(instance_prompts, args, empty_prompt_is_zeros):
+    """Every prompt the run embeds after its frozen encoders have gone: the instance prompts, the class prompt,
+    the validation prompt, and "" only where it is read: a dropped caption (--caption_dropout), or validation's
+    negative prompt where the pipeline does not make it zeros (SSD-1B's does: force_zeros_for_empty_prompt)."""
+    prompts = {*instance_prompts, args.class_prompt, args.validation_prompt}
+    if args.caption_dropout or (args.validation_prompt and not empty_prompt_is_zeros):
+        prompts.add("")
+    return sorted(prompts - {None})
 
 
 def release_memory():

@@ -95,11 +95,41 @@ def test_frozen_text_encoders_leave_the_device_and_trained_ones_stay(tiny_model,
     run_trainer(*tiny_args(tiny_model, photos, tmp_path / "a", "--max_train_steps", 1, "--optimizer", "adamw",
                            "--center_crop", "--validation_prompt", "a sks dog", "--validation_inference_steps", 2))
     models = seen["models"]
-    assert models.latent_cache and set(models.prompt_cache) == {"a photo of sks dog", "a sks dog", ""}
+    # no "": SSD-1B's pipeline makes the negative prompt zeros, and no caption is dropped
+    assert models.latent_cache and set(models.prompt_cache) == {"a photo of sks dog", "a sks dog"}
     assert (tmp_path / "a" / "validation" / "step0" / "seed0.png").is_file(), "validation ran on cached prompts"
     run_trainer(*tiny_args(tiny_model, photos, tmp_path / "b", "--max_train_steps", 1, "--optimizer", "adamw",
                            "--train_text_encoder"))
     assert seen["models"].prompt_cache is None and seen["models"].latent_cache is None
+
+
+@pytest.mark.parametrize("caption_dropout, validation, zeros, empty", [
+    (0.0, None, True, False), (0.0, "a sks dog", True, False), (0.1, None, True, True),
+    (0.0, "a sks dog", False, True), (0.0, None, False, False)])
+def test_the_empty_prompt_is_embedded_only_where_the_run_reads_it(tiny_model, photos, tmp_path, caption_dropout,
+                                                                  validation, zeros, empty):
+    """Each prompt is a full pass of both encoders (0.7 s for SSD-1B's on one CPU thread, on the way to the first
+    step); "" is read by a dropped caption, and by validation where the pipeline does not make it zeros."""
+    extra = ["--caption_dropout", caption_dropout, "--with_prior_preservation", "--class_prompt", "a photo of dog"]
+    args = trainer.parse_args([str(a) for a in tiny_args(tiny_model, photos, tmp_path / "out", *extra,
+                                                         *(["--validation_prompt", validation] if validation else []))])
+    prompts = trainer.prompts_to_cache(["a photo of sks dog", "a sks dog in snow"], args, zeros)
+    expected = {"a photo of sks dog", "a sks dog in snow", "a photo of dog", validation} - {None}
+    assert prompts == sorted(expected | ({""} if empty else set()))
+
+
+def test_validation_renders_from_the_cache_where_the_pipeline_embeds_the_empty_prompt(tiny_model, photos, tmp_path):
+    import json
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    index = json.loads((model / "model_index.json").read_text())
+    (model / "model_index.json").write_text(json.dumps({**index, "force_zeros_for_empty_prompt": False}))
+    run_trainer(*tiny_args(model, photos, tmp_path / "out", "--max_train_steps", 1, "--optimizer", "adamw",
+                           "--center_crop", "--validation_prompt", "a sks dog", "--validation_inference_steps", 2,
+                           "--num_validation_images", 1))
+    assert (tmp_path / "out" / "validation" / "step0" / "seed0.png").is_file()
 
 
 def test_what_the_caches_replace_is_let_go_and_validation_still_renders(tiny_model, photos, tmp_path, monkeypatch):
