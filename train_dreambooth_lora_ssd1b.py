@@ -636,6 +636,9 @@ from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dic
 import safetensors.torch  # noqa: E402
 from safetensors import SafetensorError, safe_open  # noqa: E402
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: E402
+# What these imports made (about 480,000 objects) lives as long as the process: frozen, a full garbage collection
+# (release_memory, as each cache lets models go) skips it, and takes milliseconds instead of 0.25 s on a CPU
+gc.freeze()
 
 # transformers 4.56 renamed from_pretrained's torch_dtype to dtype; the old name warns from 5 on
 TRANSFORMERS_DTYPE = "dtype" if Version(installed_version("transformers")) >= Version("4.56") else "torch_dtype"

@@ -189,3 +189,19 @@ def test_the_unet_loads_once_and_after_the_text_encoders_unless_class_images_nee
                            *prior))
     assert alive_at_unet_load == [alive]
     assert len(list((tmp_path / "class_images").glob("*"))) == (1 if class_images else 0)
+
+
+def test_release_memory_frees_cycles_made_after_the_imports_were_frozen():
+    """The trainer freezes what its imports made (a full collection then skips it); what the run makes and lets go,
+    reference cycles included, must still be freed when a cache lets a model go."""
+    import gc
+    import weakref
+
+    assert gc.get_freeze_count() > 0, "frozen at import"
+    model = torch.nn.Linear(2, 2)
+    model.me = [model]  # a cycle: reference counting alone never frees it
+    ref = weakref.ref(model)
+    del model
+    assert ref() is not None
+    trainer.release_memory()
+    assert ref() is None
