@@ -5,9 +5,9 @@
     python benchmarks/cpu_memory.py --model /tmp/full-ssd1b --label after  # this checkout's trainer
     python benchmarks/cpu_memory.py --tiny --label after                  # the plumbing only, in seconds a row
 
-Run before and after back to back, one setting at a time (--mixed_precision, --gradient_checkpointing and
---cache_latents each take a subset), so both see the same load on the machine; --round 2 repeats them in rows of
-their own. Records go to RESULTS-cpu-memory.json, not RESULTS.json, whose records run_benchmarks.py renders.
+Run the baselines (--label filed, --label before: see BASELINES) and after back to back, one setting at a time
+(--mixed_precision, --gradient_checkpointing and --cache_latents each take a subset), so all see the same load on
+the machine; --round 2 repeats them in rows of their own. Records go to RESULTS-cpu-memory.json, not RESULTS.json, whose records run_benchmarks.py renders.
 
 The setting is issue 16's: 128 px, rank 8, batch 1, 8-bit AdamW, 6 steps, one thread (OMP_NUM_THREADS=1, so
 torch uses one), one row per --mixed_precision (no, bf16) x gradient checkpointing (off, on) x latent cache (on,
