@@ -1397,7 +1397,7 @@ def stream_weights(unet, file, dtype, device, model, tensors_at_once=32, scratch
 def cast(tensor, dtype, device, scratch):
     """`tensor` as `dtype` on `device`. Between fp16 and bf16 on a CPU, through fp32 a piece the size of `scratch`
     at a time: torch's direct copy between the two is about 4x slower there than both copies through fp32 (so the
-    fp16 file of SSD-1B's UNet loads in bf16 in 1.5 s instead of 3.5, on one thread: benchmarks/RESULTS.md)."""
+    fp16 file of SSD-1B's UNet loads in bf16 in about 2 s instead of 4, on one thread: benchmarks/RESULTS.md)."""
     if torch.device(device).type != "cpu" or {tensor.dtype, dtype} != {torch.float16, torch.bfloat16}:
         return tensor.to(device=device, dtype=dtype)
     out = torch.empty(tensor.shape, dtype=dtype)
