@@ -2880,9 +2880,9 @@ def make_accelerator(args, settings):
         raise UserError(FP16_ON_CPU)
     accelerator.print(f"{accelerator.state}".strip())
     if accelerator.device.type == "cpu" and accelerator.mixed_precision == "no":
-        accelerator.print("note: on a CPU that supports bf16, --mixed_precision bf16 trains about 1.8x faster in "
-                          "about two thirds of fp32's memory (full-size SSD-1B at 128 px, benchmarks/RESULTS.md: "
-                          "5.6 vs 8.2 GiB at peak)")
+        accelerator.print("note: on a CPU that supports bf16, --mixed_precision bf16 trains about 1.7x faster in "
+                          "under 60% of fp32's memory (full-size SSD-1B at 128 px, benchmarks/RESULTS.md: 3.4 vs "
+                          "6.0 GiB at peak)")
     return accelerator
 
 
