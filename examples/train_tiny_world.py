@@ -265,4 +265,9 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # nothing is written before both stages end, so there is nothing to resume from
+        print("\ninterrupted: the model is written only when both stages end, so nothing was; run the command "
+              "again to start over", file=sys.stderr)
+        sys.exit(130)

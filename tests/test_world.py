@@ -193,3 +193,24 @@ def test_train_tiny_world_checks_it_can_write_before_training(tmp_path, capsys):
     assert stop.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert f"cannot write in {blocked}" in error and "give a folder you can write to" in error
+
+
+def test_train_tiny_world_stopped_with_ctrl_c_says_so_in_one_line(tmp_path):
+    """An hour's run stopped by Ctrl-C: a line saying nothing was written (the model is saved only at the end), not
+    a traceback, and the shell's exit status for SIGINT."""
+    import signal
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "train_tiny_world.py"
+    process = subprocess.Popen([sys.executable, str(script), str(tmp_path / "out"), "--pool", "8", "--log_every", "1"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for line in process.stdout:  # the photos are drawn: stage 1, an hour at full length, is under way
+        if "photos drawn" in line:
+            break
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130
+    assert err.strip().splitlines()[-1] == ("interrupted: the model is written only when both stages end, so nothing "
+                                            "was; run the command again to start over")
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
