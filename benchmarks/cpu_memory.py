@@ -7,7 +7,8 @@
 
 Run the baselines (--label filed, --label before: see BASELINES) and after back to back, one setting at a time
 (--mixed_precision, --gradient_checkpointing and --cache_latents each take a subset), so all see the same load on
-the machine; --round 2 repeats them in rows of their own. Records go to RESULTS-cpu-memory.json, not RESULTS.json, whose records run_benchmarks.py renders.
+the machine; --round 2 repeats them in rows of their own. Records go to RESULTS-cpu-memory.json, not RESULTS.json,
+whose records run_benchmarks.py renders.
 
 The setting is issue 16's: 128 px, rank 8, batch 1, 8-bit AdamW, 6 steps, one thread (OMP_NUM_THREADS=1, so
 torch uses one), one row per --mixed_precision (no, bf16) x gradient checkpointing (off, on) x latent cache (on,
@@ -64,12 +65,13 @@ PHASES = [("load", re.compile(r"^loaded the (models|text encoders and the VAE) i
           ("exit", None, True)]
 STEADY = re.compile(r"steady-state (?P<ms>[\d.]+) ms/step over (?P<steps>\d+) steps")
 # tqdm's bar, redrawn after each optimizer step; at a second and more a step it shows every one. Before 51c6b7c
-# (the trainer issue 16 was filed against) the bar was "steps" and no line ended the load phase: there load and
-# caches are one phase, "caches".
+# (in the baseline "filed") the bar was "steps" and no line ended the load phase: there load and caches are one
+# phase, "caches".
 BAR = re.compile(r"^(training|steps):.*\|\s*(?P<step>\d+)/\d+ ")
 WARMUP_STEPS = 3  # the trainer's: its steady-state time leaves out steps 1 to 3
-# Labels of the rows the others are compared with: the trainer issue 16 was filed against ("filed", 71d69bc: its
-# first step ran under FlopCounterMode) and the last one before the issue's own commits ("before", a688f10).
+# Labels of the rows the others are compared with: the last trainer before the readability issue, which issue 16
+# was filed to land after ("filed", 71d69bc: its first step ran under FlopCounterMode), and the last one before
+# issue 16's own commits ("before", a688f10).
 BASELINES = ["filed", "before"]
 
 
