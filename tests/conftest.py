@@ -50,14 +50,19 @@ def offline_demo(timeout=600):
     return returncode, (work / "stdout").read_text(), (work / "stderr").read_text(), work / "demo"
 
 
-def run_trainer(*argv):
-    """The trainer's main() in this process, with accelerate's process-wide state reset between runs."""
+def reset_accelerate():
+    """Forget accelerate's process-wide state, so the next Accelerator is made from its own arguments."""
     from accelerate.state import AcceleratorState, GradientState
-
-    import train_dreambooth_lora_ssd1b as trainer
 
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+
+
+def run_trainer(*argv):
+    """The trainer's main() in this process, with accelerate's process-wide state reset between runs."""
+    import train_dreambooth_lora_ssd1b as trainer
+
+    reset_accelerate()
     trainer.main([str(a) for a in with_flags([], *argv)])
 
 

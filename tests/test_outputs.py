@@ -17,7 +17,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import train_dreambooth_lora_ssd1b as trainer
-from conftest import ROOT, check_inputs, dora_args, run_trainer, tiny_args
+from conftest import ROOT, check_inputs, dora_args, reset_accelerate, run_trainer, tiny_args
 from test_adapters import outputs
 
 
@@ -359,12 +359,9 @@ def test_model_card_section_comes_from_the_newest_run_evaluation_only(tmp_path):
 @pytest.mark.parametrize("precision, noted", [("no", True), ("bf16", False)])
 def test_a_cpu_run_in_fp32_names_bf16_in_one_line(tiny_model, photos, tmp_path, capsys, precision, noted):
     """Issue 16: on a CPU, bf16 is the faster and smaller choice; an fp32 run says so once, at start-up."""
-    from accelerate.state import AcceleratorState, GradientState
-
     argv = [str(a) for a in tiny_args(tiny_model, photos, tmp_path / "out", "--mixed_precision", precision)]
     args = trainer.parse_args(argv)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate()
     capsys.readouterr()
     trainer.make_accelerator(args, trainer.derive_settings(args, argv))
     notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: ")]

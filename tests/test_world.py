@@ -15,6 +15,7 @@ from PIL import Image, ImageFilter
 import prior_drift as world
 import tiny_world
 import train_dreambooth_lora_ssd1b as trainer
+from conftest import ROOT
 
 # The margins, stated in the README ("The tiny world"). Measured with the locked versions on a 2-core CPU
 # (benchmarks/prior_drift.py, 2026-12-06, training seed 0, which the tests use): fidelity 0.78 without a prior, 0.94
@@ -199,9 +200,8 @@ def test_train_tiny_world_stopped_with_ctrl_c_says_so_in_one_line(tmp_path):
     """An hour's run stopped by Ctrl-C: a line saying nothing was written (the model is saved only at the end), not
     a traceback, and the shell's exit status for SIGINT."""
     import signal
-    from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "examples" / "train_tiny_world.py"
+    script = ROOT / "examples" / "train_tiny_world.py"
     # as a terminal starts it: a shell starts background jobs (CI's, say) with SIGINT ignored, and Python then
     # never raises KeyboardInterrupt
     process = subprocess.Popen([sys.executable, str(script), str(tmp_path / "out"), "--pool", "8", "--log_every", "1"],
