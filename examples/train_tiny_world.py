@@ -101,11 +101,11 @@ def train_vae(vae, photos, steps, batch_size, rng, log_every):
     vae.eval().requires_grad_(False)
 
 
-def vae_photos(pool, count, seed):
-    """The VAE's training photos: the pool's, and `count` of any colour drawn from their own seed, each with its
+def vae_photos(pool, seed):
+    """The VAE's training photos: the pool's, and as many of any colour drawn from their own seed, each with its
     loss weights (1 + OBJECT_WEIGHT on the object, tiny_world.object_mask)."""
     rng = random.Random(f"{seed} any colour")
-    images = [photo for photo, _ in pool] + [tiny_world.any_colour_photo(rng) for _ in range(count)]
+    images = [photo for photo, _ in pool] + [tiny_world.any_colour_photo(rng) for _ in pool]
     return [(im, 1 + OBJECT_WEIGHT * torch.from_numpy(tiny_world.object_mask(im)).float()[None]) for im in images]
 
 
@@ -240,8 +240,7 @@ def main(argv=None):
     pool = [tiny_world.sample(rng)[::2] for _ in range(args.pool)]
     print(f"{len(pool)} photos drawn in {time.perf_counter() - started:.0f} s", flush=True)
     if not args.vae:
-        train_vae(vae, vae_photos(pool, args.pool, args.seed), args.vae_steps, args.vae_batch_size, rng,
-                  args.log_every)
+        train_vae(vae, vae_photos(pool, args.seed), args.vae_steps, args.vae_batch_size, rng, args.log_every)
     report_reconstruction(vae)
     moments = encode_pool(vae, pool)
     torch.manual_seed(args.seed + 1)  # stage 2 draws from its own seeds, so a reused VAE gives the same model
