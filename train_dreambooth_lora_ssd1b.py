@@ -498,7 +498,8 @@ def add_output_flags(p):
                    help="default: work_dirs/ssd_1b_dreambooth_lora_<name of the instance folder>")
     g.add_argument("--checkpointing_steps", type=int, default=100)
     g.add_argument("--overwrite_output_dir", action="store_true",
-                   help="allow replacing adapters that an earlier run left in the output dir")
+                   help="replace the earlier run in the output dir: its steps, states, validation, card and logs "
+                        "are removed before this run writes; files of your own there stay")
     g.add_argument("--resume_from_checkpoint", default=None,
                    help="'latest', or a state-stepN folder: restores LoRA, optimizer, scheduler, RNGs, data position")
     g.add_argument("--accept_changed_settings", action="store_true",
@@ -949,8 +950,10 @@ def finished_adapters(output_dir):
 
 
 def remove_partial_dirs(output_dir):
-    """Hidden folders a save left half-written (killed, or a full disk): never complete, so never kept."""
-    for partial in Path(output_dir).glob(".*.partial"):
+    """Hidden folders a save left half-written (killed, or a full disk), or an overwrite left half-removed: never
+    complete, so never kept."""
+    for partial in [p for pattern in (".*.partial", "validation/.*.partial", "logs/.*.partial")
+                    for p in Path(output_dir).glob(pattern)]:
         shutil.rmtree(partial, ignore_errors=True)
 
 
@@ -1072,6 +1075,195 @@ def check_output_dir(output_dir, overwrite, resume_state):
         probe.unlink()
     except OSError as e:
         raise UserError(f"cannot write to --output_dir {output_dir} ({e.strerror}): choose a writable folder")
+
+
+# What the trainer writes at the top of an output dir, besides stepN/ and state-stepN/: the model card, the validation
+# rounds (validation/stepN/, validation/base/), tensorboard's logs (logs/<project>/) and --push_to_hub's staging
+# folder. Anything else there is the user's, and is never written, replaced or removed.
+CARD_FILE = "README.md"
+TRACKER_PROJECT = "dreambooth-lora-ssd1b"  # the project main() gives init_trackers: tensorboard logs to logs/<it>/
+TRAINER_FOLDERS = ("validation", "logs", "hub")
+CARD_MARKS = {"dreambooth", "ssd-1b"}  # tags every card this trainer has written carries (CARD_TAGS)
+
+
+def is_trainer_card(path):
+    """A model card this trainer wrote: a plain file whose Hub tags carry CARD_MARKS. A user's own README, or a
+    link to one, is not: the trainer would replace it at its first save."""
+    if path.is_symlink() or not path.is_file():
+        return False
+    try:
+        metadata = huggingface_hub.metadata_load(path)
+    except Exception:  # any text is a README: its front matter may be YAML that fails in any way, or not text
+        return False
+    tags = metadata.get("tags") if isinstance(metadata, dict) else None
+    return isinstance(tags, list) and CARD_MARKS <= {str(tag) for tag in tags}
+
+
+def is_trainer_name(name):
+    """A name the trainer writes at the top of an output dir (hidden names aside: its lock and partial saves)."""
+    return step_of(name) is not None or name == CARD_FILE or name in TRAINER_FOLDERS
+
+
+def foreign_output(output_dir, args):
+    """The first thing in output_dir at a name the trainer writes that the trainer did not write, with why it is
+    not the trainer's and what the run would write there; None if there is none."""
+    output_dir = Path(output_dir)
+    card = output_dir / CARD_FILE
+    if os.path.lexists(card) and not is_trainer_card(card):
+        return card, "not a model card this trainer wrote", "the model card at each save"
+    for path in sorted(output_dir.iterdir()) if output_dir.is_dir() else []:
+        if step_of(path) is None:
+            continue
+        if path.is_symlink() or not path.is_dir():
+            return path, "not a folder this trainer wrote", "a checkpoint under that name"
+        if path.name.startswith("step") and not any((path / f).is_file() for f in (LORA_FILE, SETTINGS_FILE)):
+            return path, f"a folder without {LORA_FILE} or {SETTINGS_FILE}", "the adapters of that step there"
+    rounds = output_dir / "validation"
+    folders = [rounds, rounds / "base", *(p for p in rounds.glob("step*") if step_of(p))]
+    if args.report_to in ("tensorboard", "all"):
+        folders += [output_dir / "logs", output_dir / "logs" / TRACKER_PROJECT]
+    for path in folders:
+        if os.path.lexists(path) and not path.is_dir():
+            return path, "a file, not a folder", f"{path.relative_to(output_dir).as_posix()}/ there"
+    hub = output_dir / "hub"
+    if args.push_to_hub and os.path.lexists(hub) and (hub.is_symlink() or not is_trainer_card(hub / CARD_FILE)):
+        return hub, "not the Hub upload this trainer staged", "its upload there, replacing the folder"
+    return None
+
+
+def refuse_foreign_output(output_dir, args):
+    """A user's own file or folder at a name the trainer writes is refused, --overwrite_output_dir or not: that
+    flag replaces an earlier run of this trainer, never what the user put there."""
+    found = foreign_output(output_dir, args)
+    if found:
+        path, what, written = found
+        raise UserError(f"{path} is {what}, and this run writes {written}: move it out of {output_dir}, or choose "
+                        "another --output_dir")
+
+
+def same_folder(a, b):
+    """Whether two paths name one folder: equal once links are resolved, or one inode (a bind mount, another
+    spelling on a case-insensitive disk)."""
+    if a == b:
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one is missing: then only equal paths are the same
+        return False
+
+
+def below(path, folder):
+    """The name of `folder`'s child that holds `path` (resolved), or None when path is not inside folder."""
+    chain = [path, *path.parents]
+    for child, parent in zip(chain, chain[1:]):
+        if same_folder(parent, folder):
+            return child.name
+    return None
+
+
+def overlap(a, b):
+    """How folder a lies to folder b, links resolved, in words ('is the same folder as', 'is inside', 'holds'), or
+    None when they are apart."""
+    a, b = Path(a).resolve(), Path(b).resolve()
+    if same_folder(a, b):
+        return "is the same folder as"
+    if below(a, b) is not None:
+        return "is inside"
+    return "holds" if below(b, a) is not None else None
+
+
+def local_folders(args, settings):
+    """The folder flags that name a local folder, as {flag: path}: the inputs the run reads, then the folders it
+    writes. A Hub id is no local folder, and overlaps nothing."""
+    inputs = {"--instance_dir": args.instance_dir, "--pretrained_model_name_or_path":
+              settings.pretrained_model_name_or_path,
+              "--pretrained_vae_model_name_or_path": settings.pretrained_vae_model_name_or_path}
+    inputs = {flag: path for flag, path in inputs.items() if path and os.path.exists(path)}
+    return inputs, {"--output_dir": settings.output_dir, **({"--class_dir": settings.class_dir}
+                                                           if uses_class_images(args) else {})}
+
+
+def check_folders(args, settings):
+    """No folder the run writes (the output dir, the class images') overlaps another folder flag: not equal, not
+    one inside the other, not the same place through a link. The inputs may overlap each other (photos kept in the
+    model folder are only read), except the class images and the photos, which must be apart. The class folder may
+    lie inside the output dir, as its default does, but not under a name the trainer writes and replaces there."""
+    inputs, written = local_folders(args, settings)
+    class_dir = written.get("--class_dir")
+    pairs = [(w, r) for w in written for r in inputs] + [("--class_dir", "--output_dir")] * bool(class_dir)
+    folders = {**inputs, **written}
+    for one, other in pairs:
+        how = overlap(folders[one], folders[other])
+        if how == "is inside" and (one, other) == ("--class_dir", "--output_dir"):
+            name = below(Path(class_dir).resolve(), Path(settings.output_dir).resolve())
+            how = "is inside" if is_trainer_name(name) else None
+        if how:
+            raise UserError(f"{one} {folders[one]} {how} {other} {folders[other]}{through_link(folders, one, other)}: "
+                            f"{OVERLAP_FIXES[one, other] if (one, other) in OVERLAP_FIXES else OVERLAP_FIXES[one]}")
+
+
+def through_link(folders, one, other):
+    """Names the link when the two paths, as typed, do not show the overlap."""
+    typed = [Path(os.path.abspath(folders[flag])) for flag in (one, other)]
+    if typed[0] == typed[1] or typed[1] in typed[0].parents or typed[0] in typed[1].parents:
+        return ""
+    return f" (through a link: {Path(folders[one]).resolve()} and {Path(folders[other]).resolve()})"
+
+
+OVERLAP_FIXES = {
+    ("--class_dir", "--instance_dir"): "the subject's own photos would serve as the class prior, which defeats prior "
+                                       "preservation; pass a --class_dir apart from the photos, or leave it out for "
+                                       "OUTPUT_DIR/class_images",
+    ("--class_dir", "--output_dir"): "the run writes and replaces its steps, states, card and validation there; pass "
+                                     "a --class_dir of its own, or leave it out for OUTPUT_DIR/class_images",
+    "--class_dir": "the run writes class images there; pass a --class_dir of its own, or leave it out for "
+                   "OUTPUT_DIR/class_images",
+    "--output_dir": "the run writes its steps, states, card and validation there; choose an --output_dir apart from "
+                    "every input folder",
+}
+
+
+def remove_earlier_run(output_dir, resume_state):
+    """--overwrite_output_dir: remove what an earlier run of this trainer wrote here, so the folder holds one run
+    and 'latest', the card and evaluate.py see only it. Resuming, only what lies beyond the resumed step goes.
+    States go first, so a crash midway never leaves an old state for 'latest' beside new steps; each folder is
+    first renamed to its hidden .partial name, which the next start clears. Returns the names removed."""
+    output_dir, kept = Path(output_dir), step_of(resume_state) if resume_state else 0
+    later = [p for pattern in (f"{STATE_PREFIX}step*", "step*", "validation/step*")
+             for p in sorted(output_dir.glob(pattern)) if (step_of(p) or 0) > kept]
+    doomed = [*later, *[output_dir / CARD_FILE] * bool(later or not resume_state)]
+    if not resume_state:
+        doomed += [output_dir / "validation" / "base", output_dir / "logs" / TRACKER_PROJECT, output_dir / "hub"]
+    doomed = [p for p in doomed if os.path.lexists(p) and (p.name != CARD_FILE or is_trainer_card(p))]
+    for path in doomed:
+        retire(path)
+    for folder in (output_dir / "validation", output_dir / "logs"):
+        if folder.is_dir() and not folder.is_symlink() and not any(folder.iterdir()):
+            folder.rmdir()
+    return [p.relative_to(output_dir).as_posix() for p in doomed]
+
+
+def retire(path):
+    """Remove a file at once; a folder by renaming it to its hidden .partial name, then deleting that, so a crash
+    leaves it whole or hidden, never half there."""
+    if path.is_symlink() or not path.is_dir():
+        path.unlink()
+        return
+    hidden = partial_dir(path)
+    shutil.rmtree(hidden, ignore_errors=True)
+    os.replace(path, hidden)
+    shutil.rmtree(hidden)
+
+
+def clear_replaced_run(accelerator, args, settings):
+    """--overwrite_output_dir, once the models have loaded and just before this run writes: remove the earlier
+    run (late, so a run that fails to start leaves it as it was)."""
+    if args.overwrite_output_dir and accelerator.is_main_process:
+        removed = remove_earlier_run(settings.output_dir, settings.resume_state)
+        if removed:
+            accelerator.print(f"--overwrite_output_dir: removed the earlier run's {', '.join(removed)} from "
+                              f"{settings.output_dir}")
+    accelerator.wait_for_everyone()
 
 
 def check_resume(args, current):
@@ -1236,6 +1428,7 @@ def check_inputs(args, settings):
     """Everything that can be checked before a model loads. Returns the instance photos, their prompts, and the
     settings completed with what the inputs decide: the photos' checksum and the state to resume from."""
     warn_prodigy_learning_rate(args.optimizer, args.learning_rate)
+    check_folders(args, settings)
     instance_dir = resolve_instance_dir(args.instance_dir)
     instance_images = check_masks(instance_dir, list_images(instance_dir), args.masked_loss, args.mask_floor)
     warn_broken_links(instance_dir, "instance")
@@ -1270,6 +1463,7 @@ def check_inputs(args, settings):
     settings = dataclasses.replace(settings, instance_data_sha256=instance_data_sha256(
         instance_images, instance_prompts, args.instance_prompt), validation_size=sizes.most_common(1)[0][0])
     settings = dataclasses.replace(settings, resume_state=check_resume(args, ran(run_settings(args, settings))))
+    refuse_foreign_output(settings.output_dir, args)
     check_output_dir(settings.output_dir, args.overwrite_output_dir, settings.resume_state)
     if args.output_kohya_format and not settings.output_kohya_format:
         say(f"note: --use_dora writes no {KOHYA_FILE}: {DORA_IN_KOHYA_FILE}")
@@ -3040,6 +3234,7 @@ def main(argv=None):
         start_step, dataloader = start_checkpointing(accelerator, settings.resume_state,
                                                      args.gradient_accumulation_steps, dataloader)
 
+        clear_replaced_run(accelerator, args, settings)  # the first of this run's writes to the output dir: logs
         accelerator.init_trackers("dreambooth-lora-ssd1b", config={k: v for k, v in vars(args).items()
                                                                    if isinstance(v, (int, float, str, bool))
                                                                    and k not in SECRET_FLAGS})

@@ -453,6 +453,117 @@ def test_a_fresh_run_never_replaces_resumable_states_silently(args_for, tmp_path
         check(args_for())
 
 
+def test_a_users_readme_in_the_output_dir_is_never_replaced(args_for, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "README.md").write_text("# My dog project\n\nNotes I keep beside the run.\n")
+    for extra in [[], ["--overwrite_output_dir"]]:  # the flag replaces an earlier run, never the user's own file
+        with pytest.raises(trainer.UserError) as refused:
+            check(args_for(*extra))
+        assert str(refused.value) == (f"{out / 'README.md'} is not a model card this trainer wrote, and this run "
+                                      f"writes the model card at each save: move it out of {out}, or choose "
+                                      "another --output_dir")
+    assert (out / "README.md").read_text().startswith("# My dog project")
+    argv = [str(a) for a in args_for()]
+    args = trainer.parse_args(argv)
+    trainer.write_model_card(out, args, trainer.derive_settings(args, argv), 500, 1)
+    check(args_for())  # the card this trainer wrote is its own to replace
+
+
+def users_own(out, name):
+    """What a user might keep in the output dir under a name the trainer writes."""
+    path = out / name
+    if name in ("step3", "hub"):
+        path.mkdir(parents=True)
+        (path / "notes.txt").write_text("mine")
+    elif name == "README.md":
+        (out / "my-readme.md").write_text("# mine")
+        path.symlink_to(out / "my-readme.md")
+    else:
+        path.write_text("mine")
+
+
+@pytest.mark.parametrize("name, extra, message", [
+    ("step3", [], "step3 is a folder without pytorch_lora_weights.safetensors or run_settings.json, and this run "
+                  "writes the adapters of that step there"),
+    ("state-step1", [], "state-step1 is not a folder this trainer wrote, and this run writes a checkpoint under "
+                        "that name"),
+    ("validation", ["--validation_prompt", "a photo of sks dog"], "validation is a file, not a folder, and this "
+                                                                  "run writes validation/ there"),
+    ("logs", ["--report_to", "tensorboard"], "logs is a file, not a folder, and this run writes logs/ there"),
+    ("hub", ["--push_to_hub", "--hub_token", "hf_x"], "hub is not the Hub upload this trainer staged"),
+    ("README.md", [], "README.md is not a model card this trainer wrote"),
+])
+def test_a_users_file_or_folder_at_a_name_the_trainer_writes_is_refused(args_for, tmp_path, name, extra, message):
+    out = tmp_path / "out"
+    out.mkdir()
+    users_own(out, name)
+    for overwrite in [[], ["--overwrite_output_dir"]]:
+        with pytest.raises(trainer.UserError, match=re.escape(f"{out / message}") + ".*: move it out of .*, or "
+                                                    "choose another --output_dir$"):
+            check(args_for(*extra, *overwrite))
+    assert sorted(p.name for p in out.iterdir()) == sorted({name, *(["my-readme.md"] * (name == "README.md"))})
+
+
+@pytest.fixture
+def folders(tmp_path, photos):
+    """A copy of the demo photos, and a copy of them inside a model-like folder, for flags to overlap."""
+    shutil.copytree(photos, tmp_path / "photos")
+    return tmp_path
+
+
+PRIOR = ["--with_prior_preservation", "--class_prompt", "a photo of dog"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--output_dir", "{photos}"], "--output_dir {photos} is the same folder as --instance_dir {photos}: the run "
+                                   "writes its steps, states, card and validation there; choose an --output_dir "
+                                   "apart from every input folder"),
+    (["--output_dir", "{photos}/out"], "--output_dir {photos}/out is inside --instance_dir {photos}: "),
+    (["--output_dir", "{tmp}", "--instance_dir", "{photos}"], "--output_dir {tmp} holds --instance_dir {photos}: "),
+    (["--output_dir", "{tmp}/link"], "--output_dir {tmp}/link is the same folder as --instance_dir {photos} "
+                                     "(through a link: {photos} and {photos}): "),
+    (["--output_dir", "{model}/out"], "--output_dir {model}/out is inside --pretrained_model_name_or_path {model}: "),
+    (["--output_dir", "{model}/.."], "--output_dir {model}/.. holds --pretrained_model_name_or_path {model}: "),
+    ([*PRIOR, "--class_dir", "{photos}"], "--class_dir {photos} is the same folder as --instance_dir {photos}: the "
+                                          "subject's own photos would serve as the class prior, which defeats prior "
+                                          "preservation; pass a --class_dir apart from the photos"),
+    ([*PRIOR, "--class_dir", "{photos}/classes"], "--class_dir {photos}/classes is inside --instance_dir {photos}: the "
+                                                  "subject's own photos"),
+    ([*PRIOR, "--class_dir", "{tmp}/link"], "--class_dir {tmp}/link is the same folder as --instance_dir {photos} "
+                                            "(through a link"),
+    ([*PRIOR, "--class_dir", "{model}/vae/classes"], "--class_dir {model}/vae/classes is inside "
+                                                     "--pretrained_model_name_or_path {model}: the run writes class "
+                                                     "images there"),
+    ([*PRIOR, "--class_dir", "{tmp}/out"], "--class_dir {tmp}/out is the same folder as --output_dir {tmp}/out: "),
+    ([*PRIOR, "--class_dir", "{tmp}/out/validation"], "--class_dir {tmp}/out/validation is inside --output_dir "
+                                                      "{tmp}/out: the run writes and replaces its steps"),
+    ([*PRIOR, "--class_dir", "{tmp}/out/step2/classes"], "--class_dir {tmp}/out/step2/classes is inside "
+                                                         "--output_dir {tmp}/out: "),
+    ([*PRIOR, "--class_dir", "{tmp}/classes", "--output_dir", "{tmp}/classes/out"],
+     "--class_dir {tmp}/classes holds --output_dir {tmp}/classes/out: "),
+])
+def test_every_folder_flag_that_overlaps_another_is_refused_before_any_model_loads(args_for, folders, tiny_model,
+                                                                                   monkeypatch, extra, message):
+    (folders / "link").symlink_to(folders / "photos")
+    names = {"tmp": folders, "photos": folders / "photos", "model": tiny_model}
+    monkeypatch.setattr(trainer, "load_models", None)  # nothing may load
+    with pytest.raises(trainer.UserError) as refused:
+        check(args_for(*[a.format(**names) for a in extra], instance_dir=names["photos"]))
+    assert str(refused.value).startswith(message.format(**names))
+    assert sorted(p.name for p in folders.iterdir()) == ["link", "photos"], "nothing was written"
+
+
+def test_read_only_inputs_may_overlap_and_the_class_images_default_inside_the_output_dir(args_for, folders,
+                                                                                         tiny_model):
+    model = folders / "model"
+    shutil.copytree(tiny_model, model)
+    shutil.copytree(folders / "photos", model / "photos")  # odd, but the photos and the model are only read
+    check(args_for(*PRIOR, "--pretrained_model_name_or_path", model, "--pretrained_vae_model_name_or_path",
+                   model / "vae", "--output_dir", folders / "out", instance_dir=model / "photos"))
+    check(args_for(*PRIOR, "--class_dir", folders / "out" / "my_classes", "--output_dir", folders / "out"))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Flags that would be ignored, and empty text: refused, never dropped or replaced
 # ----------------------------------------------------------------------------------------------------------
