@@ -1226,8 +1226,8 @@ OVERLAP_FIXES = {
 def remove_earlier_run(output_dir, resume_state):
     """--overwrite_output_dir: remove what an earlier run of this trainer wrote here, so the folder holds one run
     and 'latest', the card and evaluate.py see only it. Resuming, only what lies beyond the resumed step goes.
-    States go first, so a crash midway never leaves an old state for 'latest' beside new steps; each folder is
-    first renamed to its hidden .partial name, which the next start clears. Returns the names removed."""
+    Every folder is first renamed to its hidden .partial name (states first), all before any is deleted: a crash
+    in the slow deletes leaves only hidden folders, which the next start clears. Returns the names removed."""
     output_dir, kept = Path(output_dir), step_of(resume_state) if resume_state else 0
     later = [p for pattern in (f"{STATE_PREFIX}step*", "step*", "validation/step*")
              for p in sorted(output_dir.glob(pattern)) if (step_of(p) or 0) > kept]
@@ -1235,24 +1235,26 @@ def remove_earlier_run(output_dir, resume_state):
     if not resume_state:
         doomed += [output_dir / "validation" / "base", output_dir / "logs" / TRACKER_PROJECT, output_dir / "hub"]
     doomed = [p for p in doomed if os.path.lexists(p) and (p.name != CARD_FILE or is_trainer_card(p))]
-    for path in doomed:
-        retire(path)
+    hidden = [hide(path) for path in doomed]
+    for path in hidden:
+        if path:
+            shutil.rmtree(path)
     for folder in (output_dir / "validation", output_dir / "logs"):
         if folder.is_dir() and not folder.is_symlink() and not any(folder.iterdir()):
             folder.rmdir()
     return [p.relative_to(output_dir).as_posix() for p in doomed]
 
 
-def retire(path):
-    """Remove a file at once; a folder by renaming it to its hidden .partial name, then deleting that, so a crash
-    leaves it whole or hidden, never half there."""
+def hide(path):
+    """Remove a file (or link) at once; rename a folder to its hidden .partial name, returned for deleting: one
+    rename each, so it is whole or gone from view, never half there."""
     if path.is_symlink() or not path.is_dir():
         path.unlink()
-        return
+        return None
     hidden = partial_dir(path)
     shutil.rmtree(hidden, ignore_errors=True)
     os.replace(path, hidden)
-    shutil.rmtree(hidden)
+    return hidden
 
 
 def clear_replaced_run(accelerator, args, settings):

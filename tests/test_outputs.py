@@ -187,6 +187,77 @@ def test_a_refused_run_leaves_no_empty_output_dir(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_an_overwritten_output_dir_holds_one_run_and_the_users_own_files(tiny_model, photos, tmp_path, capsys):
+    out = tmp_path / "out"
+    run_trainer(*tiny_args(tiny_model, photos, out, "--max_train_steps", 3, "--checkpointing_steps", 1,
+                           "--optimizer", "adamw", "--report_to", "tensorboard", "--validation_prompt", "a sks dog",
+                           "--validation_steps", 3, "--num_validation_images", 1, "--validation_inference_steps", 1))
+    assert (out / "validation" / "step2").is_dir() and (out / "logs" / "dreambooth-lora-ssd1b").is_dir()
+    (out / "notes.txt").write_text("mine")
+    (out / "validation" / "reference.png").write_bytes(b"mine")
+    (out / "eval-old").mkdir()
+    capsys.readouterr()
+    run_trainer(*tiny_args(tiny_model, photos, out, "--max_train_steps", 1, "--optimizer", "adamw",
+                           "--overwrite_output_dir"))
+    assert [p.name for p in trainer.finished_adapters(out)] == ["step0"], "evaluate.py sees only this run's steps"
+    assert trainer.find_resume_state(out, "latest") == out / "state-step0"
+    assert [p.name for p in trainer.complete_states(out)] == ["state-step0"]
+    card = (out / "README.md").read_text()
+    assert "step0" in card and "step2" not in card and "validation/step2" not in card
+    assert not (out / "validation" / "step2").exists() and not (out / "logs").exists()
+    assert (out / "notes.txt").read_text() == "mine" and (out / "eval-old").is_dir()
+    assert (out / "validation" / "reference.png").read_bytes() == b"mine"
+    assert not list(out.glob(".*.partial")) and not list(out.glob("validation/.*"))
+    said = capsys.readouterr().out
+    assert "--overwrite_output_dir: removed the earlier run's state-step0, state-step1, state-step2, step0, step1, " \
+           "step2, validation/step2, README.md, validation/base" not in said  # no base round was rendered
+    assert "removed the earlier run's state-step0, state-step1, state-step2, step0, step1, step2, validation/step2, " \
+           f"README.md, logs/dreambooth-lora-ssd1b from {out}" in said
+
+
+def earlier_run(out):
+    """An earlier run's steps 1-4 as the trainer leaves them, with a card, validation rounds and a user's file."""
+    for step in range(4):
+        (out / f"step{step}").mkdir(parents=True)
+        (out / f"step{step}" / trainer.LORA_FILE).write_bytes(b"weights")
+        (out / f"state-step{step}").mkdir()
+        (out / f"state-step{step}" / trainer.TRAINER_STATE).write_text(json.dumps({"step": step + 1}))
+        (out / "validation" / f"step{step}").mkdir(parents=True)
+    (out / "README.md").write_text("---\ntags:\n- dreambooth\n- ssd-1b\n---\nlatest: step3\n")
+    (out / "notes.txt").write_text("mine")
+
+
+def test_overwrite_while_resuming_removes_only_what_lies_beyond_the_resumed_step(tmp_path):
+    out = tmp_path / "out"
+    earlier_run(out)
+    removed = trainer.remove_earlier_run(out, out / "state-step1")
+    assert removed == ["state-step2", "state-step3", "step2", "step3", "validation/step2", "validation/step3",
+                       "README.md"], "the card named step3, which is gone: the next save writes it anew"
+    assert [p.name for p in trainer.complete_states(out)] == ["state-step0", "state-step1"]
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "state-step0", "state-step1", "step0", "step1",
+                                                     "validation"]
+
+
+def test_a_crash_while_overwriting_leaves_no_earlier_state_for_latest(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    earlier_run(out)
+    real_rmtree = shutil.rmtree
+
+    def crash(path, ignore_errors=False, **kwargs):
+        if not ignore_errors:
+            raise KeyboardInterrupt  # killed in the first slow delete
+        real_rmtree(path, ignore_errors=ignore_errors, **kwargs)
+    monkeypatch.setattr(trainer.shutil, "rmtree", crash)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.remove_earlier_run(out, None)
+    monkeypatch.setattr(trainer.shutil, "rmtree", real_rmtree)
+    assert trainer.complete_states(out) == [] and trainer.finished_adapters(out) == []
+    assert trainer.find_resume_state(out, "latest") is None
+    trainer.remove_partial_dirs(out)  # as the next start does
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "validation"]
+    assert not any((out / "validation").iterdir())
+
+
 def card_metadata(path):
     """The card's YAML front matter, read as the Hub reads it."""
     from huggingface_hub import ModelCard
