@@ -1084,14 +1084,18 @@ CARD_FILE = "README.md"
 TRACKER_PROJECT = "dreambooth-lora-ssd1b"  # the project main() gives init_trackers: tensorboard logs to logs/<it>/
 TRAINER_FOLDERS = ("validation", "logs", "hub")
 CARD_MARKS = {"dreambooth", "ssd-1b"}  # tags every card this trainer has written carries (CARD_TAGS)
+LEGACY_CARD = ("# DreamBooth LoRA: `", "by `train_dreambooth_lora_ssd1b.py`")  # its cards before 51c6b7c began so
 
 
 def is_trainer_card(path):
-    """A model card this trainer wrote: a plain file whose Hub tags carry CARD_MARKS. A user's own README, or a
-    link to one, is not: the trainer would replace it at its first save."""
+    """A model card this trainer wrote: a plain file whose Hub tags carry CARD_MARKS, or a card of the trainer
+    from before it had Hub metadata (LEGACY_CARD). A user's own README, or a link to one, is not: the trainer
+    would replace it at its first save."""
     if path.is_symlink() or not path.is_file():
         return False
     try:
+        if all(mark in path.read_text(encoding="utf-8")[:2000] for mark in LEGACY_CARD):
+            return True
         metadata = huggingface_hub.metadata_load(path)
     except Exception:  # any text is a README: its front matter may be YAML that fails in any way, or not text
         return False
@@ -1100,8 +1104,10 @@ def is_trainer_card(path):
 
 
 def is_trainer_name(name):
-    """A name the trainer writes at the top of an output dir (hidden names aside: its lock and partial saves)."""
-    return step_of(name) is not None or name == CARD_FILE or name in TRAINER_FOLDERS
+    """A name the trainer writes at the top of an output dir, and replaces or removes there: its outputs, its
+    lock, and the hidden names of its partial saves and temporary files, which every start clears."""
+    return (step_of(name) is not None or name in (CARD_FILE, LOCK_FILE, *TRAINER_FOLDERS)
+            or name.startswith(".") and (name.endswith(".partial") or ".tmp-" in name or "write-test" in name))
 
 
 def foreign_output(output_dir, args):
@@ -1191,15 +1197,18 @@ def check_folders(args, settings):
     inputs, written = local_folders(args, settings)
     class_dir = written.get("--class_dir")
     pairs = [(w, r) for w in written for r in inputs] + [("--class_dir", "--output_dir")] * bool(class_dir)
-    folders = {**inputs, **written}
+    folders, found = {**inputs, **written}, []
     for one, other in pairs:
         how = overlap(folders[one], folders[other])
         if how == "is inside" and (one, other) == ("--class_dir", "--output_dir"):
             name = below(Path(class_dir).resolve(), Path(settings.output_dir).resolve())
             how = "is inside" if is_trainer_name(name) else None
         if how:
-            raise UserError(f"{one} {folders[one]} {how} {other} {folders[other]}{through_link(folders, one, other)}: "
-                            f"{OVERLAP_FIXES[one, other] if (one, other) in OVERLAP_FIXES else OVERLAP_FIXES[one]}")
+            found.append((how, one, other))
+    if found:  # the same folder is the plainest to name: a VAE folder is also inside its model's
+        how, one, other = min(found, key=lambda f: f[0] != "is the same folder as")
+        raise UserError(f"{one} {folders[one]} {how} {other} {folders[other]}{through_link(folders, one, other)}: "
+                        f"{OVERLAP_FIXES[one, other] if (one, other) in OVERLAP_FIXES else OVERLAP_FIXES[one]}")
 
 
 def through_link(folders, one, other):
@@ -1234,7 +1243,9 @@ def remove_earlier_run(output_dir, resume_state):
     doomed = [*later, *[output_dir / CARD_FILE] * bool(later or not resume_state)]
     if not resume_state:
         doomed += [output_dir / "validation" / "base", output_dir / "logs" / TRACKER_PROJECT, output_dir / "hub"]
-    doomed = [p for p in doomed if os.path.lexists(p) and (p.name != CARD_FILE or is_trainer_card(p))]
+    hub = output_dir / "hub"  # a user's own hub/ is refused only where --push_to_hub would replace it
+    doomed = [p for p in doomed if os.path.lexists(p) and (p.name != CARD_FILE or is_trainer_card(p))
+              and (p != hub or not hub.is_symlink() and is_trainer_card(hub / CARD_FILE))]
     hidden = [hide(path) for path in doomed]
     for path in hidden:
         if path:

@@ -468,6 +468,10 @@ def test_a_users_readme_in_the_output_dir_is_never_replaced(args_for, tmp_path):
     args = trainer.parse_args(argv)
     trainer.write_model_card(out, args, trainer.derive_settings(args, argv), 500, 1)
     check(args_for())  # the card this trainer wrote is its own to replace
+    assert trainer.CARD_MARKS <= set(trainer.CARD_TAGS)
+    (out / "README.md").write_text("# DreamBooth LoRA: `a photo of sks dog`\n\nLoRA adapters for [m](m), trained "
+                                   "with DreamBooth (Ruiz et al., CVPR 2023) by `train_dreambooth_lora_ssd1b.py`.\n")
+    check(args_for())  # and so is the card of a run from before the card had Hub metadata
 
 
 def users_own(out, name):
@@ -540,6 +544,8 @@ PRIOR = ["--with_prior_preservation", "--class_prompt", "a photo of dog"]
                                                       "{tmp}/out: the run writes and replaces its steps"),
     ([*PRIOR, "--class_dir", "{tmp}/out/step2/classes"], "--class_dir {tmp}/out/step2/classes is inside "
                                                          "--output_dir {tmp}/out: "),
+    ([*PRIOR, "--class_dir", "{tmp}/out/.step2.partial"], "--class_dir {tmp}/out/.step2.partial is inside "
+                                                          "--output_dir {tmp}/out: "),
     ([*PRIOR, "--class_dir", "{tmp}/classes", "--output_dir", "{tmp}/classes/out"],
      "--class_dir {tmp}/classes holds --output_dir {tmp}/classes/out: "),
 ])

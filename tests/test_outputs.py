@@ -238,6 +238,22 @@ def test_overwrite_while_resuming_removes_only_what_lies_beyond_the_resumed_step
                                                      "validation"]
 
 
+def test_overwrite_removes_only_the_trainers_names_and_the_folders_it_wrote(tmp_path):
+    out = tmp_path / "out"
+    earlier_run(out)
+    (out / "hub").mkdir()  # the user's, not a staged upload: no card of this trainer in it
+    (out / "hub" / "notes.txt").write_text("mine")
+    (out / "logs" / "dreambooth-lora-ssd1b").mkdir(parents=True)
+    (out / "logs" / "mine.txt").write_text("mine")
+    (out / "stepfinal").mkdir()
+    assert trainer.remove_earlier_run(out, None) == [
+        "state-step0", "state-step1", "state-step2", "state-step3", "step0", "step1", "step2", "step3",
+        "validation/step0", "validation/step1", "validation/step2", "validation/step3", "README.md",
+        "logs/dreambooth-lora-ssd1b"]
+    assert sorted(p.name for p in out.iterdir()) == ["hub", "logs", "notes.txt", "stepfinal"]
+    assert (out / "hub" / "notes.txt").is_file() and (out / "logs" / "mine.txt").is_file()
+
+
 def test_a_crash_while_overwriting_leaves_no_earlier_state_for_latest(tmp_path, monkeypatch):
     out = tmp_path / "out"
     earlier_run(out)
