@@ -2722,7 +2722,8 @@ def write_model_card(output_dir, args, settings, step, num_processes, hub_model_
 
 def last_validation_grid(output_dir):
     """The grid of the last validation round in output_dir, or None."""
-    grids = sorted(Path(output_dir).glob("validation/step*/grid.png"), key=lambda p: int(p.parent.name[4:]))
+    grids = sorted((p for p in Path(output_dir).glob("validation/step*/grid.png") if step_of(p.parent)),
+                   key=lambda p: step_of(p.parent))  # validation/step_best/ is the user's: not a round
     return grids[-1] if grids else None
 
 

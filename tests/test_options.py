@@ -1,6 +1,8 @@
 """Beyond diffusers' script: masked loss, caption dropout, and prior preservation from the base model's prediction."""
 
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -504,7 +506,8 @@ def test_bucket_mistakes_are_one_line_before_any_model_loads(tiny_model, photos,
 def test_a_bucketed_run_resumes_to_the_uninterrupted_adapters_and_validates_at_the_common_bucket(tiny_model, photos,
                                                                                                 tmp_path):
     flags = ["--aspect_ratio_buckets", BUCKETS, "--train_batch_size", 2, "--with_prior_preservation",
-             "--class_prompt", "a photo of dog", "--class_dir", photos, "--num_class_images", 2, "--random_flip",
+             "--class_prompt", "a photo of dog", "--class_dir", shutil.copytree(photos, tmp_path / "class"),
+             "--num_class_images", 2, "--random_flip",
              "--optimizer", "adamw", "--learning_rate", 1e-3, "--validation_prompt", "a sks dog",
              "--num_validation_images", 1, "--validation_inference_steps", 1, "--validation_steps", 100]
     run = straight_then_resumed(tiny_args(tiny_model, photos, tmp_path / "out", *flags), tmp_path)

@@ -254,6 +254,16 @@ def test_overwrite_removes_only_the_trainers_names_and_the_folders_it_wrote(tmp_
     assert (out / "hub" / "notes.txt").is_file() and (out / "logs" / "mine.txt").is_file()
 
 
+def test_a_users_folder_in_validation_is_neither_a_round_nor_removed(tmp_path):
+    out = tmp_path / "out"
+    for name in ["step1", "step_best"]:  # step_best: the user's pick, copied beside the rounds
+        (out / "validation" / name).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(out / "validation" / name / "grid.png")
+    assert trainer.last_validation_grid(out) == out / "validation" / "step1" / "grid.png"
+    assert trainer.remove_earlier_run(out, None) == ["validation/step1"]
+    assert (out / "validation" / "step_best" / "grid.png").is_file()
+
+
 def test_a_crash_while_overwriting_leaves_no_earlier_state_for_latest(tmp_path, monkeypatch):
     out = tmp_path / "out"
     earlier_run(out)
