@@ -1212,11 +1212,17 @@ def check_folders(args, settings):
 
 
 def through_link(folders, one, other):
-    """Names the link when the two paths, as typed, do not show the overlap."""
+    """Says how, when the two paths as typed do not show the overlap: through a link, or a mount (one folder
+    under two names even with links resolved)."""
+    def nested(a, b):
+        return a == b or b in a.parents or a in b.parents
     typed = [Path(os.path.abspath(folders[flag])) for flag in (one, other)]
-    if typed[0] == typed[1] or typed[1] in typed[0].parents or typed[0] in typed[1].parents:
+    resolved = [Path(folders[flag]).resolve() for flag in (one, other)]
+    if nested(*typed):
         return ""
-    return f" (through a link: {Path(folders[one]).resolve()} and {Path(folders[other]).resolve()})"
+    if nested(*resolved):
+        return f" (through a link: {resolved[0]} and {resolved[1]})"
+    return " (one folder under two names: a bind mount, or another spelling of it)"
 
 
 OVERLAP_FIXES = {
