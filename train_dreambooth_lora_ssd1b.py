@@ -1091,7 +1091,7 @@ def is_trainer_card(path):
     """A model card this trainer wrote: a plain file whose Hub tags carry CARD_MARKS, or a card of the trainer
     from before it had Hub metadata (LEGACY_CARD). A user's own README, or a link to one, is not: the trainer
     would replace it at its first save."""
-    if path.is_symlink() or not path.is_file():
+    if path.is_symlink() or not path.is_file() or path.stat().st_size > 2**20:  # its cards are a few kB
         return False
     try:
         if all(mark in path.read_text(encoding="utf-8")[:2000] for mark in LEGACY_CARD):
