@@ -84,15 +84,16 @@ IMAGE_EXTENSIONS = {ext for ext, fmt in Image.registered_extensions().items()
 # Formats a camera or phone writes that Pillow here does not read, by extension: how to make each one trainable
 UNREAD_FORMATS = {
     **dict.fromkeys([".heic", ".heif", ".hif"], "HEIC, which this Pillow cannot read: convert it to JPEG (macOS: "
-                    "sips -s format jpeg NAME --out NAME.jpg) or pip install pillow-heif, which the trainer then uses"),
+                    "sips -s format jpeg {name} --out {stem}.jpg) or pip install pillow-heif, which the trainer then "
+                    "reads it with"),
     **dict.fromkeys([".avif", ".avifs"], "AVIF, which this Pillow cannot read: pip install -U pillow (11.3 or "
                     "newer reads it), or convert it to PNG"),
     ".jxl": "JPEG XL, which Pillow cannot read: convert it to PNG or JPEG",
     **dict.fromkeys([".dng", ".cr2", ".cr3", ".nef", ".arw", ".raf", ".orf", ".rw2", ".pef", ".srw", ".raw"],
                     "a camera raw file: export it as JPEG or PNG from a raw developer"),
     ".svg": "a vector drawing: export it as PNG",
-    **dict.fromkeys([".mov", ".mp4", ".m4v", ".avi", ".mkv"], "a video (an iPhone Live Photo's motion part?): "
-                    "train on a still, or take a frame as PNG"),
+    **dict.fromkeys([".mov", ".mp4", ".m4v", ".avi", ".mkv"], "a video, such as a Live Photo's motion "
+                    "half: train on a still, or save a frame of it as PNG"),
 }
 # Files kept beside photos that are no photo and need no mention: edit sidecars (Lightroom, darktable, iPhone,
 # RawTherapee), metadata (Google Takeout, Hugging Face image folders), and what file managers leave behind
@@ -753,10 +754,10 @@ def left_out_reason(path):
     """Why a file of a photo folder is not trained on, and the fix, in a few words."""
     suffix = path.suffix.lower()
     if suffix in UNREAD_FORMATS:
-        return UNREAD_FORMATS[suffix]
+        return UNREAD_FORMATS[suffix].format(name=path.name, stem=path.stem)
     kind = sniffed_kind(path)
     if kind == "HEIC":
-        return UNREAD_FORMATS[".heic"]
+        return UNREAD_FORMATS[".heic"].format(name=path.name, stem=path.stem)
     if kind:
         return f"a {kind} image named {suffix or 'without an extension'}: rename it {path.stem}{SIGNED_FORMATS[kind]}"
     if Image.registered_extensions().get(suffix) in NOT_PHOTO_FORMATS:
@@ -846,7 +847,8 @@ def check_images(paths, what, resolution, buckets=None):
             bad.append(f"{path.name} ({e})")
             continue
         except Exception as e:
-            bad.append(f"{path.name} ({'HEIC: ' + UNREAD_FORMATS['.heic'] if sniffed_kind(path) == 'HEIC' else type(e).__name__})")
+            heic = sniffed_kind(path) == "HEIC"
+            bad.append(f"{path.name} ({left_out_reason(path) if heic else type(e).__name__})")
             continue
         if frames > 1:
             animated.append(f"{path.name} ({frames} frames)")
