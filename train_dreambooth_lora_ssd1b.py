@@ -758,8 +758,9 @@ def left_out_reason(path):
     kind = sniffed_kind(path)
     if kind == "HEIC":
         return UNREAD_FORMATS[".heic"].format(name=path.name, stem=path.stem)
-    if kind:
-        return f"a {kind} image named {suffix or 'without an extension'}: rename it {path.stem}{SIGNED_FORMATS[kind]}"
+    if kind:  # photo.jpg.download: rename it photo.jpg, not photo.jpg.jpg
+        name = path.stem if Path(path.stem).suffix.lower() in IMAGE_EXTENSIONS else path.stem + SIGNED_FORMATS[kind]
+        return f"a {kind} image named {suffix or 'without an extension'}: rename it {name}"
     if Image.registered_extensions().get(suffix) in NOT_PHOTO_FORMATS:
         return f"{Image.registered_extensions()[suffix]}, which is no photo: export it as PNG"
     return "not an image Pillow reads: convert it to PNG or JPEG, or move it out of the folder"
@@ -995,7 +996,7 @@ def long_prompts(prompts, tokenizers):
     tokens, which model_max_length (77) includes too."""
     found = []
     for where, prompt in prompts:
-        counts = {name: len(tokenizer(prompt).input_ids) for name, tokenizer in tokenizers.items()}
+        counts = {name: len(tokenizer(prompt, verbose=False).input_ids) for name, tokenizer in tokenizers.items()}
         if any(count > tokenizers[name].model_max_length for name, count in counts.items()):
             found.append(f"{where} ({', '.join(f'{name} {count}' for name, count in counts.items())} tokens)")
     return found

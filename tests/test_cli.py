@@ -86,6 +86,7 @@ def test_every_file_left_out_of_the_photos_is_named_with_its_fix_in_one_line(arg
     (folder / "IMG_0001.HEIC").write_bytes(HEIC_BYTES)
     (folder / "IMG_0001.MOV").write_bytes(bytes(100))  # a Live Photo's motion half
     shutil.copy(photos / "dog_0.jpg", folder / "dog_copy")  # a JPEG that lost its extension
+    shutil.copy(photos / "dog_0.jpg", folder / "dog_web.jpg.download")  # a browser's unfinished download's name
     (folder / "scan.pdf").write_bytes(b"%PDF-1.4")
     (folder / "dog_0.xmp").write_text("<x:xmpmeta/>")  # an editor's sidecar: no photo, no mention
     (folder / "dog_0.txt").write_text("a photo of sks dog")  # a caption
@@ -93,11 +94,12 @@ def test_every_file_left_out_of_the_photos_is_named_with_its_fix_in_one_line(arg
     assert [p.name for p in images] == sorted(p.name for p in photos.iterdir())
     warnings = warnings_about(capsys, "not trained on")
     assert len(warnings) == 1, warnings
-    assert f"4 file(s) of the instance folder {folder} are not trained on: " in warnings[0]
+    assert f"5 file(s) of the instance folder {folder} are not trained on: " in warnings[0]
     assert ("IMG_0001.HEIC (HEIC, which this Pillow cannot read: convert it to JPEG (macOS: sips -s format jpeg "
             "IMG_0001.HEIC --out IMG_0001.jpg) or pip install pillow-heif" in warnings[0])
     assert "IMG_0001.MOV (a video, such as a Live Photo's motion half" in warnings[0]
     assert "dog_copy (a JPEG image named without an extension: rename it dog_copy.jpg)" in warnings[0]
+    assert "dog_web.jpg.download (a JPEG image named .download: rename it dog_web.jpg)" in warnings[0]
     assert "scan.pdf (not an image Pillow reads: convert it to PNG or JPEG" in warnings[0]
     assert "xmp" not in warnings[0] and "dog_0.txt" not in warnings[0]
 
