@@ -750,9 +750,15 @@ def sniffed_kind(path):
         return None
 
 
-def left_out_reason(path):
+CAPTION_SUFFIXES = {".txt", ".caption", ".cap", ".tags"}  # what captioning tools write beside photo.jpg
+
+
+def left_out_reason(path, photo_stems=(), caption_extension=".txt"):
     """Why a file of a photo folder is not trained on, and the fix, in a few words."""
     suffix = path.suffix.lower()
+    if suffix in CAPTION_SUFFIXES and path.stem in photo_stems:  # kohya's .caption beside the default .txt, say
+        return (f"a caption, but --caption_extension is {caption_extension}: pass --caption_extension {suffix} to "
+                "use it")
     if suffix in UNREAD_FORMATS:
         return UNREAD_FORMATS[suffix].format(name=path.name, stem=path.stem)
     kind = sniffed_kind(path)
@@ -770,8 +776,8 @@ def left_out_files(folder, images, caption_extension):
     """'name (why, and the fix)' for each file of a photo folder that is not trained on: not an image Pillow reads
     here. Captions, masks (they are among `images`), known sidecar files and hidden files are no photos and are
     not named; broken symlinks and subfolders have warnings of their own."""
-    kept = set(images)
-    return [f"{p.name} ({left_out_reason(p)})" for p in sorted(Path(folder).iterdir())
+    kept, stems = set(images), {p.stem for p in images}
+    return [f"{p.name} ({left_out_reason(p, stems, caption_extension)})" for p in sorted(Path(folder).iterdir())
             if p not in kept and not p.name.startswith(".") and not points_nowhere(p) and p.is_file()
             and p.suffix.lower() not in (caption_extension.lower(), *SIDECAR_SUFFIXES)
             and p.name.lower() not in SIDECAR_NAMES]
@@ -1815,35 +1821,39 @@ SRGB = ImageCms.createProfile("sRGB")
 
 
 def bit_depth(image):
-    """The bits per sample of a grey image as its file states them (a TIFF's BitsPerSample); 16 for the other
-    formats that Pillow opens as I (PNG, PGM: Pillow scales a PGM to 16 bits)."""
-    return image.tag_v2.get(258, (16,))[0] if image.format == "TIFF" and image.mode == "I" else 16
+    """(bits per sample, signed) of a grey image as its file states them (a TIFF's BitsPerSample and
+    SampleFormat); 16 unsigned for the other formats that Pillow opens as I (PNG, and PGM, which Pillow scales to
+    16 bits)."""
+    if image.format == "TIFF" and image.mode == "I":
+        return image.tag_v2.get(258, (16,))[0], image.tag_v2.get(339, (1,))[0] == 2
+    return 16, False
 
 
-def eight_bit(image, bits=None):
+def eight_bit(image, depth=None):
     """An image of more than 8 bits per sample (grey: Pillow holds deeper colour as 8-bit already) as 8-bit
     grey, each value scaled by its format's full range rather than clipped to 255 by convert():
-    - integers (I;16, and I: 16-bit PNG and PGM, 32-bit TIFF) by their bit depth, e.g. 65535 -> 255;
+    - integers (I;16, and I: 16-bit PNG and PGM, 16- or 32-bit TIFF) by their bit depth (`depth`, from
+      bit_depth), e.g. 65535 -> 255, and a signed 32-bit TIFF's 2^31-1 -> 255;
     - floats (F: TIFF, PFM) by 0.0 = black, 1.0 = white, the convention of float image files.
     A float image with values outside 0-1 or not finite (HDR, or data saved as 0-255 floats), or an integer one
-    with negative values, has no one reading, and raises PixelError, as does one whose values all lie under
-    1/255 of its range: it would train as black."""
+    with negative values (or an unsigned 32-bit one over 2^31, which Pillow cannot hold), has no one reading, and
+    raises PixelError, as does one whose values all lie under 1/255 of its range: it would train as black."""
     if image.mode not in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         return image
     values = np.asarray(image, dtype=np.float64)
-    bits = bits or bit_depth(image)
-    white = 1.0 if image.mode == "F" else 2 ** min(bits, 31) - 1  # Pillow's I is signed 32-bit
-    kind = "float" if image.mode == "F" else f"{bits}-bit"
+    bits, signed = depth or bit_depth(image)
+    white = 1.0 if image.mode == "F" else 2 ** (bits - signed) - 1
+    kind = "float" if image.mode == "F" else f"{bits}-bit {'signed' if signed else 'unsigned'}"
     if not np.isfinite(values).all():
         raise PixelError(f"{kind} pixels that are no number (NaN or infinite): re-export it as 8- or 16-bit")
     low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    span = f"{kind} pixels from {low:.10g} to {high:.10g}"
     if low < 0 or high > white:
-        raise PixelError(f"{kind} pixels from {low:.10g} to {high:.10g}, outside 0-{white:.10g}: re-export it as 8- or "
-                         "16-bit")
+        raise PixelError(f"{span}, outside 0-{white:.10g}: re-export it as 8- or 16-bit")
     eight = (values / white * 255).round().clip(0, 255).astype(np.uint8)
     if high > 0 and eight.max() == 0:
-        raise PixelError(f"{kind} pixels from {low:.10g} to {high:.10g}, all under 1/255 of 0-{white:.10g}: it would train "
-                         "black; re-export it as 8- or 16-bit")
+        raise PixelError(f"{span}, all under 1/255 of 0-{white:.10g}: it would train black; re-export it as 8- or "
+                         "16-bit")
     return Image.fromarray(eight)
 
 
@@ -1912,10 +1922,10 @@ def load_mask(photo, size):
     return mask if mask.size == size else mask.resize(size, Image.Resampling.BILINEAR)
 
 
-def mask_weights(mask, bits=None):
+def mask_weights(mask, depth=None):
     """A mask as 8-bit grey weights. A mask saved as RGB or palette is read as grey where every pixel is grey; a
     coloured one raises PixelError, since its luminance (a red subject: 0.30) is no weight its author meant."""
-    mask = eight_bit(mask, bits)
+    mask = eight_bit(mask, depth)
     if mask.mode not in ("L", "1"):
         channels = np.asarray(mask.convert("RGB"), dtype=np.int16)
         if (channels.max(axis=2) - channels.min(axis=2)).max() > 2:  # a few levels of a colour tool's rounding

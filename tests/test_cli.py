@@ -104,6 +104,14 @@ def test_every_file_left_out_of_the_photos_is_named_with_its_fix_in_one_line(arg
     assert "xmp" not in warnings[0] and "dog_0.txt" not in warnings[0]
 
 
+def test_captions_under_another_extension_than_caption_extension_are_named(args_for, photos, tmp_path, capsys):
+    folder = shutil.copytree(photos, tmp_path / "kohya")
+    (folder / "dog_0.caption").write_text("a photo of sks dog on grass")
+    check(args_for(instance_dir=folder))
+    assert ("dog_0.caption (a caption, but --caption_extension is .txt: pass --caption_extension .caption to use it)"
+            in warnings_about(capsys, "not trained on")[0])
+
+
 def test_a_folder_where_no_file_can_be_read_is_refused_naming_each(args_for, tmp_path):
     folder = tmp_path / "iphone"
     folder.mkdir()
@@ -136,7 +144,7 @@ def test_an_animated_photo_trains_on_its_first_frame_with_a_note_naming_it(args_
 
 @pytest.mark.parametrize("mode, values, problem", [
     ("F", [0.0, 255.0], "float pixels from 0 to 255, outside 0-1: re-export it as 8- or 16-bit"),
-    ("I", [0, 255], "32-bit pixels from 0 to 255, all under 1/255 of 0-2147483647: it would train black; "
+    ("I", [0, 255], "32-bit signed pixels from 0 to 255, all under 1/255 of 0-2147483647: it would train black; "
                     "re-export it as 8- or 16-bit"),
 ])
 def test_a_deep_tiff_with_no_faithful_8_bit_reading_is_refused_in_one_line(args_for, photos, tmp_path, mode,

@@ -263,7 +263,7 @@ def test_deep_tiffs_keep_their_tones_rather_than_turning_black_or_white(tmp_path
 @pytest.mark.parametrize("values, problem", [
     ([0.0, 255.0], "float pixels from 0 to 255, outside 0-1"),  # 8-bit data saved as floats: no one reading
     ([0.0, float("nan")], "float pixels that are no number (NaN or infinite)"),
-    ([0, 255], "32-bit pixels from 0 to 255, all under 1/255 of 0-2147483647: it would train black"),
+    ([0, 255], "32-bit signed pixels from 0 to 255, all under 1/255 of 0-2147483647: it would train black"),
 ])
 def test_deep_images_with_no_faithful_8_bit_reading_are_refused_not_guessed(tmp_path, values, problem):
     dtype = np.float32 if isinstance(values[0], float) else np.int32
