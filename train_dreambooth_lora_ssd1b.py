@@ -1436,6 +1436,11 @@ def check_inputs(args, settings):
         class_images = list_images(class_dir)
         warn_left_out(class_dir, "class", class_images, settings.caption_extension, required=False)  # else filled
         check_images(class_images, "class", args.resolution)
+        extra = len(class_images) - args.num_class_images
+        if extra > 0:  # prepare_class_images takes the first, by name
+            say(f"note: the class folder {class_dir} holds {len(class_images)} images; --num_class_images "
+                f"{args.num_class_images} trains on the first by name, through "
+                f"{class_images[args.num_class_images - 1].name}: the {extra} after it are not used")
     targets = latent_targets(instance_images, class_images, args.resolution, settings.buckets)
     if args.cache_latents == "on" and not latent_cache_is_exact(targets, args.center_crop):
         raise UserError("--cache_latents on would fix one random crop of each image that does not fit its training "

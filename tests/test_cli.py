@@ -112,6 +112,15 @@ def test_captions_under_another_extension_than_caption_extension_are_named(args_
             in warnings_about(capsys, "not trained on")[0])
 
 
+def test_class_images_beyond_num_class_images_are_said_to_be_unused(args_for, photos, tmp_path, capsys):
+    classes = shutil.copytree(photos, tmp_path / "classes")
+    check(args_for("--with_prior_preservation", "--class_prompt", "a photo of dog", "--class_dir", classes,
+                   "--num_class_images", 3))
+    assert warnings_about(capsys, "--num_class_images") == [
+        f"note: the class folder {classes} holds 5 images; --num_class_images 3 trains on the first by name, through "
+        "dog_2.jpg: the 2 after it are not used"]
+
+
 def test_a_folder_where_no_file_can_be_read_is_refused_naming_each(args_for, tmp_path):
     folder = tmp_path / "iphone"
     folder.mkdir()
