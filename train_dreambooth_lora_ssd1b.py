@@ -777,8 +777,10 @@ def left_out_files(folder, images, caption_extension):
     here. Captions, masks (they are among `images`), known sidecar files and hidden files are no photos and are
     not named; broken symlinks and subfolders have warnings of their own."""
     kept, stems = set(images), {p.stem for p in images}
-    return [f"{p.name} ({left_out_reason(p, stems, caption_extension)})" for p in sorted(Path(folder).iterdir())
-            if p not in kept and not p.name.startswith(".") and not points_nowhere(p) and p.is_file()
+    special = "not a regular file: a pipe, socket or device"  # never opened: reading a pipe would wait forever
+    return [f"{p.name} ({left_out_reason(p, stems, caption_extension) if p.is_file() else special})"
+            for p in sorted(Path(folder).iterdir())
+            if p not in kept and not p.name.startswith(".") and not points_nowhere(p) and not p.is_dir()
             and p.suffix.lower() not in (caption_extension.lower(), *SIDECAR_SUFFIXES)
             and p.name.lower() not in SIDECAR_NAMES]
 
@@ -1841,12 +1843,15 @@ def eight_bit(image, depth=None):
       bit_depth), e.g. 65535 -> 255, and a signed 32-bit TIFF's 2^31-1 -> 255;
     - floats (F: TIFF, PFM) by 0.0 = black, 1.0 = white, the convention of float image files.
     A float image with values outside 0-1 or not finite (HDR, or data saved as 0-255 floats), or an integer one
-    with negative values (or an unsigned 32-bit one over 2^31, which Pillow cannot hold), has no one reading, and
-    raises PixelError, as does one whose values all lie under 1/255 of its range: it would train as black."""
+    with negative values, has no one reading, and raises PixelError, as does one whose values all lie under 1/255
+    of its range: it would train as black."""
     if image.mode not in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         return image
-    values = np.asarray(image, dtype=np.float64)
     bits, signed = depth or bit_depth(image)
+    values = np.asarray(image)
+    # Pillow holds an unsigned 32-bit TIFF in its signed I: values from 2^31 on read negative until reinterpreted
+    values = (values.view(np.uint32) if values.dtype == np.int32 and bits == 32 and not signed else values).astype(
+        np.float64)
     white = 1.0 if image.mode == "F" else 2 ** (bits - signed) - 1
     kind = "float" if image.mode == "F" else f"{bits}-bit {'signed' if signed else 'unsigned'}"
     if not np.isfinite(values).all():
@@ -1865,8 +1870,9 @@ def eight_bit(image, depth=None):
 def as_srgb(image, icc_profile):
     """The image in sRGB, as browsers and photo tools show it: an embedded colour profile (Adobe RGB, Display P3,
     a CMYK press profile...) is converted through Pillow's littleCMS; an image without one is sRGB already.
-    Alpha is kept as it was. A profile that cannot be read, or that does not fit the image's colours, raises
-    PixelError: shown without it, the colours would be wrong without a word."""
+    Alpha is kept as it was. A profile that cannot be read, or that does not fit the image's colours (but for a
+    grey image with an RGB profile), raises PixelError: shown without it, the colours would be wrong without a
+    word."""
     if not icc_profile and image.mode != "LAB":
         return image
     alpha = None
@@ -1876,6 +1882,8 @@ def as_srgb(image, icc_profile):
     try:
         source = (ImageCms.ImageCmsProfile(io.BytesIO(icc_profile)) if icc_profile
                   else ImageCms.createProfile("LAB"))
+        if image.mode in ("1", "L") and icc_profile and source.profile.xcolor_space.strip() == "RGB":
+            image = image.convert("RGB")  # grey saved with an RGB profile (some tools do): neutral grey in it
         converted = ImageCms.profileToProfile(image, source, SRGB, outputMode="RGB")
     except (ImageCms.PyCMSError, OSError, ValueError, TypeError) as e:
         raise PixelError(f"its colour profile cannot be applied ({one_line(e)}): re-export it with an sRGB profile "

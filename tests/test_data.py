@@ -297,6 +297,12 @@ def test_an_embedded_colour_profile_is_converted_to_srgb_as_a_browser_shows_it(t
     assert np.abs(np.asarray(load_image(plain)[0], dtype=int) - (200, 30, 30)).max() <= 4, "sRGB stays as it is"
 
 
+def test_a_grey_photo_saved_with_an_rgb_profile_trains_as_its_grey(tmp_path):
+    """Some tools tag grey images with their RGB working space: grey is neutral in any RGB space."""
+    path = save(Image.new("L", (8, 8), 90), tmp_path / "grey.png", icc_profile=primaries_swapped_profile())
+    assert np.abs(np.asarray(load_image(path)[0], dtype=int) - 90).max() <= 2
+
+
 def test_a_colour_profile_that_cannot_be_read_is_refused_not_ignored(tmp_path):
     path = save(Image.new("RGB", (8, 8), "red"), tmp_path / "broken.png", icc_profile=b"not a profile" * 20)
     with pytest.raises(trainer.PixelError, match="its colour profile cannot be applied"):
