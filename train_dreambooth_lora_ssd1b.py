@@ -893,6 +893,10 @@ def check_masks(folder, images, masked_loss, mask_floor):
     wrong pixels); without it, a mask would be trained on as a photo, so it is refused."""
     masks = [p for p in images if p.name.lower().endswith(MASK_SUFFIX)]
     photos = [p for p in images if p not in masks]
+    misnamed = [p.name for p in photos if ".mask." in p.name.lower()]  # a mask saved as JPEG would train as a photo
+    if misnamed:
+        raise UserError(f"{', '.join(misnamed)} in {folder}: a loss mask must be a PNG named photo{MASK_SUFFIX}; "
+                        "save each as PNG under that name (or rename it, if it is a photo)")
     if masks and not masked_loss:
         raise UserError(f"{masks[0].name} in {masks[0].parent} is a loss mask ({len(masks)} in all): pass "
                         "--masked_loss to use them, or move them out of the folder")

@@ -209,6 +209,15 @@ def test_a_grey_mask_saved_in_colour_mode_weighs_as_its_grey(args_for, photos, t
     assert mask.mode == "L" and set(__import__("numpy").unique(mask).tolist()) == {0, 200}
 
 
+@pytest.mark.parametrize("flags", [[], ["--masked_loss"]])
+def test_a_mask_saved_as_jpeg_is_refused_not_trained_on_as_a_photo(args_for, photos, tmp_path, flags):
+    folder = masked_folder(photos, tmp_path / "jpeg", lambda size: Image.new("L", size, 255))
+    (folder / "dog_0.mask.png").rename(folder / "dog_0.mask.jpg")
+    with pytest.raises(trainer.UserError, match=re.escape(f"dog_0.mask.jpg in {folder}: a loss mask must be a PNG "
+                                                          "named photo.mask.png")):
+        check(args_for(*flags, instance_dir=folder))
+
+
 def test_a_caption_saved_with_a_byte_order_mark_is_read_without_it(args_for, photos, tmp_path):
     folder = shutil.copytree(photos, tmp_path / "bom")
     (folder / "dog_0.txt").write_bytes("\ufeffa photo of sks dog on grass".encode("utf-8"))
