@@ -34,6 +34,7 @@ import datetime
 import functools
 import gc
 import hashlib
+import io
 import importlib.util
 import itertools
 import json
@@ -51,6 +52,7 @@ import socket
 import sys
 import threading
 import time
+import unicodedata
 import warnings
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as installed_version
@@ -61,12 +63,42 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from packaging.version import Version
-from PIL import Image, ImageOps
+from PIL import Image, ImageCms, ImageOps
 from tqdm.auto import tqdm
 
 # huggingface_hub, accelerate, diffusers, peft, safetensors and transformers are imported below the flags section
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+try:  # HEIC, the iPhone's default, is read where the user has pillow-heif; it is no requirement of this project
+    from pillow_heif import register_heif_opener
+    register_heif_opener()
+except ImportError:
+    pass
+# Formats Pillow registers that are no photo to train on: stubs that only identify a file and need a handler this
+# project never installs (BUFR, GRIB, HDF5), MPEG video, vector drawings (EPS needs Ghostscript, WMF Windows),
+# IPTC metadata and FITS astronomy data
+NOT_PHOTO_FORMATS = {"BUFR", "GRIB", "HDF5", "MPEG", "EPS", "WMF", "IPTC", "FITS"}
+Image.init()
+# Every extension of a format the installed Pillow (and its plugins) opens: JFIF, AVIF, JPEG 2000, TGA, PPM...
+IMAGE_EXTENSIONS = {ext for ext, fmt in Image.registered_extensions().items()
+                    if fmt in Image.OPEN and fmt not in NOT_PHOTO_FORMATS}
+# Formats a camera or phone writes that Pillow here does not read, by extension: how to make each one trainable
+UNREAD_FORMATS = {
+    **dict.fromkeys([".heic", ".heif", ".hif"], "HEIC, which this Pillow cannot read: convert it to JPEG (macOS: "
+                    "sips -s format jpeg {name} --out {stem}.jpg) or pip install pillow-heif, which the trainer then "
+                    "reads it with"),
+    **dict.fromkeys([".avif", ".avifs"], "AVIF, which this Pillow cannot read: pip install -U pillow (11.3 or "
+                    "newer reads it), or convert it to PNG"),
+    ".jxl": "JPEG XL, which Pillow cannot read: convert it to PNG or JPEG",
+    **dict.fromkeys([".dng", ".cr2", ".cr3", ".nef", ".arw", ".raf", ".orf", ".rw2", ".pef", ".srw", ".raw"],
+                    "a camera raw file: export it as JPEG or PNG from a raw developer"),
+    ".svg": "a vector drawing: export it as PNG",
+    **dict.fromkeys([".mov", ".mp4", ".m4v", ".avi", ".mkv"], "a video, such as a Live Photo's motion "
+                    "half: train on a still, or save a frame of it as PNG"),
+}
+# Files kept beside photos that are no photo and need no mention: edit sidecars (Lightroom, darktable, iPhone,
+# RawTherapee), metadata (Google Takeout, Hugging Face image folders), and what file managers leave behind
+SIDECAR_SUFFIXES = {".xmp", ".aae", ".pp3", ".json", ".jsonl", ".csv", ".md"}
+SIDECAR_NAMES = {"thumbs.db", "desktop.ini", "license", "license.txt"}
 MASK_SUFFIX = ".mask.png"  # photo.mask.png: photo.jpg's loss mask (--masked_loss), never a photo itself
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -698,6 +730,72 @@ def warn_broken_links(folder, what):
              f"or the links loop): {', '.join(broken)}")
 
 
+HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1"}
+# Formats with a signature of their own: a file Pillow opens as one of these is that image, whatever its name
+# (Pillow's TGA, by contrast, has none, and "opens" some video and random files)
+SIGNED_FORMATS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "GIF": ".gif", "WEBP": ".webp", "TIFF": ".tif",
+                  "BMP": ".bmp", "AVIF": ".avif", "JPEG2000": ".jp2", "PSD": ".psd", "QOI": ".qoi", "HEIF": ".heic"}
+
+
+def sniffed_kind(path):
+    """What a file holds by its first bytes: 'HEIC' where this Pillow cannot read it, a format of SIGNED_FORMATS,
+    or None."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(12)
+        if head[4:8] == b"ftyp" and head[8:12] in HEIF_BRANDS and ".heic" not in IMAGE_EXTENSIONS:
+            return "HEIC"
+        with Image.open(path) as image:
+            return image.format if image.format in SIGNED_FORMATS else None
+    except Exception:
+        return None
+
+
+CAPTION_SUFFIXES = {".txt", ".caption", ".cap", ".tags"}  # what captioning tools write beside photo.jpg
+
+
+def left_out_reason(path, photo_stems=(), caption_extension=".txt"):
+    """Why a file of a photo folder is not trained on, and the fix, in a few words."""
+    suffix = path.suffix.lower()
+    if suffix in CAPTION_SUFFIXES and path.stem in photo_stems:  # kohya's .caption beside the default .txt, say
+        return (f"a caption, but --caption_extension is {caption_extension}: pass --caption_extension {suffix} to "
+                "use it")
+    if suffix in UNREAD_FORMATS:
+        return UNREAD_FORMATS[suffix].format(name=path.name, stem=path.stem)
+    kind = sniffed_kind(path)
+    if kind == "HEIC":
+        return UNREAD_FORMATS[".heic"].format(name=path.name, stem=path.stem)
+    if kind:  # photo.jpg.download: rename it photo.jpg, not photo.jpg.jpg
+        name = path.stem if Path(path.stem).suffix.lower() in IMAGE_EXTENSIONS else path.stem + SIGNED_FORMATS[kind]
+        return f"a {kind} image named {suffix or 'without an extension'}: rename it {name}"
+    if Image.registered_extensions().get(suffix) in NOT_PHOTO_FORMATS:
+        return f"{Image.registered_extensions()[suffix]}, which is no photo: export it as PNG"
+    return "not an image Pillow reads: convert it to PNG or JPEG, or move it out of the folder"
+
+
+def left_out_files(folder, images, caption_extension):
+    """'name (why, and the fix)' for each file of a photo folder that is not trained on: not an image Pillow reads
+    here. Captions, masks (they are among `images`), known sidecar files and hidden files are no photos and are
+    not named; broken symlinks and subfolders have warnings of their own."""
+    kept, stems = set(images), {p.stem for p in images}
+    special = "not a regular file: a pipe, socket or device"  # never opened: reading a pipe would wait forever
+    return [f"{p.name} ({left_out_reason(p, stems, caption_extension) if p.is_file() else special})"
+            for p in sorted(Path(folder).iterdir())
+            if p not in kept and not p.name.startswith(".") and not points_nowhere(p) and not p.is_dir()
+            and p.suffix.lower() not in (caption_extension.lower(), *SIDECAR_SUFFIXES)
+            and p.name.lower() not in SIDECAR_NAMES]
+
+
+def warn_left_out(folder, what, images, caption_extension, required=True):
+    """Name in one line every file of the folder that is left out, so no photo is dropped without a word; refuse
+    in one line a `required` folder where none can be read."""
+    left_out = left_out_files(folder, images, caption_extension)
+    if left_out and not images and required:
+        raise UserError(f"no photo in the {what} folder {folder} can be read: {'; '.join(left_out)}")
+    if left_out:
+        warn(f"{len(left_out)} file(s) of the {what} folder {folder} are not trained on: {'; '.join(left_out)}")
+
+
 def say(message):
     """A note on stderr, once per machine: only the first local process speaks (checks run on every process)."""
     if os.environ.get("LOCAL_RANK", "0") == "0":
@@ -730,23 +828,40 @@ def decoded_size(path):
             size = oriented_size(image)
             image.draft("RGB", (256, 256))  # JPEG: decode at reduced size, enough to prove it decodes
             image.load()
+            as_srgb(eight_bit(image), image.info.get("icc_profile"))  # PixelError where it cannot
     return size
+
+
+def frame_count(path):
+    """How many frames (an animation) or pages (a TIFF) an image file holds; an MPO's second picture is a
+    camera's preview or depth map, not a frame."""
+    with warnings.catch_warnings():  # decoded_size has refused what PIL's decompression-bomb check must refuse
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(path) as image:
+            return 1 if image.format == "MPO" else getattr(image, "n_frames", 1)
 
 
 def check_images(paths, what, resolution, buckets=None):
     """Decode every image and name every bad file at once. Refuse images whose resize would need unbounded
     memory (see MAX_ASPECT); warn once, listing them, about images that will be upscaled to their training size
     (--resolution's square, or with buckets their nearest bucket)."""
-    bad, huge, small = [], [], []
+    bad, huge, small, animated = [], [], [], []
     for path in paths:
         try:
             height, width = decoded_size(path)
+            frames = frame_count(path)
         except Image.DecompressionBombError:
             huge.append(f"{path.name} (over PIL's limit of {2 * Image.MAX_IMAGE_PIXELS} pixels)")
             continue
-        except Exception as e:
-            bad.append(f"{path.name} ({type(e).__name__})")
+        except PixelError as e:
+            bad.append(f"{path.name} ({e})")
             continue
+        except Exception as e:
+            heic = sniffed_kind(path) == "HEIC"
+            bad.append(f"{path.name} ({left_out_reason(path) if heic else type(e).__name__})")
+            continue
+        if frames > 1:
+            animated.append(f"{path.name} ({frames} frames)")
         if max(height, width) > MAX_ASPECT * min(height, width):
             huge.append(f"{path.name} ({width}x{height}: one side over {MAX_ASPECT} times the other)")
         elif max(size / side for size, side in zip(
@@ -759,6 +874,9 @@ def check_images(paths, what, resolution, buckets=None):
         raise UserError(f"{len(huge)} {what} image(s) in {paths[0].parent} would need too much memory to train on: "
                         f"{', '.join(huge)}; crop each to at most {MAX_ASPECT}:1 and downscale it below "
                         f"{2 * Image.MAX_IMAGE_PIXELS} pixels")
+    if animated:  # trained as a viewer shows it still, and said: the other frames would be other photos
+        say(f"note: {len(animated)} {what} image(s) hold several frames and train on their first only: "
+            f"{', '.join(animated)}; save each frame you want as a photo of its own")
     if small:
         warn(f"{len(small)} {what} image(s) are smaller than their training size ("
              + (f"--resolution {resolution}" if not buckets else "their bucket") + ") and will be "
@@ -776,6 +894,10 @@ def check_masks(folder, images, masked_loss, mask_floor):
     wrong pixels); without it, a mask would be trained on as a photo, so it is refused."""
     masks = [p for p in images if p.name.lower().endswith(MASK_SUFFIX)]
     photos = [p for p in images if p not in masks]
+    misnamed = [p.name for p in photos if ".mask." in p.name.lower()]  # a mask saved as JPEG would train as a photo
+    if misnamed:
+        raise UserError(f"{', '.join(misnamed)} in {folder}: a loss mask must be a PNG named photo{MASK_SUFFIX}; "
+                        "save each as PNG under that name (or rename it, if it is a photo)")
     if masks and not masked_loss:
         raise UserError(f"{masks[0].name} in {masks[0].parent} is a loss mask ({len(masks)} in all): pass "
                         "--masked_loss to use them, or move them out of the folder")
@@ -812,8 +934,10 @@ def mask_problem(mask, photo, mask_floor):
         with Image.open(mask) as image:
             size, mode = oriented_size(image), image.mode
             transparent = mode in ("RGBA", "LA", "PA") or "transparency" in image.info
-            weights = eight_bit(image).convert("L") if not transparent else None
+            weights = mask_weights(image) if not transparent else None
             all_black = weights is not None and weights.getextrema()[1] == 0
+    except PixelError as e:
+        return str(e)
     except Exception as e:
         return f"unreadable: {type(e).__name__}"
     if transparent:  # is the subject in its alpha or in its grey? Either reading could be the wrong one
@@ -825,6 +949,25 @@ def mask_problem(mask, photo, mask_floor):
     return None
 
 
+# Characters that show nothing, beyond the white space strip() removes: Unicode's format characters (zero-width
+# space and joiners, soft hyphen, word joiner, BOM), separators, controls, and the blanks that count as letters
+INVISIBLE_CATEGORIES = {"Cc", "Cf", "Zs", "Zl", "Zp"}
+BLANK_LETTERS = set("\u115f\u1160\u2800\u3164\uffa0")  # Hangul fillers and the blank Braille pattern
+
+
+def shows_nothing(text):
+    return all(unicodedata.category(c) in INVISIBLE_CATEGORIES or c in BLANK_LETTERS for c in text)
+
+
+def read_caption(caption_file):
+    """A caption file's text: UTF-8, a byte-order mark (Windows Notepad writes one) dropped, as it is no part of
+    the prompt and would add tokens. Raises UnicodeDecodeError with what the file is instead."""
+    data = caption_file.read_bytes()
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise UnicodeDecodeError("utf-16", data, 0, 2, "UTF-16, not UTF-8")
+    return data.decode("utf-8-sig").strip()
+
+
 def read_captions(images, instance_prompt, caption_extension):
     """photo.txt beside photo.jpg (UTF-8) replaces the instance prompt for that photo, as kohya users expect."""
     prompts, bad, blank = [], [], []
@@ -834,12 +977,20 @@ def read_captions(images, instance_prompt, caption_extension):
             bad.append(f"{caption_file.name} (not a file)")
             continue
         try:
-            caption = caption_file.read_text(encoding="utf-8").strip() if caption_file.is_file() else None
-        except (UnicodeDecodeError, OSError):
-            bad.append(caption_file.name)
+            caption = read_caption(caption_file) if caption_file.is_file() else None
+        except UnicodeDecodeError as e:
+            why = e.reason if e.encoding == "utf-16" else f"not UTF-8: byte 0x{e.object[e.start]:02x} at {e.start}"
+            bad.append(f"{caption_file.name} ({why})")
+            caption = None
+        except OSError as e:
+            bad.append(f"{caption_file.name} ({one_line(e)})")
             caption = None
         if caption == "":  # a caption left empty is more likely a mistake than a wish for the instance prompt
             blank.append(caption_file.name)
+        elif caption and shows_nothing(caption):
+            blank.append(f"{caption_file.name} (only invisible characters: "
+                         f"{', '.join(sorted({f'U+{ord(c):04X}' for c in caption}))})")
+            caption = ""
         prompts.append(caption or instance_prompt)
     if bad:
         raise UserError(f"caption file(s) unreadable or not UTF-8: {', '.join(bad)}; re-save them as UTF-8 text")
@@ -847,6 +998,40 @@ def read_captions(images, instance_prompt, caption_extension):
         raise UserError(f"caption file(s) empty: {', '.join(blank)}; write each photo's prompt in it, or delete it "
                         "to use --instance_prompt for that photo")
     return prompts
+
+
+TOKENIZERS = {"tokenizer": "CLIP-L", "tokenizer_2": "CLIP-G"}
+
+
+def long_prompts(prompts, tokenizers):
+    """'where (CLIP-L n, CLIP-G m tokens)' for each (where, prompt) longer than a tokenizer reads: encode_prompt
+    cuts it there, so its end never trains. `tokenizers`: {name: tokenizer}. Counts include the start and end
+    tokens, which model_max_length (77) includes too."""
+    found = []
+    for where, prompt in prompts:
+        counts = {name: len(tokenizer(prompt, verbose=False).input_ids) for name, tokenizer in tokenizers.items()}
+        if any(count > tokenizers[name].model_max_length for name, count in counts.items()):
+            found.append(f"{where} ({', '.join(f'{name} {count}' for name, count in counts.items())} tokens)")
+    return found
+
+
+def warn_long_prompts(model, revision, prompts):
+    """Warn, in one line before training, about prompts (captions, --instance_prompt, --class_prompt,
+    --validation_prompt) that CLIP would cut, as the pipeline warns at inference. Only the tokenizers load, and
+    only for a prompt of more UTF-8 bytes than the limit: a CLIP token holds at least one byte."""
+    prompts = [(where, prompt) for where, prompt in prompts if prompt and len(prompt.encode()) + 2 > 77]
+    if not prompts:
+        return
+    try:
+        tokenizers = {name: CLIPTokenizer.from_pretrained(model, subfolder=sub, revision=revision)
+                      for sub, name in TOKENIZERS.items()}
+    except Exception:  # load_models names what is wrong with the model, in its own words
+        return
+    found = long_prompts(prompts, tokenizers)
+    if found:
+        limit = min(tokenizer.model_max_length for tokenizer in tokenizers.values())
+        warn(f"{len(found)} prompt(s) are longer than the {limit} tokens CLIP reads (start and end tokens "
+             f"included), and are cut there, so their end never trains: {'; '.join(found)}; shorten them")
 
 
 # The folders of an SDXL-layout model that load_models reads weights from, and the others it reads, each with
@@ -1451,6 +1636,7 @@ def check_inputs(args, settings):
     instance_dir = resolve_instance_dir(args.instance_dir)
     instance_images = check_masks(instance_dir, list_images(instance_dir), args.masked_loss, args.mask_floor)
     warn_broken_links(instance_dir, "instance")
+    warn_left_out(instance_dir, "instance", list_images(instance_dir), settings.caption_extension)
     if not instance_images:
         raise UserError(f"no images in {instance_dir}: add 3-20 photos (jpg, png, webp, ...) of the subject")
     subfolders = [p.name for p in instance_dir.iterdir()
@@ -1466,7 +1652,13 @@ def check_inputs(args, settings):
     if uses_class_images(args) and Path(class_dir).is_dir():
         warn_broken_links(class_dir, "class")
         class_images = list_images(class_dir)
+        warn_left_out(class_dir, "class", class_images, settings.caption_extension, required=False)  # else filled
         check_images(class_images, "class", args.resolution)
+        extra = len(class_images) - args.num_class_images
+        if extra > 0:  # prepare_class_images takes the first, by name
+            say(f"note: the class folder {class_dir} holds {len(class_images)} images; --num_class_images "
+                f"{args.num_class_images} trains on the first by name, through "
+                f"{class_images[args.num_class_images - 1].name}: the {extra} after it are not used")
     targets = latent_targets(instance_images, class_images, args.resolution, settings.buckets)
     if args.cache_latents == "on" and not latent_cache_is_exact(targets, args.center_crop):
         raise UserError("--cache_latents on would fix one random crop of each image that does not fit its training "
@@ -1474,6 +1666,11 @@ def check_inputs(args, settings):
                         "auto, which caches only where no crop is lost")
     check_models(settings.pretrained_model_name_or_path, settings.pretrained_vae_model_name_or_path, args.revision,
                  args.variant)
+    warn_long_prompts(settings.pretrained_model_name_or_path, args.revision, [
+        *((image.with_suffix(settings.caption_extension).name, prompt)
+          for image, prompt in zip(instance_images, instance_prompts) if prompt != args.instance_prompt),
+        ("--instance_prompt", args.instance_prompt), ("--class_prompt", args.class_prompt),
+        ("--validation_prompt", args.validation_prompt)])
     if args.push_to_hub:
         check_hub(args.hub_model_id, Path(settings.output_dir).name, args.hub_token)
     refuse_file_as_folder(settings.output_dir, "--output_dir", "choose another --output_dir")
@@ -1808,7 +2005,8 @@ def derive_seed(*parts):
 
 
 def load_image(path, min_side=None):
-    """RGB, EXIF orientation applied, transparency composited on white. Returns the image and its full
+    """RGB in sRGB (see as_srgb), EXIF orientation applied, transparency composited on white, an animation's first
+    frame (check_images names animations). Returns the image and its full
     (height, width) after orientation, which is what SDXL's original-size time ids mean.
 
     With min_side, a JPEG is decoded at the smallest 1/2, 1/4 or 1/8 scale whose short side still reaches
@@ -1819,7 +2017,7 @@ def load_image(path, min_side=None):
         if min_side:
             scale = min_side / min(image.size)
             image.draft("RGB", (math.ceil(image.width * scale), math.ceil(image.height * scale)))
-        image = eight_bit(ImageOps.exif_transpose(image))
+        image = as_srgb(eight_bit(ImageOps.exif_transpose(image), bit_depth(image)), image.info.get("icc_profile"))
         if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
             rgba = image.convert("RGBA")
             image = Image.new("RGB", rgba.size, (255, 255, 255))
@@ -1839,11 +2037,77 @@ def cover_size(width, height, size):
     return max(target_width, round(width * scale)), max(target_height, round(height * scale))
 
 
-def eight_bit(image):
-    """A 16-bit grey image as 8-bit grey, scaled: convert() would clip everything above 255 to white."""
-    if image.mode in ("I", "I;16", "I;16B", "I;16L"):
-        return Image.fromarray((np.asarray(image, dtype=np.float32) / 257).round().clip(0, 255).astype(np.uint8))
-    return image
+class PixelError(ValueError):
+    """An image whose pixels cannot be read as they are meant to be seen: refused rather than guessed at."""
+
+
+SRGB = ImageCms.createProfile("sRGB")
+
+
+def bit_depth(image):
+    """(bits per sample, signed) of a grey image as its file states them (a TIFF's BitsPerSample and
+    SampleFormat); 16 unsigned for the other formats that Pillow opens as I (PNG, and PGM, which Pillow scales to
+    16 bits)."""
+    if image.format == "TIFF" and image.mode == "I":
+        return image.tag_v2.get(258, (16,))[0], image.tag_v2.get(339, (1,))[0] == 2
+    return 16, False
+
+
+def eight_bit(image, depth=None):
+    """An image of more than 8 bits per sample (grey: Pillow holds deeper colour as 8-bit already) as 8-bit
+    grey, each value scaled by its format's full range rather than clipped to 255 by convert():
+    - integers (I;16, and I: 16-bit PNG and PGM, 16- or 32-bit TIFF) by their bit depth (`depth`, from
+      bit_depth), e.g. 65535 -> 255, and a signed 32-bit TIFF's 2^31-1 -> 255;
+    - floats (F: TIFF, PFM) by 0.0 = black, 1.0 = white, the convention of float image files.
+    A float image with values outside 0-1 or not finite (HDR, or data saved as 0-255 floats), or an integer one
+    with negative values, has no one reading, and raises PixelError, as does one whose values all lie under 1/255
+    of its range: it would train as black."""
+    if image.mode not in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        return image
+    bits, signed = depth or bit_depth(image)
+    values = np.asarray(image)
+    # Pillow holds an unsigned 32-bit TIFF in its signed I: values from 2^31 on read negative until reinterpreted
+    values = (values.view(np.uint32) if values.dtype == np.int32 and bits == 32 and not signed else values).astype(
+        np.float64)
+    white = 1.0 if image.mode == "F" else 2 ** (bits - signed) - 1
+    kind = "float" if image.mode == "F" else f"{bits}-bit {'signed' if signed else 'unsigned'}"
+    if not np.isfinite(values).all():
+        raise PixelError(f"{kind} pixels that are no number (NaN or infinite): re-export it as 8- or 16-bit")
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    span = f"{kind} pixels from {low:.10g} to {high:.10g}"
+    if low < 0 or high > white:
+        raise PixelError(f"{span}, outside 0-{white:.10g}: re-export it as 8- or 16-bit")
+    eight = (values / white * 255).round().clip(0, 255).astype(np.uint8)
+    if high > 0 and eight.max() == 0:
+        raise PixelError(f"{span}, all under 1/255 of 0-{white:.10g}: it would train black; re-export it as 8- or "
+                         "16-bit")
+    return Image.fromarray(eight)
+
+
+def as_srgb(image, icc_profile):
+    """The image in sRGB, as browsers and photo tools show it: an embedded colour profile (Adobe RGB, Display P3,
+    a CMYK press profile...) is converted through Pillow's littleCMS; an image without one is sRGB already.
+    Alpha is kept as it was. A profile that cannot be read, or that does not fit the image's colours (but for a
+    grey image with an RGB profile), raises PixelError: shown without it, the colours would be wrong without a
+    word."""
+    if not icc_profile and image.mode != "LAB":
+        return image
+    alpha = None
+    if image.mode in ("RGBA", "LA", "PA", "P") or "transparency" in image.info:  # littleCMS converts colour only
+        image = image.convert("LA" if image.mode in ("L", "LA") else "RGBA")
+        alpha, image = image.getchannel("A"), image.convert(image.mode[:-1])
+    try:
+        source = (ImageCms.ImageCmsProfile(io.BytesIO(icc_profile)) if icc_profile
+                  else ImageCms.createProfile("LAB"))
+        if image.mode in ("1", "L") and icc_profile and source.profile.xcolor_space.strip() == "RGB":
+            image = image.convert("RGB")  # grey saved with an RGB profile (some tools do): neutral grey in it
+        converted = ImageCms.profileToProfile(image, source, SRGB, outputMode="RGB")
+    except (ImageCms.PyCMSError, OSError, ValueError, TypeError) as e:
+        raise PixelError(f"its colour profile cannot be applied ({one_line(e)}): re-export it with an sRGB profile "
+                         "or none") from None
+    if alpha is not None:
+        converted.putalpha(alpha)
+    return converted
 
 
 def crop_and_flip(image, size, center_crop, random_flip, rng):
@@ -1884,8 +2148,20 @@ def load_mask(photo, size):
     if not mask_path(photo).is_file():
         return None
     with Image.open(mask_path(photo)) as mask:
-        mask = eight_bit(ImageOps.exif_transpose(mask)).convert("L")
+        mask = mask_weights(ImageOps.exif_transpose(mask), bit_depth(mask))
     return mask if mask.size == size else mask.resize(size, Image.Resampling.BILINEAR)
+
+
+def mask_weights(mask, depth=None):
+    """A mask as 8-bit grey weights. A mask saved as RGB or palette is read as grey where every pixel is grey; a
+    coloured one raises PixelError, since its luminance (a red subject: 0.30) is no weight its author meant."""
+    mask = eight_bit(mask, depth)
+    if mask.mode not in ("L", "1"):
+        channels = np.asarray(mask.convert("RGB"), dtype=np.int16)
+        if (channels.max(axis=2) - channels.min(axis=2)).max() > 2:  # a few levels of a colour tool's rounding
+            raise PixelError("has colours, not only grey: paint the subject white and the rest black, and save it "
+                             "as grey scale")
+    return mask.convert("L")
 
 
 def crop_mask_alike(mask, size, center_crop, random_flip, rng_state):

@@ -74,6 +74,198 @@ def test_every_unreadable_image_is_listed(args_for, photos, tmp_path):
     assert all(name in message for name in ["empty.jpg", "text.png", "cut.jpg"]) and "good.png" not in message
 
 
+HEIC_BYTES = b"\0\0\0\x18ftypheic\0\0\0\0mif1heic" + bytes(64)  # an iPhone photo's first bytes
+
+
+def warnings_about(capsys, word):
+    return [line for line in capsys.readouterr().err.splitlines() if word in line]
+
+
+def test_every_file_left_out_of_the_photos_is_named_with_its_fix_in_one_line(args_for, photos, tmp_path, capsys):
+    folder = shutil.copytree(photos, tmp_path / "mixed")
+    (folder / "IMG_0001.HEIC").write_bytes(HEIC_BYTES)
+    (folder / "IMG_0001.MOV").write_bytes(bytes(100))  # a Live Photo's motion half
+    shutil.copy(photos / "dog_0.jpg", folder / "dog_copy")  # a JPEG that lost its extension
+    shutil.copy(photos / "dog_0.jpg", folder / "dog_web.jpg.download")  # a browser's unfinished download's name
+    (folder / "scan.pdf").write_bytes(b"%PDF-1.4")
+    (folder / "dog_0.xmp").write_text("<x:xmpmeta/>")  # an editor's sidecar: no photo, no mention
+    (folder / "dog_0.txt").write_text("a photo of sks dog")  # a caption
+    images, _, _ = check(args_for(instance_dir=folder))
+    assert [p.name for p in images] == sorted(p.name for p in photos.iterdir())
+    warnings = warnings_about(capsys, "not trained on")
+    assert len(warnings) == 1, warnings
+    assert f"5 file(s) of the instance folder {folder} are not trained on: " in warnings[0]
+    assert ("IMG_0001.HEIC (HEIC, which this Pillow cannot read: convert it to JPEG (macOS: sips -s format jpeg "
+            "IMG_0001.HEIC --out IMG_0001.jpg) or pip install pillow-heif" in warnings[0])
+    assert "IMG_0001.MOV (a video, such as a Live Photo's motion half" in warnings[0]
+    assert "dog_copy (a JPEG image named without an extension: rename it dog_copy.jpg)" in warnings[0]
+    assert "dog_web.jpg.download (a JPEG image named .download: rename it dog_web.jpg)" in warnings[0]
+    assert "scan.pdf (not an image Pillow reads: convert it to PNG or JPEG" in warnings[0]
+    assert "xmp" not in warnings[0] and "dog_0.txt" not in warnings[0]
+
+
+def test_captions_under_another_extension_than_caption_extension_are_named(args_for, photos, tmp_path, capsys):
+    folder = shutil.copytree(photos, tmp_path / "kohya")
+    (folder / "dog_0.caption").write_text("a photo of sks dog on grass")
+    check(args_for(instance_dir=folder))
+    assert ("dog_0.caption (a caption, but --caption_extension is .txt: pass --caption_extension .caption to use it)"
+            in warnings_about(capsys, "not trained on")[0])
+
+
+def test_class_images_beyond_num_class_images_are_said_to_be_unused(args_for, photos, tmp_path, capsys):
+    classes = shutil.copytree(photos, tmp_path / "classes")
+    check(args_for("--with_prior_preservation", "--class_prompt", "a photo of dog", "--class_dir", classes,
+                   "--num_class_images", 3))
+    assert warnings_about(capsys, "--num_class_images") == [
+        f"note: the class folder {classes} holds 5 images; --num_class_images 3 trains on the first by name, through "
+        "dog_2.jpg: the 2 after it are not used"]
+
+
+def test_a_folder_where_no_file_can_be_read_is_refused_naming_each(args_for, tmp_path):
+    folder = tmp_path / "iphone"
+    folder.mkdir()
+    for name in ["IMG_0001.HEIC", "IMG_0002.heif"]:
+        (folder / name).write_bytes(HEIC_BYTES)
+    with pytest.raises(trainer.UserError) as refused:
+        check(args_for(instance_dir=folder))
+    message = str(refused.value)
+    assert message.startswith(f"no photo in the instance folder {folder} can be read: IMG_0001.HEIC (HEIC, ")
+    assert "; IMG_0002.heif (HEIC, " in message and "\n" not in message
+
+
+def test_a_heic_photo_named_jpg_is_named_as_heic(args_for, photos, tmp_path):
+    folder = shutil.copytree(photos, tmp_path / "renamed")
+    (folder / "IMG_0001.jpg").write_bytes(HEIC_BYTES)
+    with pytest.raises(trainer.UserError, match=re.escape("1 unreadable instance image(s) in ")) as refused:
+        check(args_for(instance_dir=folder))
+    assert "IMG_0001.jpg (HEIC, which this Pillow cannot read: convert it to JPEG" in str(refused.value)
+
+
+def test_an_animated_photo_trains_on_its_first_frame_with_a_note_naming_it(args_for, photos, tmp_path, capsys):
+    folder = shutil.copytree(photos, tmp_path / "animated")
+    frames = [Image.new("RGB", (64, 64), colour) for colour in ("red", "blue", "green")]
+    frames[0].save(folder / "wag.webp", save_all=True, append_images=frames[1:])
+    assert "wag.webp" in [p.name for p in check(args_for(instance_dir=folder))[0]]
+    assert warnings_about(capsys, "wag.webp") == [
+        "note: 1 instance image(s) hold several frames and train on their first only: wag.webp (3 frames); save "
+        "each frame you want as a photo of its own"]
+
+
+@pytest.mark.parametrize("mode, values, problem", [
+    ("F", [0.0, 255.0], "float pixels from 0 to 255, outside 0-1: re-export it as 8- or 16-bit"),
+    ("I", [0, 255], "32-bit signed pixels from 0 to 255, all under 1/255 of 0-2147483647: it would train black; "
+                    "re-export it as 8- or 16-bit"),
+])
+def test_a_deep_tiff_with_no_faithful_8_bit_reading_is_refused_in_one_line(args_for, photos, tmp_path, mode,
+                                                                           values, problem):
+    import numpy as np
+
+    folder = shutil.copytree(photos, tmp_path / "deep")
+    Image.fromarray(np.array([values * 32] * 64, dtype=np.float32 if mode == "F" else np.int32)).save(
+        folder / "scan.tif")
+    with pytest.raises(trainer.UserError) as refused:
+        check(args_for(instance_dir=folder))
+    assert str(refused.value) == (f"1 unreadable instance image(s) in {folder}: scan.tif ({problem}); remove or "
+                                  "re-export them")
+
+
+def test_an_unreadable_colour_profile_is_refused_before_any_model_loads(args_for, photos, tmp_path):
+    folder = shutil.copytree(photos, tmp_path / "profiled")
+    Image.new("RGB", (64, 64), "red").save(folder / "broken.png", icc_profile=b"not a profile" * 20)
+    with pytest.raises(trainer.UserError, match=re.escape("broken.png (its colour profile cannot be applied")):
+        check(args_for(instance_dir=folder))
+
+
+def masked_folder(photos, folder, mask):
+    folder = shutil.copytree(photos, folder)
+    with Image.open(folder / "dog_0.jpg") as photo:
+        size = photo.size
+    mask(size).save(folder / "dog_0.mask.png")
+    return folder
+
+
+def test_a_coloured_mask_is_refused_not_weighed_by_its_luminance(args_for, photos, tmp_path):
+    def red_subject(size):  # what the refusal of an RGB mask once let through: red weighed 0.30
+        image = Image.new("RGB", size, "black")
+        image.paste((255, 0, 0), (0, 0, size[0] // 2, size[1]))
+        return image
+    folder = masked_folder(photos, tmp_path / "red", red_subject)
+    with pytest.raises(trainer.UserError, match=re.escape("dog_0.mask.png (has colours, not only grey: paint the "
+                                                          "subject white and the rest black")):
+        check(args_for("--masked_loss", instance_dir=folder))
+
+
+@pytest.mark.parametrize("mode", ["RGB", "P"])
+def test_a_grey_mask_saved_in_colour_mode_weighs_as_its_grey(args_for, photos, tmp_path, mode):
+    def grey_subject(size):
+        image = Image.new("L", size, 0)
+        image.paste(200, (0, 0, size[0] // 2, size[1]))
+        return image.convert(mode)
+    folder = masked_folder(photos, tmp_path / "grey", grey_subject)
+    images, _, _ = check(args_for("--masked_loss", instance_dir=folder))
+    photo = folder / "dog_0.jpg"
+    with Image.open(photo) as image:
+        mask = trainer.load_mask(photo, image.size)
+    assert mask.mode == "L" and set(__import__("numpy").unique(mask).tolist()) == {0, 200}
+
+
+@pytest.mark.parametrize("flags", [[], ["--masked_loss"]])
+def test_a_mask_saved_as_jpeg_is_refused_not_trained_on_as_a_photo(args_for, photos, tmp_path, flags):
+    folder = masked_folder(photos, tmp_path / "jpeg", lambda size: Image.new("L", size, 255))
+    (folder / "dog_0.mask.png").rename(folder / "dog_0.mask.jpg")
+    with pytest.raises(trainer.UserError, match=re.escape(f"dog_0.mask.jpg in {folder}: a loss mask must be a PNG "
+                                                          "named photo.mask.png")):
+        check(args_for(*flags, instance_dir=folder))
+
+
+def test_a_caption_saved_with_a_byte_order_mark_is_read_without_it(args_for, photos, tmp_path):
+    folder = shutil.copytree(photos, tmp_path / "bom")
+    (folder / "dog_0.txt").write_bytes("\ufeffa photo of sks dog on grass".encode("utf-8"))
+    images, prompts, _ = check(args_for(instance_dir=folder))
+    assert prompts[[p.name for p in images].index("dog_0.jpg")] == "a photo of sks dog on grass"
+
+
+@pytest.mark.parametrize("text", ["\u200b\u200b", "\u200d \u2060\u00ad", "\u3164", "\ufeff\u200c\n"])
+def test_a_caption_of_only_invisible_characters_is_refused_like_an_empty_one(args_for, photos, tmp_path, text):
+    folder = shutil.copytree(photos, tmp_path / "invisible")
+    (folder / "dog_0.txt").write_text(text, encoding="utf-8")
+    with pytest.raises(trainer.UserError, match=re.escape("caption file(s) empty: dog_0.txt (only invisible "
+                                                          "characters: U+")):
+        check(args_for(instance_dir=folder))
+
+
+@pytest.mark.parametrize("data, reason", [
+    ("a photo of sks dog in the café".encode("latin-1"), "not UTF-8: byte 0xe9 at 29"),
+    ("a photo of sks dog".encode("utf-16"), "UTF-16, not UTF-8"),
+])
+def test_a_caption_that_is_not_utf8_is_named_with_what_it_is(args_for, photos, tmp_path, data, reason):
+    folder = shutil.copytree(photos, tmp_path / "encodings")
+    (folder / "dog_0.txt").write_bytes(data)
+    with pytest.raises(trainer.UserError, match=re.escape(f"caption file(s) unreadable or not UTF-8: dog_0.txt "
+                                                          f"({reason}); re-save them as UTF-8 text")):
+        check(args_for(instance_dir=folder))
+
+
+def test_prompts_clip_would_cut_are_named_with_each_tokenizers_count_before_training(args_for, photos, tiny_model,
+                                                                                    tmp_path, capsys):
+    from transformers import CLIPTokenizer
+
+    folder = shutil.copytree(photos, tmp_path / "long")
+    caption = "a photo of sks dog " + "sitting on a green lawn in the bright summer sun " * 8
+    (folder / "dog_0.txt").write_text(caption)
+    prompt = "a photo of sks dog " * 20
+    check(args_for("--instance_prompt", prompt, "--validation_prompt", "a photo of sks dog in a bucket",
+                   instance_dir=folder))
+    counts = [[len(CLIPTokenizer.from_pretrained(tiny_model, subfolder=sub)(text).input_ids)
+               for sub in ("tokenizer", "tokenizer_2")] for text in (caption, prompt)]
+    assert all(count > 77 for pair in counts for count in pair)
+    warnings = warnings_about(capsys, "tokens")
+    assert warnings == [
+        "warning: 2 prompt(s) are longer than the 77 tokens CLIP reads (start and end tokens included), and are cut "
+        f"there, so their end never trains: dog_0.txt (CLIP-L {counts[0][0]}, CLIP-G {counts[0][1]} tokens); "
+        f"--instance_prompt (CLIP-L {counts[1][0]}, CLIP-G {counts[1][1]} tokens); shorten them"]
+
+
 def test_missing_model_folder_is_refused(args_for, tmp_path):
     with pytest.raises(trainer.UserError, match="--pretrained_model_name_or_path .*missing does not exist"):
         check(args_for("--pretrained_model_name_or_path", tmp_path / "missing"))

@@ -2,12 +2,15 @@
 
 import hashlib
 import random
+import re
+import struct
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageCms, ImageOps
 
+import train_dreambooth_lora_ssd1b as trainer
 from train_dreambooth_lora_ssd1b import (DreamBoothDataset, collate, crop_and_flip, derive_seed, list_images,
                                          load_image, pick, to_tensor)
 
@@ -242,6 +245,77 @@ def test_16_bit_grayscale_keeps_its_tones(tmp_path):
     assert shown == pytest.approx([0, 64, 128, 255], abs=2)
 
 
+@pytest.mark.parametrize("name, mode, levels, white", [
+    ("float.tif", "F", [0.0, 0.25, 0.5, 1.0], 1.0),  # float image files: 0.0 is black, 1.0 white
+    ("int32.tif", "I", [0, 2**29, 2**30, 2**31 - 1], 2**31 - 1),  # by its bit depth: 32-bit, signed
+    ("uint16.tif", "I;16", [0, 16384, 32768, 65535], 65535),
+])
+def test_deep_tiffs_keep_their_tones_rather_than_turning_black_or_white(tmp_path, name, mode, levels, white):
+    dtype = {"F": np.float32, "I": np.int32, "I;16": np.uint16}[mode]
+    array = np.repeat(np.array(levels, dtype=dtype), 4).reshape(1, 16).repeat(4, axis=0)
+    path = save(Image.fromarray(array), tmp_path / name)
+    with Image.open(path) as reopened:
+        assert reopened.mode == mode
+    shown = np.asarray(load_image(path)[0], dtype=int)[0, ::4].tolist()
+    assert shown == [[round(level / white * 255)] * 3 for level in levels]
+
+
+@pytest.mark.parametrize("values, problem", [
+    ([0.0, 255.0], "float pixels from 0 to 255, outside 0-1"),  # 8-bit data saved as floats: no one reading
+    ([0.0, float("nan")], "float pixels that are no number (NaN or infinite)"),
+    ([0, 255], "32-bit signed pixels from 0 to 255, all under 1/255 of 0-2147483647: it would train black"),
+])
+def test_deep_images_with_no_faithful_8_bit_reading_are_refused_not_guessed(tmp_path, values, problem):
+    dtype = np.float32 if isinstance(values[0], float) else np.int32
+    path = save(Image.fromarray(np.array([values] * 2, dtype=dtype)), tmp_path / "deep.tif")
+    with pytest.raises(trainer.PixelError, match=re.escape(problem)):
+        load_image(path)
+
+
+def primaries_swapped_profile():
+    """An RGB colour profile whose red primary is sRGB's green and whose green is sRGB's red: sRGB's own, made by
+    ImageCms, with its rXYZ and gXYZ tags swapped. Pixels tagged with it look very different in sRGB."""
+    data = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    count = struct.unpack(">I", data[128:132])[0]
+    entries = {data[132 + 12 * i:136 + 12 * i]: 132 + 12 * i for i in range(count)}  # tag -> its table entry
+    swapped = bytearray(data)
+    red, green = entries[b"rXYZ"], entries[b"gXYZ"]
+    swapped[red + 4:red + 12], swapped[green + 4:green + 12] = data[green + 4:green + 12], data[red + 4:red + 12]
+    return bytes(swapped)
+
+
+@pytest.mark.parametrize("name, mode", [("tagged.jpg", "RGB"), ("tagged.png", "RGB"), ("tagged.png", "RGBA"),
+                                        ("tagged.webp", "RGB"), ("tagged.tif", "RGB")])
+def test_an_embedded_colour_profile_is_converted_to_srgb_as_a_browser_shows_it(tmp_path, name, mode):
+    image = Image.new(mode, (8, 8), (200, 30, 30, 255)[:len(mode)])
+    path = save(image, tmp_path / name, icc_profile=primaries_swapped_profile(),
+                **({"quality": 100} if name.endswith((".jpg", ".webp")) else {}))
+    shown = np.asarray(load_image(path)[0], dtype=int)
+    assert np.abs(shown - (30, 200, 30)).max() <= 4, "its red channel means sRGB's green"
+    plain = save(image, tmp_path / f"plain{path.suffix}", icc_profile=ImageCms.ImageCmsProfile(
+        ImageCms.createProfile("sRGB")).tobytes(), **({"quality": 100} if name.endswith((".jpg", ".webp")) else {}))
+    assert np.abs(np.asarray(load_image(plain)[0], dtype=int) - (200, 30, 30)).max() <= 4, "sRGB stays as it is"
+
+
+def test_a_grey_photo_saved_with_an_rgb_profile_trains_as_its_grey(tmp_path):
+    """Some tools tag grey images with their RGB working space: grey is neutral in any RGB space."""
+    path = save(Image.new("L", (8, 8), 90), tmp_path / "grey.png", icc_profile=primaries_swapped_profile())
+    assert np.abs(np.asarray(load_image(path)[0], dtype=int) - 90).max() <= 2
+
+
+def test_a_colour_profile_that_cannot_be_read_is_refused_not_ignored(tmp_path):
+    path = save(Image.new("RGB", (8, 8), "red"), tmp_path / "broken.png", icc_profile=b"not a profile" * 20)
+    with pytest.raises(trainer.PixelError, match="its colour profile cannot be applied"):
+        load_image(path)
+
+
+def test_an_animation_trains_on_its_first_frame(tmp_path):
+    frames = [Image.new("RGB", (8, 8), colour) for colour in ("red", "blue", "green")]
+    for name in ("anim.webp", "anim.png", "anim.gif"):
+        path = save(frames[0], tmp_path / name, save_all=True, append_images=frames[1:], lossless=True)
+        assert np.abs(np.asarray(load_image(path)[0], dtype=int) - (255, 0, 0)).max() <= 2, name
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Crop and flip
 # ----------------------------------------------------------------------------------------------------------
@@ -461,6 +535,20 @@ def test_list_images_skips_hidden_files_other_files_and_subfolders(tmp_path):
 
     names = [p.name for p in list_images(tmp_path)]
     assert names == sorted(["a.jpg", "B.JPG", "c.PNG", "d.webp", "e.jpeg", "f.Png"])
+
+
+@pytest.mark.parametrize("name, format", [
+    ("a.jfif", "JPEG"), ("b.jpe", "JPEG"), ("c.avif", "AVIF"), ("d.jp2", "JPEG2000"), ("e.tga", "TGA"),
+    ("f.ppm", "PPM"), ("g.ico", "ICO"), ("h.qoi", "QOI"), ("i.apng", "PNG"), ("j.pcx", "PCX"), ("k.sgi", "SGI"),
+])
+def test_every_photo_format_the_installed_pillow_reads_is_trained_on(tmp_path, name, format):
+    Image.init()  # registers every plugin, so SAVE lists them all
+    if format not in Image.SAVE:  # Pillow before 11.3 has no AVIF
+        pytest.skip(f"this Pillow cannot write {format}")
+    image = Image.new("RGB", (16, 16), (200, 30, 30))
+    save(image, tmp_path / name, format=format)
+    assert [p.name for p in list_images(tmp_path)] == [name]
+    assert np.abs(np.asarray(load_image(tmp_path / name)[0], dtype=int) - (200, 30, 30)).max() <= 12
 
 
 def test_list_images_is_sorted_and_empty_for_a_folder_without_photos(tmp_path):
