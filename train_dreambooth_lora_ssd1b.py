@@ -1088,6 +1088,9 @@ def check_resume(args, current):
         return None
     saved = read_trainer_state(state)
     verify_state_files(state, saved)
+    if saved["step"] != step_of(state):  # a copy renamed, or a resealed edit: which step it holds is unknown
+        raise UserError(f"{state / TRAINER_STATE} records {saved['step']} steps, but {state.name} is the state after "
+                        f"{step_of(state)}: delete {state} to resume from the state before it, or start a new run")
     saved_settings = ran(saved["settings"])
     check_state_loads(state, saved_settings.get("train_text_encoder"), saved_settings.get("rank"))
     # a record from before "derived" holds a model folder as typed, maybe relative: compare where it points
@@ -1115,7 +1118,7 @@ def read_trainer_state(state):
     file = state / TRAINER_STATE
     try:
         saved = json.loads(file.read_text(encoding="utf-8"))
-        valid = isinstance(saved["step"], int) and isinstance(saved["settings"], dict)
+        valid = type(saved["step"]) is int and isinstance(saved["settings"], dict)  # a bool is an int to isinstance
     except (OSError, ValueError, TypeError, KeyError):  # ValueError: not UTF-8 or not JSON; TypeError: not a dict
         valid = False
     if not valid:
@@ -1135,7 +1138,9 @@ TRAINING_FLAGS = ["pretrained_vae_model_name_or_path", "revision", "variant", "i
                   "learning_rate", "text_encoder_lr", "scale_lr", "adam_beta1", "adam_beta2", "adam_weight_decay",
                   "adam_epsilon", "max_grad_norm", "gradient_accumulation_steps", "snr_gamma", "noise_offset", "seed",
                   "mixed_precision", "instance_data_sha256", "model_fingerprint", *OPTIMIZER_FLAGS["prodigy"]]
-MODEL_PARTS = ["unet", "text_encoder", "text_encoder_2", "vae"]  # what a fingerprint covers: every part with weights
+# what a fingerprint covers: every part that training reads from the base model folder
+MODEL_PARTS = ["unet", "text_encoder", "text_encoder_2", "vae", "tokenizer", "tokenizer_2", "scheduler"]
+FINGERPRINT_SAMPLES = 16  # blocks of 4 KiB read from each weight file: a retrained model of the same shapes differs
 
 
 def instance_data_sha256(images, prompts, instance_prompt):
@@ -1151,9 +1156,10 @@ def instance_data_sha256(images, prompts, instance_prompt):
 
 
 def model_fingerprint(model, vae_model, revision, variant):
-    """What each part of the base model is, cheaply: a local folder's config and index files by content, and its
-    weight files by name, size and safetensors header (names, shapes, dtypes and offsets of every tensor; no weight
-    is read). A Hub id's part is the commit its revision resolved to in the cache, which names every file."""
+    """What each part of the base model is, cheaply: a local folder's config, tokenizer and scheduler files by
+    content, and its weight files by name, size, safetensors header (every tensor's name, shape, dtype and offset)
+    and 16 sampled blocks of 4 KiB (a few reads, where the weights are gigabytes). A Hub id's part is the commit its
+    revision resolved to in the local cache, which names every file's content; None if it is not cached."""
     fingerprint = {}
     for part in MODEL_PARTS:
         if part == "vae" and vae_model:
@@ -1168,23 +1174,32 @@ def part_fingerprint(name, sub, index, revision, variant):
     if not Path(name).is_dir():  # check_model_source has fetched (or found cached) the index: its snapshot's commit
         cached = huggingface_hub.try_to_load_from_cache(name, index, revision=revision)
         return f"{name}@{Path(cached).parent.name}" if isinstance(cached, str) else None
+    weights = set(weight_files(folder, variant))
     digest = hashlib.sha256()
-    for file in sorted(folder.glob("*.json")) + sorted(folder / w for w in weight_files(folder, variant)):
-        entry = [file.name, file.stat().st_size]
-        if file.suffix == ".json":
-            entry.append(file_sha256(file))
-        elif file.suffix == ".safetensors":
-            entry.append(safetensors_header_sha256(file))
+    for file in sorted(folder.iterdir()) if folder.is_dir() else []:
+        if file.name in weights:
+            entry = [file.name, file.stat().st_size, weight_file_sample_sha256(file)]
+        elif file.suffix in (".json", ".txt") and file.is_file():  # configs, vocabularies, merges
+            entry = [file.name, file_sha256(file)]
+        else:
+            continue
         digest.update(json.dumps(entry).encode())
     return digest.hexdigest()
 
 
-def safetensors_header_sha256(file):
-    """The SHA-256 of a safetensors file's header: 8 bytes of length, then JSON naming every tensor's dtype,
-    shape and place in the file."""
+def weight_file_sample_sha256(file):
+    """The SHA-256 of a weight file's safetensors header (8 bytes of length, then JSON naming every tensor) and of
+    FINGERPRINT_SAMPLES blocks spread evenly over the file."""
+    digest = hashlib.sha256()
+    size = file.stat().st_size
     with open(file, "rb") as f:
-        head = f.read(8)
-        return hashlib.sha256(head + f.read(int.from_bytes(head, "little") if len(head) == 8 else 0)).hexdigest()
+        if file.suffix == ".safetensors":
+            head = f.read(8)
+            digest.update(head + f.read(min(int.from_bytes(head.ljust(8, b"\0"), "little"), size)))
+        for k in range(FINGERPRINT_SAMPLES):
+            f.seek(size * k // FINGERPRINT_SAMPLES)
+            digest.update(f.read(4096))
+    return digest.hexdigest()
 
 
 def fingerprint_changes(was, now):
@@ -1195,9 +1210,9 @@ def fingerprint_changes(was, now):
 
 
 def moved_model(key, saved, current):
-    """A model folder passed from another place, whose files are the ones the state was trained on: moved or
-    copied, not changed."""
-    if key not in ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path"):
+    """A model folder passed from another place (or a Hub revision spelled another way) whose files are the ones
+    the state was trained on, by their fingerprint: moved or copied, not changed."""
+    if key not in ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "revision"):
         return False
     was, now = saved.get("model_fingerprint") or {}, current.get("model_fingerprint") or {}
     return (bool(saved.get(key)) == bool(current[key]) and all(was.get(p) for p in MODEL_PARTS)
@@ -1208,8 +1223,14 @@ def describe_change(key, was, now):
     if key == "instance_data_sha256":
         return "the instance photos, their captions or their masks (put them back as they were)"
     if key == "model_fingerprint":
-        return (f"the base model's {', '.join(fingerprint_changes(was, now))} (its config, weight files or their "
-                "safetensors headers changed in place since the state was saved; put the model back as it was)")
+        parts = fingerprint_changes(was, now)
+        hub = [(was[p].rpartition("@"), now[p].rpartition("@")) for p in parts if "@" in was[p] and "@" in now[p]]
+        if hub:  # the same id and revision, resolved to another commit: the repo moved on
+            (name, _, then), (_, _, commit) = hub[0]
+            return (f"the base model {name} (its revision now resolves to commit {commit[:12]}, not {then[:12]}; "
+                    f"pass --revision {then} to resume on the files it was trained on)")
+        return (f"the base model's {', '.join(parts)} (changed since the state was saved: its config, tokenizer or "
+                "weight files differ; put the model back as it was)")
     if key == "buckets":  # compared as parsed, so a list spelled another way is the same buckets
         return f"the aspect-ratio buckets {was} (now {now})"
     return f"--{key} {was} (now {now})"
@@ -1219,7 +1240,8 @@ def check_same_settings(state, saved, current, accept_changed_settings):
     """Refuse a resume whose settings differ from its state's, listing every difference in one line."""
     for key in [*STATE_SHAPING_FLAGS, *TRAINING_FLAGS]:
         if moved_model(key, saved, current) and saved.get(key) != current[key]:
-            say(f"--{key}: {saved.get(key)} is now at {current[key]}, with the same files (by their fingerprint)")
+            say(f"--{key} {current[key]} (was {saved.get(key)}) holds the same base model files, by their "
+                "fingerprint: resuming")
     for key in STATE_SHAPING_FLAGS:
         if saved.get(key) != current[key] and not moved_model(key, saved, current):
             raise UserError(f"{state} was trained with --{key} {saved.get(key)}, not {current[key]}: resume "
@@ -1327,8 +1349,10 @@ def state_file_problem(file, lora_files, rank):
         return f"is not a torch.save file as accelerate writes it (it begins {magic!r}, not a zip's {ZIP_MAGIC!r})"
     try:
         content = accelerate.utils.load(file, map_location="cpu", mmap=True)  # weights_only=True, as resume loads it
-    except pickle.UnpicklingError as e:
-        return f"holds more than tensors and plain values, so it was not loaded ({one_line(e)[:120]})"
+    except pickle.UnpicklingError as e:  # torch names the first global it refused, deep in a long message
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f"a pickled {found[1]}" if found else "a pickle"
+        return f"holds {what}, not only tensors and plain values, so it was not loaded (nothing in it ran)"
     except Exception as e:  # noqa: BLE001 - whatever torch says of a damaged zip, it is named, never a traceback
         return f"does not load ({type(e).__name__}: {one_line(e)[:120]})"
     missing = [key for key in TORCH_STATE_FILES[kind] if not (isinstance(content, dict) and key in content)]
