@@ -1244,7 +1244,10 @@ def check_same_settings(state, saved, current, accept_changed_settings):
                 "fingerprint: resuming")
     for key in STATE_SHAPING_FLAGS:
         if saved.get(key) != current[key] and not moved_model(key, saved, current):
-            raise UserError(f"{state} was trained with --{key} {saved.get(key)}, not {current[key]}: resume "
+            differ = (" (whose files differ from those it was trained on, by their fingerprint)"
+                      if key == "pretrained_model_name_or_path"
+                      and fingerprint_changes(saved.get("model_fingerprint"), current["model_fingerprint"]) else "")
+            raise UserError(f"{state} was trained with --{key} {saved.get(key)}, not {current[key]}{differ}: resume "
                             "with the same flags")
     changed = [describe_change(key, saved[key], current[key]) for key in TRAINING_FLAGS
                if key in saved and not same_setting(key, saved, current)]
@@ -2398,8 +2401,19 @@ def save_lora_hook(accelerator, models, weights, output_dir):
 def load_lora_hook(accelerator, models, input_dir):
     """accelerate's load_state hook: the LoRA weights back into each model; the base weights are untouched."""
     for i, model in enumerate(models):
-        state = safetensors.torch.load_file(f"{input_dir}/lora_{i}.safetensors")
-        set_peft_model_state_dict(unwrap(accelerator, model), state)
+        file = Path(input_dir) / f"lora_{i}.safetensors"
+        fix = f"delete {input_dir} to resume from the state before it, or start a new run"
+        try:
+            result = set_peft_model_state_dict(unwrap(accelerator, model), safetensors.torch.load_file(file))
+        except RuntimeError as e:  # a size mismatch: check_state_loads compares ranks, not every module's width
+            raise UserError(f"{file} does not fit the model ({one_line(e)}): {fix}") from None
+        # loaded with strict=False: a LoRA tensor the model lacks, or one the file lacks, would go without a word
+        unexpected = list(result.unexpected_keys)
+        missing = [key for key in result.missing_keys if "lora_" in key]
+        if unexpected or missing:
+            which, example = ("holds tensors the model has no place for", unexpected) if unexpected \
+                else ("lacks LoRA tensors of the model", missing)
+            raise UserError(f"{file} {which} ({len(example)}, e.g. {example[0]}), so it is not this run's: {fix}")
     models.clear()
 
 

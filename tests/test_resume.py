@@ -555,3 +555,40 @@ def test_infer_names_run_settings_json_as_where_a_moved_base_model_came_from(own
     assert str(refused.value) == (
         f"{output_dir / 'step0' / 'run_settings.json'} records --pretrained_model_name_or_path {model}, which does "
         "not exist (moved or deleted): pass --pretrained_model_name_or_path with where that model is now")
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda tensors: {key.replace("attn1.to_k", "attn1.to_z"): value for key, value in tensors.items()},
+     "holds tensors the model has no place for"),
+    (lambda tensors: {key: value for key, value in tensors.items() if "attn1.to_k" not in key},
+     "lacks LoRA tensors of the model"),
+])
+def test_a_resealed_lora_file_of_other_modules_is_refused_rather_than_loaded_in_part(one_step_run, tiny_model, photos,
+                                                                                     tmp_path, change, message):
+    def other_modules(state):
+        save_file(change(load_file(state / "lora_0.safetensors")), state / "lora_0.safetensors")
+        reseal(state)
+
+    output_dir = damaged_copy(one_step_run, tmp_path, other_modules)
+    with pytest.raises(trainer.UserError, match=f"lora_0.safetensors {message} .*, so it is not this run's: delete"):
+        run_trainer(*resume_argv(tiny_model, photos, output_dir))
+
+
+def test_a_hub_model_whose_revision_resolves_to_another_commit_is_named_with_the_commit_to_pin(tmp_path,
+                                                                                              monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    repo = tmp_path / "models--someone--ssd"
+    for commit in ["a" * 40, "b" * 40]:  # the cache after two downloads of main: each commit's files
+        (repo / "snapshots" / commit).mkdir(parents=True)
+        (repo / "snapshots" / commit / "model_index.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    trained_on = trainer.model_fingerprint("someone/ssd", None, None, None)
+    (repo / "refs" / "main").write_text("b" * 40)  # main moved on upstream, and was fetched since
+    now = trainer.model_fingerprint("someone/ssd", None, None, None)
+    assert trainer.describe_change("model_fingerprint", trained_on, now) == (
+        f"the base model someone/ssd (its revision now resolves to commit {'b' * 12}, not {'a' * 12}; pass "
+        f"--revision {'a' * 40} to resume on the files it was trained on)")
+    assert trainer.fingerprint_changes(trained_on, trainer.model_fingerprint("someone/ssd", None, "a" * 40, None)) == []
