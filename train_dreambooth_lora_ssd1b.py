@@ -1215,8 +1215,8 @@ def moved_model(key, saved, current):
     if key not in ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "revision"):
         return False
     was, now = saved.get("model_fingerprint") or {}, current.get("model_fingerprint") or {}
-    return (bool(saved.get(key)) == bool(current[key]) and all(was.get(p) for p in MODEL_PARTS)
-            and not fingerprint_changes(was, now))
+    same_kind = key == "revision" or bool(saved.get(key)) == bool(current[key])  # the model's own VAE is no move
+    return same_kind and all(was.get(p) for p in MODEL_PARTS) and not fingerprint_changes(was, now)
 
 
 def describe_change(key, was, now):
@@ -2473,8 +2473,9 @@ def refuse_damaged_newer_states(output_dir, newest):
     """'latest' never falls back past a state-stepN that is not whole (its trainer_state.json, written last, is
     gone: deleted or damaged; a save cut short leaves only a hidden .partial folder): that state's step and
     settings are unknown, so whether its adapters are this run's is too. Named, with the choices, in one line."""
+    complete = complete_states(output_dir)
     newer = [p for p in Path(output_dir).glob(f"{STATE_PREFIX}step*")
-             if step_of(p) and p not in complete_states(output_dir) and (newest is None or step_of(p) > step_of(newest))]
+             if step_of(p) and p not in complete and (newest is None or step_of(p) > step_of(newest))]
     if not newer:
         return
     damaged = max(newer, key=step_of)
