@@ -202,9 +202,20 @@ def recorded(settings, name, checkpoint, default=None):
     return value
 
 
+def refuse_moved_models(args, settings):
+    """A model folder that run_settings.json records (the trainer writes local folders as absolute paths) and that
+    is gone: named as the file's, with the flag that replaces it, not as though the user had typed it."""
+    for flag in ["pretrained_model_name_or_path", "pretrained_vae_model_name_or_path"]:
+        name = settings.get(flag)
+        if getattr(args, flag) is None and isinstance(name, str) and os.path.isabs(name) and not os.path.exists(name):
+            raise UserError(f"{Path(args.checkpoint) / SETTINGS_FILE} records --{flag} {name}, which does not exist "
+                            f"(moved or deleted): pass --{flag} with where that model is now")
+
+
 def resolve(args, settings, prompt, num_images):
     """The Render these flags ask for: what they leave out comes from the checkpoint's settings, and the models
     are checked before any loads. prompt None: the run's instance prompt; num_images: how many seeds."""
+    refuse_moved_models(args, settings)
     size = [None, None]
     if args.height is None or args.width is None:  # the size the run validated at, else its square
         resolution = recorded(settings, "resolution", args.checkpoint, 1024)

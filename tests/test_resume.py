@@ -2,6 +2,7 @@
 
 import json
 import os
+import pickle
 import shlex
 import shutil
 import signal
@@ -12,7 +13,7 @@ import time
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import train_dreambooth_lora_ssd1b as trainer
 from conftest import ROOT, check_inputs, dora_args, run_trainer, tiny_args
@@ -412,3 +413,182 @@ def test_a_state_from_before_use_dora_resumes_as_plain_lora(one_step_run, tiny_m
     with pytest.raises(trainer.UserError, match="state-step0 was trained with --use_dora False, not True: resume "
                                                 "with the same flags"):
         check_inputs([*argv, "--use_dora"])
+
+
+def reseal(state):
+    """Rewrite a state's trainer_state.json over its files as they are now: the seal is an unkeyed SHA-256, so
+    anyone who edits a state can do this."""
+    record = json.loads((state / trainer.TRAINER_STATE).read_text())
+    (state / trainer.TRAINER_STATE).unlink()
+    (state / trainer.TRAINER_STATE).write_text(json.dumps(trainer.state_record(state, record["step"],
+                                                                               record["settings"])))
+
+
+def resume_argv(tiny_model, photos, output_dir, *extra):
+    return tiny_args(tiny_model, photos, output_dir, "--max_train_steps", 2, "--optimizer", "adamw",
+                     "--resume_from_checkpoint", "latest", *extra)
+
+
+@pytest.mark.parametrize("older", [True, False])
+def test_latest_names_a_newest_state_without_its_trainer_state_and_never_falls_back_silently(
+        one_step_run, tiny_model, photos, tmp_path, older):
+    def break_newest(state):
+        newest = state.parent / "state-step3"
+        shutil.copytree(state, newest)
+        (newest / trainer.TRAINER_STATE).unlink()
+        if not older:  # the only state is the damaged one
+            shutil.rmtree(state)
+
+    output_dir = damaged_copy(one_step_run, tmp_path, break_newest)
+    then = "'latest' resumes from state-step0, the state before it" if older else "the run starts anew"
+    with pytest.raises(trainer.UserError) as refused:
+        check_inputs(resume_argv(tiny_model, photos, output_dir))
+    assert str(refused.value) == (
+        f"--resume_from_checkpoint latest: {output_dir / 'state-step3'} has no trainer_state.json (deleted or "
+        f"damaged), so its step and settings are unknown, and 'latest' does not fall back past it without a word: "
+        f"delete it (or move it out of {output_dir}), then {then}")
+
+
+class Foreign:  # any class of the user's: weights_only loading refuses to build it
+    pass
+
+
+def pickled(state, name, content):
+    with open(state / name, "wb") as f:
+        pickle.dump(content, f)
+
+
+def torch_saved(state, name, content):
+    torch.save(content, state / name)
+
+
+def rng_of_another_kind(state):
+    states = torch.load(state / "random_states_0.pkl", weights_only=False)
+    torch.save({**states, "torch_manual_seed": torch.zeros(3)}, state / "random_states_0.pkl")
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda state: torch_saved(state, "random_states_0.pkl", Foreign()),
+     r"random_states_0.pkl holds a pickled test_resume.Foreign, not only tensors and plain values"),
+    (lambda state: pickled(state, "optimizer.bin", {"state": {}, "param_groups": []}),
+     r"optimizer.bin is not a torch.save file as accelerate writes it \(it begins b'\\x80"),
+    (lambda state: torch_saved(state, "optimizer.bin", [1, 2]), r"optimizer.bin holds a list, not the optimizer"),
+    (lambda state: torch_saved(state, "scheduler.bin", torch.zeros(2)), r"scheduler.bin holds a Tensor"),
+    (rng_of_another_kind, r"random_states_0.pkl holds RNG states that do not set .*so the resume would not be exact"),
+    (lambda state: (state / "random_states_0.pkl").unlink(), r"has no random_states_0.pkl, which resume reads"),
+    (lambda state: (state / "lora_0.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}"),
+     r"lora_0.safetensors is not a readable safetensors file"),
+    (lambda state: save_file({"a.lora_A.weight": torch.zeros(3, 8), "a.lora_B.weight": torch.zeros(8, 3)},
+                             state / "lora_0.safetensors"), r"lora_0.safetensors holds LoRA tensors of another rank"),
+])
+def test_a_foreign_file_in_a_resealed_state_is_named_before_any_model_loads(one_step_run, tiny_model, photos,
+                                                                            tmp_path, monkeypatch, damage, message):
+    output_dir = damaged_copy(one_step_run, tmp_path, lambda state: (damage(state), reseal(state)))
+    monkeypatch.setattr(trainer, "load_models", lambda *a: pytest.fail("a model loaded"))
+    with pytest.raises(trainer.UserError, match=message + ".*delete .*state-step0 to resume from the state before"):
+        run_trainer(*resume_argv(tiny_model, photos, output_dir))
+
+
+@pytest.fixture(scope="module")
+def own_model_run(tiny_model, photos, tmp_path_factory):
+    """A one-step run on a copy of the tiny model, which its tests change or move."""
+    work = tmp_path_factory.mktemp("own_model")
+    shutil.copytree(tiny_model, work / "model")
+    run_trainer(*tiny_args(work / "model", photos, work / "out", "--max_train_steps", 1, "--optimizer", "adamw",
+                           "--pretrained_vae_model_name_or_path", "none"))
+    return work
+
+
+def copy_of(own_model_run, tmp_path):
+    shutil.copytree(own_model_run / "model", tmp_path / "model")
+    shutil.copytree(own_model_run / "out", tmp_path / "out")
+    for record in [*(tmp_path / "out").glob("*/run_settings.json"), *(tmp_path / "out").glob("*/trainer_state.json")]:
+        record.write_text(record.read_text().replace(str(own_model_run), str(tmp_path)))
+    reseal(tmp_path / "out" / "state-step0")
+    return tmp_path / "model", tmp_path / "out"
+
+
+def edit_config(file):
+    file.write_text(json.dumps({**json.loads(file.read_text()), "note": "edited in place"}))
+
+
+@pytest.mark.parametrize("change, part", [
+    (lambda model: edit_config(model / "unet" / "config.json"), "unet"),
+    (lambda model: save_file({**load_file(model / "vae" / "diffusion_pytorch_model.safetensors"),
+                              "extra": torch.zeros(1)}, model / "vae" / "diffusion_pytorch_model.safetensors"),
+     "vae"),
+])
+def test_a_base_model_changed_in_place_is_refused_on_resume_unless_accepted(own_model_run, photos, tmp_path,
+                                                                            change, part):
+    model, output_dir = copy_of(own_model_run, tmp_path)
+    argv = resume_argv(model, photos, output_dir, "--pretrained_vae_model_name_or_path", "none")
+    assert check_inputs(argv)[2].resume_state == output_dir / "state-step0"  # unchanged: resumes
+    change(model)
+    with pytest.raises(trainer.UserError) as refused:
+        check_inputs(argv)
+    assert str(refused.value) == (
+        f"{output_dir / 'state-step0'} was trained with other settings: the base model's {part} (changed since the "
+        "state was saved: its config, tokenizer or weight files differ; put the model back as it was); resume with "
+        "the same flags, or pass --accept_changed_settings to go on with the new ones")
+    assert check_inputs([*argv, "--accept_changed_settings"])[2].resume_state == output_dir / "state-step0"
+
+
+def test_a_base_model_moved_with_the_same_files_resumes_with_a_note(own_model_run, photos, tmp_path, capsys):
+    model, output_dir = copy_of(own_model_run, tmp_path)
+    moved = model.rename(tmp_path / "elsewhere")
+    argv = resume_argv(moved, photos, output_dir, "--pretrained_vae_model_name_or_path", "none")
+    assert check_inputs(argv)[2].resume_state == output_dir / "state-step0"
+    note = f"--pretrained_model_name_or_path {moved} (was {model}) holds the same base model files"
+    assert note in capsys.readouterr().err
+    edit_config(moved / "text_encoder" / "config.json")
+    with pytest.raises(trainer.UserError, match=f"was trained with --pretrained_model_name_or_path {model}, not "):
+        check_inputs(argv)
+
+
+def test_infer_names_run_settings_json_as_where_a_moved_base_model_came_from(own_model_run, tmp_path):
+    import infer
+
+    model, output_dir = copy_of(own_model_run, tmp_path)
+    model.rename(tmp_path / "elsewhere")
+    with pytest.raises(trainer.UserError) as refused:
+        infer.main(["--checkpoint", str(output_dir / "step0"), "--num_inference_steps", "1"])
+    assert str(refused.value) == (
+        f"{output_dir / 'step0' / 'run_settings.json'} records --pretrained_model_name_or_path {model}, which does "
+        "not exist (moved or deleted): pass --pretrained_model_name_or_path with where that model is now")
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda tensors: {key.replace("attn1.to_k", "attn1.to_z"): value for key, value in tensors.items()},
+     "holds tensors the model has no place for"),
+    (lambda tensors: {key: value for key, value in tensors.items() if "attn1.to_k" not in key},
+     "lacks LoRA tensors of the model"),
+])
+def test_a_resealed_lora_file_of_other_modules_is_refused_rather_than_loaded_in_part(one_step_run, tiny_model, photos,
+                                                                                     tmp_path, change, message):
+    def other_modules(state):
+        save_file(change(load_file(state / "lora_0.safetensors")), state / "lora_0.safetensors")
+        reseal(state)
+
+    output_dir = damaged_copy(one_step_run, tmp_path, other_modules)
+    with pytest.raises(trainer.UserError, match=f"lora_0.safetensors {message} .*, so it is not this run's: delete"):
+        run_trainer(*resume_argv(tiny_model, photos, output_dir))
+
+
+def test_a_hub_model_whose_revision_resolves_to_another_commit_is_named_with_the_commit_to_pin(tmp_path,
+                                                                                              monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    repo = tmp_path / "models--someone--ssd"
+    for commit in ["a" * 40, "b" * 40]:  # the cache after two downloads of main: each commit's files
+        (repo / "snapshots" / commit).mkdir(parents=True)
+        (repo / "snapshots" / commit / "model_index.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    trained_on = trainer.model_fingerprint("someone/ssd", None, None, None)
+    (repo / "refs" / "main").write_text("b" * 40)  # main moved on upstream, and was fetched since
+    now = trainer.model_fingerprint("someone/ssd", None, None, None)
+    assert trainer.describe_change("model_fingerprint", trained_on, now) == (
+        f"the base model someone/ssd (its revision now resolves to commit {'b' * 12}, not {'a' * 12}; pass "
+        f"--revision {'a' * 40} to resume on the files it was trained on)")
+    assert trainer.fingerprint_changes(trained_on, trainer.model_fingerprint("someone/ssd", None, "a" * 40, None)) == []
