@@ -75,6 +75,11 @@ SETTINGS_FILE = "run_settings.json"
 KOHYA_FILE = "lora_for_comfyui_and_webui.safetensors"  # kohya names: what ComfyUI, A1111/Forge and kohya load whole
 STATE_PREFIX = "state-"  # output_dir/state-stepN: accelerate's resumable state beside stepN's adapters
 LOCK_FILE = ".lock"  # output_dir/.lock: the PID and host of the trainer that holds the folder
+# The holder renews its lock's modification time every LOCK_HEARTBEAT_S seconds; a lock not renewed for LOCK_STALE_S
+# is stale and taken over, from whichever host it came: a job rescheduled elsewhere can go on. The margin covers a
+# slow file system and clocks a minute apart.
+LOCK_HEARTBEAT_S = 30
+LOCK_STALE_S = 300
 TRAINER_STATE = "trainer_state.json"  # written last into a state folder: without it, the folder is no state
 SECRET_FLAGS = {"hub_token"}  # never written to run_settings.json, a tracker or a printed command
 # A photo's long side may be at most MAX_ASPECT times its short side. Training resizes it so the short side is
@@ -956,12 +961,14 @@ def remove_partial_dirs(output_dir):
 
 @contextlib.contextmanager
 def hold_output_dir(output_dir):
-    """One trainer per output dir: a lock file with this run's PID and host, made atomically before anything is
-    written and removed at exit. A lock whose process is gone (same host) is stale and taken over. Only the
-    first process of a multi-process run takes it. Folders made just for the lock go again if left empty."""
+    """One trainer per output dir: a lock file with this run's PID, host and process start time, made atomically
+    before anything is written, renewed every LOCK_HEARTBEAT_S seconds, and removed at exit. A stale lock (see
+    why_lock_is_stale) is taken over. Only the first process of a multi-process run takes it. Yields the function
+    that releases it, for an exit that skips the context's end. Folders made just for the lock go again if left
+    empty."""
     lock = Path(output_dir) / LOCK_FILE
     if os.environ.get("RANK", "0") != "0":
-        yield
+        yield lambda: None
         return
     if lock.parent.is_file():
         raise UserError(f"--output_dir {lock.parent} is a file, not a folder: choose a folder")
@@ -971,32 +978,133 @@ def hold_output_dir(output_dir):
     except OSError as e:
         raise UserError(f"cannot write to --output_dir {lock.parent} ({e.strerror}): choose a writable folder") \
             from None
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    while not create_exclusive(lock, json.dumps(me)):
-        holder = read_lock(lock)
-        if holder is None:
-            continue  # removed in between: try again
-        if not holder:
-            raise UserError(f"{lock} is unreadable, so whether a trainer holds {lock.parent} is unknown: delete "
-                            "it if no trainer is running there")
-        if holder.get("host") != me["host"] or process_alive(holder.get("pid")):
-            raise UserError(f"{lock.parent} is in use by the trainer with PID {holder.get('pid')} on "
-                            f"{holder.get('host')} (since {holder.get('started')}): wait for it, choose another "
-                            f"--output_dir, or delete {lock} if that run is gone")
-        say(f"{lock}: the trainer that held it (PID {holder.get('pid')}) is gone; taking it over")
-        lock.unlink(missing_ok=True)
-    try:
-        yield
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+          "pid_started": process_start(os.getpid())}
+    heartbeat = threading.Event()
+
+    def release():
+        heartbeat.set()
+        if read_lock(lock) == me:  # never another trainer's, that took over a lock it judged stale
+            lock.unlink(missing_ok=True)
+
+    try:  # from before the lock exists: a stop that comes just after it is made still removes it
+        while not create_exclusive(lock, json.dumps(me)):
+            refuse_or_take_over(lock)
+        threading.Thread(target=renew_lock, args=(lock, me, heartbeat), daemon=True, name="lock heartbeat").start()
+        yield release
     finally:
-        lock.unlink(missing_ok=True)
+        release()
         for folder in created:
             if any(folder.iterdir()):
                 break
             folder.rmdir()
 
 
+def refuse_or_take_over(lock):
+    """Refuse an output dir whose lock a trainer may hold, naming it; remove a stale lock, saying why."""
+    holder = read_lock(lock)
+    if holder is None:
+        return  # removed in between: try again
+    if not holder:
+        raise UserError(f"{lock} is unreadable, so whether a trainer holds {lock.parent} is unknown: delete "
+                        "it if no trainer is running there")
+    stale = why_lock_is_stale(lock, holder)
+    if stale is None:
+        age = lock_age(lock)
+        renewed = f", renewed {age:.0f} s ago" if age is not None and age >= 0 else ""
+        raise UserError(f"{lock.parent} is in use by the trainer with PID {holder.get('pid')} on "
+                        f"{holder.get('host')} (since {holder.get('started')}{renewed}): wait for it, choose "
+                        f"another --output_dir, or delete {lock} if that run is gone (a lock not renewed for "
+                        f"{LOCK_STALE_S} s is taken over)")
+    say(f"{lock}: {stale}; taking it over")
+    take_away(lock, holder)
+
+
+def why_lock_is_stale(lock, holder):
+    """Why the trainer a lock names no longer holds it, or None while it may. On the lock's own host the process
+    is checked: gone, or its PID now another process (its start time differs, or, for a lock that records none,
+    it does not run this script). Elsewhere, and where that cannot tell, the heartbeat decides."""
+    pid = holder.get("pid")
+    if holder.get("host") == socket.gethostname():
+        if not process_alive(pid):
+            return f"the trainer that held it (PID {pid}) is gone"
+        started, running = holder.get("pid_started"), process_start(pid)
+        if started is not None and running is not None:
+            return None if started == running else f"PID {pid} is now another process, not the trainer that held it"
+        if runs_other_program(pid):
+            return f"PID {pid} is now another program, not the trainer that held it"
+    age = lock_age(lock)
+    if age is not None and age > LOCK_STALE_S:
+        return (f"it was last renewed {age:.0f} s ago by PID {pid} on {holder.get('host')} (a trainer renews it "
+                f"every {LOCK_HEARTBEAT_S} s; it is stale after {LOCK_STALE_S} s)")
+    return None
+
+
+def lock_age(lock):
+    """Seconds since the lock's holder last renewed it (negative where the writer's clock runs ahead)."""
+    try:
+        return time.time() - lock.stat().st_mtime
+    except OSError:
+        return None
+
+
+def process_start(pid):
+    """When process `pid` started, in clock ticks since boot (Linux's /proc/PID/stat, field 22); None where that
+    cannot be read. A PID used again by a new process comes with a new start time."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat.rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def runs_other_program(pid):
+    """True when process `pid` is known not to run this script (its command line names no file called so)."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return bool(raw) and not any(Path(os.fsdecode(arg)).name == Path(__file__).name for arg in raw.split(b"\0"))
+
+
+def take_away(lock, holder):
+    """Remove a stale lock, unless another trainer took it over first: it is moved aside, and put back where it is
+    not the lock judged stale. The caller then creates its own, exclusively."""
+    aside = lock.with_name(f"{lock.name}.stale-{os.getpid()}")
+    try:
+        os.replace(lock, aside)
+    except FileNotFoundError:
+        return
+    if read_lock(aside) != holder:
+        with contextlib.suppress(OSError):
+            os.link(aside, lock)  # exclusive: fails where yet another trainer has made a lock since
+    aside.unlink(missing_ok=True)
+
+
+def renew_lock(lock, me, stopped):
+    """The holder's heartbeat: touch the lock every LOCK_HEARTBEAT_S seconds while it is still this run's. A
+    touch changes no content, so it is atomic, and never writes over a lock another trainer made."""
+    while not stopped.wait(LOCK_HEARTBEAT_S):
+        if read_lock(lock) != me:
+            return
+        with contextlib.suppress(OSError):
+            os.utime(lock)
+
+
 def create_exclusive(path, text):
-    """Create `path` holding `text`, or return False if it exists: O_EXCL makes this one atomic step."""
+    """Create `path` holding `text`, or return False if it exists. A hard link of a finished file makes it one
+    atomic step, so `path` never exists half-written; O_EXCL where links are not supported."""
+    tmp = path.with_name(f".{path.name}.exclusive-{os.getpid()}")  # not .tmp-PID: save_png_new's own file
+    try:
+        tmp.write_text(text)
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    except OSError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     except FileExistsError:
