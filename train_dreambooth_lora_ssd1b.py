@@ -609,7 +609,15 @@ def caption_suffix(extension):
 # bitsandbytes and prodigyopt are imported by make_optimizer(), as only 8-bit AdamW and Prodigy need them.
 # ----------------------------------------------------------------------------------------------------------
 
+def stopped_while_importing(signum, frame):
+    """A stop while the libraries import, before main() answers signals itself: nothing is held or written yet."""
+    print(f"{signal.Signals(signum).name} before training started: nothing was written", file=sys.stderr, flush=True)
+    os._exit(128 + signum)
+
+
 if __name__ == "__main__":  # main() checks the flags again, as parse_args() does for every caller
+    for _signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(_signum, stopped_while_importing)
     try:
         parse_args()
     except UserError as error:
@@ -2166,8 +2174,11 @@ def prediction_target(noise_scheduler, latents, noise, timesteps):
 
 def save_png_atomic(image, path, pnginfo=None):
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    image.save(tmp, format="PNG", pnginfo=pnginfo)
-    os.replace(tmp, path)
+    try:
+        image.save(tmp, format="PNG", pnginfo=pnginfo)
+        os.replace(tmp, path)
+    finally:  # cut short (a stop, a full disk): nothing half-written stays
+        tmp.unlink(missing_ok=True)
 
 
 def save_png_new(image, path, pnginfo=None):
@@ -2194,8 +2205,11 @@ def save_png_new(image, path, pnginfo=None):
 
 def write_text_atomic(path, text):
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:  # cut short (a stop, a full disk): nothing half-written stays
+        tmp.unlink(missing_ok=True)
 
 
 def partial_dir(final):
@@ -2399,10 +2413,10 @@ def parent_command_line():
     return tuple(os.fsdecode(arg) for arg in raw.split(b"\0")[:-1])
 
 
-def resume_command(argv, parent=None, own=None, cwd=None):
+def resume_command(argv, parent=None, own=None, cwd=None, resume=True):
     """The command that resumes this run from any folder: `cd` to the folder it was started in, then the launch as
     typed (`accelerate launch` or torchrun with their flags, or the interpreter), the script, the same flags, and
-    --resume_from_checkpoint latest.
+    --resume_from_checkpoint latest (with resume=False, none: a run stopped before it saved anything starts again).
 
     parent: the parent process's command line ([] when unknown); own: this interpreter's (sys.orig_argv); cwd: the
     folder the run was started in. Each is read from the system when not given."""
@@ -2432,11 +2446,13 @@ def resume_command(argv, parent=None, own=None, cwd=None):
             skip = True
             continue
         kept.append(arg)
-    return f"cd {shlex.quote(str(cwd))} && " + shlex.join([*launch, *kept, "--resume_from_checkpoint", "latest"])
+    again = ["--resume_from_checkpoint", "latest"] if resume else []
+    return f"cd {shlex.quote(str(cwd))} && " + shlex.join([*launch, *kept, *again])
 
 
-class Interrupted(Exception):
-    """Raised once the resumable checkpoint of an interrupted run is saved; carries the exit code."""
+class Interrupted(BaseException):
+    """A run stopped by SIGINT or SIGTERM, once what it could keep is kept; carries the exit code. Not an
+    Exception, as KeyboardInterrupt is not: a stop raised inside a library is never caught as its error."""
 
     def __init__(self, message, signum):
         super().__init__(message)
@@ -2444,11 +2460,17 @@ class Interrupted(Exception):
 
 
 class GracefulStop:
-    """SIGINT / SIGTERM (Ctrl-C, cluster preemption): finish the step, save, exit. A second one exits at once,
-    unless it comes within REPEAT_WINDOW seconds of the first: that is the same stop passed on by a launcher
-    (accelerate launch 1.16 sends its own SIGTERM to the trainer when it gets Ctrl-C or a SIGTERM of the group)."""
+    """SIGINT / SIGTERM (Ctrl-C, cluster preemption), answered the same in every phase of the run. While training
+    (within finishing_steps): finish the step, save, exit (train raises Interrupted). Elsewhere there is nothing
+    to finish: Interrupted is raised where the run stands, with what `describe()` says about it (the phase, what is
+    kept, the command that goes on). A second one exits at once, after on_exit (the lock's release), unless it comes
+    within REPEAT_WINDOW seconds of the first: that is the same stop passed on by a launcher (accelerate launch 1.16
+    sends its own SIGTERM to the trainer when it gets Ctrl-C or a SIGTERM of the group)."""
 
     REPEAT_WINDOW = 1.0
+
+    def __init__(self, describe=None):
+        self.describe, self.on_exit = describe, lambda: None
 
     def __enter__(self):
         self.signum, self.previous, self.first = 0, {}, None
@@ -2464,10 +2486,29 @@ class GracefulStop:
         if self.signum and time.monotonic() - self.first < self.REPEAT_WINDOW:
             return
         if self.signum:
+            self.on_exit()
             os._exit(128 + signum)
         self.signum, self.first = signum, time.monotonic()
+        if self.describe is not None:
+            self.stop_now()
         print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a resumable checkpoint "
               "(interrupt again to exit at once)", file=sys.stderr, flush=True)
+
+    def stop_now(self):
+        raise Interrupted(f"{signal.Signals(self.signum).name} {self.describe()}", self.signum)
+
+    def at_once(self, describe):
+        """From here a stop ends the run where it stands, saying `describe()`; one asked for already ends it now."""
+        self.describe = describe
+        if self.signum:
+            self.stop_now()
+
+    @contextlib.contextmanager
+    def finishing_steps(self):
+        """Within, a stop lets the step end and be saved: the training loop asks requested() after each."""
+        describe, self.describe = self.describe, None
+        yield
+        self.describe = describe
 
     def requested(self, accelerator):
         """The signal to stop on, agreed by all processes so that they stop at the same step."""
@@ -2812,13 +2853,14 @@ class Clock:
 
     def __init__(self):
         self.phases, self.windows = collections.defaultdict(float), []  # windows: (first step, steps, seconds)
-        self.started, self.peak_before_training = time.perf_counter(), 0
+        self.started, self.peak_before_training, self.current = time.perf_counter(), 0, None
 
     @contextlib.contextmanager
     def phase(self, name):
-        started = time.perf_counter()
+        started, self.current = time.perf_counter(), name  # current: what a stop names (left where one raised)
         yield
         self.phases[name] += time.perf_counter() - started
+        self.current = None
 
     def lap(self, accelerator, pending, step):
         """The window's losses (each step's mean over processes), read back in one sync, and its duration."""
@@ -2830,9 +2872,10 @@ class Clock:
         return losses
 
 
-def train(accelerator, models, trained, optimizer, lr_scheduler, dataloader, *, args, settings, start_step, clock):
+def train(accelerator, models, trained, optimizer, lr_scheduler, dataloader, *, args, settings, start_step, clock,
+          stop):
     """Optimise until --max_train_steps: log, save and validate on their schedules and at the end. On SIGINT or
-    SIGTERM, finish the step, save adapters and resumable state, and raise Interrupted."""
+    SIGTERM (`stop`, a GracefulStop), finish the step, save adapters and resumable state, and raise Interrupted."""
     params = [p for m in trained for p in m.parameters() if p.requires_grad]
     for module in trained:
         module.train()  # from_pretrained leaves every model in eval mode, where LoRA dropout is off
@@ -2841,7 +2884,7 @@ def train(accelerator, models, trained, optimizer, lr_scheduler, dataloader, *, 
                     disable=not accelerator.is_main_process)
     step, pending = start_step, []
     clock.started = time.perf_counter()
-    with GracefulStop() as stop:
+    with stop.finishing_steps():
         for micro_step, batch in enumerate(dataloader, start=start_step * args.gradient_accumulation_steps):
             with accelerator.accumulate(*trained):
                 generators = sample_generators(args.seed, batch, accelerator.device)
@@ -3094,17 +3137,24 @@ def start_checkpointing(accelerator, resume_state, gradient_accumulation_steps, 
 
 
 def main(argv=None):
+    """The run, with SIGINT and SIGTERM answered the same way from its first line to its last (GracefulStop)."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    with GracefulStop(lambda: "before training started: nothing was written") as stop:
+        run(argv, stop)
+
+
+def run(argv, stop):
     args = parse_args(argv)                       # the flags, every check of them in one place, then frozen
     check_versions([p for p in MINIMUM_VERSIONS if OPTIMIZER_PACKAGES.get(p, args.optimizer) == args.optimizer
                     and p not in CURVE_PACKAGES])
     settings = derive_settings(args, argv)        # what they come to: defaults, absolute model folders
-    with hold_output_dir(settings.output_dir):    # one trainer per output dir, until this one exits
+    with hold_output_dir(settings.output_dir) as stop.on_exit:  # one trainer per output dir, until this one exits
+        clock = Clock()
+        stop.at_once(lambda: stopped_before_training(args, settings, clock))
         instance_images, instance_prompts, settings = check_inputs(args, settings)  # all before any model loads
         accelerator = make_accelerator(args, settings)  # processes, mixed precision, accumulation, trackers
         weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 matmuls on tensor cores
-        clock = Clock()
 
         load_unet_now = functools.partial(load_unet, settings.pretrained_model_name_or_path, args.revision,
                                           args.variant, weight_dtype, accelerator.device)
@@ -3160,10 +3210,39 @@ def main(argv=None):
             clock.peak_before_training = torch.cuda.max_memory_allocated()
             torch.cuda.reset_peak_memory_stats()
         train(accelerator, models, trained, optimizer, lr_scheduler, dataloader, args=args, settings=settings,
-              start_step=start_step, clock=clock)
+              start_step=start_step, clock=clock, stop=stop)
+        stop.at_once(lambda: stopped_after_training(args, settings))
         report(accelerator, clock, start_step)
         accelerator.end_training()
         finish(accelerator, args, settings)
+
+
+STOPPED_IN = {"load": "loading the models", "class images": "making class images",
+              "caches": "caching latents and prompt embeddings"}  # Clock's phases before training, in words
+
+
+def stopped_before_training(args, settings, clock):
+    """What a stop before the first step says: where it came, what is kept, and the command that goes on."""
+    where = STOPPED_IN.get(clock.current, "preparing to train")
+    kept = ""
+    if clock.current == "class images":
+        made = len(list_images(settings.class_dir)) if Path(settings.class_dir).is_dir() else 0
+        kept = (f"; {made} of {args.num_class_images} class images are made, in {settings.class_dir}: the next run "
+                "makes only the rest" if made else "; no class image was made yet")
+    if settings.resume_state:
+        return (f"while {where}, before training resumed from {Path(settings.resume_state).name}{kept}; resume "
+                f"with:\n  {resume_command(settings.command)}")
+    return (f"while {where}, before training started: nothing to resume{kept}; start again with:\n  "
+            f"{resume_command(settings.command, resume=False)}")
+
+
+def stopped_after_training(args, settings):
+    """What a stop after the last step was saved says: the run is complete, all but what finish() does."""
+    step_dir = Path(settings.output_dir).resolve() / f"step{args.max_train_steps - 1}"
+    if args.push_to_hub:
+        return (f"after training ended: the adapters in {step_dir} are complete, but were not pushed to the Hub; "
+                f"push them with:\n  {resume_command(settings.command)}")
+    return f"after training ended: the adapters in {step_dir} are complete"
 
 
 def finish(accelerator, args, settings):
@@ -3185,9 +3264,8 @@ if __name__ == "__main__":
     except UserError as error:
         sys.exit(f"error: {error}")
     except Interrupted as stopped:
+        for bar in list(getattr(tqdm, "_instances", [])):  # the stopped phase's bar ends above the message
+            bar.close()
         if os.environ.get("LOCAL_RANK", "0") == "0":  # all processes stop at the same step: say it once a machine
             print(stopped, file=sys.stderr)
         sys.exit(stopped.exit_code)
-    except KeyboardInterrupt:
-        print("interrupted before training started: nothing to resume", file=sys.stderr)
-        sys.exit(130)

@@ -3,6 +3,7 @@ heartbeat, and SIGINT / SIGTERM before, during and after training."""
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -11,6 +12,23 @@ import time
 import pytest
 
 import train_dreambooth_lora_ssd1b as trainer
+from conftest import ROOT, run_trainer, tiny_args
+
+SCRIPT = ROOT / "train_dreambooth_lora_ssd1b.py"
+# The trainer run as a script, with the UNet's load held up for a minute after saying so: a phase of its own that a
+# test's signal reliably lands in (the UNet loads after the caches when no class images are made)
+SLOW_UNET = """
+import runpy, sys, time
+import diffusers
+real = diffusers.UNet2DConditionModel.from_config.__func__
+def slow(cls, *args, **kwargs):
+    print("loading the UNet", flush=True)
+    time.sleep(60)
+    return real(cls, *args, **kwargs)
+diffusers.UNet2DConditionModel.from_config = classmethod(slow)
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
 
 
 def write_lock(folder, age=0, **holder):
@@ -85,3 +103,88 @@ def test_the_holder_renews_its_lock_and_never_removes_one_another_trainer_took_o
         assert trainer.lock_age(lock) < 100, "renewed by the heartbeat"
         lock.write_text(json.dumps({"pid": 4242, "host": "node-17"}))  # another trainer judged it stale
     assert json.loads(lock.read_text())["host"] == "node-17", "its lock stays"
+
+
+def stop_when_said(command, said, signum):
+    """Start the trainer, send it `signum` once it prints `said`, and return (exit status, stderr)."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+    try:
+        for line in process.stdout:
+            if said in line:
+                break
+        time.sleep(0.5)  # into the phase's work, past the line that announced it
+        process.send_signal(signum)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    return process.returncode, stderr
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_while_class_images_are_made_says_so_releases_the_lock_and_keeps_the_images(tiny_model, photos,
+                                                                                          tmp_path, signum):
+    # a cluster's preemption (SIGTERM) in the phase that takes minutes at full size, answered as Ctrl-C is
+    out, class_dir = tmp_path / "out", tmp_path / "class"
+    flags = [str(f) for f in tiny_args(tiny_model, photos, out, "--with_prior_preservation", "--class_prompt",
+                                       "a photo of a dog", "--class_dir", class_dir, "--num_class_images", 500,
+                                       "--max_train_steps", 1, "--optimizer", "adamw")]
+    status, stderr = stop_when_said([sys.executable, str(SCRIPT), *flags], "class images of", signum)
+    assert status == 128 + signum, stderr[-2000:]
+    assert "Traceback" not in stderr
+    said, command = [line.strip() for line in stderr.strip().splitlines()[-2:]]
+    assert said.startswith(f"{signal.Signals(signum).name} while making class images, before training started: "
+                           "nothing to resume; ") and said.endswith("start again with:")
+    assert command.endswith("--optimizer adamw") and "--resume_from_checkpoint" not in command
+    assert not (out / trainer.LOCK_FILE).exists(), "the lock is released"
+    assert not [p.name for p in class_dir.iterdir() if p.name.startswith(".")], "no half-written image"
+
+
+def test_sigterm_while_the_unet_loads_says_so_and_releases_the_lock(tiny_model, photos, tmp_path):
+    out = tmp_path / "out"
+    flags = [str(f) for f in tiny_args(tiny_model, photos, out, "--max_train_steps", 1, "--optimizer", "adamw")]
+    wrapper = tmp_path / "slow_unet.py"
+    wrapper.write_text(SLOW_UNET)
+    status, stderr = stop_when_said([sys.executable, str(wrapper), str(SCRIPT), *flags], "loading the UNet",
+                                    signal.SIGTERM)
+    assert status == 128 + signal.SIGTERM, stderr[-2000:]
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-2].strip() == ("SIGTERM while loading the models, before training started: "
+                                                       "nothing to resume; start again with:")
+    assert not out.exists(), "the folder made only for the lock goes with it"
+
+
+def stop_in(monkeypatch, name, signum):
+    """Send this process a real `signum` when the trainer calls its function `name`."""
+    real = getattr(trainer, name)
+
+    def stopped(*args, **kwargs):
+        signal.raise_signal(signum)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, name, stopped)
+
+
+def test_a_resumed_run_stopped_while_loading_says_how_to_resume(tiny_model, photos, tmp_path, monkeypatch):
+    argv = tiny_args(tiny_model, photos, tmp_path / "out", "--max_train_steps", 1, "--optimizer", "adamw")
+    run_trainer(*argv)
+    stop_in(monkeypatch, "load_models", signal.SIGINT)
+    with pytest.raises(trainer.Interrupted) as stopped:
+        run_trainer(*argv, "--max_train_steps", 2, "--resume_from_checkpoint", "latest")
+    assert stopped.value.exit_code == 128 + signal.SIGINT
+    said, command = str(stopped.value).splitlines()
+    assert said == "SIGINT while loading the models, before training resumed from state-step0; resume with:"
+    assert command.strip().endswith("--max_train_steps 2 --optimizer adamw --resume_from_checkpoint latest")
+    assert not (tmp_path / "out" / trainer.LOCK_FILE).exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "the handlers are given back"
+
+
+def test_a_stop_after_the_last_step_was_saved_says_the_adapters_are_complete(tiny_model, photos, tmp_path,
+                                                                            monkeypatch):
+    out = tmp_path / "out"
+    stop_in(monkeypatch, "report", signal.SIGTERM)
+    with pytest.raises(trainer.Interrupted) as stopped:
+        run_trainer(*tiny_args(tiny_model, photos, out, "--max_train_steps", 1, "--optimizer", "adamw"))
+    assert stopped.value.exit_code == 128 + signal.SIGTERM
+    assert str(stopped.value) == f"SIGTERM after training ended: the adapters in {out / 'step0'} are complete"
+    assert (out / "step0" / trainer.LORA_FILE).is_file() and not (out / trainer.LOCK_FILE).exists()
