@@ -31,6 +31,7 @@ import collections
 import contextlib
 import dataclasses
 import datetime
+import filecmp
 import functools
 import gc
 import hashlib
@@ -56,6 +57,20 @@ from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as installed_version
 from pathlib import Path
 from unittest import mock
+
+
+def stopped_while_importing(signum, frame):
+    """A stop while the libraries import (seconds), before main() answers signals itself: nothing is held or
+    written yet. Once main() has run, its own stop was answered (or the run ended): nothing more to say."""
+    if getattr(stopped_while_importing, "superseded", False):
+        return
+    print(f"{signal.Signals(signum).name} before training started: nothing was written", file=sys.stderr, flush=True)
+    os._exit(128 + signum)
+
+
+if __name__ == "__main__":
+    for _signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(_signum, stopped_while_importing)
 
 import numpy as np
 import torch
@@ -609,15 +624,7 @@ def caption_suffix(extension):
 # bitsandbytes and prodigyopt are imported by make_optimizer(), as only 8-bit AdamW and Prodigy need them.
 # ----------------------------------------------------------------------------------------------------------
 
-def stopped_while_importing(signum, frame):
-    """A stop while the libraries import, before main() answers signals itself: nothing is held or written yet."""
-    print(f"{signal.Signals(signum).name} before training started: nothing was written", file=sys.stderr, flush=True)
-    os._exit(128 + signum)
-
-
 if __name__ == "__main__":  # main() checks the flags again, as parse_args() does for every caller
-    for _signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(_signum, stopped_while_importing)
     try:
         parse_args()
     except UserError as error:
@@ -3140,6 +3147,7 @@ def main(argv=None):
     """The run, with SIGINT and SIGTERM answered the same way from its first line to its last (GracefulStop)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     with GracefulStop(lambda: "before training started: nothing was written") as stop:
+        stopped_while_importing.superseded = True
         run(argv, stop)
 
 
@@ -3239,10 +3247,15 @@ def stopped_before_training(args, settings, clock):
 def stopped_after_training(args, settings):
     """What a stop after the last step was saved says: the run is complete, all but what finish() does."""
     step_dir = Path(settings.output_dir).resolve() / f"step{args.max_train_steps - 1}"
-    if args.push_to_hub:
-        return (f"after training ended: the adapters in {step_dir} are complete, but were not pushed to the Hub; "
-                f"push them with:\n  {resume_command(settings.command)}")
-    return f"after training ended: the adapters in {step_dir} are complete"
+    if not args.push_to_hub:
+        return f"after training ended: the adapters in {step_dir} are complete"
+    # push_to_hub gathers what it uploads in output_dir/hub first; a stop before that is done leaves an older one
+    repo_id, upload = args.hub_model_id or Path(settings.output_dir).name, step_dir
+    with contextlib.suppress(OSError):
+        if filecmp.cmp(step_dir.parent / "hub" / LORA_FILE, step_dir / LORA_FILE, shallow=False):
+            upload = step_dir.parent / "hub"  # the adapters with their model card, as the push meant them
+    return (f"after training ended: the adapters in {step_dir} are complete, but were not pushed to the Hub; push "
+            f"them with: hf upload {repo_id} {upload} .")
 
 
 def finish(accelerator, args, settings):
@@ -3264,6 +3277,8 @@ if __name__ == "__main__":
     except UserError as error:
         sys.exit(f"error: {error}")
     except Interrupted as stopped:
+        for signum in (signal.SIGINT, signal.SIGTERM):  # answered: a launcher's echo must not cut the exit short
+            signal.signal(signum, signal.SIG_IGN)       # (Python's own exit resets handlers, not an ignored one)
         for bar in list(getattr(tqdm, "_instances", [])):  # the stopped phase's bar ends above the message
             bar.close()
         if os.environ.get("LOCAL_RANK", "0") == "0":  # all processes stop at the same step: say it once a machine

@@ -105,39 +105,51 @@ def test_the_holder_renews_its_lock_and_never_removes_one_another_trainer_took_o
     assert json.loads(lock.read_text())["host"] == "node-17", "its lock stays"
 
 
-def stop_when_said(command, said, signum):
-    """Start the trainer, send it `signum` once it prints `said`, and return (exit status, stderr)."""
+def stop_when_said(command, said, *signals):
+    """Start the trainer, send it `signals` (0.5 s apart) once it prints `said` (at once for None), and return
+    (exit status, stderr)."""
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
     try:
-        for line in process.stdout:
+        for line in process.stdout if said else []:
             if said in line:
                 break
-        time.sleep(0.5)  # into the phase's work, past the line that announced it
-        process.send_signal(signum)
+        for signum in signals:
+            time.sleep(0.5)  # into the phase's work, past the line that announced it
+            process.send_signal(signum)
         _, stderr = process.communicate(timeout=120)
     finally:
         process.kill()
     return process.returncode, stderr
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("signals", [[signal.SIGTERM], [signal.SIGINT], [signal.SIGTERM, signal.SIGTERM]],
+                         ids=["sigterm", "sigint", "sigterm and a launcher's echo"])
 def test_a_stop_while_class_images_are_made_says_so_releases_the_lock_and_keeps_the_images(tiny_model, photos,
-                                                                                          tmp_path, signum):
-    # a cluster's preemption (SIGTERM) in the phase that takes minutes at full size, answered as Ctrl-C is
-    out, class_dir = tmp_path / "out", tmp_path / "class"
+                                                                                          tmp_path, signals):
+    # a cluster's preemption (SIGTERM) in the phase that takes minutes at full size, answered as Ctrl-C is; a
+    # launcher passes the same stop on again, which must neither kill the exit nor add a message
+    out, class_dir, signum = tmp_path / "out", tmp_path / "class", signals[0]
     flags = [str(f) for f in tiny_args(tiny_model, photos, out, "--with_prior_preservation", "--class_prompt",
                                        "a photo of a dog", "--class_dir", class_dir, "--num_class_images", 500,
                                        "--max_train_steps", 1, "--optimizer", "adamw")]
-    status, stderr = stop_when_said([sys.executable, str(SCRIPT), *flags], "class images of", signum)
+    status, stderr = stop_when_said([sys.executable, str(SCRIPT), *flags], "class images of", *signals)
     assert status == 128 + signum, stderr[-2000:]
     assert "Traceback" not in stderr
+    assert sum(line.startswith(("SIGTERM", "SIGINT")) for line in stderr.splitlines()) == 1, stderr[-2000:]
     said, command = [line.strip() for line in stderr.strip().splitlines()[-2:]]
     assert said.startswith(f"{signal.Signals(signum).name} while making class images, before training started: "
                            "nothing to resume; ") and said.endswith("start again with:")
     assert command.endswith("--optimizer adamw") and "--resume_from_checkpoint" not in command
     assert not (out / trainer.LOCK_FILE).exists(), "the lock is released"
     assert not [p.name for p in class_dir.iterdir() if p.name.startswith(".")], "no half-written image"
+
+
+def test_ctrl_c_while_the_libraries_import_is_one_line_not_a_traceback(tiny_model, photos, tmp_path):
+    flags = [str(f) for f in tiny_args(tiny_model, photos, tmp_path / "out", "--max_train_steps", 1)]
+    status, stderr = stop_when_said([sys.executable, str(SCRIPT), *flags], None, signal.SIGINT)
+    assert status == 128 + signal.SIGINT and "Traceback" not in stderr, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1].startswith("SIGINT before training started: nothing was written")
 
 
 def test_sigterm_while_the_unet_loads_says_so_and_releases_the_lock(tiny_model, photos, tmp_path):
