@@ -2511,6 +2511,16 @@ class GracefulStop:
             self.stop_now()
 
     @contextlib.contextmanager
+    def at_once_within(self, describe):
+        """at_once for a block, then as before: for work within a step that a stop need not wait for."""
+        previous = self.describe
+        self.at_once(describe)
+        try:
+            yield
+        finally:
+            self.describe = previous
+
+    @contextlib.contextmanager
     def finishing_steps(self):
         """Within, a stop lets the step end and be saved: the training loop asks requested() after each."""
         describe, self.describe = self.describe, None
@@ -2927,8 +2937,8 @@ def train(accelerator, models, trained, optimizer, lr_scheduler, dataloader, *, 
                 with clock.phase("saving"):
                     save_checkpoint(accelerator, trained, args, settings, step)
             if validate and not signum and accelerator.is_main_process:
-                with clock.phase("validation"):
-                    log_validation(accelerator, models, args, settings, step)
+                signum = validate_unless_stopped(accelerator, models, args, settings, step, clock, stop, saved=save,
+                                                 trained=trained)
             if save or validate or signum:
                 if accelerator.is_main_process:
                     write_model_card(settings.output_dir, args, settings, step, accelerator.num_processes)
@@ -2941,6 +2951,25 @@ def train(accelerator, models, trained, optimizer, lr_scheduler, dataloader, *, 
             if last:
                 break
     progress.close()
+
+
+def validate_unless_stopped(accelerator, models, args, settings, step, clock, stop, *, saved, trained):
+    """Validation images, which take minutes at full size: one process alone stops them at once for a stop, drops
+    the step's unfinished images, and saves the step if it was not saved already. Returns the signal that stopped
+    them, 0 if none. Several processes finish them (the others wait for the main one at a barrier)."""
+    alone = accelerator.num_processes == 1
+    try:
+        with clock.phase("validation"), (stop.at_once_within(lambda: "") if alone else contextlib.nullcontext()):
+            log_validation(accelerator, models, args, settings, step)
+        return 0
+    except Interrupted:
+        folder = Path(settings.output_dir) / "validation" / f"step{step - 1}"
+        if not (folder / "grid.png").is_file():  # written last: without it, the round is not complete
+            shutil.rmtree(folder, ignore_errors=True)
+        if not saved:
+            with clock.phase("saving"):
+                save_checkpoint(accelerator, trained, args, settings, step)
+        return stop.signum
 
 
 def method_settings(args):

@@ -200,3 +200,19 @@ def test_a_stop_after_the_last_step_was_saved_says_the_adapters_are_complete(tin
     assert stopped.value.exit_code == 128 + signal.SIGTERM
     assert str(stopped.value) == f"SIGTERM after training ended: the adapters in {out / 'step0'} are complete"
     assert (out / "step0" / trainer.LORA_FILE).is_file() and not (out / trainer.LOCK_FILE).exists()
+
+
+def test_a_stop_during_validation_ends_it_at_once_and_saves_the_step(tiny_model, photos, tmp_path, monkeypatch):
+    # validation takes minutes at full size: the stop does not wait for it, nor train a step more
+    out = tmp_path / "out"
+    stop_in(monkeypatch, "generate_images", signal.SIGTERM)
+    with pytest.raises(trainer.Interrupted) as stopped:
+        run_trainer(*tiny_args(tiny_model, photos, out, "--max_train_steps", 3, "--checkpointing_steps", 3,
+                               "--validation_prompt", "a sks dog", "--validation_steps", 1,
+                               "--num_validation_images", 2, "--validation_inference_steps", 2,
+                               "--optimizer", "adamw"))
+    assert stopped.value.exit_code == 128 + signal.SIGTERM
+    assert str(stopped.value).startswith("stopped at step 1 of 3; resume with:")
+    assert (out / "step0" / trainer.LORA_FILE).is_file() and (out / "state-step0" / trainer.TRAINER_STATE).is_file()
+    assert not (out / "validation" / "step0").exists(), "the unfinished round is not left as if it were one"
+    assert not (out / trainer.LOCK_FILE).exists()
