@@ -1091,8 +1091,8 @@ def take_away(lock, holder):
     except FileNotFoundError:
         return
     if read_lock(aside) != holder:
-        with contextlib.suppress(OSError):
-            os.link(aside, lock)  # exclusive: fails where yet another trainer has made a lock since
+        with contextlib.suppress(OSError):  # exclusive: not where yet another trainer has made a lock since
+            create_exclusive(lock, aside.read_text())
     aside.unlink(missing_ok=True)
 
 
