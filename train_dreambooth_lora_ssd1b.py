@@ -31,6 +31,7 @@ import collections
 import contextlib
 import dataclasses
 import datetime
+import filecmp
 import functools
 import gc
 import hashlib
@@ -58,6 +59,20 @@ from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as installed_version
 from pathlib import Path
 from unittest import mock
+
+
+def stopped_while_importing(signum, frame):
+    """A stop while the libraries import (seconds), before main() answers signals itself: nothing is held or
+    written yet. Once main() has run, its own stop was answered (or the run ended): nothing more to say."""
+    if getattr(stopped_while_importing, "superseded", False):
+        return
+    print(f"{signal.Signals(signum).name} before training started: nothing was written", file=sys.stderr, flush=True)
+    os._exit(128 + signum)
+
+
+if __name__ == "__main__":
+    for _signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(_signum, stopped_while_importing)
 
 import numpy as np
 import torch
@@ -107,6 +122,11 @@ SETTINGS_FILE = "run_settings.json"
 KOHYA_FILE = "lora_for_comfyui_and_webui.safetensors"  # kohya names: what ComfyUI, A1111/Forge and kohya load whole
 STATE_PREFIX = "state-"  # output_dir/state-stepN: accelerate's resumable state beside stepN's adapters
 LOCK_FILE = ".lock"  # output_dir/.lock: the PID and host of the trainer that holds the folder
+# The holder renews its lock's modification time every LOCK_HEARTBEAT_S seconds; a lock not renewed for LOCK_STALE_S
+# is stale and taken over, from whichever host it came: a job rescheduled elsewhere can go on. The margin covers a
+# slow file system and clocks a minute apart.
+LOCK_HEARTBEAT_S = 30
+LOCK_STALE_S = 300
 TRAINER_STATE = "trainer_state.json"  # written last into a state folder: without it, the folder is no state
 SECRET_FLAGS = {"hub_token"}  # never written to run_settings.json, a tracker or a printed command
 # A photo's long side may be at most MAX_ASPECT times its short side. Training resizes it so the short side is
@@ -1146,12 +1166,14 @@ def remove_partial_dirs(output_dir):
 
 @contextlib.contextmanager
 def hold_output_dir(output_dir):
-    """One trainer per output dir: a lock file with this run's PID and host, made atomically before anything is
-    written and removed at exit. A lock whose process is gone (same host) is stale and taken over. Only the
-    first process of a multi-process run takes it. Folders made just for the lock go again if left empty."""
+    """One trainer per output dir: a lock file with this run's PID, host and process start time, made atomically
+    before anything is written, renewed every LOCK_HEARTBEAT_S seconds, and removed at exit. A stale lock (see
+    why_lock_is_stale) is taken over. Only the first process of a multi-process run takes it. Yields the function
+    that releases it, for an exit that skips the context's end. Folders made just for the lock go again if left
+    empty."""
     lock = Path(output_dir) / LOCK_FILE
     if os.environ.get("RANK", "0") != "0":
-        yield
+        yield lambda: None
         return
     if lock.parent.is_file():
         raise UserError(f"--output_dir {lock.parent} is a file, not a folder: choose a folder")
@@ -1161,32 +1183,133 @@ def hold_output_dir(output_dir):
     except OSError as e:
         raise UserError(f"cannot write to --output_dir {lock.parent} ({e.strerror}): choose a writable folder") \
             from None
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    while not create_exclusive(lock, json.dumps(me)):
-        holder = read_lock(lock)
-        if holder is None:
-            continue  # removed in between: try again
-        if not holder:
-            raise UserError(f"{lock} is unreadable, so whether a trainer holds {lock.parent} is unknown: delete "
-                            "it if no trainer is running there")
-        if holder.get("host") != me["host"] or process_alive(holder.get("pid")):
-            raise UserError(f"{lock.parent} is in use by the trainer with PID {holder.get('pid')} on "
-                            f"{holder.get('host')} (since {holder.get('started')}): wait for it, choose another "
-                            f"--output_dir, or delete {lock} if that run is gone")
-        say(f"{lock}: the trainer that held it (PID {holder.get('pid')}) is gone; taking it over")
-        lock.unlink(missing_ok=True)
-    try:
-        yield
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+          "pid_started": process_start(os.getpid())}
+    heartbeat = threading.Event()
+
+    def release():
+        heartbeat.set()
+        if read_lock(lock) == me:  # never another trainer's, that took over a lock it judged stale
+            lock.unlink(missing_ok=True)
+
+    try:  # from before the lock exists: a stop that comes just after it is made still removes it
+        while not create_exclusive(lock, json.dumps(me)):
+            refuse_or_take_over(lock)
+        threading.Thread(target=renew_lock, args=(lock, me, heartbeat), daemon=True, name="lock heartbeat").start()
+        yield release
     finally:
-        lock.unlink(missing_ok=True)
+        release()
         for folder in created:
             if any(folder.iterdir()):
                 break
             folder.rmdir()
 
 
+def refuse_or_take_over(lock):
+    """Refuse an output dir whose lock a trainer may hold, naming it; remove a stale lock, saying why."""
+    holder = read_lock(lock)
+    if holder is None:
+        return  # removed in between: try again
+    if not holder:
+        raise UserError(f"{lock} is unreadable, so whether a trainer holds {lock.parent} is unknown: delete "
+                        "it if no trainer is running there")
+    stale = why_lock_is_stale(lock, holder)
+    if stale is None:
+        age = lock_age(lock)
+        renewed = f", renewed {age:.0f} s ago" if age is not None and age >= 0 else ""
+        raise UserError(f"{lock.parent} is in use by the trainer with PID {holder.get('pid')} on "
+                        f"{holder.get('host')} (since {holder.get('started')}{renewed}): wait for it, choose "
+                        f"another --output_dir, or delete {lock} if that run is gone (a lock not renewed for "
+                        f"{LOCK_STALE_S} s is taken over)")
+    say(f"{lock}: {stale}; taking it over")
+    take_away(lock, holder)
+
+
+def why_lock_is_stale(lock, holder):
+    """Why the trainer a lock names no longer holds it, or None while it may. On the lock's own host the process
+    is checked: gone, or its PID now another process (its start time differs, or, for a lock that records none,
+    it does not run this script). Elsewhere, and where that cannot tell, the heartbeat decides."""
+    pid = holder.get("pid")
+    if holder.get("host") == socket.gethostname():
+        if not process_alive(pid):
+            return f"the trainer that held it (PID {pid}) is gone"
+        started, running = holder.get("pid_started"), process_start(pid)
+        if started is not None and running is not None:
+            return None if started == running else f"PID {pid} is now another process, not the trainer that held it"
+        if runs_other_program(pid):
+            return f"PID {pid} is now another program, not the trainer that held it"
+    age = lock_age(lock)
+    if age is not None and age > LOCK_STALE_S:
+        return (f"it was last renewed {age:.0f} s ago by PID {pid} on {holder.get('host')} (a trainer renews it "
+                f"every {LOCK_HEARTBEAT_S} s; it is stale after {LOCK_STALE_S} s)")
+    return None
+
+
+def lock_age(lock):
+    """Seconds since the lock's holder last renewed it (negative where the writer's clock runs ahead)."""
+    try:
+        return time.time() - lock.stat().st_mtime
+    except OSError:
+        return None
+
+
+def process_start(pid):
+    """When process `pid` started, in clock ticks since boot (Linux's /proc/PID/stat, field 22); None where that
+    cannot be read. A PID used again by a new process comes with a new start time."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat.rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def runs_other_program(pid):
+    """True when process `pid` is known not to run this script (its command line names no file called so)."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return bool(raw) and not any(Path(os.fsdecode(arg)).name == Path(__file__).name for arg in raw.split(b"\0"))
+
+
+def take_away(lock, holder):
+    """Remove a stale lock, unless another trainer took it over first: it is moved aside, and put back where it is
+    not the lock judged stale. The caller then creates its own, exclusively."""
+    aside = lock.with_name(f"{lock.name}.stale-{os.getpid()}")
+    try:
+        os.replace(lock, aside)
+    except FileNotFoundError:
+        return
+    if read_lock(aside) != holder:
+        with contextlib.suppress(OSError):  # exclusive: not where yet another trainer has made a lock since
+            create_exclusive(lock, aside.read_text())
+    aside.unlink(missing_ok=True)
+
+
+def renew_lock(lock, me, stopped):
+    """The holder's heartbeat: touch the lock every LOCK_HEARTBEAT_S seconds while it is still this run's. A
+    touch changes no content, so it is atomic, and never writes over a lock another trainer made."""
+    while not stopped.wait(LOCK_HEARTBEAT_S):
+        if read_lock(lock) != me:
+            return
+        with contextlib.suppress(OSError):
+            os.utime(lock)
+
+
 def create_exclusive(path, text):
-    """Create `path` holding `text`, or return False if it exists: O_EXCL makes this one atomic step."""
+    """Create `path` holding `text`, or return False if it exists. A hard link of a finished file makes it one
+    atomic step, so `path` never exists half-written; O_EXCL where links are not supported."""
+    tmp = path.with_name(f".{path.name}.exclusive-{os.getpid()}")  # not .tmp-PID: save_png_new's own file
+    try:
+        tmp.write_text(text)
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    except OSError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     except FileExistsError:
@@ -2725,8 +2848,11 @@ def prediction_target(noise_scheduler, latents, noise, timesteps):
 
 def save_png_atomic(image, path, pnginfo=None):
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    image.save(tmp, format="PNG", pnginfo=pnginfo)
-    os.replace(tmp, path)
+    try:
+        image.save(tmp, format="PNG", pnginfo=pnginfo)
+        os.replace(tmp, path)
+    finally:  # cut short (a stop, a full disk): nothing half-written stays
+        tmp.unlink(missing_ok=True)
 
 
 def save_png_new(image, path, pnginfo=None):
@@ -2753,8 +2879,11 @@ def save_png_new(image, path, pnginfo=None):
 
 def write_text_atomic(path, text):
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:  # cut short (a stop, a full disk): nothing half-written stays
+        tmp.unlink(missing_ok=True)
 
 
 def partial_dir(final):
@@ -2987,10 +3116,10 @@ def parent_command_line():
     return tuple(os.fsdecode(arg) for arg in raw.split(b"\0")[:-1])
 
 
-def resume_command(argv, parent=None, own=None, cwd=None):
+def resume_command(argv, parent=None, own=None, cwd=None, resume=True):
     """The command that resumes this run from any folder: `cd` to the folder it was started in, then the launch as
     typed (`accelerate launch` or torchrun with their flags, or the interpreter), the script, the same flags, and
-    --resume_from_checkpoint latest.
+    --resume_from_checkpoint latest (with resume=False, none: a run stopped before it saved anything starts again).
 
     parent: the parent process's command line ([] when unknown); own: this interpreter's (sys.orig_argv); cwd: the
     folder the run was started in. Each is read from the system when not given."""
@@ -3020,11 +3149,13 @@ def resume_command(argv, parent=None, own=None, cwd=None):
             skip = True
             continue
         kept.append(arg)
-    return f"cd {shlex.quote(str(cwd))} && " + shlex.join([*launch, *kept, "--resume_from_checkpoint", "latest"])
+    again = ["--resume_from_checkpoint", "latest"] if resume else []
+    return f"cd {shlex.quote(str(cwd))} && " + shlex.join([*launch, *kept, *again])
 
 
-class Interrupted(Exception):
-    """Raised once the resumable checkpoint of an interrupted run is saved; carries the exit code."""
+class Interrupted(BaseException):
+    """A run stopped by SIGINT or SIGTERM, once what it could keep is kept; carries the exit code. Not an
+    Exception, as KeyboardInterrupt is not: a stop raised inside a library is never caught as its error."""
 
     def __init__(self, message, signum):
         super().__init__(message)
@@ -3032,11 +3163,17 @@ class Interrupted(Exception):
 
 
 class GracefulStop:
-    """SIGINT / SIGTERM (Ctrl-C, cluster preemption): finish the step, save, exit. A second one exits at once,
-    unless it comes within REPEAT_WINDOW seconds of the first: that is the same stop passed on by a launcher
-    (accelerate launch 1.16 sends its own SIGTERM to the trainer when it gets Ctrl-C or a SIGTERM of the group)."""
+    """SIGINT / SIGTERM (Ctrl-C, cluster preemption), answered the same in every phase of the run. While training
+    (within finishing_steps): finish the step, save, exit (train raises Interrupted). Elsewhere there is nothing
+    to finish: Interrupted is raised where the run stands, with what `describe()` says about it (the phase, what is
+    kept, the command that goes on). A second one exits at once, after on_exit (the lock's release), unless it comes
+    within REPEAT_WINDOW seconds of the first: that is the same stop passed on by a launcher (accelerate launch 1.16
+    sends its own SIGTERM to the trainer when it gets Ctrl-C or a SIGTERM of the group)."""
 
     REPEAT_WINDOW = 1.0
+
+    def __init__(self, describe=None):
+        self.describe, self.on_exit = describe, lambda: None
 
     def __enter__(self):
         self.signum, self.previous, self.first = 0, {}, None
@@ -3052,10 +3189,39 @@ class GracefulStop:
         if self.signum and time.monotonic() - self.first < self.REPEAT_WINDOW:
             return
         if self.signum:
+            self.on_exit()
             os._exit(128 + signum)
         self.signum, self.first = signum, time.monotonic()
+        if self.describe is not None:
+            self.stop_now()
         print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a resumable checkpoint "
               "(interrupt again to exit at once)", file=sys.stderr, flush=True)
+
+    def stop_now(self):
+        raise Interrupted(f"{signal.Signals(self.signum).name} {self.describe()}", self.signum)
+
+    def at_once(self, describe):
+        """From here a stop ends the run where it stands, saying `describe()`; one asked for already ends it now."""
+        self.describe = describe
+        if self.signum:
+            self.stop_now()
+
+    @contextlib.contextmanager
+    def at_once_within(self, describe):
+        """at_once for a block, then as before: for work within a step that a stop need not wait for."""
+        previous = self.describe
+        self.at_once(describe)
+        try:
+            yield
+        finally:
+            self.describe = previous
+
+    @contextlib.contextmanager
+    def finishing_steps(self):
+        """Within, a stop lets the step end and be saved: the training loop asks requested() after each."""
+        describe, self.describe = self.describe, None
+        yield
+        self.describe = describe
 
     def requested(self, accelerator):
         """The signal to stop on, agreed by all processes so that they stop at the same step."""
@@ -3401,13 +3567,14 @@ class Clock:
 
     def __init__(self):
         self.phases, self.windows = collections.defaultdict(float), []  # windows: (first step, steps, seconds)
-        self.started, self.peak_before_training = time.perf_counter(), 0
+        self.started, self.peak_before_training, self.current = time.perf_counter(), 0, None
 
     @contextlib.contextmanager
     def phase(self, name):
-        started = time.perf_counter()
+        started, self.current = time.perf_counter(), name  # current: what a stop names (left where one raised)
         yield
         self.phases[name] += time.perf_counter() - started
+        self.current = None
 
     def lap(self, accelerator, pending, step):
         """The window's losses (each step's mean over processes), read back in one sync, and its duration."""
@@ -3419,9 +3586,10 @@ class Clock:
         return losses
 
 
-def train(accelerator, models, trained, optimizer, lr_scheduler, dataloader, *, args, settings, start_step, clock):
+def train(accelerator, models, trained, optimizer, lr_scheduler, dataloader, *, args, settings, start_step, clock,
+          stop):
     """Optimise until --max_train_steps: log, save and validate on their schedules and at the end. On SIGINT or
-    SIGTERM, finish the step, save adapters and resumable state, and raise Interrupted."""
+    SIGTERM (`stop`, a GracefulStop), finish the step, save adapters and resumable state, and raise Interrupted."""
     params = [p for m in trained for p in m.parameters() if p.requires_grad]
     for module in trained:
         module.train()  # from_pretrained leaves every model in eval mode, where LoRA dropout is off
@@ -3430,7 +3598,7 @@ def train(accelerator, models, trained, optimizer, lr_scheduler, dataloader, *, 
                     disable=not accelerator.is_main_process)
     step, pending = start_step, []
     clock.started = time.perf_counter()
-    with GracefulStop() as stop:
+    with stop.finishing_steps():
         for micro_step, batch in enumerate(dataloader, start=start_step * args.gradient_accumulation_steps):
             with accelerator.accumulate(*trained):
                 generators = sample_generators(args.seed, batch, accelerator.device)
@@ -3466,8 +3634,8 @@ def train(accelerator, models, trained, optimizer, lr_scheduler, dataloader, *, 
                 with clock.phase("saving"):
                     save_checkpoint(accelerator, trained, args, settings, step)
             if validate and not signum and accelerator.is_main_process:
-                with clock.phase("validation"):
-                    log_validation(accelerator, models, args, settings, step)
+                signum = validate_unless_stopped(accelerator, models, args, settings, step, clock, stop, saved=save,
+                                                 trained=trained)
             if save or validate or signum:
                 if accelerator.is_main_process:
                     write_model_card(settings.output_dir, args, settings, step, accelerator.num_processes)
@@ -3480,6 +3648,25 @@ def train(accelerator, models, trained, optimizer, lr_scheduler, dataloader, *, 
             if last:
                 break
     progress.close()
+
+
+def validate_unless_stopped(accelerator, models, args, settings, step, clock, stop, *, saved, trained):
+    """Validation images, which take minutes at full size: one process alone stops them at once for a stop, drops
+    the step's unfinished images, and saves the step if it was not saved already. Returns the signal that stopped
+    them, 0 if none. Several processes finish them (the others wait for the main one at a barrier)."""
+    alone = accelerator.num_processes == 1
+    try:
+        with clock.phase("validation"), (stop.at_once_within(lambda: "") if alone else contextlib.nullcontext()):
+            log_validation(accelerator, models, args, settings, step)
+        return 0
+    except Interrupted:
+        folder = Path(settings.output_dir) / "validation" / f"step{step - 1}"
+        if not (folder / "grid.png").is_file():  # written last: without it, the round is not complete
+            shutil.rmtree(folder, ignore_errors=True)
+        if not saved:
+            with clock.phase("saving"):
+                save_checkpoint(accelerator, trained, args, settings, step)
+        return stop.signum
 
 
 def method_settings(args):
@@ -3683,17 +3870,25 @@ def start_checkpointing(accelerator, resume_state, gradient_accumulation_steps, 
 
 
 def main(argv=None):
+    """The run, with SIGINT and SIGTERM answered the same way from its first line to its last (GracefulStop)."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    with GracefulStop(lambda: "before training started: nothing was written") as stop:
+        stopped_while_importing.superseded = True
+        run(argv, stop)
+
+
+def run(argv, stop):
     args = parse_args(argv)                       # the flags, every check of them in one place, then frozen
     check_versions([p for p in MINIMUM_VERSIONS if OPTIMIZER_PACKAGES.get(p, args.optimizer) == args.optimizer
                     and p not in CURVE_PACKAGES])
     settings = derive_settings(args, argv)        # what they come to: defaults, absolute model folders
-    with hold_output_dir(settings.output_dir):    # one trainer per output dir, until this one exits
+    with hold_output_dir(settings.output_dir) as stop.on_exit:  # one trainer per output dir, until this one exits
+        clock = Clock()
+        stop.at_once(lambda: stopped_before_training(args, settings, clock))
         instance_images, instance_prompts, settings = check_inputs(args, settings)  # all before any model loads
         accelerator = make_accelerator(args, settings)  # processes, mixed precision, accumulation, trackers
         weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 matmuls on tensor cores
-        clock = Clock()
 
         load_unet_now = functools.partial(load_unet, settings.pretrained_model_name_or_path, args.revision,
                                           args.variant, weight_dtype, accelerator.device)
@@ -3750,10 +3945,44 @@ def main(argv=None):
             clock.peak_before_training = torch.cuda.max_memory_allocated()
             torch.cuda.reset_peak_memory_stats()
         train(accelerator, models, trained, optimizer, lr_scheduler, dataloader, args=args, settings=settings,
-              start_step=start_step, clock=clock)
+              start_step=start_step, clock=clock, stop=stop)
+        stop.at_once(lambda: stopped_after_training(args, settings))
         report(accelerator, clock, start_step)
         accelerator.end_training()
         finish(accelerator, args, settings)
+
+
+STOPPED_IN = {"load": "loading the models", "class images": "making class images",
+              "caches": "caching latents and prompt embeddings"}  # Clock's phases before training, in words
+
+
+def stopped_before_training(args, settings, clock):
+    """What a stop before the first step says: where it came, what is kept, and the command that goes on."""
+    where = STOPPED_IN.get(clock.current, "preparing to train")
+    kept = ""
+    if clock.current == "class images":
+        made = len(list_images(settings.class_dir)) if Path(settings.class_dir).is_dir() else 0
+        kept = (f"; {made} of {args.num_class_images} class images are made, in {settings.class_dir}: the next run "
+                "makes only the rest" if made else "; no class image was made yet")
+    if settings.resume_state:
+        return (f"while {where}, before training resumed from {Path(settings.resume_state).name}{kept}; resume "
+                f"with:\n  {resume_command(settings.command)}")
+    return (f"while {where}, before training started: nothing to resume{kept}; start again with:\n  "
+            f"{resume_command(settings.command, resume=False)}")
+
+
+def stopped_after_training(args, settings):
+    """What a stop after the last step was saved says: the run is complete, all but what finish() does."""
+    step_dir = Path(settings.output_dir).resolve() / f"step{args.max_train_steps - 1}"
+    if not args.push_to_hub:
+        return f"after training ended: the adapters in {step_dir} are complete"
+    # push_to_hub gathers what it uploads in output_dir/hub first; a stop before that is done leaves an older one
+    repo_id, upload = args.hub_model_id or Path(settings.output_dir).name, step_dir
+    with contextlib.suppress(OSError):
+        if filecmp.cmp(step_dir.parent / "hub" / LORA_FILE, step_dir / LORA_FILE, shallow=False):
+            upload = step_dir.parent / "hub"  # the adapters with their model card, as the push meant them
+    return (f"after training ended: the adapters in {step_dir} are complete, but were not pushed to the Hub; push "
+            f"them with: hf upload {repo_id} {upload} .")
 
 
 def finish(accelerator, args, settings):
@@ -3775,9 +4004,10 @@ if __name__ == "__main__":
     except UserError as error:
         sys.exit(f"error: {error}")
     except Interrupted as stopped:
+        for signum in (signal.SIGINT, signal.SIGTERM):  # answered: a launcher's echo must not cut the exit short
+            signal.signal(signum, signal.SIG_IGN)       # (Python's own exit resets handlers, not an ignored one)
+        for bar in list(getattr(tqdm, "_instances", [])):  # the stopped phase's bar ends above the message
+            bar.close()
         if os.environ.get("LOCAL_RANK", "0") == "0":  # all processes stop at the same step: say it once a machine
             print(stopped, file=sys.stderr)
         sys.exit(stopped.exit_code)
-    except KeyboardInterrupt:
-        print("interrupted before training started: nothing to resume", file=sys.stderr)
-        sys.exit(130)

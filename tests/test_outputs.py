@@ -171,12 +171,12 @@ def test_a_lock_left_by_a_dead_trainer_is_taken_over_and_released(tiny_model, ph
     assert (out / "step0" / trainer.LORA_FILE).is_file() and not (out / trainer.LOCK_FILE).exists()
 
 
-def test_a_lock_held_on_another_host_is_never_taken_over(tmp_path):
+def test_a_lock_held_on_another_host_is_not_taken_over_while_it_is_renewed(tmp_path):
     (tmp_path / trainer.LOCK_FILE).write_text(json.dumps({"pid": 1, "host": "elsewhere", "started": "today"}))
     with pytest.raises(trainer.UserError, match="in use by the trainer with PID 1 on elsewhere"):
         with trainer.hold_output_dir(tmp_path):
             pass
-    assert (tmp_path / trainer.LOCK_FILE).exists(), "another machine's lock stays"
+    assert (tmp_path / trainer.LOCK_FILE).exists(), "another machine's renewed lock stays"
 
 
 def test_a_refused_run_leaves_no_empty_output_dir(tmp_path):
