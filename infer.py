@@ -24,9 +24,10 @@ import torch
 from PIL.PngImagePlugin import PngInfo
 from safetensors import SafetensorError, safe_open
 
-from train_dreambooth_lora_ssd1b import (LORA_FILE, SETTINGS_FILE, ArgumentParser, UserError, apply_adapters,
-                                         build_pipeline, check_models, check_range, check_versions, generate_images,
-                                         load_errors_named, load_models, one_line, ran, refuse_empty, save_png_new)
+from train_dreambooth_lora_ssd1b import (LORA_FILE, SETTINGS_FILE, ArgumentParser, LoraConfig, UserError,
+                                         apply_adapters, build_pipeline, check_models, check_range, check_versions,
+                                         generate_images, load_errors_named, load_models, one_line, ran, refuse_empty,
+                                         save_png_new)
 
 SEED_MAX = 2**64 - 1  # the largest seed torch.Generator takes; it takes negative ones too, as aliases of large ones
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -308,17 +309,56 @@ def check_adapters_fit(step_dir, settings, model, revision, layers=None):
                         f"or text_encoder_2, e.g. {unknown[0]!r}: it is not the trainer's file; use a step dir the "
                         "trainer wrote")
     found = misfits(modules, layers or base_layer_shapes(model, revision))
-    if not found:
-        return
+    if found:
+        refuse_misfit(step_dir, settings, model, found)
+    check_adapter_metadata(lora_file, modules)
+
+
+def refuse_misfit(step_dir, settings, model, found):
+    """The refusal for adapters that do not fit `model`: the base they were trained on and the flag, where known."""
     what, why = found[0]
     detail = f"{what}: {why}; {len(found)} misfit(s) in all"
     base, source = trained_base(step_dir, settings)
     if base and not same_model(base, model):
         raise UserError(f"the adapters in {step_dir} were trained on {base} (recorded in {source}), and do not fit "
                         f"{model} ({detail}): pass --pretrained_model_name_or_path {base}, or leave it out")
-    raise UserError(f"{lora_file} does not fit {model} ({detail}): the adapters were not trained on this model, or "
-                    "the file was edited; pass --pretrained_model_name_or_path with the base they were trained on, "
-                    "or use a step dir the trainer wrote")
+    raise UserError(f"{Path(step_dir) / LORA_FILE} does not fit {model} ({detail}): the adapters were not trained on "
+                    "this model, or the file was edited; pass --pretrained_model_name_or_path with the base they were "
+                    "trained on, or use a step dir the trainer wrote")
+
+
+def check_adapter_metadata(lora_file, modules):
+    """The LoRA settings the file carries (diffusers' lora_adapter_metadata, which it turns into each component's
+    LoraConfig) are a LoraConfig's, of the rank the tensors have: diffusers otherwise fails on them once the base
+    has loaded, with a JSON error or a size mismatch per layer."""
+    with safe_open(str(lora_file), framework="pt") as f:
+        raw = (f.metadata() or {}).get("lora_adapter_metadata")
+    if raw is None:  # diffusers then reads the ranks from the tensors
+        return
+    fix = "the file was edited or damaged: copy it again from the run, or use another stepN"
+    try:
+        metadata = json.loads(raw)
+    except ValueError:
+        metadata = None
+    if not isinstance(metadata, dict):
+        raise UserError(f"{lora_file}: its lora_adapter_metadata is not a JSON object; {fix}")
+    for component in ("unet", "text_encoder", "text_encoder_2"):
+        fields = {key.split(".", 1)[1]: value for key, value in metadata.items() if key.startswith(f"{component}.")}
+        if not fields:
+            continue
+        try:
+            rank = LoraConfig(**fields).r  # as diffusers builds it, defaults and all
+        except (TypeError, ValueError) as e:
+            raise UserError(f"{lora_file}: its {component} settings in lora_adapter_metadata are no LoraConfig "
+                            f"({type(e).__name__}: {one_line(e)}); {fix}") from None
+        if fields.get("rank_pattern"):  # ranks per layer, by peft's own matching: left to peft
+            continue
+        ranks = {module: parts[down][0] for (owner, module), parts in modules.items() if owner == component
+                 for down in parts if down in DOWN_PARTS and parts[down]}
+        wrong = next(((module, held) for module, held in ranks.items() if held != rank), None)
+        if wrong:
+            raise UserError(f"{lora_file}: its lora_adapter_metadata gives {component} rank {rank}, and its tensors "
+                            f"have rank {wrong[1]} (e.g. {component}.{wrong[0]}); {fix}")
 
 
 def recorded(settings, name, checkpoint, default=None):

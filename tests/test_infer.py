@@ -267,7 +267,8 @@ SETTINGS_DAMAGES = {  # how run_settings.json gets damaged -> what the refusal s
                        "--pretrained_model_name_or_path explicitly"),
     "prompt a list": (lambda s: edit_settings(s, instance_prompt=["a", "b"]), "pass --prompt explicitly"),
     "revision a list": (lambda s: edit_settings(s, revision=["main"]),
-                        r'records revision \["main"\], which is not a non-empty string or null: restore it from the run$'),
+                        r'records revision \["main"\], which is not a non-empty string or null: restore it from the '
+                        "run$"),
     "derived a list": (lambda s: edit_settings(s, derived=[1]), "records derived as a JSON list, not an object"),
     "validation size odd": (lambda s: edit_settings(s, validation_size=[64, 60]), r"records validation_size \[64, "
                             r"60\], which is not null or a \[height, width\] pair, each a multiple of 8 in \[8, "
@@ -382,8 +383,8 @@ def other_base(tmp_path_factory):
     from make_tiny_ssd1b import make_text_encoders, make_tokenizers, make_unet, make_vae, save_pipeline
 
     tokenizers = make_tokenizers()
-    return save_pipeline(tmp_path_factory.mktemp("other") / "wide", make_vae(0), make_text_encoders(len(tokenizers[0]), 0),
-                         tokenizers, make_unet(0, widths=(32, 64, 64)))
+    return save_pipeline(tmp_path_factory.mktemp("other") / "wide", make_vae(0),
+                         make_text_encoders(len(tokenizers[0]), 0), tokenizers, make_unet(0, widths=(32, 64, 64)))
 
 
 def test_adapters_of_another_base_model_are_refused_naming_the_base_they_were_trained_on(
@@ -436,6 +437,35 @@ def test_an_adapter_file_that_does_not_fit_its_model_is_refused_before_any_model
     with pytest.raises(UserError, match=message) as refused:
         infer.main(["--checkpoint", str(step), "--output", str(tmp_path / "out")])
     assert str(step / LORA_FILE) in str(refused.value) and "\n" not in str(refused.value)
+
+
+def with_metadata(path, change):
+    """The adapter file with its lora_adapter_metadata text replaced by change(text)."""
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    save_file(load_file(path), path, metadata={**metadata, "lora_adapter_metadata":
+                                               change(metadata["lora_adapter_metadata"])})
+
+
+METADATA_DAMAGES = {  # how the LoRA settings in the adapter file get damaged -> what the refusal says
+    "not json": (lambda text: text[:-2], "its lora_adapter_metadata is not a JSON object; the file was edited or "
+                                         "damaged: copy it again from the run, or use another stepN"),
+    "another rank": (lambda text: text.replace('"unet.r": 4', '"unet.r": 16'),
+                     r"its lora_adapter_metadata gives unet rank 16, and its tensors have rank 4 \(e\.g\. unet\."),
+    "a field peft lacks": (lambda text: json.dumps({**json.loads(text), "text_encoder.colour": "red"}),
+                           r"its text_encoder settings in lora_adapter_metadata are no LoraConfig \(TypeError: "),
+}
+
+
+@pytest.mark.parametrize("damage", list(METADATA_DAMAGES))
+def test_lora_settings_in_the_adapter_file_that_diffusers_cannot_build_are_refused_before_any_model_loads(
+        damage, trained_run, tmp_path, no_model_loads):
+    step = step_copy(trained_run, tmp_path)
+    change, message = METADATA_DAMAGES[damage]
+    with_metadata(step / LORA_FILE, change)
+    with pytest.raises(UserError, match=message) as refused:
+        infer.main(["--checkpoint", str(step), "--output", str(tmp_path / "out")])
+    assert str(refused.value).startswith(f"{step / LORA_FILE}: ") and "\n" not in str(refused.value)
 
 
 def test_the_adapters_of_every_kind_of_run_fit_their_own_base(trained_run, dora_run, tiny_model):
