@@ -30,17 +30,19 @@ import json
 import sys
 from pathlib import Path
 
+import huggingface_hub
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageOps
 from tqdm.auto import tqdm
 
-from infer import add_render_flags, check_numbers, load_pipeline, pick_device, read_settings, render_images, resolve
+from infer import (add_render_flags, base_layer_shapes, check_adapters_fit, check_numbers, load_pipeline, pick_device,
+                   read_settings, render_images, resolve, same_model, trained_base)
 from train_dreambooth_lora_ssd1b import (CURVE_PACKAGES, LORA_FILE, ArgumentParser, UserError, apply_adapters,
                                          check_images, check_model_source, check_versions, file_sha256,
                                          finished_adapters, infer_command, list_images, load_image, looks_like_hub_id,
-                                         refuse_empty, resolve_instance_dir, save_png_atomic, set_card_evaluation,
-                                         set_lora_scale, step_of, warn, write_text_atomic)
+                                         read_json_config, refuse_empty, resolve_instance_dir, save_png_atomic,
+                                         set_card_evaluation, set_lora_scale, step_of, warn, write_text_atomic)
 
 DREAMBENCH = Path(__file__).resolve().parent / "dreambench_prompts.json"
 METRICS = ["DINO", "CLIP-I", "CLIP-T"]
@@ -231,12 +233,21 @@ def prompted_images(folder):
     return groups
 
 
+# What each scorer flag loads, by the model_type of its config.json: DINO's metric is a ViT's CLS token (DINO v1
+# is model_type vit; v2 and v3 have their own), CLIP's needs CLIPModel's image and text towers together
+SCORER_TYPES = {"--dino_model": ({"vit", "dinov2", "dinov2_with_registers", "dinov3_vit"},
+                                 "a DINO ViT such as facebook/dino-vits16"),
+                "--clip_model": ({"clip"}, "a CLIP model with its text tower, such as openai/clip-vit-base-patch32")}
+
+
 def check_scorer(name, flag):
-    """A scorer is a transformers model folder (config and image processor) or a hub id that answers."""
+    """A scorer is a transformers model folder (config and image processor) or a hub id that answers, of the
+    kind its flag needs."""
     folder = Path(name)
     if folder.is_dir():
         if not (folder / "config.json").is_file():
             raise UserError(f"{flag} {name} is not a transformers model folder (no config.json in it)")
+        check_scorer_type(name, flag, read_json_config(folder / "config.json", flag, name))
         if not any((folder / f).is_file() for f in PROCESSOR_FILES):
             raise UserError(f"{flag} {name} has no image processor (no {' or '.join(PROCESSOR_FILES)} in it): "
                             "save the model's processor into it too")
@@ -246,6 +257,23 @@ def check_scorer(name, flag):
         raise UserError(f"{flag} {name} does not exist: pass a local model folder or a hub id")
     else:
         check_model_source(name, "config.json", flag)
+        config_file = Path(huggingface_hub.hf_hub_download(name, "config.json"))  # fetched just now, or cached
+        check_scorer_type(name, flag, read_json_config(config_file, flag, config_file.parent))
+
+
+def check_scorer_type(name, flag, config):
+    """The model its config.json describes is the kind the flag needs: another kind loads, then fails in its first
+    forward pass, or scores with a tower it lacks."""
+    kinds, needs = SCORER_TYPES[flag]
+    kind = config.get("model_type") if isinstance(config.get("model_type"), str) else None
+    if kind in kinds:
+        return
+    holds = (f"a {kind} model (model_type {kind!r} in its config.json)" if kind else
+             f"no transformers model (its config.json names no model_type"
+             + (f"; it is for {config['_class_name']}" if isinstance(config.get("_class_name"), str) else "") + ")")
+    other = next(other for other in SCORER_TYPES if other != flag)
+    swapped = f"; it is what {other} takes: did you swap the two?" if kind in SCORER_TYPES[other][0] else ""
+    raise UserError(f"{flag} {name} holds {holds}, and {flag} needs {needs}: pass one{swapped}")
 
 
 def make_output_dir(output_dir, overwrite):
@@ -627,6 +655,27 @@ def run_columns(run_dir, numbers):
     return [("base", None)] + [(step_dir.name, step_dir) for step_dir in chosen]
 
 
+def check_one_base(run_dir, steps, render):
+    """Every step's adapters were trained on one base model, and fit the model they render on: a curve across
+    two bases compares nothing, and adapters of another base fail deep in diffusers once the base has loaded."""
+    bases = {}  # base model -> the numbers of its steps
+    for _, step_dir in steps:
+        base, _ = trained_base(step_dir, read_settings(step_dir))
+        if base:
+            same = next((other for other in bases if same_model(base, other)), base)
+            bases.setdefault(same, []).append(step_of(step_dir) - 1)
+    if len(bases) > 1:
+        last = step_of(steps[-1][1]) - 1
+        newest = next((base for base, numbers in bases.items() if last in numbers), list(bases)[-1])
+        described = "; ".join(f"step{', step'.join(map(str, numbers))} from {base}" for base, numbers in bases.items())
+        raise UserError(f"the steps of {run_dir} come from {len(bases)} base models ({described}): pass --steps "
+                        f"{','.join(map(str, bases[newest]))} (the newest step's base), or evaluate each step dir on "
+                        "its own")
+    layers = base_layer_shapes(render.model, render.revision)
+    for _, step_dir in steps:
+        check_adapters_fit(step_dir, read_settings(step_dir), render.model, render.revision, layers)
+
+
 def column_record(render, prompts, step_dir):
     """What a column's images depend on: every rendering setting, the prompts, and the adapters' own bytes."""
     record = {k: v for k, v in dataclasses.asdict(render).items() if k not in ("checkpoint", "prompt", "seeds")}
@@ -722,6 +771,7 @@ def evaluate_run(args, photos, device):
     prompts = chosen_prompts(args)
     step_args = argparse.Namespace(**{**vars(args), "checkpoint": str(columns[-1][1])})  # the newest step's settings
     render = resolve(step_args, read_settings(columns[-1][1]), prompts[0][1], args.images_per_prompt)
+    check_one_base(args.checkpoint, columns[1:], render)
     records = [column_record(render, prompts, step_dir) for _, step_dir in columns]
     output_dir = make_run_output_dir(args.output_dir, args.checkpoint)
     todo = columns_to_render(output_dir, columns, records, args.overwrite_output_dir)
@@ -756,7 +806,9 @@ def main(argv=None):
     else:
         prompts = chosen_prompts(args)
         # infer.py's own checks of checkpoint and models; each prompt's Render is this one with its prompt
-        render = resolve(args, read_settings(args.checkpoint), prompts[0][1], args.images_per_prompt)
+        settings = read_settings(args.checkpoint)
+        render = resolve(args, settings, prompts[0][1], args.images_per_prompt)
+        check_adapters_fit(args.checkpoint, settings, render.model, render.revision)
     output_dir = make_output_dir(args.output_dir, args.overwrite_output_dir)
 
     scorers = Scorers(args.dino_model, args.clip_model, device)  # small: loaded first, so a bad one fails fast

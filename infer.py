@@ -16,6 +16,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -23,9 +24,10 @@ import torch
 from PIL.PngImagePlugin import PngInfo
 from safetensors import SafetensorError, safe_open
 
-from train_dreambooth_lora_ssd1b import (LORA_FILE, SETTINGS_FILE, ArgumentParser, UserError, apply_adapters,
-                                         build_pipeline, check_models, check_versions, generate_images, load_models,
-                                         one_line, ran, refuse_empty, save_png_new)
+from train_dreambooth_lora_ssd1b import (LORA_FILE, SETTINGS_FILE, ArgumentParser, LoraConfig, UserError,
+                                         apply_adapters, build_pipeline, check_models, check_range, check_versions,
+                                         generate_images, load_errors_named, load_models, one_line, ran, refuse_empty,
+                                         save_png_new)
 
 SEED_MAX = 2**64 - 1  # the largest seed torch.Generator takes; it takes negative ones too, as aliases of large ones
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -45,25 +47,40 @@ NUMBER_RANGES = {
     "clip_t_tolerance": ("a finite number >= 0", lambda v: v >= 0),
 }
 
+def within_flag_range(name, value):
+    """value is within the trainer's FLAG_RANGES row for --name: what the trainer would have taken, typed."""
+    try:
+        check_range(name, value)
+    except UserError:
+        return False
+    return True
+
+
+def non_empty(value):
+    return isinstance(value, str) and value.strip() != ""
+
+
 LORA_PREFIXES = ("unet.", "text_encoder.", "text_encoder_2.")  # the components of a diffusers-format adapter file
 # what run_settings.json may hold, where infer.py reads it: (what a valid value is, its test, the flags that replace
 # it or None where only the file records it)
 RECORDED = {
-    "resolution": ("a positive multiple of 8", lambda v: type(v) is int and v > 0 and v % 8 == 0,
+    "resolution": ("a multiple of 8 in [8, 4096], as the trainer's --resolution",
+                   lambda v: type(v) is int and v % 8 == 0 and within_flag_range("resolution", v),
                    "--height and --width"),
     # (height, width) the run validated at: the photos' most common training size, which aspect-ratio buckets
-    # can make other than a square
-    "validation_size": ("null or a [height, width] pair of positive multiples of 8",
+    # can make other than a square; held to --height's and --width's own range, as if typed
+    "validation_size": ("null or a [height, width] pair, each " + NUMBER_RANGES["height"][0],
                         lambda v: v is None or (isinstance(v, list) and len(v) == 2
-                                                and all(type(x) is int and x > 0 and x % 8 == 0 for x in v)),
+                                                and all(type(x) is int and NUMBER_RANGES["height"][1](x) for x in v)),
                         "--height and --width"),
     "instance_prompt": ("a string", lambda v: isinstance(v, str), "--prompt"),
     "pretrained_model_name_or_path": ("a non-empty string", lambda v: isinstance(v, str) and v.strip() != "",
                                       "--pretrained_model_name_or_path"),
-    "pretrained_vae_model_name_or_path": ("a string or null", lambda v: v is None or isinstance(v, str),
+    # an empty string would mean the model's own VAE, the main branch or no variant without a word
+    "pretrained_vae_model_name_or_path": ("a non-empty string or null", lambda v: v is None or non_empty(v),
                                           "--pretrained_vae_model_name_or_path"),
-    "revision": ("a string or null", lambda v: v is None or isinstance(v, str), None),
-    "variant": ("a string or null", lambda v: v is None or isinstance(v, str), None),
+    "revision": ("a non-empty string or null", lambda v: v is None or non_empty(v), None),
+    "variant": ("a non-empty string or null", lambda v: v is None or non_empty(v), None),
 }
 SETTINGS_FLAGS = "--pretrained_model_name_or_path, --pretrained_vae_model_name_or_path, --height, --width, --prompt"
 
@@ -188,6 +205,162 @@ def check_adapter_file(lora_file):
                         f"{broken[0]}); it would render black images: use an earlier stepN")
 
 
+# A tensor of a diffusers-format adapter file: component, module path, and which part of the LoRA it is, in each
+# naming that diffusers loads (peft's lora_A/B, diffusers' lora.down/up, the text encoders' lora_linear_layer, kohya's
+# lora_down/up within a diffusers prefix); DoRA's magnitude and an alpha belong to the module as well
+ADAPTER_KEY = re.compile(r"^(unet|text_encoder|text_encoder_2)\.(.+?)\.(lora_A|lora_B|lora\.down|lora\.up|"
+                         r"lora_linear_layer\.down|lora_linear_layer\.up|lora_down|lora_up|lora_magnitude_vector|"
+                         r"alpha)(\.weight)?$")
+DOWN_PARTS = {"lora_A", "lora.down", "lora_linear_layer.down", "lora_down"}  # (rank, in_features, ...)
+UP_PARTS = {"lora_B", "lora.up", "lora_linear_layer.up", "lora_up"}  # (out_features, rank, ...)
+
+
+def adapter_shapes(lora_file):
+    """{(component, module): {part: shape}} of an adapter file, read from its header alone, and the names that
+    are no LoRA tensor of a diffusers component."""
+    modules, unknown = {}, []
+    with safe_open(str(lora_file), framework="pt") as f:
+        for key in f.keys():
+            match = ADAPTER_KEY.match(key)
+            if match is None:
+                unknown.append(key)
+                continue
+            modules.setdefault((match[1], match[2]), {})[match[3]] = tuple(f.get_slice(key).get_shape())
+    return modules, unknown
+
+
+def base_layer_shapes(model, revision):
+    """{component: {module path: weight shape}} of the base model's layers, built from its configs on the meta
+    device: what its weights will be, with no weight read. A text encoder's `text_model.` level, which
+    transformers 5 dropped, is left out of the names on both sides."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    built = {}
+    with load_errors_named(model), init_empty_weights():
+        try:
+            built["unet"] = UNet2DConditionModel.from_config(
+                UNet2DConditionModel.load_config(model, subfolder="unet", revision=revision))
+            for component, cls in [("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection)]:
+                built[component] = cls(CLIPTextConfig.from_pretrained(model, subfolder=component, revision=revision))
+        except (ValueError, TypeError, KeyError) as e:
+            raise UserError(f"cannot build {model}'s models from their configs ({type(e).__name__}: "
+                            f"{one_line(e)}): download the model again") from None
+    return {component: {short_name(name): tuple(module.weight.shape) for name, module in net.named_modules()
+                        if isinstance(getattr(module, "weight", None), torch.Tensor)}
+            for component, net in built.items()}
+
+
+def short_name(module):
+    return module.removeprefix("text_model.")
+
+
+def misfits(modules, layers):
+    """What of the adapter does not fit the base model's layers: [(tensor description, what the model has)]."""
+    found = []
+    for (component, module), parts in modules.items():
+        weight = layers[component].get(short_name(module))
+        if weight is None:
+            found.append((f"{component}.{module}", f"{component} has no such layer"))
+            continue
+        out_features, in_features = weight[0], weight[1] if len(weight) > 1 else None
+        for part, shape in parts.items():
+            expected = (in_features if part in DOWN_PARTS else out_features if part in UP_PARTS
+                        else out_features if part == "lora_magnitude_vector" else None)
+            axis = 1 if part in DOWN_PARTS else 0
+            if expected is not None and (len(shape) <= axis or shape[axis] != expected):
+                side = "input" if part in DOWN_PARTS else "output"
+                found.append((f"{component}.{module}.{part} {list(shape)}", f"the layer's {side} is {expected} wide"))
+        ranks = {shape[0] for part, shape in parts.items() if part in DOWN_PARTS and shape}
+        ranks |= {shape[1] for part, shape in parts.items() if part in UP_PARTS and len(shape) > 1}
+        if len(ranks) > 1:
+            found.append((f"{component}.{module}", f"its down and up tensors disagree on the rank ({sorted(ranks)})"))
+    return found
+
+
+def trained_base(step_dir, settings):
+    """The base model a step dir's adapters were trained on, and where that is recorded; (None, None) if nowhere."""
+    base = ran(settings).get("pretrained_model_name_or_path")
+    if isinstance(base, str) and base.strip():
+        return base, Path(step_dir) / SETTINGS_FILE
+    try:
+        with safe_open(str(Path(step_dir) / LORA_FILE), framework="pt") as f:
+            metadata = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
+        base = metadata.get("unet.base_model_name_or_path")
+    except (SafetensorError, OSError, ValueError, AttributeError):
+        base = None
+    return (base, Path(step_dir) / LORA_FILE) if isinstance(base, str) and base.strip() else (None, None)
+
+
+def same_model(a, b):
+    """Two --pretrained_model_name_or_path values name the same model: equal, or the same local folder."""
+    return a == b or (Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve())
+
+
+def check_adapters_fit(step_dir, settings, model, revision, layers=None):
+    """Every tensor of the step dir's adapter file fits a layer of `model`, compared by shape from the file's
+    header and the model's configs, before any weight loads: adapters of another base model otherwise fail deep
+    inside diffusers once the base has loaded. layers: base_layer_shapes(model, revision), when already known."""
+    lora_file = Path(step_dir) / LORA_FILE
+    modules, unknown = adapter_shapes(lora_file)
+    if unknown:
+        raise UserError(f"{lora_file} holds {len(unknown)} tensor(s) that are no LoRA layer of unet, text_encoder "
+                        f"or text_encoder_2, e.g. {unknown[0]!r}: it is not the trainer's file; use a step dir the "
+                        "trainer wrote")
+    found = misfits(modules, layers or base_layer_shapes(model, revision))
+    if found:
+        refuse_misfit(step_dir, settings, model, found)
+    check_adapter_metadata(lora_file, modules)
+
+
+def refuse_misfit(step_dir, settings, model, found):
+    """The refusal for adapters that do not fit `model`: the base they were trained on and the flag, where known."""
+    what, why = found[0]
+    detail = f"{what}: {why}; {len(found)} misfit(s) in all"
+    base, source = trained_base(step_dir, settings)
+    if base and not same_model(base, model):
+        raise UserError(f"the adapters in {step_dir} were trained on {base} (recorded in {source}), and do not fit "
+                        f"{model} ({detail}): pass --pretrained_model_name_or_path {base}, or leave it out")
+    raise UserError(f"{Path(step_dir) / LORA_FILE} does not fit {model} ({detail}): the adapters were not trained on "
+                    "this model, or the file was edited; pass --pretrained_model_name_or_path with the base they were "
+                    "trained on, or use a step dir the trainer wrote")
+
+
+def check_adapter_metadata(lora_file, modules):
+    """The LoRA settings the file carries (diffusers' lora_adapter_metadata, which it turns into each component's
+    LoraConfig) are a LoraConfig's, of the rank the tensors have: diffusers otherwise fails on them once the base
+    has loaded, with a JSON error or a size mismatch per layer."""
+    with safe_open(str(lora_file), framework="pt") as f:
+        raw = (f.metadata() or {}).get("lora_adapter_metadata")
+    if raw is None:  # diffusers then reads the ranks from the tensors
+        return
+    fix = "the file was edited or damaged: copy it again from the run, or use another stepN"
+    try:
+        metadata = json.loads(raw)
+    except ValueError:
+        metadata = None
+    if not isinstance(metadata, dict):
+        raise UserError(f"{lora_file}: its lora_adapter_metadata is not a JSON object; {fix}")
+    for component in ("unet", "text_encoder", "text_encoder_2"):
+        fields = {key.split(".", 1)[1]: value for key, value in metadata.items() if key.startswith(f"{component}.")}
+        if not fields:
+            continue
+        try:
+            rank = LoraConfig(**fields).r  # as diffusers builds it, defaults and all
+        except (TypeError, ValueError) as e:
+            raise UserError(f"{lora_file}: its {component} settings in lora_adapter_metadata are no LoraConfig "
+                            f"({type(e).__name__}: {one_line(e)}); {fix}") from None
+        if fields.get("rank_pattern"):  # ranks per layer, by peft's own matching: left to peft
+            continue
+        ranks = {module: parts[down][0] for (owner, module), parts in modules.items() if owner == component
+                 for down in parts if down in DOWN_PARTS and parts[down]}
+        wrong = next(((module, held) for module, held in ranks.items() if held != rank), None)
+        if wrong:
+            raise UserError(f"{lora_file}: its lora_adapter_metadata gives {component} rank {rank}, and its tensors "
+                            f"have rank {wrong[1]} (e.g. {component}.{wrong[0]}); {fix}")
+
+
 def recorded(settings, name, checkpoint, default=None):
     """A field of run_settings.json, read only where no flag replaces it, refused unless it is what the
     trainer writes there (a hand-edited file can hold anything)."""
@@ -293,6 +466,13 @@ def render_images(pipe, render, folder, name):
         yield save_png_new(image, folder / f"{name}_seed{seed}.png", pnginfo=info), image
 
 
+def checkpoint_name(checkpoint):
+    """A step dir as its run folder's name and its own, e.g. dog-run/step499, from where it resolves: the path as
+    typed may be `.` or `..`, which names nothing once the PNG is elsewhere."""
+    step_dir = Path(checkpoint).resolve()
+    return "/".join(part for part in (step_dir.parent.name, step_dir.name) if part) or str(step_dir)
+
+
 def parameters_text(render, seed, sampler):
     """The A1111 `parameters` chunk: prompt, negative prompt, then one line of settings."""
     lines = [render.prompt]
@@ -300,7 +480,7 @@ def parameters_text(render, seed, sampler):
         lines.append(f"Negative prompt: {render.negative_prompt}")
     lines.append(f"Steps: {render.num_inference_steps}, Sampler: {sampler}, CFG scale: {render.guidance_scale}, "
                  f"Seed: {seed}, Size: {render.width}x{render.height}, Model: {render.model}, "
-                 f"Lora: {render.checkpoint}, Lora scale: {render.lora_scale}")
+                 f"Lora: {checkpoint_name(render.checkpoint)}, Lora scale: {render.lora_scale}")
     return "\n".join(lines)
 
 
@@ -308,10 +488,12 @@ def main(argv=None):
     args = parse_args(argv)
     check_versions(["torch", "diffusers", "transformers", "peft"])  # as at import, for callers of main() too
     check_output_folder(args.output)
-    render = resolve(args, read_settings(args.checkpoint), args.prompt, args.num_images)
+    settings = read_settings(args.checkpoint)
+    render = resolve(args, settings, args.prompt, args.num_images)
+    check_adapters_fit(render.checkpoint, settings, render.model, render.revision)
     pipe = load_pipeline(render)
     paths = []
-    for path, _ in render_images(pipe, render, args.output, Path(args.checkpoint).name):
+    for path, _ in render_images(pipe, render, args.output, Path(args.checkpoint).resolve().name):
         paths.append(path)
         print(path)
     return paths

@@ -16,7 +16,7 @@ from PIL.PngImagePlugin import PngInfo
 import evaluate
 import infer
 from conftest import ROOT, with_flags
-from test_infer import DAMAGES, SETTINGS_DAMAGES, help_by_flag, numeric_flags, step_copy
+from test_infer import DAMAGES, SETTINGS_DAMAGES, help_by_flag, numeric_flags, other_base, step_copy  # noqa: F401
 from train_dreambooth_lora_ssd1b import LORA_FILE, UserError
 
 
@@ -251,7 +251,7 @@ def test_mistakes_are_refused_in_one_line(case, message, trained_run, photos, sc
     (tmp_path / "bare").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "bare" / "x.png")
     (tmp_path / "half").mkdir()
-    (tmp_path / "half" / "config.json").write_text("{}")
+    (tmp_path / "half" / "config.json").write_text(json.dumps({"model_type": "vit"}))  # a DINO without processor
     render = ["--checkpoint", str(trained_run / "step3"), "--class_noun", "dog", "--subject_kind", "live"]
     argv = {"no_checkpoint": ["--checkpoint", str(tmp_path / "nope"), "--class_noun", "dog", "--subject_kind", "live"],
             "empty_photos": render,
@@ -589,4 +589,65 @@ def test_a_run_without_matplotlib_is_refused_in_one_line_before_anything_loads(t
     fake_versions(monkeypatch, matplotlib=None)
     with pytest.raises(UserError, match="^matplotlib is not installed: run pip install -r requirements.txt$"):
         evaluate.main(run_argv(three_step_run, photos, scorer_dirs, tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Mismatches: scorers of the wrong kind, steps of another base model; named before anything loads
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flag, folder, message", [
+    ("--dino_model", "clip", "--dino_model {folder} holds a clip model (model_type 'clip' in its config.json), and "
+                             "--dino_model needs a DINO ViT such as facebook/dino-vits16: pass one; it is what "
+                             "--clip_model takes: did you swap the two?"),
+    ("--clip_model", "dino", "--clip_model {folder} holds a vit model (model_type 'vit' in its config.json), and "
+                             "--clip_model needs a CLIP model with its text tower, such as "
+                             "openai/clip-vit-base-patch32: pass one; it is what --dino_model takes"),
+    ("--clip_model", "unet", "--clip_model {folder} holds no transformers model (its config.json names no model_type; "
+                             "it is for UNet2DConditionModel), and --clip_model needs a CLIP model"),
+])
+def test_a_scorer_of_the_wrong_kind_is_refused_naming_what_its_folder_holds(flag, folder, message, trained_run, photos,
+                                                                            scorer_dirs, tiny_model, tmp_path,
+                                                                            no_model_loads):
+    folder = {"dino": scorer_dirs[0], "clip": scorer_dirs[1], "unet": tiny_model / "unet"}[folder]
+    argv = with_flags(render_argv(trained_run / "step3", photos, scorer_dirs, tmp_path / "out"), flag, str(folder))
+    with pytest.raises(UserError, match=re.escape(message.format(folder=folder))):
+        evaluate.main(argv)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_step_evaluated_on_another_base_model_is_refused_naming_its_own(trained_run, tiny_model, other_base, photos,
+                                                                         scorer_dirs, tmp_path, no_model_loads):
+    argv = [*render_argv(trained_run / "step3", photos, scorer_dirs, tmp_path / "out"),
+            "--pretrained_model_name_or_path", str(other_base)]
+    with pytest.raises(UserError, match=re.escape(f"were trained on {tiny_model} (recorded in ")
+                       + f".*: pass --pretrained_model_name_or_path {re.escape(str(tiny_model))}, or leave it out$"):
+        evaluate.main(argv)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def other_base_run(other_base, photos, tmp_path_factory):
+    """A one-step run on the other, wider base model."""
+    from conftest import run_trainer, tiny_args
+
+    output_dir = tmp_path_factory.mktemp("wide_run") / "out"
+    run_trainer(*tiny_args(other_base, photos, output_dir, "--max_train_steps", 1, "--optimizer", "adamw"))
+    return output_dir
+
+
+def test_a_run_whose_steps_come_from_two_base_models_is_refused_before_anything_loads(
+        three_step_run, other_base_run, tiny_model, other_base, photos, scorer_dirs, tmp_path, no_model_loads):
+    import shutil
+
+    run = copy_run(three_step_run, tmp_path / "run", ["step0", "step1"])
+    shutil.copytree(other_base_run / "step0", run / "step2")  # a second run written into the same folder
+    with pytest.raises(UserError, match=re.escape(
+            f"the steps of {run} come from 2 base models (step0, step1 from {tiny_model}; step2 from {other_base}): "
+            "pass --steps 2 (the newest step's base), or evaluate each step dir on its own")):
+        evaluate.main(run_argv(run, photos, scorer_dirs, tmp_path / "out"))
+    with pytest.raises(UserError, match=re.escape(f"the adapters in {run / 'step2'} were trained on {other_base}")):
+        evaluate.main(run_argv(run, photos, scorer_dirs, tmp_path / "out", "--steps", "2",
+                               "--pretrained_model_name_or_path", str(tiny_model)))
     assert not (tmp_path / "out").exists()

@@ -63,7 +63,8 @@ def test_png_carries_a1111_parameters(rendered, trained_run):
     prompt, negative, settings = text.split("\n")
     assert prompt == "a sks dog in a bucket"
     assert negative == "Negative prompt: blurry"
-    for part in ["Steps: 3", "Sampler: EulerDiscreteScheduler", "CFG scale: 4.5", "Seed: 7", "Size: 64x64", f"Lora: {trained_run / 'step3'}"]:
+    for part in ["Steps: 3", "Sampler: EulerDiscreteScheduler", "CFG scale: 4.5", "Seed: 7", "Size: 64x64",
+                 f"Lora: {trained_run.name}/step3"]:
         assert part in settings
 
 
@@ -258,18 +259,30 @@ SETTINGS_DAMAGES = {  # how run_settings.json gets damaged -> what the refusal s
     "not utf-8": (lambda s: (s / SETTINGS_FILE).write_bytes(b"\xff\xfe{}"), r"\(UnicodeDecodeError: "),
     "not an object": (lambda s: (s / SETTINGS_FILE).write_text("[64]"), "holds a JSON list, not an object"),
     "resolution abc": (lambda s: edit_settings(s, resolution="abc"), 'records resolution "abc", which is not a '
-                       "positive multiple of 8: pass --height and --width explicitly, or restore the file"),
+                       r"multiple of 8 in \[8, 4096\], as the trainer's --resolution: pass --height and --width "
+                       "explicitly, or restore the file"),
     "resolution -64": (lambda s: edit_settings(s, resolution=-64), "records resolution -64"),
     "model a number": (lambda s: edit_settings(s, pretrained_model_name_or_path=5),
                        "records pretrained_model_name_or_path 5, which is not a non-empty string: pass "
                        "--pretrained_model_name_or_path explicitly"),
     "prompt a list": (lambda s: edit_settings(s, instance_prompt=["a", "b"]), "pass --prompt explicitly"),
     "revision a list": (lambda s: edit_settings(s, revision=["main"]),
-                        r'records revision \["main"\], which is not a string or null: restore it from the run$'),
+                        r'records revision \["main"\], which is not a non-empty string or null: restore it from the '
+                        "run$"),
     "derived a list": (lambda s: edit_settings(s, derived=[1]), "records derived as a JSON list, not an object"),
     "validation size odd": (lambda s: edit_settings(s, validation_size=[64, 60]), r"records validation_size \[64, "
-                            r"60\], which is not null or a \[height, width\] pair of positive multiples of 8: pass "
-                            "--height and --width explicitly"),
+                            r"60\], which is not null or a \[height, width\] pair, each a multiple of 8 in \[8, "
+                            r"4096\]: pass --height and --width explicitly"),
+    # what the file records is held to the flags' own ranges: past 4096 a render runs for minutes, or hours
+    "validation size past the cap": (lambda s: edit_settings(s, validation_size=[8192, 64]),
+                                     r"records validation_size \[8192, 64\], which is not null or a \[height, "
+                                     r"width\] pair, each a multiple of 8 in \[8, 4096\]"),
+    "resolution past the cap": (lambda s: edit_settings(s, resolution=8192, validation_size=None),
+                                "records resolution 8192, which is not a multiple of 8 in"),
+    "resolution a bool": (lambda s: edit_settings(s, resolution=True, validation_size=None),
+                          "records resolution true"),
+    "vae an empty string": (lambda s: edit_settings(s, pretrained_vae_model_name_or_path=""),
+                            'records pretrained_vae_model_name_or_path "", which is not a non-empty string or null'),
     "derived model a number": (lambda s: edit_settings(s, derived={"pretrained_model_name_or_path": 5}),
                                "records pretrained_model_name_or_path 5, which is not a non-empty string"),
 }
@@ -357,3 +370,118 @@ def test_help_shows_every_default(monkeypatch):
         if action.dest != "help" and not action.required:
             assert "default: " in shown[action.option_strings[0]], f"{action.option_strings[0]} says no default"
     assert shown["--prompt"].endswith("default: the run's instance prompt"), "None is not shown as a default"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Adapters and the base model they render on: a mismatch named before any weight loads
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def other_base(tmp_path_factory):
+    """A second tiny SSD-1B-shaped model whose UNet is twice as wide: adapters of one do not fit the other."""
+    from make_tiny_ssd1b import make_text_encoders, make_tokenizers, make_unet, make_vae, save_pipeline
+
+    tokenizers = make_tokenizers()
+    return save_pipeline(tmp_path_factory.mktemp("other") / "wide", make_vae(0),
+                         make_text_encoders(len(tokenizers[0]), 0), tokenizers, make_unet(0, widths=(32, 64, 64)))
+
+
+def test_adapters_of_another_base_model_are_refused_naming_the_base_they_were_trained_on(
+        trained_run, tiny_model, other_base, tmp_path, no_model_loads):
+    with pytest.raises(UserError) as refused:
+        infer.main(["--checkpoint", str(trained_run / "step3"), "--pretrained_model_name_or_path", str(other_base),
+                    "--output", str(tmp_path / "out")])
+    message = str(refused.value)
+    assert message.startswith(f"the adapters in {trained_run / 'step3'} were trained on {tiny_model} (recorded in "
+                              f"{trained_run / 'step3' / SETTINGS_FILE}), and do not fit {other_base} (")
+    assert message.endswith(f"): pass --pretrained_model_name_or_path {tiny_model}, or leave it out")
+    assert "\n" not in message and not (tmp_path / "out").exists()
+
+
+def reshaped(path, change):
+    """The adapter file with change(tensors) applied, its metadata kept."""
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(path)
+    change(tensors)
+    save_file(tensors, path, metadata=metadata)
+
+
+def first_key(tensors, part):
+    return next(k for k in sorted(tensors) if k.startswith("unet.") and part in k)
+
+
+MISFITS = {  # how an adapter file stops fitting the model it was trained on -> what the refusal says
+    "a wider down tensor": (lambda t: t.update({(k := first_key(t, "lora.down")): torch.zeros(t[k].shape[0], 48)}),
+                            r"lora\.down \[4, 48\]: the layer's input is 32 wide; 1 misfit\(s\) in all"),
+    "a narrower up tensor": (lambda t: t.update({(k := first_key(t, "lora.up")): torch.zeros(8, t[k].shape[1])}),
+                             r"lora\.up \[8, 4\]: the layer's output is 32 wide"),
+    "ranks that disagree": (lambda t: t.update({(k := first_key(t, "lora.up")): torch.zeros(t[k].shape[0], 2)}),
+                            r"its down and up tensors disagree on the rank \(\[2, 4\]\)"),
+    "a layer the model lacks": (lambda t: t.update({k.replace("down_blocks.1", "down_blocks.7"): t.pop(k) for k in
+                                                    [first_key(t, "down_blocks.1")]}),
+                                r"unet\.down_blocks\.7\..*: unet has no such layer"),
+    "a tensor of no LoRA layer": (lambda t: t.update({"unet.conv_in.weight": torch.zeros(1)}),
+                                  r"holds 1 tensor\(s\) that are no LoRA layer of unet, text_encoder or "
+                                  r"text_encoder_2, e\.g\. 'unet\.conv_in\.weight'"),
+}
+
+
+@pytest.mark.parametrize("misfit", list(MISFITS))
+def test_an_adapter_file_that_does_not_fit_its_model_is_refused_before_any_model_loads(misfit, trained_run, tmp_path,
+                                                                                       no_model_loads):
+    step = step_copy(trained_run, tmp_path)
+    change, message = MISFITS[misfit]
+    reshaped(step / LORA_FILE, change)
+    with pytest.raises(UserError, match=message) as refused:
+        infer.main(["--checkpoint", str(step), "--output", str(tmp_path / "out")])
+    assert str(step / LORA_FILE) in str(refused.value) and "\n" not in str(refused.value)
+
+
+def with_metadata(path, change):
+    """The adapter file with its lora_adapter_metadata text replaced by change(text)."""
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    save_file(load_file(path), path, metadata={**metadata, "lora_adapter_metadata":
+                                               change(metadata["lora_adapter_metadata"])})
+
+
+METADATA_DAMAGES = {  # how the LoRA settings in the adapter file get damaged -> what the refusal says
+    "not json": (lambda text: text[:-2], "its lora_adapter_metadata is not a JSON object; the file was edited or "
+                                         "damaged: copy it again from the run, or use another stepN"),
+    "another rank": (lambda text: text.replace('"unet.r": 4', '"unet.r": 16'),
+                     r"its lora_adapter_metadata gives unet rank 16, and its tensors have rank 4 \(e\.g\. unet\."),
+    "a field peft lacks": (lambda text: json.dumps({**json.loads(text), "text_encoder.colour": "red"}),
+                           r"its text_encoder settings in lora_adapter_metadata are no LoraConfig \(TypeError: "),
+}
+
+
+@pytest.mark.parametrize("damage", list(METADATA_DAMAGES))
+def test_lora_settings_in_the_adapter_file_that_diffusers_cannot_build_are_refused_before_any_model_loads(
+        damage, trained_run, tmp_path, no_model_loads):
+    step = step_copy(trained_run, tmp_path)
+    change, message = METADATA_DAMAGES[damage]
+    with_metadata(step / LORA_FILE, change)
+    with pytest.raises(UserError, match=message) as refused:
+        infer.main(["--checkpoint", str(step), "--output", str(tmp_path / "out")])
+    assert str(refused.value).startswith(f"{step / LORA_FILE}: ") and "\n" not in str(refused.value)
+
+
+def test_the_adapters_of_every_kind_of_run_fit_their_own_base(trained_run, dora_run, tiny_model):
+    # UNet and both text encoders, LoRA and DoRA (whose magnitudes are checked too)
+    layers = infer.base_layer_shapes(str(tiny_model), None)
+    for step in [trained_run / "step3", dora_run / "step1"]:
+        modules, unknown = infer.adapter_shapes(step / LORA_FILE)
+        assert unknown == [] and infer.misfits(modules, layers) == []
+        assert {component for component, _ in modules} == {"unet", "text_encoder", "text_encoder_2"}
+    assert any("lora_magnitude_vector" in parts for parts in infer.adapter_shapes(dora_run / "step1" / LORA_FILE)[0]
+               .values())
+
+
+def test_a_checkpoint_typed_as_dot_names_the_files_and_metadata_after_its_step_dir(trained_run, tmp_path,
+                                                                                    monkeypatch):
+    monkeypatch.chdir(trained_run / "step3")
+    [path] = infer.main(["--checkpoint", ".", "--num_inference_steps", "1", "--output", str(tmp_path)])
+    assert path.name == "step3_seed0.png"
+    assert f"Lora: {trained_run.name}/step3, " in Image.open(path).text["parameters"]
