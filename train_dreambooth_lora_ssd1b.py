@@ -256,12 +256,19 @@ class ArgumentParser(argparse.ArgumentParser):
         """A flag given twice (or under both its names) would keep the last value without a word."""
         seen = {}
         for flag in [token.split("=", 1)[0] for token in argv if token.startswith("--")]:
-            action = self._option_string_actions.get(flag)
+            action = self.action_named(flag)
             if action is None or action.dest == "help":
                 continue
             if action.dest in seen:
                 raise UserError(f"{seen[action.dest]} is given twice (then as {flag}): keep one")
             seen[action.dest] = flag
+
+    def action_named(self, flag):
+        """The flag's action, also when abbreviated as argparse accepts it (--mixed for --mixed_precision)."""
+        if flag in self._option_string_actions:
+            return self._option_string_actions[flag]
+        found = {a for o, a in self._option_string_actions.items() if self.allow_abbrev and o.startswith(flag)}
+        return found.pop() if len(found) == 1 else None  # ambiguous or unknown: argparse's own refusal names it
 
     def error(self, message):
         raise UserError(f"{message} (see --help)")
