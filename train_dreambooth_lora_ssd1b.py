@@ -617,7 +617,7 @@ if __name__ == "__main__":  # main() checks the flags again, as parse_args() doe
     except UserError as error:
         sys.exit(f"error: {error}")
 try:
-    check_versions([name for name in MINIMUM_VERSIONS if name not in OPTIMIZER_PACKAGES])
+    check_versions([name for name in MINIMUM_VERSIONS if name not in OPTIMIZER_PACKAGES and name not in CURVE_PACKAGES])
 except UserError as error:
     sys.exit(f"error: {error}")
 # Third-party notices about nothing the user did: transformers falls back to its PIL image processors without

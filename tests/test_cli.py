@@ -670,6 +670,29 @@ def test_help_states_every_default(capsys):
     assert "(default: None)" not in text and "(default: False)" not in text
 
 
+HIDE_MATPLOTLIB = """
+import importlib.metadata, runpy, sys
+real = importlib.metadata.version
+def version(name):
+    if name == "matplotlib":
+        raise importlib.metadata.PackageNotFoundError(name)
+    return real(name)
+importlib.metadata.version = version
+sys.modules["matplotlib"] = None  # import matplotlib raises ImportError, as when it is not installed
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_a_fresh_trainer_without_matplotlib_runs_up_to_its_own_checks(tmp_path):
+    # in a fresh interpreter, since the version check at import has long run in this one
+    argv = ["--pretrained_model_name_or_path", tmp_path / "no-model", "--instance_dir", tmp_path / "no-photos",
+            "--instance_prompt", "a photo of sks dog", "--output_dir", tmp_path / "out"]
+    done = subprocess.run([sys.executable, "-c", HIDE_MATPLOTLIB, ROOT / "train_dreambooth_lora_ssd1b.py", *argv],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 1 and "matplotlib" not in done.stderr and "no-photos" in done.stderr, done.stderr
+
+
 def test_the_trainer_does_not_need_matplotlib(monkeypatch, tmp_path):
     fake_versions(monkeypatch, matplotlib=None)  # only evaluate.py's curve draws with it
     argv = ["--pretrained_model_name_or_path", tmp_path / "no-model", "--instance_dir", tmp_path / "no-photos",
