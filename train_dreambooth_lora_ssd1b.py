@@ -2005,7 +2005,7 @@ def base_prediction(models, noisy_latents, timesteps, prompts, time_ids, train_t
     with torch.no_grad(), adapters_off([models.unet, *(models.text_encoders if train_text_encoder else [])]) as bare:
         base = dataclasses.replace(models, text_encoders=bare[1:] or models.text_encoders)
         embeds, pooled = prompt_embeddings(prompts, base, False, device)
-        added = {"text_embeds": pooled, "time_ids": time_ids.to(embeds.dtype)}
+        added = {"text_embeds": pooled, "time_ids": time_ids}  # fp32, as in training_step
         return bare[0](noisy_latents, timesteps, embeds, added_cond_kwargs=added).sample
 
 
@@ -2036,7 +2036,9 @@ def training_step(batch, models, generators, device, *, noise_offset, train_text
         noisy_latents, timesteps, time_ids = (torch.cat([x, x]) for x in (noisy_latents, timesteps, time_ids))
 
     prompt_embeds, pooled = prompt_embeddings(batch["prompts"], models, train_text_encoder, device)
-    added = {"text_embeds": pooled, "time_ids": time_ids.to(prompt_embeds.dtype)}
+    # time ids stay fp32: bf16 holds 8 significant bits, so an original size of 1023 would condition as 1024
+    # (the UNet's sinusoidal projection of them runs in fp32 anyway)
+    added = {"text_embeds": pooled, "time_ids": time_ids}
     model_pred = models.unet(noisy_latents, timesteps, prompt_embeds, added_cond_kwargs=added).sample
     if from_base:
         half = slice(len(latents), None)
