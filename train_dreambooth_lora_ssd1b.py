@@ -2006,7 +2006,11 @@ def base_prediction(models, noisy_latents, timesteps, prompts, time_ids, train_t
         base = dataclasses.replace(models, text_encoders=bare[1:] or models.text_encoders)
         embeds, pooled = prompt_embeddings(prompts, base, False, device)
         added = {"text_embeds": pooled, "time_ids": time_ids}  # fp32, as in training_step
-        return bare[0](noisy_latents, timesteps, embeds, added_cond_kwargs=added).sample
+        # the bare UNet lacks the autocast accelerate put on its wrapper (torch.compile's, or DDP's): the same one
+        # here, from the frozen weights' dtype, which is --mixed_precision's
+        dtype = next(p.dtype for p in bare[0].parameters() if not p.requires_grad)
+        with torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32):
+            return bare[0](noisy_latents, timesteps, embeds, added_cond_kwargs=added).sample.float()
 
 
 def training_step(batch, models, generators, device, *, noise_offset, train_text_encoder, with_prior,

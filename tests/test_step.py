@@ -145,3 +145,17 @@ def test_time_ids_reach_the_unet_exactly_under_bf16(tiny_model, photos, tmp_path
                               **trainer.method_settings(args))
     assert seen and all(s.dtype == torch.float32 for s in seen)
     assert all(s.view(-1, 6)[:, :2].tolist() == [[1023.0, 1021.0]] * len(s.view(-1, 6)) for s in seen)
+
+
+def test_a_compiled_bf16_run_takes_the_base_models_prediction_under_autocast(tiny_model, photos, tmp_path, monkeypatch):
+    # accelerate puts its autocast on the module it prepares, torch.compile's wrapper here, while the base
+    # prediction calls the bare UNet beneath it: without an autocast of its own, fp32 latents meet bf16 weights.
+    # A real torch.compile (dynamo's wrapper), with its eager backend: inductor's code generation would add minutes
+    import functools
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    out = tmp_path / "out"
+    run_trainer(*tiny_args(tiny_model, photos, out, "--max_train_steps", 1, "--optimizer", "adamw", "--compile",
+                           "--mixed_precision", "bf16", "--with_prior_preservation", "--class_prompt", "a photo of dog",
+                           "--prior_target", "base_prediction"))
+    assert (out / "step0" / trainer.LORA_FILE).is_file()
