@@ -649,6 +649,8 @@ gc.freeze()
 
 # transformers 4.56 renamed from_pretrained's torch_dtype to dtype; the old name warns from 5 on
 TRANSFORMERS_DTYPE = "dtype" if Version(installed_version("transformers")) >= Version("4.56") else "torch_dtype"
+# diffusers 0.40 did the same (0.42 warns at torch_dtype); 0.35.2, the lowest this supports, knows only torch_dtype
+DIFFUSERS_DTYPE = "dtype" if Version(installed_version("diffusers")) >= Version("0.40") else "torch_dtype"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -658,6 +660,12 @@ TRANSFORMERS_DTYPE = "dtype" if Version(installed_version("transformers")) >= Ve
 
 def looks_like_hub_id(name):
     return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not os.path.exists(name)
+
+
+def shared_name(name):
+    """A model or folder as what leaves this machine names it (the model card, a PNG's metadata): a Hub id as it
+    is, a local folder by its base name, since its full path would publish the user's own folders."""
+    return name if looks_like_hub_id(name) else Path(name).resolve().name
 
 
 def resolve_instance_dir(name, revision=None):
@@ -712,6 +720,11 @@ def say(message):
 
 def warn(message):
     say(f"warning: {message}")
+
+
+def counted(number, noun, plural=None):
+    """'1 image', '2 images': a count with its noun in the number it takes."""
+    return f"{number} {noun if number == 1 else plural or noun + 's'}"
 
 
 def image_size(path):
@@ -1281,7 +1294,8 @@ def check_inputs(args, settings):
     if args.output_kohya_format and not settings.output_kohya_format:
         say(f"note: --use_dora writes no {KOHYA_FILE}: {DORA_IN_KOHYA_FILE}")
     captioned = sum(p != args.instance_prompt for p in instance_prompts)
-    say(f"{captioned} of {len(instance_images)} photos have a {settings.caption_extension} caption"
+    say(f"{captioned} of {counted(len(instance_images), 'photo')} {'has' if captioned == 1 else 'have'} a "
+        f"{settings.caption_extension} caption"
         + ("; the others use the instance prompt" if captioned else ""))
     return instance_images, instance_prompts, settings
 
@@ -1310,7 +1324,7 @@ def load_models(model, vae_model, revision, variant, dtype, device, with_unet=Tr
     leaves models.unet None, for load_unet once the text encoders have gone."""
     common = dict(revision=revision, variant=variant)
     # each loaded straight in its run dtype: no full-precision copy first (and diffusers warns at a later cast)
-    diffusers_common = dict(common, torch_dtype=dtype)
+    diffusers_common = dict(common, **{DIFFUSERS_DTYPE: dtype})
     transformers_common = dict(common, **{TRANSFORMERS_DTYPE: dtype})
     with load_errors_named(model, vae_model):
         tokenizers = [CLIPTokenizer.from_pretrained(model, subfolder=sub, revision=revision)
@@ -1320,7 +1334,7 @@ def load_models(model, vae_model, revision, variant, dtype, device, with_unet=Tr
                                                                      **transformers_common)]
         unet = load_unet(model, revision, variant, dtype, device) if with_unet else None
         if vae_model:
-            vae = AutoencoderKL.from_pretrained(vae_model, torch_dtype=dtype)
+            vae = AutoencoderKL.from_pretrained(vae_model, **{DIFFUSERS_DTYPE: dtype})
         else:
             vae = AutoencoderKL.from_pretrained(model, subfolder="vae", **diffusers_common)
         noise_scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler", revision=revision)
@@ -1352,9 +1366,9 @@ def load_unet(model, revision, variant, dtype, device):
     unexpected = [name for file in files for name in stream_weights(unet, file, dtype, device, model)]
     missing = [name for name, tensor in unet.state_dict().items() if tensor.is_meta]
     if missing or unexpected:
-        raise UserError(f"cannot load {model}: its UNet weights do not fit its config ({len(missing)} tensors "
-                        f"missing, {len(unexpected)} unknown, e.g. {(missing + unexpected)[0]}); download the model "
-                        "again")
+        raise UserError(f"cannot load {model}: its UNet weights do not fit its config "
+                        f"({counted(len(missing), 'tensor')} missing, {len(unexpected)} unknown, e.g. "
+                        f"{(missing + unexpected)[0]}); download the model again")
     unet.register_to_config(_name_or_path=model)  # as from_pretrained does
     return unet.eval().requires_grad_(False).to(device)  # from_pretrained's eval mode; buffers to the device
 
@@ -2154,7 +2168,10 @@ def portable_lora_metadata(config):
     diffusers builds LoraConfig(**metadata), and an older peft refuses fields it doesn't know."""
     defaults = LoraConfig().to_dict()
     needed = ("r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern")
-    return {key: value for key, value in config.to_dict().items() if key in needed or value != defaults.get(key)}
+    metadata = {key: value for key, value in config.to_dict().items() if key in needed or value != defaults.get(key)}
+    if metadata.get("base_model_name_or_path"):  # the file goes to the Hub: no local path in it
+        metadata["base_model_name_or_path"] = shared_name(metadata["base_model_name_or_path"])
+    return metadata
 
 
 def kohya_module_name(module, layers_per_block):
@@ -2429,7 +2446,7 @@ def log_validation(accelerator, models, args, settings, step):
         save_png_atomic(image, folder / f"seed{seed}.png")
     grid = side_by_side(image_grid(images), image_grid(base)) if base else image_grid(images)
     save_png_atomic(grid, folder / "grid.png")
-    tqdm.write(f"validation: {len(images)} images of '{args.validation_prompt}' in {folder} "
+    tqdm.write(f"validation: {counted(len(images), 'image')} of '{args.validation_prompt}' in {folder} "
                f"({(time.perf_counter() - started) / len(images):.1f} s/image)")
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
@@ -2588,12 +2605,15 @@ def set_card_evaluation(output_dir, evaluation_dir):
 
 
 def card_settings(args, settings, step, num_processes, base_id, hub_model_id):
-    te = args.train_text_encoder
+    """The card's title and table of settings; local folders by their base names (shared_name)."""
+    te, vae = args.train_text_encoder, settings.pretrained_vae_model_name_or_path
+    vae = f"`{shared_name(vae)}`" if vae else "the base model's own"
     unet_lr, text_encoder_lr = effective_learning_rates(args, num_processes)
     scaled = (f" (--scale_lr: {unet_lr:g}{f', text encoders {text_encoder_lr:g}' if te else ''})"
               if args.scale_lr else "")
-    base = f"[{base_id}](https://huggingface.co/{base_id})" if base_id else f"`{args.pretrained_model_name_or_path}`"
-    source = (f"{args.num_class_images} class images" if uses_class_images(args)
+    base = (f"[{base_id}](https://huggingface.co/{base_id})" if base_id
+            else f"`{shared_name(args.pretrained_model_name_or_path)}`")
+    source = (counted(args.num_class_images, "class image") if uses_class_images(args)
               else "the base model's own prediction as target")
     prior = (f"`{args.class_prompt}`, {source}, weight {args.prior_loss_weight}"
              if args.with_prior_preservation else "off")
@@ -2604,8 +2624,8 @@ def card_settings(args, settings, step, num_processes, base_id, hub_model_id):
         + (f"The adapters of step {step}: `{LORA_FILE}`." if hub_model_id else f"Latest adapters: `step{step - 1}/`."),
         "",
         "| setting | value |", "|---|---|",
-        f"| base model | `{args.pretrained_model_name_or_path}` |",
-        f"| VAE | `{settings.pretrained_vae_model_name_or_path or 'the base model own'}` |",
+        f"| base model | `{shared_name(args.pretrained_model_name_or_path)}` |",
+        f"| VAE | {vae} |",
         f"| instance prompt | `{args.instance_prompt}` |",
         f"| identifier | `{identifier(args.instance_prompt, args.class_prompt)}` |",
         f"| prior preservation | {prior} |",
@@ -2625,20 +2645,21 @@ def card_usage(args, settings, step, hub_model_id):
     """How to load the adapters: from the Hub repo, or from the step dir (paths as seen from the output dir)."""
     step_dir = f"step{step - 1}"
     where = hub_model_id or step_dir
-    base = args.pretrained_model_name_or_path
+    base = shared_name(args.pretrained_model_name_or_path)  # local folders by name: the card may go to the Hub
     vae = settings.pretrained_vae_model_name_or_path
     lines = ["## Use it", ""]
     if not hub_model_id:
-        lines += ["With this project's `infer.py`, from any folder:", "", "```bash",
-                  infer_command(Path(settings.output_dir) / step_dir, args.validation_prompt or args.instance_prompt),
+        lines += ["With this project's `infer.py`, in this folder:", "", "```bash",
+                  card_infer_command(settings.output_dir, step_dir, args.validation_prompt or args.instance_prompt),
                   "```", ""]
+    dtype = f"{DIFFUSERS_DTYPE}=torch.float16"
     lines += [
-        "With diffusers:", "", "```python", "import torch", "from diffusers import AutoencoderKL, "
-        "StableDiffusionXLPipeline", "",
-        f'vae = AutoencoderKL.from_pretrained("{args.pretrained_vae_model_name_or_path}", torch_dtype=torch.float16)'
+        "With diffusers, in fp16 on a CUDA GPU (on a CPU: torch.float32 and `.to(\"cpu\")`):", "", "```python",
+        "import torch", "from diffusers import AutoencoderKL, StableDiffusionXLPipeline", "",
+        f'vae = AutoencoderKL.from_pretrained("{shared_name(vae)}", {dtype})'
         if vae else "vae = None  # the base model's own VAE",
         f'pipe = StableDiffusionXLPipeline.from_pretrained("{base}", ' + ("vae=vae, " if vae else "")
-        + 'torch_dtype=torch.float16).to("cuda")',
+        + f'{dtype}).to("cuda")',
         f'pipe.load_lora_weights("{where}")', "```", ""]
     if not hub_model_id:
         te_lines = ['pipe.text_encoder = PeftModel.from_pretrained(pipe.text_encoder, ckpt / "text_encoder_one")',
@@ -2668,6 +2689,15 @@ def card_file_table(args, step_dir, hub_model_id, kohya):
                  "prompt |",
                  f"| kohya's sd-scripts | `{where}{KOHYA_FILE}` | `--network_weights {where}{KOHYA_FILE}` |"]
     return ["## Which file for which tool", "", "| tool | file | what it needs |", "|---|---|---|", *rows, ""]
+
+
+def card_infer_command(output_dir, step_dir, prompt):
+    """The card's infer.py command, run in the run's folder: the step dir by its name, and infer.py by its path
+    from there when it lies above (the project's work_dirs/), else by its name, never by a full path."""
+    infer = Path(__file__).resolve().parent / "infer.py"
+    relative = Path(os.path.relpath(infer, Path(output_dir).resolve()))
+    script = relative.as_posix() if set(relative.parent.parts) <= {".."} else "infer.py"
+    return shlex.join(["python", script, "--checkpoint", step_dir, "--prompt", prompt])
 
 
 def infer_command(step_dir, prompt):
@@ -2909,8 +2939,8 @@ def prepare_class_images(accelerator, models, args, settings, load_unet):
     missing = missing_class_images(class_dir, args.num_class_images)
     accelerator.wait_for_everyone()  # everyone has the same list before anyone writes
     if missing:
-        accelerator.print(f"making {len(missing)} class images of '{args.class_prompt}' in {class_dir} (kept for "
-                          "the next run)")
+        accelerator.print(f"making {counted(len(missing), 'class image')} of '{args.class_prompt}' in {class_dir} "
+                          "(kept for the next run)")
         if models.unet is None:
             models.unet = load_unet()
         pipe = build_pipeline(models, settings.pretrained_model_name_or_path, args.revision, args.variant,
@@ -2938,8 +2968,8 @@ def build_caches(accelerator, models, args, targets, prompts):
                                                   masked=args.masked_loss)
         models.vae.encoder = models.vae.quant_conv = None
         release_memory()
-    accelerator.print(f"cached: {len(models.latent_cache or {})} latents ({args.cache_latents}), "
-                      f"{len(models.prompt_cache or {})} prompt embeddings")
+    accelerator.print(f"cached: {counted(len(models.latent_cache or {}), 'latent')} ({args.cache_latents}), "
+                      f"{counted(len(models.prompt_cache or {}), 'prompt embedding')}")
 
 
 def prompts_to_cache(instance_prompts, args, empty_prompt_is_zeros):
@@ -3057,10 +3087,12 @@ def main(argv=None):
                                                                    if isinstance(v, (int, float, str, bool))
                                                                    and k not in SECRET_FLAGS})
         effective = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-        accelerator.print(f"{len(instance_images)} instance photos, {len(class_images or [])} class images; "
-                          f"{args.max_train_steps} steps, effective batch {effective} = {args.train_batch_size} per "
-                          f"device x {accelerator.num_processes} processes x {args.gradient_accumulation_steps} "
-                          "accumulation")
+        processes = counted(accelerator.num_processes, "process", "processes")
+        accelerator.print(f"{counted(len(instance_images), 'instance photo')}, "
+                          f"{counted(len(class_images or []), 'class image')}; "
+                          f"{counted(args.max_train_steps, 'step')}, "
+                          f"effective batch {effective} = {args.train_batch_size} per device x {processes} x "
+                          f"{args.gradient_accumulation_steps} accumulation")
         if torch.cuda.is_available():  # training's own peak, apart from loading's and the caches'
             clock.peak_before_training = torch.cuda.max_memory_allocated()
             torch.cuda.reset_peak_memory_stats()
