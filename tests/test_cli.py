@@ -574,7 +574,8 @@ def test_an_empty_path_is_refused_not_read_as_the_current_folder(args_for, flag,
     (["--output_dir", "elsewhere"], "--output_dir is given twice (then as --output_dir): keep one"),
     (["--instance_data_dir", "other"], "--instance_dir is given twice (then as --instance_data_dir): keep one"),
     (["--seed=1", "--seed", "2"], "--seed is given twice"),
-    (["--mixed_precision", "no", "--mixed", "bf16"], "--mixed_precision is given twice (then as --mixed): keep one"),  # argparse's abbreviation
+    (["--mixed_precision", "no", "--mixed", "bf16"],  # --mixed: an abbreviation that argparse accepts
+     "--mixed_precision is given twice (then as --mixed): keep one"),
 ])
 def test_a_flag_given_twice_is_refused_not_overridden_by_the_last(args_for, extra, message):
     with pytest.raises(trainer.UserError, match=re.escape(message)):

@@ -63,8 +63,15 @@ def test_png_carries_a1111_parameters(rendered, trained_run):
     prompt, negative, settings = text.split("\n")
     assert prompt == "a sks dog in a bucket"
     assert negative == "Negative prompt: blurry"
-    for part in ["Steps: 3", "Sampler: EulerDiscreteScheduler", "CFG scale: 4.5", "Seed: 7", "Size: 64x64", f"Lora: {trained_run / 'step3'}"]:
+    for part in ["Steps: 3", "Sampler: EulerDiscreteScheduler", "CFG scale: 4.5", "Seed: 7", "Size: 64x64", "Lora: step3"]:
         assert part in settings
+
+
+def test_png_metadata_names_local_folders_without_their_full_paths(rendered, trained_run, tiny_model):
+    # a PNG is shared as it is: the model and adapters by their folders' names, not the user's full paths
+    settings = Image.open(rendered[0]).text["parameters"].split("\n")[-1]
+    assert f"Model: {tiny_model.name}, Lora: step3," in settings
+    assert str(trained_run) not in settings and str(tiny_model) not in settings
 
 
 def test_prompt_defaults_to_the_instance_prompt(trained_run, tmp_path):

@@ -135,7 +135,8 @@ def test_time_ids_reach_the_unet_exactly_under_bf16(tiny_model, photos, tmp_path
         tiny_model, photos, tmp_path / "out", "--with_prior_preservation", "--class_prompt", "a photo of dog",
         "--prior_target", prior_target, *(["--class_dir", photos] if prior_target == "class_images" else []))])
     images = trainer.list_images(photos)
-    dataset = trainer.DreamBoothDataset(images, "a photo of sks dog", images if prior_target == "class_images" else None,
+    class_images = images if prior_target == "class_images" else None
+    dataset = trainer.DreamBoothDataset(images, "a photo of sks dog", class_images,
                                         class_prompt="a photo of dog", resolution=64, center_crop=False,
                                         random_flip=False, seed=0, num_samples=1)
     batch = trainer.collate([dataset[0]])
