@@ -675,11 +675,56 @@ def resolve_instance_dir(name, revision=None):
     refuse_file_as_folder(name, "--instance_dir", "pass the folder that holds the photos")
     if not looks_like_hub_id(name):
         raise UserError(f"instance folder {name} does not exist: pass --instance_dir a folder of 3-20 photos")
+    fetch = functools.partial(huggingface_hub.snapshot_download, name, repo_type="dataset", revision=revision)
+    return Path(from_hub(fetch, f"--instance_dir {name}", name, "dataset", "pass a local folder of photos"))
+
+
+HUB_PROBE_SECONDS = 5  # a Hub that does not answer in this long is taken as unreachable
+
+
+def hub_unreachable():
+    """Why the Hub cannot be reached ('ConnectError'), or None when it answers: one request, no retries, asked
+    before huggingface_hub's own, which retry for about 25 s and log each try."""
     try:
-        return Path(huggingface_hub.snapshot_download(name, repo_type="dataset", revision=revision))
-    except Exception as e:  # offline, missing, gated: all have the same fixes
-        raise UserError(f"cannot fetch dataset {name} ({type(e).__name__}): pass a local folder of photos, "
-                        "or set HF_HUB_OFFLINE=1 once it is cached, or log in with `hf auth login`") from None
+        huggingface_hub.utils.get_session().head(huggingface_hub.constants.ENDPOINT, timeout=HUB_PROBE_SECONDS)
+    except Exception as e:  # DNS, refused, timed out, a proxy's error: whatever the HTTP library names it
+        return type(e).__name__
+    return None
+
+
+def from_hub(fetch, what, name, kind, local_fix):
+    """fetch(local_files_only=...)'s result: a Hub file or snapshot, from the cache when HF_HUB_OFFLINE is set or
+    the Hub is unreachable. A refusal says what fits: not cached (offline mode, or no network), no such repo or no
+    rights to it (spelling, login), or whatever else the Hub answered. `what` names the flag and value."""
+    repo_type = "" if kind == "model" else f" --repo-type {kind}"
+    download = (f"`hf download {name}{repo_type}` where the Hub is reachable (and copy its cache to "
+                f"{huggingface_hub.constants.HF_HUB_CACHE})")
+    offline = huggingface_hub.constants.HF_HUB_OFFLINE
+    down = None if offline else hub_unreachable()
+    try:
+        found = fetch(local_files_only=bool(offline or down))
+    except huggingface_hub.errors.LocalEntryNotFoundError:
+        if offline:
+            raise UserError(f"{what}: this {kind} is not in the local Hub cache, and HF_HUB_OFFLINE is set: run "
+                            f"{download}, or unset HF_HUB_OFFLINE, or {local_fix}") from None
+        raise UserError(f"{what}: the Hub ({huggingface_hub.constants.ENDPOINT}) cannot be reached ({down}) and this "
+                        f"{kind} is not in the local Hub cache: connect to the network, or run {download}, or "
+                        f"{local_fix}") from None
+    except huggingface_hub.errors.GatedRepoError:
+        raise UserError(f"{what}: this {kind} is gated: accept its terms on huggingface.co/{name} and log in with "
+                        f"`hf auth login`, or {local_fix}") from None
+    except huggingface_hub.errors.RepositoryNotFoundError:  # the Hub answers 401 for private and missing alike
+        raise UserError(f"{what}: no such {kind} on the Hub, or it is private: check the id's spelling, or log in "
+                        f"with `hf auth login` if it is yours, or {local_fix}") from None
+    except huggingface_hub.errors.RevisionNotFoundError:
+        raise UserError(f"{what}: the Hub has no such --revision of this {kind}: pass one it has (a branch, tag or "
+                        "commit), or leave --revision out") from None
+    except Exception as e:  # a file missing from the repo, a server error, a full disk: the Hub's own words
+        raise UserError(f"{what}: the Hub's answer was {type(e).__name__}: {one_line(e)}; or {local_fix}") from None
+    if down:
+        warn(f"the Hub cannot be reached ({down}): {what} comes from the local Hub cache; set HF_HUB_OFFLINE=1 so "
+             "that loading does not wait on the Hub's retries")
+    return found
 
 
 def refuse_file_as_folder(path, flag, fix):
@@ -903,11 +948,8 @@ def check_model_source(name, filename, flag, revision=None, parts=None, weights=
         raise UserError(f"{flag} {name} is a file, not a model folder: pass a local diffusers folder or a hub id")
     if not looks_like_hub_id(name):
         raise UserError(f"{flag} {name} does not exist: pass a local diffusers folder or a hub id")
-    try:
-        huggingface_hub.hf_hub_download(name, filename, revision=revision)
-    except Exception as e:
-        raise UserError(f"cannot reach {name} ({type(e).__name__}) for {flag}: pass a local folder, or set "
-                        "HF_HUB_OFFLINE=1 once it is cached, or log in with `hf auth login`") from None
+    fetch = functools.partial(huggingface_hub.hf_hub_download, name, filename, revision=revision)
+    from_hub(fetch, f"{flag} {name}", name, "model", "pass a local folder")
 
 
 def check_models(model, vae_model, revision, variant):
