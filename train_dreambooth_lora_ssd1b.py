@@ -1569,17 +1569,30 @@ def missing_class_images(class_dir, num_class_images):
     return missing[:max(0, num_class_images - len(have))]
 
 
+def class_image_sizes(names, num_class_images, instance_sizes):
+    """{name: (height, width)} for class images to make: the sizes the instance photos train at, in their
+    proportions, fixed by each name's number (class_00007.png), so that with aspect-ratio buckets each class image
+    trains at the size it was made at, not cropped and upscaled up to 2x from a square."""
+    sizes = sorted(instance_sizes)
+    return {name: sizes[int(re.search(r"\d+", name)[0]) % num_class_images * len(sizes) // num_class_images]
+            for name in names}
+
+
 def generate_class_images(pipe, class_dir, class_prompt, names, batch_size, resolution, seed,
                           num_inference_steps=50, disable_progress=False):
-    """Make the named class images; each is seeded by (seed, name), so who makes it doesn't matter."""
+    """Make the named class images; each is seeded by (seed, name), so who makes it doesn't matter. `resolution`:
+    one side for all (a square), or each name's (height, width) (class_image_sizes)."""
     names = list(names)
+    size = resolution if isinstance(resolution, dict) else dict.fromkeys(names, (resolution, resolution))
     progress = tqdm(total=len(names), desc="class images", unit="image", disable=disable_progress or not names)
-    for batch in [names[i:i + batch_size] for i in range(0, len(names), batch_size)]:
-        seeds = [derive_seed(seed, "class", name) % 2**63 for name in batch]
-        images = generate_images(pipe, class_prompt, seeds, resolution, resolution, num_inference_steps)
-        for name, image in zip(batch, images):
-            save_png_atomic(image, Path(class_dir) / name)
-        progress.update(len(batch))
+    for shape in dict.fromkeys(size[name] for name in names):  # a batch renders one size
+        alike = [name for name in names if size[name] == shape]
+        for batch in [alike[i:i + batch_size] for i in range(0, len(alike), batch_size)]:
+            seeds = [derive_seed(seed, "class", name) % 2**63 for name in batch]
+            images = generate_images(pipe, class_prompt, seeds, *shape, num_inference_steps)
+            for name, image in zip(batch, images):
+                save_png_atomic(image, Path(class_dir) / name)
+            progress.update(len(batch))
     progress.close()
 
 
@@ -1760,6 +1773,16 @@ def training_size(path, resolution, buckets=None):
     return nearest_bucket(*image_size(path), buckets) if buckets else (resolution, resolution)
 
 
+def class_pools(class_images, sizes, resolution, buckets=None):
+    """{training size: the class images a sample of that size draws from}: with buckets, those of that size's own
+    shape (as the trainer makes them, class_image_sizes), so none is cropped from another shape; all of them for a
+    size that has none (class images made square by an earlier run, or the user's own)."""
+    if not buckets:
+        return {size: list(class_images) for size in sizes}
+    shapes = {path: training_size(path, resolution, buckets) for path in class_images}
+    return {size: [p for p in class_images if shapes[p] == size] or list(class_images) for size in sizes}
+
+
 def bucket_batches(sizes, batch_size, seed, epoch):
     """One epoch as batches of photo indices, each batch one bucket: every photo once, in an order seeded per
     epoch; a bucket's last batch, when short, is filled from that bucket's own photos. `sizes`: each photo's bucket.
@@ -1804,6 +1827,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         self.seed, self.num_samples, self.cached = seed, num_samples, cached
         self.caption_dropout, self.masked, self.batch_size = caption_dropout, masked, batch_size
         self.sizes = [training_size(path, resolution, buckets) for path in instance_images]
+        self.class_pools = class_pools(self.class_images, set(self.sizes), resolution, buckets)
         self.buckets, self.plan = bool(buckets), (None, None)
         # samples per epoch with buckets: each bucket's photos in whole batches (bucket_batches' count)
         self.epoch_length = batch_size * sum(-(-self.sizes.count(size) // batch_size) for size in set(self.sizes))
@@ -1841,7 +1865,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
             prompt = ""  # the empty prompt: prompt_embeddings gives it the pipeline's unconditional
         item = {**self.example(path, size, rng, self.masked), "prompt": prompt, "sample": k}
         if self.class_images:  # cropped to the instance's size: a batch holds one size
-            class_example = self.example(pick(self.class_images, k, self.seed, "class"), size, rng)
+            class_example = self.example(pick(self.class_pools[size], k, self.seed, "class"), size, rng)
             item.update({f"class_{name}": value for name, value in class_example.items()})
         if self.class_prompt:
             item["class_prompt"] = self.class_prompt
@@ -1875,9 +1899,9 @@ def latent_targets(instance_images, class_images, resolution, buckets=None):
     if not buckets:
         return {path: {(resolution, resolution)} for path in [*instance_images, *class_images]}
     targets = {path: {training_size(path, resolution, buckets)} for path in instance_images}
-    used = set().union(*targets.values())
-    for path in class_images:
-        targets.setdefault(path, set()).update(used)
+    for size, pool in class_pools(class_images, set().union(*targets.values()), resolution, buckets).items():
+        for path in pool:
+            targets.setdefault(path, set()).add(size)
     return targets
 
 
@@ -2971,9 +2995,10 @@ def make_accelerator(args, settings):
     return accelerator
 
 
-def prepare_class_images(accelerator, models, args, settings, load_unet):
+def prepare_class_images(accelerator, models, args, settings, load_unet, instance_images=()):
     """Every process makes its share of the missing class images; N asked for means exactly N files. Making
-    them needs the UNet, so it loads here then, beside the text encoders, rather than after the caches."""
+    them needs the UNet, so it loads here then, beside the text encoders, rather than after the caches. With
+    buckets, each is made at one of the instance photos' training sizes (class_image_sizes)."""
     class_dir = Path(settings.class_dir)
     if accelerator.is_main_process:
         class_dir.mkdir(parents=True, exist_ok=True)
@@ -2987,9 +3012,12 @@ def prepare_class_images(accelerator, models, args, settings, load_unet):
             models.unet = load_unet()
         pipe = build_pipeline(models, settings.pretrained_model_name_or_path, args.revision, args.variant,
                               progress=False)  # the bar counts images instead
+        sizes = (class_image_sizes(missing, args.num_class_images, [training_size(p, args.resolution, settings.buckets)
+                                                                     for p in instance_images])
+                 if settings.buckets else args.resolution)
         with accelerator.split_between_processes(missing) as mine, accelerator.autocast():
             generate_class_images(pipe, class_dir, args.class_prompt, mine, args.sample_batch_size,
-                                  args.resolution, args.seed, disable_progress=not accelerator.is_local_main_process)
+                                  sizes, args.seed, disable_progress=not accelerator.is_local_main_process)
     accelerator.wait_for_everyone()
     return list_images(class_dir)[:args.num_class_images]
 
@@ -3090,7 +3118,7 @@ def main(argv=None):
                                  args.revision, args.variant, weight_dtype, accelerator.device, with_unet=False)
         accelerator.print(f"loaded the text encoders and the VAE in {clock.phases['load']:.1f} s")
         with clock.phase("class images"):  # none with --prior_target base_prediction: the base model's is the target
-            class_images = (prepare_class_images(accelerator, models, args, settings, load_unet_now)
+            class_images = (prepare_class_images(accelerator, models, args, settings, load_unet_now, instance_images)
                             if uses_class_images(args) else None)
         with clock.phase("caches"):
             targets = latent_targets(instance_images, class_images or [], args.resolution, settings.buckets)
