@@ -701,15 +701,20 @@ def from_hub(fetch, what, name, kind, local_fix):
                 f"{huggingface_hub.constants.HF_HUB_CACHE})")
     offline = huggingface_hub.constants.HF_HUB_OFFLINE
     down = None if offline else hub_unreachable()
+    quiet = lambda record: not record.getMessage().startswith(("Retrying in", "HTTP Error", "'"))  # noqa: E731
+    retries = logging.getLogger("huggingface_hub.utils._http")  # a line per retry, and one per failed try
+    retries.addFilter(quiet)
     try:
         found = fetch(local_files_only=bool(offline or down))
-    except huggingface_hub.errors.LocalEntryNotFoundError:
+    except huggingface_hub.errors.LocalEntryNotFoundError as e:
         if offline:
             raise UserError(f"{what}: this {kind} is not in the local Hub cache, and HF_HUB_OFFLINE is set: run "
                             f"{download}, or unset HF_HUB_OFFLINE, or {local_fix}") from None
-        raise UserError(f"{what}: the Hub ({huggingface_hub.constants.ENDPOINT}) cannot be reached ({down}) and this "
-                        f"{kind} is not in the local Hub cache: connect to the network, or run {download}, or "
-                        f"{local_fix}") from None
+        # the Hub answered the probe, then failed the download (a proxy's or the server's error): its own words
+        failed = (f"cannot be reached ({down})" if down else
+                  f"failed ({type(e.__cause__).__name__}: {one_line(e.__cause__)})" if e.__cause__ else "failed")
+        raise UserError(f"{what}: the Hub ({huggingface_hub.constants.ENDPOINT}) {failed} and this {kind} is not in "
+                        f"the local Hub cache: connect to the network, or run {download}, or {local_fix}") from None
     except huggingface_hub.errors.GatedRepoError:
         raise UserError(f"{what}: this {kind} is gated: accept its terms on huggingface.co/{name} and log in with "
                         f"`hf auth login`, or {local_fix}") from None
@@ -721,6 +726,8 @@ def from_hub(fetch, what, name, kind, local_fix):
                         "commit), or leave --revision out") from None
     except Exception as e:  # a file missing from the repo, a server error, a full disk: the Hub's own words
         raise UserError(f"{what}: the Hub's answer was {type(e).__name__}: {one_line(e)}; or {local_fix}") from None
+    finally:
+        retries.removeFilter(quiet)
     if down:
         warn(f"the Hub cannot be reached ({down}): {what} comes from the local Hub cache; set HF_HUB_OFFLINE=1 so "
              "that loading does not wait on the Hub's retries")
