@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from infer import (add_render_flags, base_layer_shapes, check_adapters_fit, check_numbers, load_pipeline, pick_device,
                    read_settings, render_images, resolve, same_model, trained_base)
 from train_dreambooth_lora_ssd1b import (CURVE_PACKAGES, LORA_FILE, ArgumentParser, UserError, apply_adapters,
-                                         check_images, check_model_source, check_versions, file_sha256,
+                                         check_images, check_model_source, check_versions, counted, file_sha256,
                                          finished_adapters, infer_command, list_images, load_image, looks_like_hub_id,
                                          read_json_config, refuse_empty, resolve_instance_dir, save_png_atomic,
                                          set_card_evaluation, set_lora_scale, step_of, warn, write_text_atomic)
@@ -409,7 +409,7 @@ def render_prompts(pipe, render, prompts, folder, name):
     for i, prompt in tqdm(prompts, desc=f"rendering {name}", unit="prompt"):
         images = render_images(pipe, dataclasses.replace(render, prompt=prompt), folder, f"prompt{i:02d}")
         rows.append((prompt, [image for _, image in images]))
-    print(f"{name}: {len(prompts) * len(render.seeds)} images in {folder}")
+    print(f"{name}: {counted(len(prompts) * len(render.seeds), 'image')} in {folder}")
     return rows
 
 
@@ -519,8 +519,8 @@ def write_outputs(output_dir, runs, scores, real_scores, settings):
         rows[0] = (f"{rows[0][0]}    [left: this run; right: base model]", rows[0][1])
     save_png_atomic(contact_sheet(rows), output_dir / "contact_sheet.png")
     print(table_text(overall, baseline, real_scores, paper))
-    print(f"{overall['num_images']} images over {len(per_prompt)} prompts; wrote {output_dir / 'report.json'}, "
-          f"per_prompt.csv and contact_sheet.png")
+    print(f"{counted(overall['num_images'], 'image')} over {counted(len(per_prompt), 'prompt')}; wrote "
+          f"{output_dir / 'report.json'}, per_prompt.csv and contact_sheet.png")
     return report
 
 

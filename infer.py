@@ -27,7 +27,7 @@ from safetensors import SafetensorError, safe_open
 from train_dreambooth_lora_ssd1b import (LORA_FILE, SETTINGS_FILE, ArgumentParser, LoraConfig, UserError,
                                          apply_adapters, build_pipeline, check_models, check_range, check_versions,
                                          generate_images, load_errors_named, load_models, one_line, ran, refuse_empty,
-                                         save_png_new)
+                                         save_png_new, shared_name)
 
 SEED_MAX = 2**64 - 1  # the largest seed torch.Generator takes; it takes negative ones too, as aliases of large ones
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -479,8 +479,8 @@ def parameters_text(render, seed, sampler):
     if render.negative_prompt:
         lines.append(f"Negative prompt: {render.negative_prompt}")
     lines.append(f"Steps: {render.num_inference_steps}, Sampler: {sampler}, CFG scale: {render.guidance_scale}, "
-                 f"Seed: {seed}, Size: {render.width}x{render.height}, Model: {render.model}, "
-                 f"Lora: {checkpoint_name(render.checkpoint)}, Lora scale: {render.lora_scale}")
+                 f"Seed: {seed}, Size: {render.width}x{render.height}, Model: {shared_name(render.model)}, "
+                 f"Lora: {checkpoint_name(render.checkpoint)}, Lora scale: {render.lora_scale}")  # shared: no full paths
     return "\n".join(lines)
 
 

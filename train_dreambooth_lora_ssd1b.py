@@ -308,12 +308,19 @@ class ArgumentParser(argparse.ArgumentParser):
         """A flag given twice (or under both its names) would keep the last value without a word."""
         seen = {}
         for flag in [token.split("=", 1)[0] for token in argv if token.startswith("--")]:
-            action = self._option_string_actions.get(flag)
+            action = self.action_named(flag)
             if action is None or action.dest == "help":
                 continue
             if action.dest in seen:
                 raise UserError(f"{seen[action.dest]} is given twice (then as {flag}): keep one")
             seen[action.dest] = flag
+
+    def action_named(self, flag):
+        """The flag's action, also when abbreviated as argparse accepts it (--mixed for --mixed_precision)."""
+        if flag in self._option_string_actions:
+            return self._option_string_actions[flag]
+        found = {a for o, a in self._option_string_actions.items() if self.allow_abbrev and o.startswith(flag)}
+        return found.pop() if len(found) == 1 else None  # ambiguous or unknown: argparse's own refusal names it
 
     def error(self, message):
         raise UserError(f"{message} (see --help)")
@@ -664,7 +671,7 @@ if __name__ == "__main__":  # main() checks the flags again, as parse_args() doe
     except UserError as error:
         sys.exit(f"error: {error}")
 try:
-    check_versions([name for name in MINIMUM_VERSIONS if name not in OPTIMIZER_PACKAGES])
+    check_versions([name for name in MINIMUM_VERSIONS if name not in OPTIMIZER_PACKAGES and name not in CURVE_PACKAGES])
 except UserError as error:
     sys.exit(f"error: {error}")
 # Third-party notices about nothing the user did: transformers falls back to its PIL image processors without
@@ -697,6 +704,8 @@ gc.freeze()
 
 # transformers 4.56 renamed from_pretrained's torch_dtype to dtype; the old name warns from 5 on
 TRANSFORMERS_DTYPE = "dtype" if Version(installed_version("transformers")) >= Version("4.56") else "torch_dtype"
+# diffusers 0.40 did the same (0.42 warns at torch_dtype); 0.35.2, the lowest this supports, knows only torch_dtype
+DIFFUSERS_DTYPE = "dtype" if Version(installed_version("diffusers")) >= Version("0.40") else "torch_dtype"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -708,6 +717,12 @@ def looks_like_hub_id(name):
     return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not os.path.exists(name)
 
 
+def shared_name(name):
+    """A model or folder as what leaves this machine names it (the model card, a PNG's metadata): a Hub id as it
+    is, a local folder by its base name, since its full path would publish the user's own folders."""
+    return name if looks_like_hub_id(name) else Path(name).resolve().name
+
+
 def resolve_instance_dir(name, revision=None):
     """A local folder as it is; a hub dataset id (e.g. diffusers/dog-example) is fetched with huggingface_hub."""
     if Path(name).is_dir():
@@ -715,11 +730,63 @@ def resolve_instance_dir(name, revision=None):
     refuse_file_as_folder(name, "--instance_dir", "pass the folder that holds the photos")
     if not looks_like_hub_id(name):
         raise UserError(f"instance folder {name} does not exist: pass --instance_dir a folder of 3-20 photos")
+    fetch = functools.partial(huggingface_hub.snapshot_download, name, repo_type="dataset", revision=revision)
+    return Path(from_hub(fetch, f"--instance_dir {name}", name, "dataset", "pass a local folder of photos"))
+
+
+HUB_PROBE_SECONDS = 5  # a Hub that does not answer in this long is taken as unreachable
+
+
+def hub_unreachable():
+    """Why the Hub cannot be reached ('ConnectError'), or None when it answers: one request, no retries, asked
+    before huggingface_hub's own, which retry for about 25 s and log each try."""
     try:
-        return Path(huggingface_hub.snapshot_download(name, repo_type="dataset", revision=revision))
-    except Exception as e:  # offline, missing, gated: all have the same fixes
-        raise UserError(f"cannot fetch dataset {name} ({type(e).__name__}): pass a local folder of photos, "
-                        "or set HF_HUB_OFFLINE=1 once it is cached, or log in with `hf auth login`") from None
+        huggingface_hub.utils.get_session().head(huggingface_hub.constants.ENDPOINT, timeout=HUB_PROBE_SECONDS)
+    except Exception as e:  # DNS, refused, timed out, a proxy's error: whatever the HTTP library names it
+        return type(e).__name__
+    return None
+
+
+def from_hub(fetch, what, name, kind, local_fix):
+    """fetch(local_files_only=...)'s result: a Hub file or snapshot, from the cache when HF_HUB_OFFLINE is set or
+    the Hub is unreachable. A refusal says what fits: not cached (offline mode, or no network), no such repo or no
+    rights to it (spelling, login), or whatever else the Hub answered. `what` names the flag and value."""
+    repo_type = "" if kind == "model" else f" --repo-type {kind}"
+    download = (f"`hf download {name}{repo_type}` where the Hub is reachable (and copy its cache to "
+                f"{huggingface_hub.constants.HF_HUB_CACHE})")
+    offline = huggingface_hub.constants.HF_HUB_OFFLINE
+    down = None if offline else hub_unreachable()
+    quiet = lambda record: not record.getMessage().startswith(("Retrying in", "HTTP Error", "'"))  # noqa: E731
+    retries = logging.getLogger("huggingface_hub.utils._http")  # a line per retry, and one per failed try
+    retries.addFilter(quiet)
+    try:
+        found = fetch(local_files_only=bool(offline or down))
+    except huggingface_hub.errors.LocalEntryNotFoundError as e:
+        if offline:
+            raise UserError(f"{what}: this {kind} is not in the local Hub cache, and HF_HUB_OFFLINE is set: run "
+                            f"{download}, or unset HF_HUB_OFFLINE, or {local_fix}") from None
+        # the Hub answered the probe, then failed the download (a proxy's or the server's error): its own words
+        failed = (f"cannot be reached ({down})" if down else
+                  f"failed ({type(e.__cause__).__name__}: {one_line(e.__cause__)})" if e.__cause__ else "failed")
+        raise UserError(f"{what}: the Hub ({huggingface_hub.constants.ENDPOINT}) {failed} and this {kind} is not in "
+                        f"the local Hub cache: connect to the network, or run {download}, or {local_fix}") from None
+    except huggingface_hub.errors.GatedRepoError:
+        raise UserError(f"{what}: this {kind} is gated: accept its terms on huggingface.co/{name} and log in with "
+                        f"`hf auth login`, or {local_fix}") from None
+    except huggingface_hub.errors.RepositoryNotFoundError:  # the Hub answers 401 for private and missing alike
+        raise UserError(f"{what}: no such {kind} on the Hub, or it is private: check the id's spelling, or log in "
+                        f"with `hf auth login` if it is yours, or {local_fix}") from None
+    except huggingface_hub.errors.RevisionNotFoundError:
+        raise UserError(f"{what}: the Hub has no such --revision of this {kind}: pass one it has (a branch, tag or "
+                        "commit), or leave --revision out") from None
+    except Exception as e:  # a file missing from the repo, a server error, a full disk: the Hub's own words
+        raise UserError(f"{what}: the Hub's answer was {type(e).__name__}: {one_line(e)}; or {local_fix}") from None
+    finally:
+        retries.removeFilter(quiet)
+    if down:
+        warn(f"the Hub cannot be reached ({down}): {what} comes from the local Hub cache; set HF_HUB_OFFLINE=1 so "
+             "that loading does not wait on the Hub's retries")
+    return found
 
 
 def refuse_file_as_folder(path, flag, fix):
@@ -826,6 +893,11 @@ def say(message):
 
 def warn(message):
     say(f"warning: {message}")
+
+
+def counted(number, noun, plural=None):
+    """'1 image', '2 images': a count with its noun in the number it takes."""
+    return f"{number} {noun if number == 1 else plural or noun + 's'}"
 
 
 def image_size(path):
@@ -1091,11 +1163,8 @@ def check_model_source(name, filename, flag, revision=None, parts=None, weights=
         raise UserError(f"{flag} {name} is a file, not a model folder: pass a local diffusers folder or a hub id")
     if not looks_like_hub_id(name):
         raise UserError(f"{flag} {name} does not exist: pass a local diffusers folder or a hub id")
-    try:
-        huggingface_hub.hf_hub_download(name, filename, revision=revision)
-    except Exception as e:
-        raise UserError(f"cannot reach {name} ({type(e).__name__}) for {flag}: pass a local folder, or set "
-                        "HF_HUB_OFFLINE=1 once it is cached, or log in with `hf auth login`") from None
+    fetch = functools.partial(huggingface_hub.hf_hub_download, name, filename, revision=revision)
+    from_hub(fetch, f"{flag} {name}", name, "model", "pass a local folder")
 
 
 def check_models(model, vae_model, revision, variant):
@@ -1985,7 +2054,8 @@ def check_inputs(args, settings):
     if args.output_kohya_format and not settings.output_kohya_format:
         say(f"note: --use_dora writes no {KOHYA_FILE}: {DORA_IN_KOHYA_FILE}")
     captioned = sum(p != args.instance_prompt for p in instance_prompts)
-    say(f"{captioned} of {len(instance_images)} photos have a {settings.caption_extension} caption"
+    say(f"{captioned} of {counted(len(instance_images), 'photo')} {'has' if captioned == 1 else 'have'} a "
+        f"{settings.caption_extension} caption"
         + ("; the others use the instance prompt" if captioned else ""))
     return instance_images, instance_prompts, settings
 
@@ -2014,7 +2084,7 @@ def load_models(model, vae_model, revision, variant, dtype, device, with_unet=Tr
     leaves models.unet None, for load_unet once the text encoders have gone."""
     common = dict(revision=revision, variant=variant)
     # each loaded straight in its run dtype: no full-precision copy first (and diffusers warns at a later cast)
-    diffusers_common = dict(common, torch_dtype=dtype)
+    diffusers_common = dict(common, **{DIFFUSERS_DTYPE: dtype})
     transformers_common = dict(common, **{TRANSFORMERS_DTYPE: dtype})
     with load_errors_named(model, vae_model):
         tokenizers = [CLIPTokenizer.from_pretrained(model, subfolder=sub, revision=revision)
@@ -2024,7 +2094,7 @@ def load_models(model, vae_model, revision, variant, dtype, device, with_unet=Tr
                                                                      **transformers_common)]
         unet = load_unet(model, revision, variant, dtype, device) if with_unet else None
         if vae_model:
-            vae = AutoencoderKL.from_pretrained(vae_model, torch_dtype=dtype)
+            vae = AutoencoderKL.from_pretrained(vae_model, **{DIFFUSERS_DTYPE: dtype})
         else:
             vae = AutoencoderKL.from_pretrained(model, subfolder="vae", **diffusers_common)
         noise_scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler", revision=revision)
@@ -2056,9 +2126,9 @@ def load_unet(model, revision, variant, dtype, device):
     unexpected = [name for file in files for name in stream_weights(unet, file, dtype, device, model)]
     missing = [name for name, tensor in unet.state_dict().items() if tensor.is_meta]
     if missing or unexpected:
-        raise UserError(f"cannot load {model}: its UNet weights do not fit its config ({len(missing)} tensors "
-                        f"missing, {len(unexpected)} unknown, e.g. {(missing + unexpected)[0]}); download the model "
-                        "again")
+        raise UserError(f"cannot load {model}: its UNet weights do not fit its config "
+                        f"({counted(len(missing), 'tensor')} missing, {len(unexpected)} unknown, e.g. "
+                        f"{(missing + unexpected)[0]}); download the model again")
     unet.register_to_config(_name_or_path=model)  # as from_pretrained does
     return unet.eval().requires_grad_(False).to(device)  # from_pretrained's eval mode; buffers to the device
 
@@ -2217,17 +2287,30 @@ def missing_class_images(class_dir, num_class_images):
     return missing[:max(0, num_class_images - len(have))]
 
 
+def class_image_sizes(names, num_class_images, instance_sizes):
+    """{name: (height, width)} for class images to make: the sizes the instance photos train at, in their
+    proportions, fixed by each name's number (class_00007.png), so that with aspect-ratio buckets each class image
+    trains at the size it was made at, not cropped and upscaled up to 2x from a square."""
+    sizes = sorted(instance_sizes)
+    return {name: sizes[int(re.search(r"\d+", name)[0]) % num_class_images * len(sizes) // num_class_images]
+            for name in names}
+
+
 def generate_class_images(pipe, class_dir, class_prompt, names, batch_size, resolution, seed,
                           num_inference_steps=50, disable_progress=False):
-    """Make the named class images; each is seeded by (seed, name), so who makes it doesn't matter."""
+    """Make the named class images; each is seeded by (seed, name), so who makes it doesn't matter. `resolution`:
+    one side for all (a square), or each name's (height, width) (class_image_sizes)."""
     names = list(names)
+    size = resolution if isinstance(resolution, dict) else dict.fromkeys(names, (resolution, resolution))
     progress = tqdm(total=len(names), desc="class images", unit="image", disable=disable_progress or not names)
-    for batch in [names[i:i + batch_size] for i in range(0, len(names), batch_size)]:
-        seeds = [derive_seed(seed, "class", name) % 2**63 for name in batch]
-        images = generate_images(pipe, class_prompt, seeds, resolution, resolution, num_inference_steps)
-        for name, image in zip(batch, images):
-            save_png_atomic(image, Path(class_dir) / name)
-        progress.update(len(batch))
+    for shape in dict.fromkeys(size[name] for name in names):  # a batch renders one size
+        alike = [name for name in names if size[name] == shape]
+        for batch in [alike[i:i + batch_size] for i in range(0, len(alike), batch_size)]:
+            seeds = [derive_seed(seed, "class", name) % 2**63 for name in batch]
+            images = generate_images(pipe, class_prompt, seeds, *shape, num_inference_steps)
+            for name, image in zip(batch, images):
+                save_png_atomic(image, Path(class_dir) / name)
+            progress.update(len(batch))
     progress.close()
 
 
@@ -2487,6 +2570,16 @@ def training_size(path, resolution, buckets=None):
     return nearest_bucket(*image_size(path), buckets) if buckets else (resolution, resolution)
 
 
+def class_pools(class_images, sizes, resolution, buckets=None):
+    """{training size: the class images a sample of that size draws from}: with buckets, those of that size's own
+    shape (as the trainer makes them, class_image_sizes), so none is cropped from another shape; all of them for a
+    size that has none (class images made square by an earlier run, or the user's own)."""
+    if not buckets:
+        return {size: list(class_images) for size in sizes}
+    shapes = {path: training_size(path, resolution, buckets) for path in class_images}
+    return {size: [p for p in class_images if shapes[p] == size] or list(class_images) for size in sizes}
+
+
 def bucket_batches(sizes, batch_size, seed, epoch):
     """One epoch as batches of photo indices, each batch one bucket: every photo once, in an order seeded per
     epoch; a bucket's last batch, when short, is filled from that bucket's own photos. `sizes`: each photo's bucket.
@@ -2531,6 +2624,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         self.seed, self.num_samples, self.cached = seed, num_samples, cached
         self.caption_dropout, self.masked, self.batch_size = caption_dropout, masked, batch_size
         self.sizes = [training_size(path, resolution, buckets) for path in instance_images]
+        self.class_pools = class_pools(self.class_images, set(self.sizes), resolution, buckets)
         self.buckets, self.plan = bool(buckets), (None, None)
         # samples per epoch with buckets: each bucket's photos in whole batches (bucket_batches' count)
         self.epoch_length = batch_size * sum(-(-self.sizes.count(size) // batch_size) for size in set(self.sizes))
@@ -2568,7 +2662,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
             prompt = ""  # the empty prompt: prompt_embeddings gives it the pipeline's unconditional
         item = {**self.example(path, size, rng, self.masked), "prompt": prompt, "sample": k}
         if self.class_images:  # cropped to the instance's size: a batch holds one size
-            class_example = self.example(pick(self.class_images, k, self.seed, "class"), size, rng)
+            class_example = self.example(pick(self.class_pools[size], k, self.seed, "class"), size, rng)
             item.update({f"class_{name}": value for name, value in class_example.items()})
         if self.class_prompt:
             item["class_prompt"] = self.class_prompt
@@ -2602,9 +2696,9 @@ def latent_targets(instance_images, class_images, resolution, buckets=None):
     if not buckets:
         return {path: {(resolution, resolution)} for path in [*instance_images, *class_images]}
     targets = {path: {training_size(path, resolution, buckets)} for path in instance_images}
-    used = set().union(*targets.values())
-    for path in class_images:
-        targets.setdefault(path, set()).update(used)
+    for size, pool in class_pools(class_images, set().union(*targets.values()), resolution, buckets).items():
+        for path in pool:
+            targets.setdefault(path, set()).add(size)
     return targets
 
 
@@ -2788,8 +2882,12 @@ def base_prediction(models, noisy_latents, timesteps, prompts, time_ids, train_t
     with torch.no_grad(), adapters_off([models.unet, *(models.text_encoders if train_text_encoder else [])]) as bare:
         base = dataclasses.replace(models, text_encoders=bare[1:] or models.text_encoders)
         embeds, pooled = prompt_embeddings(prompts, base, False, device)
-        added = {"text_embeds": pooled, "time_ids": time_ids.to(embeds.dtype)}
-        return bare[0](noisy_latents, timesteps, embeds, added_cond_kwargs=added).sample
+        added = {"text_embeds": pooled, "time_ids": time_ids}  # fp32, as in training_step
+        # the bare UNet lacks the autocast accelerate put on its wrapper (torch.compile's, or DDP's): the same one
+        # here, from the frozen weights' dtype, which is --mixed_precision's
+        dtype = next(p.dtype for p in bare[0].parameters() if not p.requires_grad)
+        with torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32):
+            return bare[0](noisy_latents, timesteps, embeds, added_cond_kwargs=added).sample.float()
 
 
 def training_step(batch, models, generators, device, *, noise_offset, train_text_encoder, with_prior,
@@ -2819,7 +2917,9 @@ def training_step(batch, models, generators, device, *, noise_offset, train_text
         noisy_latents, timesteps, time_ids = (torch.cat([x, x]) for x in (noisy_latents, timesteps, time_ids))
 
     prompt_embeds, pooled = prompt_embeddings(batch["prompts"], models, train_text_encoder, device)
-    added = {"text_embeds": pooled, "time_ids": time_ids.to(prompt_embeds.dtype)}
+    # time ids stay fp32: bf16 holds 8 significant bits, so an original size of 1023 would condition as 1024
+    # (the UNet's sinusoidal projection of them runs in fp32 anyway)
+    added = {"text_embeds": pooled, "time_ids": time_ids}
     model_pred = models.unet(noisy_latents, timesteps, prompt_embeds, added_cond_kwargs=added).sample
     if from_base:
         half = slice(len(latents), None)
@@ -2937,7 +3037,10 @@ def portable_lora_metadata(config):
     diffusers builds LoraConfig(**metadata), and an older peft refuses fields it doesn't know."""
     defaults = LoraConfig().to_dict()
     needed = ("r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern")
-    return {key: value for key, value in config.to_dict().items() if key in needed or value != defaults.get(key)}
+    metadata = {key: value for key, value in config.to_dict().items() if key in needed or value != defaults.get(key)}
+    if metadata.get("base_model_name_or_path"):  # the file goes to the Hub: no local path in it
+        metadata["base_model_name_or_path"] = shared_name(metadata["base_model_name_or_path"])
+    return metadata
 
 
 def kohya_module_name(module, layers_per_block):
@@ -3278,7 +3381,7 @@ def log_validation(accelerator, models, args, settings, step):
         save_png_atomic(image, folder / f"seed{seed}.png")
     grid = side_by_side(image_grid(images), image_grid(base)) if base else image_grid(images)
     save_png_atomic(grid, folder / "grid.png")
-    tqdm.write(f"validation: {len(images)} images of '{args.validation_prompt}' in {folder} "
+    tqdm.write(f"validation: {counted(len(images), 'image')} of '{args.validation_prompt}' in {folder} "
                f"({(time.perf_counter() - started) / len(images):.1f} s/image)")
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
@@ -3438,12 +3541,15 @@ def set_card_evaluation(output_dir, evaluation_dir):
 
 
 def card_settings(args, settings, step, num_processes, base_id, hub_model_id):
-    te = args.train_text_encoder
+    """The card's title and table of settings; local folders by their base names (shared_name)."""
+    te, vae = args.train_text_encoder, settings.pretrained_vae_model_name_or_path
+    vae = f"`{shared_name(vae)}`" if vae else "the base model's own"
     unet_lr, text_encoder_lr = effective_learning_rates(args, num_processes)
     scaled = (f" (--scale_lr: {unet_lr:g}{f', text encoders {text_encoder_lr:g}' if te else ''})"
               if args.scale_lr else "")
-    base = f"[{base_id}](https://huggingface.co/{base_id})" if base_id else f"`{args.pretrained_model_name_or_path}`"
-    source = (f"{args.num_class_images} class images" if uses_class_images(args)
+    base = (f"[{base_id}](https://huggingface.co/{base_id})" if base_id
+            else f"`{shared_name(args.pretrained_model_name_or_path)}`")
+    source = (counted(args.num_class_images, "class image") if uses_class_images(args)
               else "the base model's own prediction as target")
     prior = (f"`{args.class_prompt}`, {source}, weight {args.prior_loss_weight}"
              if args.with_prior_preservation else "off")
@@ -3454,8 +3560,8 @@ def card_settings(args, settings, step, num_processes, base_id, hub_model_id):
         + (f"The adapters of step {step}: `{LORA_FILE}`." if hub_model_id else f"Latest adapters: `step{step - 1}/`."),
         "",
         "| setting | value |", "|---|---|",
-        f"| base model | `{args.pretrained_model_name_or_path}` |",
-        f"| VAE | `{settings.pretrained_vae_model_name_or_path or 'the base model own'}` |",
+        f"| base model | `{shared_name(args.pretrained_model_name_or_path)}` |",
+        f"| VAE | {vae} |",
         f"| instance prompt | `{args.instance_prompt}` |",
         f"| identifier | `{identifier(args.instance_prompt, args.class_prompt)}` |",
         f"| prior preservation | {prior} |",
@@ -3475,20 +3581,21 @@ def card_usage(args, settings, step, hub_model_id):
     """How to load the adapters: from the Hub repo, or from the step dir (paths as seen from the output dir)."""
     step_dir = f"step{step - 1}"
     where = hub_model_id or step_dir
-    base = args.pretrained_model_name_or_path
+    base = shared_name(args.pretrained_model_name_or_path)  # local folders by name: the card may go to the Hub
     vae = settings.pretrained_vae_model_name_or_path
     lines = ["## Use it", ""]
     if not hub_model_id:
-        lines += ["With this project's `infer.py`, from any folder:", "", "```bash",
-                  infer_command(Path(settings.output_dir) / step_dir, args.validation_prompt or args.instance_prompt),
+        lines += ["With this project's `infer.py`, in this folder:", "", "```bash",
+                  card_infer_command(settings.output_dir, step_dir, args.validation_prompt or args.instance_prompt),
                   "```", ""]
+    dtype = f"{DIFFUSERS_DTYPE}=torch.float16"
     lines += [
-        "With diffusers:", "", "```python", "import torch", "from diffusers import AutoencoderKL, "
-        "StableDiffusionXLPipeline", "",
-        f'vae = AutoencoderKL.from_pretrained("{args.pretrained_vae_model_name_or_path}", torch_dtype=torch.float16)'
+        "With diffusers, in fp16 on a CUDA GPU (on a CPU: torch.float32 and `.to(\"cpu\")`):", "", "```python",
+        "import torch", "from diffusers import AutoencoderKL, StableDiffusionXLPipeline", "",
+        f'vae = AutoencoderKL.from_pretrained("{shared_name(vae)}", {dtype})'
         if vae else "vae = None  # the base model's own VAE",
         f'pipe = StableDiffusionXLPipeline.from_pretrained("{base}", ' + ("vae=vae, " if vae else "")
-        + 'torch_dtype=torch.float16).to("cuda")',
+        + f'{dtype}).to("cuda")',
         f'pipe.load_lora_weights("{where}")', "```", ""]
     if not hub_model_id:
         te_lines = ['pipe.text_encoder = PeftModel.from_pretrained(pipe.text_encoder, ckpt / "text_encoder_one")',
@@ -3518,6 +3625,15 @@ def card_file_table(args, step_dir, hub_model_id, kohya):
                  "prompt |",
                  f"| kohya's sd-scripts | `{where}{KOHYA_FILE}` | `--network_weights {where}{KOHYA_FILE}` |"]
     return ["## Which file for which tool", "", "| tool | file | what it needs |", "|---|---|---|", *rows, ""]
+
+
+def card_infer_command(output_dir, step_dir, prompt):
+    """The card's infer.py command, run in the run's folder: the step dir by its name, and infer.py by its path
+    from there when it lies above (the project's work_dirs/), else by its name, never by a full path."""
+    infer = Path(__file__).resolve().parent / "infer.py"
+    relative = Path(os.path.relpath(infer, Path(output_dir).resolve()))
+    script = relative.as_posix() if set(relative.parent.parts) <= {".."} else "infer.py"
+    return shlex.join(["python", script, "--checkpoint", step_dir, "--prompt", prompt])
 
 
 def infer_command(step_dir, prompt):
@@ -3770,9 +3886,10 @@ def make_accelerator(args, settings):
     return accelerator
 
 
-def prepare_class_images(accelerator, models, args, settings, load_unet):
+def prepare_class_images(accelerator, models, args, settings, load_unet, instance_images=()):
     """Every process makes its share of the missing class images; N asked for means exactly N files. Making
-    them needs the UNet, so it loads here then, beside the text encoders, rather than after the caches."""
+    them needs the UNet, so it loads here then, beside the text encoders, rather than after the caches. With
+    buckets, each is made at one of the instance photos' training sizes (class_image_sizes)."""
     class_dir = Path(settings.class_dir)
     if accelerator.is_main_process:
         class_dir.mkdir(parents=True, exist_ok=True)
@@ -3780,15 +3897,18 @@ def prepare_class_images(accelerator, models, args, settings, load_unet):
     missing = missing_class_images(class_dir, args.num_class_images)
     accelerator.wait_for_everyone()  # everyone has the same list before anyone writes
     if missing:
-        accelerator.print(f"making {len(missing)} class images of '{args.class_prompt}' in {class_dir} (kept for "
-                          "the next run)")
+        accelerator.print(f"making {counted(len(missing), 'class image')} of '{args.class_prompt}' in {class_dir} "
+                          "(kept for the next run)")
         if models.unet is None:
             models.unet = load_unet()
         pipe = build_pipeline(models, settings.pretrained_model_name_or_path, args.revision, args.variant,
                               progress=False)  # the bar counts images instead
+        sizes = (class_image_sizes(missing, args.num_class_images, [training_size(p, args.resolution, settings.buckets)
+                                                                     for p in instance_images])
+                 if settings.buckets else args.resolution)
         with accelerator.split_between_processes(missing) as mine, accelerator.autocast():
             generate_class_images(pipe, class_dir, args.class_prompt, mine, args.sample_batch_size,
-                                  args.resolution, args.seed, disable_progress=not accelerator.is_local_main_process)
+                                  sizes, args.seed, disable_progress=not accelerator.is_local_main_process)
     accelerator.wait_for_everyone()
     return list_images(class_dir)[:args.num_class_images]
 
@@ -3809,8 +3929,8 @@ def build_caches(accelerator, models, args, targets, prompts):
                                                   masked=args.masked_loss)
         models.vae.encoder = models.vae.quant_conv = None
         release_memory()
-    accelerator.print(f"cached: {len(models.latent_cache or {})} latents ({args.cache_latents}), "
-                      f"{len(models.prompt_cache or {})} prompt embeddings")
+    accelerator.print(f"cached: {counted(len(models.latent_cache or {}), 'latent')} ({args.cache_latents}), "
+                      f"{counted(len(models.prompt_cache or {}), 'prompt embedding')}")
 
 
 def prompts_to_cache(instance_prompts, args, empty_prompt_is_zeros):
@@ -3897,7 +4017,7 @@ def run(argv, stop):
                                  args.revision, args.variant, weight_dtype, accelerator.device, with_unet=False)
         accelerator.print(f"loaded the text encoders and the VAE in {clock.phases['load']:.1f} s")
         with clock.phase("class images"):  # none with --prior_target base_prediction: the base model's is the target
-            class_images = (prepare_class_images(accelerator, models, args, settings, load_unet_now)
+            class_images = (prepare_class_images(accelerator, models, args, settings, load_unet_now, instance_images)
                             if uses_class_images(args) else None)
         with clock.phase("caches"):
             targets = latent_targets(instance_images, class_images or [], args.resolution, settings.buckets)
@@ -3937,10 +4057,12 @@ def run(argv, stop):
                                                                    if isinstance(v, (int, float, str, bool))
                                                                    and k not in SECRET_FLAGS})
         effective = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-        accelerator.print(f"{len(instance_images)} instance photos, {len(class_images or [])} class images; "
-                          f"{args.max_train_steps} steps, effective batch {effective} = {args.train_batch_size} per "
-                          f"device x {accelerator.num_processes} processes x {args.gradient_accumulation_steps} "
-                          "accumulation")
+        processes = counted(accelerator.num_processes, "process", "processes")
+        accelerator.print(f"{counted(len(instance_images), 'instance photo')}, "
+                          f"{counted(len(class_images or []), 'class image')}; "
+                          f"{counted(args.max_train_steps, 'step')}, "
+                          f"effective batch {effective} = {args.train_batch_size} per device x {processes} x "
+                          f"{args.gradient_accumulation_steps} accumulation")
         if torch.cuda.is_available():  # training's own peak, apart from loading's and the caches'
             clock.peak_before_training = torch.cuda.max_memory_allocated()
             torch.cuda.reset_peak_memory_stats()

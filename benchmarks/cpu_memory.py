@@ -60,7 +60,7 @@ BEGIN, END = "<!-- cpu memory: begin (written by cpu_memory.py) -->", "<!-- cpu 
 PHASES = [("load", re.compile(r"^loaded the (models|text encoders and the VAE) in"), False),  # from 51c6b7c on
           ("caches", re.compile(r"^cached: "), True),
           ("UNet load", re.compile(r"^loaded the UNet in"), False),  # before issue 16 the UNet loaded with the rest
-          ("set-up", re.compile(r"^\d+ instance photos"), True),
+          ("set-up", re.compile(r"^\d+ instance photos?\b"), True),
           ("training", re.compile(r"^steady-state "), True),
           ("exit", None, True)]
 STEADY = re.compile(r"steady-state (?P<ms>[\d.]+) ms/step over (?P<steps>\d+) steps")

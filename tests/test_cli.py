@@ -271,16 +271,84 @@ def test_missing_model_folder_is_refused(args_for, tmp_path):
         check(args_for("--pretrained_model_name_or_path", tmp_path / "missing"))
 
 
-def test_unreachable_hub_model_says_what_to_do(photos, tmp_path):
+def test_a_hub_model_missing_from_the_cache_in_offline_mode_says_how_to_get_it_there(photos, tmp_path):
     # a subprocess: huggingface_hub reads HF_HUB_OFFLINE once, at import
     result = subprocess.run([sys.executable, str(ROOT / "train_dreambooth_lora_ssd1b.py"),
                              "--pretrained_model_name_or_path", "nobody/no-such-model", "--instance_dir", str(photos),
-                             "--instance_prompt", "a photo of sks dog", "--output_dir", str(tmp_path / "out")],
+                             "--instance_prompt", "a photo of sks dog", "--output_dir", str(tmp_path / "out"),
+                             "--resolution", "64"],
                             capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert re.fullmatch(r"error: cannot reach nobody/no-such-model \(\w+\) for --pretrained_model_name_or_path: "
-                        r"pass a local folder, or set HF_HUB_OFFLINE=1 once it is cached, or log in with .*",
-                        result.stderr.strip().splitlines()[-1])
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("error: --pretrained_model_name_or_path nobody/no-such-model: this model is not "
+                                    "in the local Hub cache, and HF_HUB_OFFLINE is set: run `hf download "
+                                    "nobody/no-such-model` where the Hub is reachable")
+    assert "set HF_HUB_OFFLINE=1" not in result.stderr and "hf auth login" not in result.stderr, \
+        "neither helps a machine that is offline on purpose"
+
+
+@pytest.fixture
+def hub_answering(monkeypatch):
+    """A Hub on this machine that answers every request with the status and X-Error-Code given, and the Hub
+    client pointed at it, online."""
+    import http.server
+    import threading
+
+    import huggingface_hub
+
+    answer = {}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            self.send_response(answer["status"])
+            self.send_header("X-Error-Code", answer["code"])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_HEAD
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    endpoint = f"http://127.0.0.1:{server.server_port}"  # as HF_ENDPOINT sets them at import
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", endpoint)
+    monkeypatch.setattr(huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                        endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    yield lambda status, code: answer.update(status=status, code=code)
+    server.shutdown()
+
+
+@pytest.mark.parametrize("status, code, message", [
+    (401, "RepoNotFound", "no such model on the Hub, or it is private: check the id's spelling, or log in with "
+                          "`hf auth login` if it is yours"),
+    (403, "GatedRepo", "this model is gated: accept its terms on huggingface.co/nobody/no-such-model"),
+])
+def test_a_hub_id_the_hub_refuses_gets_the_spelling_and_login_advice(hub_answering, status, code, message):
+    hub_answering(status, code)
+    with pytest.raises(trainer.UserError) as refused:
+        trainer.check_models("nobody/no-such-model", None, None, None)
+    assert str(refused.value).startswith(f"--pretrained_model_name_or_path nobody/no-such-model: {message}")
+    assert "HF_HUB_OFFLINE" not in str(refused.value)
+
+
+def test_an_unreachable_hub_fails_fast_and_says_the_network_is_down(monkeypatch, capfd):
+    import time
+
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens: refused
+    monkeypatch.setattr(huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                        "http://127.0.0.1:9/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    started = time.perf_counter()
+    with pytest.raises(trainer.UserError) as refused:
+        trainer.check_models("nobody/no-such-model", None, None, None)
+    assert time.perf_counter() - started < 5, "no retries: huggingface_hub's own take about 25 s"
+    assert "the Hub (http://127.0.0.1:9) cannot be reached (" in str(refused.value)
+    assert "connect to the network" in str(refused.value) and "hf auth login" not in str(refused.value)
+    assert "Retrying" not in capfd.readouterr().err
 
 
 def test_finished_adapters_are_not_overwritten_silently(args_for, tmp_path):
@@ -883,6 +951,8 @@ def test_an_empty_path_is_refused_not_read_as_the_current_folder(args_for, flag,
     (["--output_dir", "elsewhere"], "--output_dir is given twice (then as --output_dir): keep one"),
     (["--instance_data_dir", "other"], "--instance_dir is given twice (then as --instance_data_dir): keep one"),
     (["--seed=1", "--seed", "2"], "--seed is given twice"),
+    (["--mixed_precision", "no", "--mixed", "bf16"],  # --mixed: an abbreviation that argparse accepts
+     "--mixed_precision is given twice (then as --mixed): keep one"),
 ])
 def test_a_flag_given_twice_is_refused_not_overridden_by_the_last(args_for, extra, message):
     with pytest.raises(trainer.UserError, match=re.escape(message)):
@@ -976,6 +1046,29 @@ def test_help_states_every_default(capsys):
                           ("max_train_steps", "500"), ("optimizer", "adamw8bit"), ("lora_dropout", "0.0")]:
         assert re.search(rf"--{flag} \S+ [^-]*?\(?default: {re.escape(default)}\b", text), flag
     assert "(default: None)" not in text and "(default: False)" not in text
+
+
+HIDE_MATPLOTLIB = """
+import importlib.metadata, runpy, sys
+real = importlib.metadata.version
+def version(name):
+    if name == "matplotlib":
+        raise importlib.metadata.PackageNotFoundError(name)
+    return real(name)
+importlib.metadata.version = version
+sys.modules["matplotlib"] = None  # import matplotlib raises ImportError, as when it is not installed
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_a_fresh_trainer_without_matplotlib_runs_up_to_its_own_checks(tmp_path):
+    # in a fresh interpreter, since the version check at import has long run in this one
+    argv = ["--pretrained_model_name_or_path", tmp_path / "no-model", "--instance_dir", tmp_path / "no-photos",
+            "--instance_prompt", "a photo of sks dog", "--output_dir", tmp_path / "out"]
+    done = subprocess.run([sys.executable, "-c", HIDE_MATPLOTLIB, ROOT / "train_dreambooth_lora_ssd1b.py", *argv],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 1 and "matplotlib" not in done.stderr and "no-photos" in done.stderr, done.stderr
 
 
 def test_the_trainer_does_not_need_matplotlib(monkeypatch, tmp_path):

@@ -1,7 +1,11 @@
 """examples/: the offline demo runs as written, and the dog recipe's command is what the README promises."""
 
-import re
-import shlex
+import json
+import os
+import subprocess
+import sys
+
+import pytest
 
 from PIL import Image
 
@@ -35,14 +39,43 @@ def test_offline_demo_runs_as_written():
     assert Image.open(demo / "before_after.png").width > 64
 
 
-def test_dog_recipe_is_the_reference_recipe(monkeypatch):
+def dog_recipe_argv(tmp_path, *extra):
+    """The trainer's argv as examples/train_dog.sh passes it, with a LAUNCH that prints it instead of training."""
+    printer = tmp_path / "print_argv.py"
+    printer.write_text("import json, sys\nprint(json.dumps(sys.argv[2:]))\n")
+    env = {**os.environ, "LAUNCH": f"{sys.executable} {printer}"}
+    done = subprocess.run(["bash", ROOT / "examples" / "train_dog.sh", *extra], env=env, capture_output=True,
+                          text=True, check=True)
+    return json.loads(done.stdout)
+
+
+def test_dog_recipe_is_the_reference_recipe(monkeypatch, tmp_path):
     monkeypatch.setattr(trainer, "has_accelerator", lambda: True)  # the recipe's fp16 is for a GPU, which CI lacks
-    script = (ROOT / "examples" / "train_dog.sh").read_text().replace("\\\n", " ")
-    command = re.search(r"train_dreambooth_lora_ssd1b\.py(.*)", script).group(1)
-    argv = [a for a in shlex.split(command) if a != "$@"]
+    argv = dog_recipe_argv(tmp_path)
     args = trainer.parse_args(argv)
     assert (args.instance_dir, args.instance_prompt) == ("diffusers/dog-example", "a photo of sks dog")
     assert (args.resolution, args.rank, args.learning_rate, args.max_train_steps) == (1024, 8, 1e-4, 500)
     assert (args.validation_prompt, args.num_validation_images, args.validation_steps) == (
         "A photo of sks dog in a bucket", 4, 100)
+    assert args.mixed_precision == "fp16"
     assert trainer.derive_settings(args, argv).output_dir == "work_dirs/ssd_1b_dreambooth_lora_dog-example"
+
+
+@pytest.mark.parametrize("extra, flag, value", [
+    (["--mixed_precision", "bf16"], "mixed_precision", "bf16"),
+    (["--resolution=512"], "resolution", 512),
+    (["--rank", "16", "--with_prior_preservation", "--class_prompt", "a photo of dog"], "rank", 16),
+    (["--instance_data_dir", "my_dog"], "instance_dir", "my_dog"),  # the flag's other name
+    (["--max_train", "100"], "max_train_steps", 100),  # an abbreviation argparse accepts
+])
+def test_a_flag_passed_to_the_dog_recipe_replaces_the_recipes_own(monkeypatch, tmp_path, extra, flag, value):
+    monkeypatch.setattr(trainer, "has_accelerator", lambda: True)
+    args = trainer.parse_args(dog_recipe_argv(tmp_path, *extra))
+    assert getattr(args, flag) == value
+    assert (args.instance_prompt, args.learning_rate) == ("a photo of sks dog", 1e-4), "the rest of the recipe stays"
+
+
+def test_a_flag_the_user_passes_twice_to_the_dog_recipe_is_still_refused(tmp_path):
+    argv = dog_recipe_argv(tmp_path, "--rank", "4", "--rank", "16")
+    with pytest.raises(trainer.UserError, match="--rank is given twice"):
+        trainer.parse_args(argv)

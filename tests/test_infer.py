@@ -68,6 +68,13 @@ def test_png_carries_a1111_parameters(rendered, trained_run):
         assert part in settings
 
 
+def test_png_metadata_names_local_folders_without_their_full_paths(rendered, trained_run, tiny_model):
+    # a PNG is shared as it is: the model and adapters by their folders' names, not the user's full paths
+    settings = Image.open(rendered[0]).text["parameters"].split("\n")[-1]
+    assert f"Model: {tiny_model.name}, Lora: {trained_run.name}/step3," in settings
+    assert str(trained_run) not in settings and str(tiny_model) not in settings
+
+
 def test_prompt_defaults_to_the_instance_prompt(trained_run, tmp_path):
     paths = infer.main(["--checkpoint", str(trained_run / "step3"), "--num_inference_steps", "2",
                         "--height", "32", "--width", "48", "--output", str(tmp_path)])

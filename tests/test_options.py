@@ -455,7 +455,9 @@ def test_cached_bucketed_latents_train_as_encoding_every_step(models, tiny_model
     images = trainer.list_images(photos)
     buckets = trainer.parse_buckets(BUCKETS, 64)
     targets = trainer.latent_targets(images, images[:2], 64, buckets)
-    assert targets[images[0]] == {(64, 64), (64, 96), (96, 64)}, "a class image at every bucket a photo has"
+    # class images dog_0 (square) and dog_1 (landscape) at their own buckets; the portrait bucket has no class
+    # image of its shape, so it draws from both
+    assert targets[images[0]] == {(64, 64), (96, 64)} and targets[images[1]] == {(64, 96), (96, 64)}
     assert targets[images[2]] == {(96, 64)}
     models.latent_cache = trainer.encode_latent_cache(models.vae, targets, True, True, 0, "cpu")
     args = trainer.parse_args([str(a) for a in tiny_args(tiny_model, photos, tmp_path / "out")])
@@ -475,6 +477,23 @@ def test_cached_bucketed_latents_train_as_encoding_every_step(models, tiny_model
     finally:
         models.latent_cache = None
     assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+
+
+def test_class_images_are_made_at_the_buckets_the_photos_train_at_and_drawn_by_shape(tiny_model, photos, tmp_path):
+    # made square and cropped to a 2:1 bucket, a class image would be upscaled up to 2x without a word
+    out = tmp_path / "out"
+    run_trainer(*tiny_args(tiny_model, photos, out, "--max_train_steps", 1, "--optimizer", "adamw",
+                           "--aspect_ratio_buckets", BUCKETS, "--with_prior_preservation", "--class_prompt",
+                           "a photo of dog", "--num_class_images", 5, "--sample_batch_size", 2))
+    made = trainer.list_images(out / "class_images")
+    sizes = sorted(Image.open(p).size[::-1] for p in made)
+    assert sizes == sorted(EXPECTED_BUCKETS.values()), "each photo's bucket, in the photos' proportions"
+    images = trainer.list_images(photos)
+    data = trainer.DreamBoothDataset(images, "a photo of sks dog", made, class_prompt="a photo of dog",
+                                     resolution=64, center_crop=True, random_flip=False, seed=0, num_samples=10,
+                                     buckets=trainer.parse_buckets(BUCKETS, 64), batch_size=1)
+    for size, pool in data.class_pools.items():
+        assert pool and all(Image.open(p).size[::-1] == size for p in pool), size
 
 
 def test_the_upscaling_warning_follows_each_photos_bucket_not_resolution(tiny_model, photos, tmp_path, capsys):

@@ -35,18 +35,54 @@ def shared_run(tiny_model, photos, tmp_path_factory):
 
 def test_model_card_describes_the_run_and_how_to_load_it(shared_run, tiny_model):
     card = (shared_run / "README.md").read_text()
-    for fact in [f"| base model | `{tiny_model}` |", f"| VAE | `{tiny_model / 'vae'}` |",
+    for fact in [f"| base model | `{tiny_model.name}` |", "| VAE | `vae` |",
                  "| instance prompt | `a photo of sks dog` |", "| identifier | `sks` |",
-                 "`a photo of dog`, 1 class images", "| steps | 3 of 3 |", "| resolution | 64 |",
+                 "`a photo of dog`, 1 class image,", "| steps | 3 of 3 |", "| resolution | 64 |",
                  "rank 4, alpha 8, on the UNet and both text encoders", "Latest adapters: `step2/`"]:
         assert fact in card, fact
     assert "![validation](validation/step2/grid.png)" in card, "the grid of the last round, which ran at the end"
     assert (shared_run / "validation" / "step2" / "grid.png").is_file()
-    command = f"python {ROOT / 'infer.py'} --checkpoint {shared_run.resolve() / 'step2'} --prompt '"
+    command = "python infer.py --checkpoint step2 --prompt '"  # the run lies outside the project: infer.py by name
     for way in [command, 'pipe.load_lora_weights("step2")',
                 'PeftModel.from_pretrained(pipe.text_encoder_2, ckpt / "text_encoder_two")',
                 trainer.KOHYA_FILE]:
         assert way in card, way
+
+
+def test_the_card_and_the_files_it_publishes_name_no_local_path(shared_run, tiny_model):
+    # the card and the diffusers file go to the Hub: local folders by their names, never the user's full paths
+    card = (shared_run / "README.md").read_text()
+    from safetensors import safe_open
+
+    with safe_open(shared_run / "step2" / trainer.LORA_FILE, "pt") as lora:
+        metadata = json.dumps(lora.metadata())
+    for published in [card, metadata]:
+        for local in [str(tiny_model), str(shared_run.resolve()), str(ROOT), str(Path.home())]:
+            assert local not in published, local
+    assert f'StableDiffusionXLPipeline.from_pretrained("{tiny_model.name}", vae=vae' in card
+    assert "the base model own" not in card
+
+
+def test_a_card_in_the_projects_work_dirs_gives_infer_py_relative_to_the_run():
+    run = ROOT / "work_dirs" / "my-run"
+    assert trainer.card_infer_command(run, "step9", "a sks dog") == (
+        "python ../../infer.py --checkpoint step9 --prompt 'a sks dog'")
+
+
+def test_the_cards_diffusers_snippet_uses_the_dtype_keyword_the_installed_diffusers_reads(shared_run):
+    from diffusers import __version__ as diffusers_version
+    from packaging.version import Version
+
+    card = (shared_run / "README.md").read_text()
+    keyword = "dtype=" if Version(diffusers_version) >= Version("0.40") else "torch_dtype="
+    assert f"{keyword}torch.float16).to(\"cuda\")" in card
+    assert ("torch_dtype=" in card) == (keyword == "torch_dtype="), "0.40 renamed it; 0.42 warns at the old name"
+    assert "in fp16 on a CUDA GPU" in card, "the snippet says what it assumes"
+
+
+def test_counts_take_the_noun_in_the_number_they_need():
+    assert [trainer.counted(n, "image") for n in (0, 1, 2)] == ["0 images", "1 image", "2 images"]
+    assert trainer.counted(1, "process", "processes") == "1 process"
 
 
 def test_validation_grid_holds_every_image(shared_run):

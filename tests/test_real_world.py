@@ -94,7 +94,7 @@ def test_captions_replace_the_instance_prompt_per_photo(tiny_model, tmp_path, ca
     assert dict(zip([p.name for p in images], prompts)) == {
         "one.jpg": "a photo of sks dog on a sofa, ünïcode", "three.jpg": "a photo of sks dog",
         "two.jpg": "a photo of sks dog"}
-    assert "1 of 3 photos have a .txt caption" in capsys.readouterr().err
+    assert "1 of 3 photos has a .txt caption" in capsys.readouterr().err
     _, prompts, _ = check(tiny_args(tiny_model, folder, tmp_path / "out", "--caption_extension", "caption"))
     assert sorted(prompts) == ["a photo of sks dog", "a photo of sks dog", "a photo of sks dog at the beach"]
     dataset = trainer.DreamBoothDataset(images, prompts, resolution=64, center_crop=True, random_flip=False,

@@ -122,3 +122,41 @@ def test_latents_and_noise_stay_fp32_under_bf16_so_the_smallest_timesteps_still_
         torch.testing.assert_close(added, (1 - alphas[t]).sqrt() * seen["noise"], rtol=1e-3, atol=1e-5)
         levels.append(added.std().item())
     assert levels[0] > 0 and len(set(levels)) == 6, "noise at t=0, and a distinct level at each timestep"
+
+
+@pytest.mark.parametrize("prior_target", ["class_images", "base_prediction"])
+def test_time_ids_reach_the_unet_exactly_under_bf16(tiny_model, photos, tmp_path, prior_target):
+    # bf16 holds 8 significant bits: a photo 1023 pixels tall would condition the UNet as one 1024 tall
+    models = trainer.load_models(tiny_model, tiny_model / "vae", None, None, torch.bfloat16, "cpu")
+    trainer.add_lora(models, 4, 4, 0.0, False)  # the base prediction switches adapters off
+    seen = []
+    models.unet.add_time_proj.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].clone()))
+    args = trainer.parse_args([str(a) for a in tiny_args(
+        tiny_model, photos, tmp_path / "out", "--with_prior_preservation", "--class_prompt", "a photo of dog",
+        "--prior_target", prior_target, *(["--class_dir", photos] if prior_target == "class_images" else []))])
+    images = trainer.list_images(photos)
+    class_images = images if prior_target == "class_images" else None
+    dataset = trainer.DreamBoothDataset(images, "a photo of sks dog", class_images,
+                                        class_prompt="a photo of dog", resolution=64, center_crop=False,
+                                        random_flip=False, seed=0, num_samples=1)
+    batch = trainer.collate([dataset[0]])
+    batch["time_ids"][:, :2] = torch.tensor([1023.0, 1021.0])  # original (height, width)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        trainer.training_step(batch, models, trainer.sample_generators(0, batch, "cpu"), "cpu",
+                              **trainer.method_settings(args))
+    assert seen and all(s.dtype == torch.float32 for s in seen)
+    assert all(s.view(-1, 6)[:, :2].tolist() == [[1023.0, 1021.0]] * len(s.view(-1, 6)) for s in seen)
+
+
+def test_a_compiled_bf16_run_takes_the_base_models_prediction_under_autocast(tiny_model, photos, tmp_path, monkeypatch):
+    # accelerate puts its autocast on the module it prepares, torch.compile's wrapper here, while the base
+    # prediction calls the bare UNet beneath it: without an autocast of its own, fp32 latents meet bf16 weights.
+    # A real torch.compile (dynamo's wrapper), with its eager backend: inductor's code generation would add minutes
+    import functools
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    out = tmp_path / "out"
+    run_trainer(*tiny_args(tiny_model, photos, out, "--max_train_steps", 1, "--optimizer", "adamw", "--compile",
+                           "--mixed_precision", "bf16", "--with_prior_preservation", "--class_prompt", "a photo of dog",
+                           "--prior_target", "base_prediction"))
+    assert (out / "step0" / trainer.LORA_FILE).is_file()

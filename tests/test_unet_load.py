@@ -99,7 +99,7 @@ def test_a_unet_file_missing_a_tensor_is_refused_in_one_line(tiny_model, tmp_pat
     dropped = sorted(tensors)[0]
     save_file({name: t for name, t in tensors.items() if name != dropped}, weights)
     with pytest.raises(trainer.UserError, match=rf"^cannot load .*: its UNet weights do not fit its config \(1 "
-                                                rf"tensors missing, 0 unknown, e.g. {dropped}\); download"):
+                                                rf"tensor missing, 0 unknown, e.g. {dropped}\); download"):
         trainer.load_unet(model, None, None, torch.float32, "cpu")
 
 
