@@ -81,13 +81,17 @@ def test_two_accumulated_batches_of_one_train_as_one_batch_of_two(tiny_model, ph
     # each sample's latent draw, noise and timestep come from (seed, sample), and accumulation averages: the
     # update is the same. Adam with a large epsilon and no clipping keeps the update proportional to the gradient,
     # so a summed instead of averaged gradient would show as a factor of 2
+    import shutil
+
     from safetensors.torch import load_file
+
+    class_dir = shutil.copytree(photos, tmp_path / "class")  # apart from the photos, as the trainer requires
 
     def run(name, batch_size, accumulation):
         run_trainer(*tiny_args(tiny_model, photos, tmp_path / name, "--max_train_steps", 1, "--optimizer", "adamw",
                                "--learning_rate", 1.0, "--adam_epsilon", 1.0, "--adam_weight_decay", 0,
                                "--max_grad_norm", 1e6, "--with_prior_preservation", "--class_prompt", "a photo of dog",
-                               "--class_dir", photos, "--num_class_images", 3, "--train_batch_size", batch_size,
+                               "--class_dir", class_dir, "--num_class_images", 3, "--train_batch_size", batch_size,
                                "--gradient_accumulation_steps", accumulation))
         return load_file(tmp_path / name / "step0" / trainer.LORA_FILE)
 
