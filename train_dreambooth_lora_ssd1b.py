@@ -150,9 +150,11 @@ MINIMUM_VERSIONS = {"torch": "2.4", "diffusers": "0.35.2", "transformers": "4.44
                     "accelerate": "1.2", "bitsandbytes": "0.50", "prodigyopt": "1.1.2", "matplotlib": "3.9"}
 OPTIMIZER_PACKAGES = {"bitsandbytes": "adamw8bit", "prodigyopt": "prodigy"}  # checked only for that --optimizer
 CURVE_PACKAGES = ["matplotlib"]  # evaluate.py's curve.png needs it; training does not
-KNOWN_CLASHES = [  # (package, from version, other package, below version, the pip command that fixes it)
-    ("transformers", "5.24", "peft", "0.22", "pip install 'transformers>=4.44,<5.24'"),  # add_adapter refuses
-]
+# (package, from version, other package, below version, the pip command that fixes it). None known today: from 5.24
+# on, transformers' add_adapter, disable_adapters and enable_adapters refuse peft < 0.22, so the trainer puts LoRA
+# on the text encoders and switches it with peft's own functions (add_lora, adapters_off); load_adapter, which
+# diffusers loads text encoders with, checks no version (transformers 5.25 with peft 0.21.2, 2026-12-07).
+KNOWN_CLASHES = []
 
 
 def check_versions(packages):
@@ -694,7 +696,9 @@ from diffusers.training_utils import cast_training_params, compute_snr  # noqa: 
 from diffusers.utils import convert_state_dict_to_diffusers, make_image_grid  # noqa: E402
 from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card  # noqa: E402
 from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
-from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict  # noqa: E402
+from peft import (LoraConfig, get_peft_model_state_dict, inject_adapter_in_model,  # noqa: E402
+                  set_peft_model_state_dict)
+from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: E402
 import safetensors.torch  # noqa: E402
 from safetensors import SafetensorError, safe_open  # noqa: E402
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: E402
@@ -2333,7 +2337,8 @@ def add_lora(models, rank, alpha, dropout, train_text_encoder, use_dora=False):
         last = models.text_encoders[0].config.num_hidden_layers - 1
         excluded = [[f"encoder.layers.{last}.self_attn.{target}" for target in TEXT_ENCODER_TARGETS], None]
         for text_encoder, exclude in zip(models.text_encoders, excluded):
-            text_encoder.add_adapter(config(TEXT_ENCODER_TARGETS, exclude))
+            # peft's own injection: transformers' add_adapter refuses peft < 0.22 from transformers 5.24 on
+            inject_adapter_in_model(config(TEXT_ENCODER_TARGETS, exclude), text_encoder)
             trained.append(text_encoder)
     # fp32 trainables under fp16/bf16 frozen weights: no "Attempting to unscale FP16 gradients"
     cast_training_params(trained, dtype=torch.float32)
@@ -2867,12 +2872,20 @@ def adapters_off(modules):
     through) switched off, and on again however the block ends."""
     bare = [getattr(getattr(m, "module", m), "_orig_mod", getattr(m, "module", m)) for m in modules]
     for module in bare:
-        module.disable_adapters()
+        switch_adapters(module, False)
     try:
         yield bare
     finally:
         for module in bare:
-            module.enable_adapters()
+            switch_adapters(module, True)
+
+
+def switch_adapters(module, enabled):
+    """Every LoRA layer of the module on or off, through peft's layers themselves: a text encoder's own
+    disable_adapters (transformers') refuses peft < 0.22 from transformers 5.24 on."""
+    for layer in module.modules():
+        if isinstance(layer, BaseTunerLayer):
+            layer.enable_adapters(enabled)
 
 
 def base_prediction(models, noisy_latents, timesteps, prompts, time_ids, train_text_encoder, device):
@@ -4034,6 +4047,9 @@ def run(argv, stop):
             models.unet.enable_gradient_checkpointing()
             for text_encoder in trained[1:]:  # transformers 5 renamed it; the old name warns until it goes in v6
                 getattr(text_encoder, "activation_checkpointing_enable", text_encoder.gradient_checkpointing_enable)()
+                # what transformers 4 does only for an adapter of its own add_adapter: reentrant checkpointing of
+                # layers whose input needs no grad would leave their LoRA none
+                text_encoder.enable_input_require_grads()
         if args.compile:
             trained[0] = models.unet = torch.compile(models.unet)  # unwrap() strips it for saving
 

@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 import train_dreambooth_lora_ssd1b as trainer
+from conftest import run_trainer, tiny_args
 
 
 def test_step_dirs_follow_the_reference_layout(trained_run):
@@ -207,3 +208,39 @@ def test_clip_l_last_layer_gets_no_adapter_since_sdxl_never_reads_it(trained_run
     one, two = layers["text_encoder"], layers["text_encoder_2"]
     assert one[1] == set(range(one[0] - 1)), "every CLIP-L layer but the last"
     assert two[1] == set(range(two[0])), "every CLIP-G layer"
+
+
+# transformers' own adapter methods that refuse peft < 0.22 from transformers 5.24 on (load_adapter, which diffusers'
+# load_lora_weights uses for the text encoders, does not); peft's functions do the same work with any peft
+REFUSED_SINCE_TRANSFORMERS_5_24 = ["add_adapter", "set_adapter", "disable_adapters", "enable_adapters",
+                                   "active_adapters", "get_adapter_state_dict", "delete_adapter"]
+
+
+def test_text_encoder_lora_trains_saves_resumes_and_renders_where_transformers_refuses_its_adapter_methods(
+        tiny_model, photos, tmp_path, monkeypatch, base_pipeline):
+    from transformers.integrations.peft import PeftAdapterMixin
+
+    def refuse(*args, **kwargs):
+        raise ValueError("The version of PEFT you are using is not compatible, please use a version >= 0.22.0")
+
+    for name in REFUSED_SINCE_TRANSFORMERS_5_24:
+        if hasattr(PeftAdapterMixin, name):
+            monkeypatch.setattr(PeftAdapterMixin, name, refuse)
+    # base_prediction and the base validation images switch the text encoders' adapters off and on again;
+    # checkpointing of the text encoders needs their inputs to carry a gradient
+    argv = tiny_args(tiny_model, photos, tmp_path / "out", "--train_text_encoder", "--text_encoder_lr", 1e-2,
+                     "--learning_rate", 1e-2, "--optimizer", "adamw", "--with_prior_preservation", "--class_prompt",
+                     "a photo of dog", "--prior_target", "base_prediction",
+                     "--gradient_checkpointing", "--validation_prompt", "a photo of sks dog",
+                     "--validation_compare_base", "--num_validation_images", 1, "--validation_inference_steps", 1,
+                     "--checkpointing_steps", 1, "--max_train_steps", 1)
+    run_trainer(*argv)
+    run_trainer(*argv, "--max_train_steps", 2, "--resume_from_checkpoint", "latest")
+    step = tmp_path / "out" / "step1"
+    for folder in ["text_encoder_one", "text_encoder_two"]:
+        weights = load_file(step / folder / "adapter_model.safetensors")
+        assert max(v.abs().max().item() for k, v in weights.items() if "lora_B" in k) > 0, f"{folder} trained"
+    base = outputs(base_pipeline())
+    adapted = outputs(trainer.apply_adapters(base_pipeline(), step))
+    for name, b, a in zip(["unet", "text_encoder", "text_encoder_2"], base, adapted):
+        assert (a - b).abs().max() > 1e-4, f"{name}: the adapter changes nothing"
