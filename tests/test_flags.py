@@ -277,7 +277,7 @@ def test_revision_is_asked_of_the_hub(monkeypatch):
     import huggingface_hub
 
     asked = []
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, name, revision=None: asked.append(
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, name, revision=None, **kwargs: asked.append(
         (repo, name, revision)))
     trainer.check_model_source("segmind/SSD-1B", "model_index.json", "--pretrained_model_name_or_path", "abc123")
     assert asked == [("segmind/SSD-1B", "model_index.json", "abc123")]

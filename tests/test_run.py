@@ -121,7 +121,7 @@ def test_hub_dataset_id_is_fetched_as_the_instance_folder(tiny_model, photos, tm
 
     asked = []
     monkeypatch.setattr(huggingface_hub, "snapshot_download",
-                        lambda repo, repo_type=None, revision=None: asked.append((repo, repo_type)) or str(photos))
+                        lambda repo, repo_type=None, revision=None, **kwargs: asked.append((repo, repo_type)) or str(photos))
     argv = tiny_args(tiny_model, photos, tmp_path / "out", "--instance_dir", "diffusers/dog-example")
     assert check_inputs(argv)[0] == trainer.list_images(photos)
     assert asked == [("diffusers/dog-example", "dataset")]
