@@ -685,6 +685,9 @@ for _name in ("diffusers.loaders.lora_base", "diffusers.loaders.peft"):
 # bitsandbytes (imported by diffusers) looks, on a CPU with AVX512-BF16, for a 4-bit kernel in the `kernels` package
 # and warns when that is not installed: no layer here is 4-bit, and the warning would stand above every refusal
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(lambda r: "kernels-community" not in r.getMessage())
+# where `kernels` is installed (transformers 5.25 requires it), that look says, under HF_HUB_OFFLINE, that it skips
+# the kernel's publisher check: a line above every refusal, about a kernel no layer here uses
+logging.getLogger("kernels._internals.hf_hub").addFilter(lambda r: "kernels-community" not in r.getMessage())
 import huggingface_hub  # noqa: E402
 import accelerate.utils  # noqa: E402
 from accelerate import Accelerator, init_empty_weights  # noqa: E402
