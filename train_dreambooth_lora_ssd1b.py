@@ -747,6 +747,10 @@ HUB_PROBE_SECONDS = 5  # a Hub that does not answer in this long is taken as unr
 def hub_unreachable():
     """Why the Hub cannot be reached ('ConnectError'), or None when it answers: one request, no retries, asked
     before huggingface_hub's own, which retry for about 25 s and log each try."""
+    # huggingface_hub 0.x fixes offline mode into a thread's session as it makes it: one made while HF_HUB_OFFLINE
+    # was set (the model card is made offline) would refuse this probe and the downloads after it. 1.x asks per request
+    if hasattr(huggingface_hub.utils, "reset_sessions"):
+        huggingface_hub.utils.reset_sessions()
     try:
         huggingface_hub.utils.get_session().head(huggingface_hub.constants.ENDPOINT, timeout=HUB_PROBE_SECONDS)
     except Exception as e:  # DNS, refused, timed out, a proxy's error: whatever the HTTP library names it

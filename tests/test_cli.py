@@ -313,8 +313,9 @@ def hub_answering(monkeypatch):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     endpoint = f"http://127.0.0.1:{server.server_port}"  # as HF_ENDPOINT sets them at import
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", endpoint)
-    monkeypatch.setattr(huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE",
-                        endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    for module in (huggingface_hub.constants, huggingface_hub.file_download):  # 0.x's file_download keeps its own
+        monkeypatch.setattr(module, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}",
+                            raising=module is huggingface_hub.constants)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     yield lambda status, code: answer.update(status=status, code=code)
     server.shutdown()
