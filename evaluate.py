@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from infer import (add_render_flags, base_layer_shapes, check_adapters_fit, check_numbers, load_pipeline, pick_device,
                    read_settings, render_images, resolve, same_model, trained_base)
 from train_dreambooth_lora_ssd1b import (CURVE_PACKAGES, LORA_FILE, ArgumentParser, UserError, apply_adapters,
-                                         check_images, check_model_source, check_versions, counted, file_sha256,
+                                         check_images, check_model_source, check_versions, counted, agree, file_sha256,
                                          finished_adapters, infer_command, list_images, load_image, looks_like_hub_id,
                                          read_json_config, refuse_empty, resolve_instance_dir, save_png_atomic,
                                          set_card_evaluation, set_lora_scale, step_of, warn, write_text_atomic)
@@ -229,7 +229,8 @@ def prompted_images(folder):
         raise UserError(f"no PNG in {folder} carries a `parameters` chunk with its prompt: render with infer.py "
                         "or evaluate.py, which write it")
     if skipped:
-        warn(f"{len(skipped)} image(s) in {folder} carry no prompt and are not scored: {', '.join(skipped)}")
+        warn(f"{counted(len(skipped), 'image')} in {folder} {agree(len(skipped), 'carries', 'carry')} no prompt and "
+             f"{agree(len(skipped), 'is', 'are')} not scored: {', '.join(skipped)}")
     return groups
 
 

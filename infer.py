@@ -27,7 +27,7 @@ from safetensors import SafetensorError, safe_open
 from train_dreambooth_lora_ssd1b import (LORA_FILE, SETTINGS_FILE, ArgumentParser, LoraConfig, UserError,
                                          apply_adapters, build_pipeline, check_models, check_range, check_versions,
                                          generate_images, load_errors_named, load_models, one_line, ran, refuse_empty,
-                                         save_png_new, shared_name)
+                                         save_png_new, shared_name, agree, counted)
 
 SEED_MAX = 2**64 - 1  # the largest seed torch.Generator takes; it takes negative ones too, as aliases of large ones
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -305,7 +305,8 @@ def check_adapters_fit(step_dir, settings, model, revision, layers=None):
     lora_file = Path(step_dir) / LORA_FILE
     modules, unknown = adapter_shapes(lora_file)
     if unknown:
-        raise UserError(f"{lora_file} holds {len(unknown)} tensor(s) that are no LoRA layer of unet, text_encoder "
+        raise UserError(f"{lora_file} holds {counted(len(unknown), 'tensor')} that {agree(len(unknown), 'is', 'are')} "
+                        "no LoRA layer of unet, text_encoder "
                         f"or text_encoder_2, e.g. {unknown[0]!r}: it is not the trainer's file; use a step dir the "
                         "trainer wrote")
     found = misfits(modules, layers or base_layer_shapes(model, revision))
@@ -317,7 +318,7 @@ def check_adapters_fit(step_dir, settings, model, revision, layers=None):
 def refuse_misfit(step_dir, settings, model, found):
     """The refusal for adapters that do not fit `model`: the base they were trained on and the flag, where known."""
     what, why = found[0]
-    detail = f"{what}: {why}; {len(found)} misfit(s) in all"
+    detail = f"{what}: {why}; {counted(len(found), 'misfit')} in all"
     base, source = trained_base(step_dir, settings)
     if base and not same_model(base, model):
         raise UserError(f"the adapters in {step_dir} were trained on {base} (recorded in {source}), and do not fit "

@@ -826,7 +826,8 @@ def warn_broken_links(folder, what):
     """Name the symlinks that list_images skips: each may be a photo the user meant to train on."""
     broken = sorted(p.name for p in Path(folder).iterdir() if not p.name.startswith(".") and points_nowhere(p))
     if broken:
-        warn(f"{len(broken)} broken symlink(s) in the {what} folder {folder} are skipped (the target is missing, "
+        warn(f"{counted(len(broken), 'broken symlink')} in the {what} folder {folder} "
+             f"{agree(len(broken), 'is', 'are')} skipped (the target is missing, "
              f"or the links loop): {', '.join(broken)}")
 
 
@@ -893,7 +894,8 @@ def warn_left_out(folder, what, images, caption_extension, required=True):
     if left_out and not images and required:
         raise UserError(f"no photo in the {what} folder {folder} can be read: {'; '.join(left_out)}")
     if left_out:
-        warn(f"{len(left_out)} file(s) of the {what} folder {folder} are not trained on: {'; '.join(left_out)}")
+        warn(f"{counted(len(left_out), 'file')} of the {what} folder {folder} {agree(len(left_out), 'is', 'are')} "
+             f"not trained on: {'; '.join(left_out)}")
 
 
 def say(message):
@@ -909,6 +911,11 @@ def warn(message):
 def counted(number, noun, plural=None):
     """'1 image', '2 images': a count with its noun in the number it takes."""
     return f"{number} {noun if number == 1 else plural or noun + 's'}"
+
+
+def agree(number, one, many):
+    """The word that agrees with a count: agree(1, 'is', 'are') is 'is'."""
+    return one if number == 1 else many
 
 
 def image_size(path):
@@ -973,17 +980,20 @@ def check_images(paths, what, resolution, buckets=None):
                 nearest_bucket(height, width, buckets) if buckets else (resolution, resolution), (height, width))) > 1:
             small.append(f"{path.name} ({width}x{height})")
     if bad:
-        raise UserError(f"{len(bad)} unreadable {what} image(s) in {paths[0].parent}: {', '.join(bad)}; "
-                        "remove or re-export them")
+        raise UserError(f"{counted(len(bad), f'unreadable {what} image')} in {paths[0].parent}: {', '.join(bad)}; "
+                        f"remove or re-export {agree(len(bad), 'it', 'them')}")
     if huge:
-        raise UserError(f"{len(huge)} {what} image(s) in {paths[0].parent} would need too much memory to train on: "
+        raise UserError(f"{counted(len(huge), f'{what} image')} in {paths[0].parent} would need too much memory to "
+                        "train on: "
                         f"{', '.join(huge)}; crop each to at most {MAX_ASPECT}:1 and downscale it below "
                         f"{2 * Image.MAX_IMAGE_PIXELS} pixels")
     if animated:  # trained as a viewer shows it still, and said: the other frames would be other photos
-        say(f"note: {len(animated)} {what} image(s) hold several frames and train on their first only: "
+        say(f"note: {counted(len(animated), f'{what} image')} {agree(len(animated), 'holds', 'hold')} several frames "
+            f"and {agree(len(animated), 'trains on its', 'train on their')} first only: "
             f"{', '.join(animated)}; save each frame you want as a photo of its own")
     if small:
-        warn(f"{len(small)} {what} image(s) are smaller than their training size ("
+        warn(f"{counted(len(small), f'{what} image')} {agree(len(small), 'is', 'are')} smaller than "
+             f"{agree(len(small), 'its', 'their')} training size ("
              + (f"--resolution {resolution}" if not buckets else "their bucket") + ") and will be "
              f"upscaled: {', '.join(small)}")
 
@@ -1023,7 +1033,8 @@ def check_masks(folder, images, masked_loss, mask_floor):
             problem = mask_problem(mask, owners[mask], mask_floor)
             bad += [f"{mask.name} ({problem})"] if problem else []
     if bad:
-        raise UserError(f"{len(bad)} mask(s) in {folder} cannot be used: {', '.join(bad)}; each mask must be a "
+        raise UserError(f"{counted(len(bad), 'mask')} in {folder} cannot be used: {', '.join(bad)}; each mask must "
+                        "be a "
                         f"grey-scale photo{MASK_SUFFIX} for a photo.* beside it, with the photo's size")
     return photos
 
@@ -1098,9 +1109,11 @@ def read_captions(images, instance_prompt, caption_extension):
             caption = ""
         prompts.append(caption or instance_prompt)
     if bad:
-        raise UserError(f"caption file(s) unreadable or not UTF-8: {', '.join(bad)}; re-save them as UTF-8 text")
+        raise UserError(f"{counted(len(bad), 'caption file')} unreadable or not UTF-8: {', '.join(bad)}; "
+                        f"re-save {agree(len(bad), 'it', 'them')} as UTF-8 text")
     if blank:
-        raise UserError(f"caption file(s) empty: {', '.join(blank)}; write each photo's prompt in it, or delete it "
+        raise UserError(f"{counted(len(blank), 'caption file')} empty: {', '.join(blank)}; write each photo's prompt "
+                        "in it, or delete it "
                         "to use --instance_prompt for that photo")
     return prompts
 
@@ -1135,8 +1148,9 @@ def warn_long_prompts(model, revision, prompts):
     found = long_prompts(prompts, tokenizers)
     if found:
         limit = min(tokenizer.model_max_length for tokenizer in tokenizers.values())
-        warn(f"{len(found)} prompt(s) are longer than the {limit} tokens CLIP reads (start and end tokens "
-             f"included), and are cut there, so their end never trains: {'; '.join(found)}; shorten them")
+        warn(f"{counted(len(found), 'prompt')} {agree(len(found), 'is', 'are')} longer than the {limit} tokens "
+             f"CLIP reads (start and end tokens included), and "
+             f"{agree(len(found), 'is cut there, so its', 'are cut there, so their')} end never trains: {'; '.join(found)}; shorten them")
 
 
 # The folders of an SDXL-layout model that load_models reads weights from, and the others it reads, each with

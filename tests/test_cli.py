@@ -70,7 +70,7 @@ def test_every_unreadable_image_is_listed(args_for, photos, tmp_path):
     with pytest.raises(trainer.UserError) as error:
         check(args_for(instance_dir=folder))
     message = str(error.value)
-    assert message.startswith("3 unreadable instance image(s)")
+    assert message.startswith("3 unreadable instance images")
     assert all(name in message for name in ["empty.jpg", "text.png", "cut.jpg"]) and "good.png" not in message
 
 
@@ -94,7 +94,7 @@ def test_every_file_left_out_of_the_photos_is_named_with_its_fix_in_one_line(arg
     assert [p.name for p in images] == sorted(p.name for p in photos.iterdir())
     warnings = warnings_about(capsys, "not trained on")
     assert len(warnings) == 1, warnings
-    assert f"5 file(s) of the instance folder {folder} are not trained on: " in warnings[0]
+    assert f"5 files of the instance folder {folder} are not trained on: " in warnings[0]
     assert ("IMG_0001.HEIC (HEIC, which this Pillow cannot read: convert it to JPEG (macOS: sips -s format jpeg "
             "IMG_0001.HEIC --out IMG_0001.jpg) or pip install pillow-heif" in warnings[0])
     assert "IMG_0001.MOV (a video, such as a Live Photo's motion half" in warnings[0]
@@ -136,7 +136,7 @@ def test_a_folder_where_no_file_can_be_read_is_refused_naming_each(args_for, tmp
 def test_a_heic_photo_named_jpg_is_named_as_heic(args_for, photos, tmp_path):
     folder = shutil.copytree(photos, tmp_path / "renamed")
     (folder / "IMG_0001.jpg").write_bytes(HEIC_BYTES)
-    with pytest.raises(trainer.UserError, match=re.escape("1 unreadable instance image(s) in ")) as refused:
+    with pytest.raises(trainer.UserError, match=re.escape("1 unreadable instance image in ")) as refused:
         check(args_for(instance_dir=folder))
     assert "IMG_0001.jpg (HEIC, which this Pillow cannot read: convert it to JPEG" in str(refused.value)
 
@@ -147,7 +147,7 @@ def test_an_animated_photo_trains_on_its_first_frame_with_a_note_naming_it(args_
     frames[0].save(folder / "wag.webp", save_all=True, append_images=frames[1:])
     assert "wag.webp" in [p.name for p in check(args_for(instance_dir=folder))[0]]
     assert warnings_about(capsys, "wag.webp") == [
-        "note: 1 instance image(s) hold several frames and train on their first only: wag.webp (3 frames); save "
+        "note: 1 instance image holds several frames and trains on its first only: wag.webp (3 frames); save "
         "each frame you want as a photo of its own"]
 
 
@@ -165,8 +165,8 @@ def test_a_deep_tiff_with_no_faithful_8_bit_reading_is_refused_in_one_line(args_
         folder / "scan.tif")
     with pytest.raises(trainer.UserError) as refused:
         check(args_for(instance_dir=folder))
-    assert str(refused.value) == (f"1 unreadable instance image(s) in {folder}: scan.tif ({problem}); remove or "
-                                  "re-export them")
+    assert str(refused.value) == (f"1 unreadable instance image in {folder}: scan.tif ({problem}); remove or "
+                                  "re-export it")
 
 
 def test_an_unreadable_colour_profile_is_refused_before_any_model_loads(args_for, photos, tmp_path):
@@ -229,7 +229,7 @@ def test_a_caption_saved_with_a_byte_order_mark_is_read_without_it(args_for, pho
 def test_a_caption_of_only_invisible_characters_is_refused_like_an_empty_one(args_for, photos, tmp_path, text):
     folder = shutil.copytree(photos, tmp_path / "invisible")
     (folder / "dog_0.txt").write_text(text, encoding="utf-8")
-    with pytest.raises(trainer.UserError, match=re.escape("caption file(s) empty: dog_0.txt (only invisible "
+    with pytest.raises(trainer.UserError, match=re.escape("1 caption file empty: dog_0.txt (only invisible "
                                                           "characters: U+")):
         check(args_for(instance_dir=folder))
 
@@ -241,8 +241,8 @@ def test_a_caption_of_only_invisible_characters_is_refused_like_an_empty_one(arg
 def test_a_caption_that_is_not_utf8_is_named_with_what_it_is(args_for, photos, tmp_path, data, reason):
     folder = shutil.copytree(photos, tmp_path / "encodings")
     (folder / "dog_0.txt").write_bytes(data)
-    with pytest.raises(trainer.UserError, match=re.escape(f"caption file(s) unreadable or not UTF-8: dog_0.txt "
-                                                          f"({reason}); re-save them as UTF-8 text")):
+    with pytest.raises(trainer.UserError, match=re.escape(f"1 caption file unreadable or not UTF-8: dog_0.txt "
+                                                          f"({reason}); re-save it as UTF-8 text")):
         check(args_for(instance_dir=folder))
 
 
@@ -261,7 +261,7 @@ def test_prompts_clip_would_cut_are_named_with_each_tokenizers_count_before_trai
     assert all(count > 77 for pair in counts for count in pair)
     warnings = warnings_about(capsys, "tokens")
     assert warnings == [
-        "warning: 2 prompt(s) are longer than the 77 tokens CLIP reads (start and end tokens included), and are cut "
+        "warning: 2 prompts are longer than the 77 tokens CLIP reads (start and end tokens included), and are cut "
         f"there, so their end never trains: dog_0.txt (CLIP-L {counts[0][0]}, CLIP-G {counts[0][1]} tokens); "
         f"--instance_prompt (CLIP-L {counts[1][0]}, CLIP-G {counts[1][1]} tokens); shorten them"]
 
@@ -609,7 +609,7 @@ def test_a_photo_too_long_to_resize_is_refused_before_any_model_loads(args_for, 
     Image.new("RGB", (800, 100), "white").save(folder / "banner.png")  # 8:1 is the limit: kept
     with pytest.raises(trainer.UserError) as refused:  # resized to cover 1024 it would be 1024 x 30.7M pixels: 94 GB
         check(args_for("--resolution", 1024, instance_dir=folder))
-    assert str(refused.value) == (f"1 instance image(s) in {folder} would need too much memory to train on: strip.png "
+    assert str(refused.value) == (f"1 instance image in {folder} would need too much memory to train on: strip.png "
                                   "(2x60000: one side over 8 times the other); crop each to at most 8:1 and "
                                   f"downscale it below {2 * Image.MAX_IMAGE_PIXELS} pixels")
 
@@ -623,7 +623,7 @@ def test_photos_over_pils_decompression_bomb_limit_are_refused_in_one_line(args_
     Image.new("RGB", (300, 300)).save(folder / "refused.png")  # and refuses above twice the limit
     with pytest.raises(trainer.UserError) as refused:
         check(args_for(instance_dir=folder))
-    assert str(refused.value) == (f"1 instance image(s) in {folder} would need too much memory to train on: "
+    assert str(refused.value) == (f"1 instance image in {folder} would need too much memory to train on: "
                                   "refused.png (over PIL's limit of 60000 pixels); crop each to at most 8:1 and "
                                   "downscale it below 60000 pixels")
     (folder / "refused.png").unlink()
@@ -914,7 +914,7 @@ def test_an_empty_caption_file_is_named_not_replaced_by_the_instance_prompt(args
     (folder / "dog_0.txt").write_text("")
     (folder / "dog_1.txt").write_text("  \n")
     (folder / "dog_2.txt").write_text("a photo of sks dog on grass")
-    with pytest.raises(trainer.UserError, match=re.escape("caption file(s) empty: dog_0.txt, dog_1.txt; write each "
+    with pytest.raises(trainer.UserError, match=re.escape("2 caption files empty: dog_0.txt, dog_1.txt; write each "
                                                           "photo's prompt in it, or delete it")):
         check(args_for(instance_dir=folder))
 
@@ -1027,7 +1027,7 @@ def test_a_model_folder_missing_a_part_is_refused_before_loading(args_for, tiny_
 def test_a_folder_where_a_caption_file_belongs_is_named(args_for, photos, tmp_path):
     folder = shutil.copytree(photos, tmp_path / "captions")
     (folder / "dog_0.txt").mkdir()
-    with pytest.raises(trainer.UserError, match=re.escape("caption file(s) unreadable or not UTF-8: dog_0.txt (not a "
+    with pytest.raises(trainer.UserError, match=re.escape("1 caption file unreadable or not UTF-8: dog_0.txt (not a "
                                                           "file)")):
         check(args_for(instance_dir=folder))
 

@@ -155,7 +155,7 @@ def test_png_without_parameters_is_skipped_and_a_folder_of_them_refused(tmp_path
     Image.new("RGB", (8, 8)).save(tmp_path / "good.png", pnginfo=info)
     assert evaluate.prompted_images(tmp_path) == {"a sks dog": [tmp_path / "good.png"]}
     err = capsys.readouterr().err
-    assert "1 image(s)" in err and "bare.png" in err
+    assert "1 image in" in err and "carries no prompt and is not scored" in err and "bare.png" in err
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -348,7 +348,7 @@ def test_unreadable_pngs_are_named_in_one_line_before_the_scorers_load(photos, s
     with pytest.raises(UserError) as refused:
         evaluate.main(["--images", str(tmp_path), "--instance_dir", str(photos), "--output_dir",
                        str(tmp_path / "out"), *scorer_flags(scorer_dirs)])
-    assert str(refused.value) == (f"2 unreadable PNG image(s) in {tmp_path}: cut.png (OSError), garbage.png "
+    assert str(refused.value) == (f"2 unreadable PNG images in {tmp_path}: cut.png (OSError), garbage.png "
                                   "(UnidentifiedImageError); remove or re-export them")
 
 

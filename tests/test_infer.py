@@ -421,7 +421,7 @@ def first_key(tensors, part):
 
 MISFITS = {  # how an adapter file stops fitting the model it was trained on -> what the refusal says
     "a wider down tensor": (lambda t: t.update({(k := first_key(t, "lora.down")): torch.zeros(t[k].shape[0], 48)}),
-                            r"lora\.down \[4, 48\]: the layer's input is 32 wide; 1 misfit\(s\) in all"),
+                            r"lora\.down \[4, 48\]: the layer's input is 32 wide; 1 misfit in all"),
     "a narrower up tensor": (lambda t: t.update({(k := first_key(t, "lora.up")): torch.zeros(8, t[k].shape[1])}),
                              r"lora\.up \[8, 4\]: the layer's output is 32 wide"),
     "ranks that disagree": (lambda t: t.update({(k := first_key(t, "lora.up")): torch.zeros(t[k].shape[0], 2)}),
@@ -430,7 +430,7 @@ MISFITS = {  # how an adapter file stops fitting the model it was trained on -> 
                                                     [first_key(t, "down_blocks.1")]}),
                                 r"unet\.down_blocks\.7\..*: unet has no such layer"),
     "a tensor of no LoRA layer": (lambda t: t.update({"unet.conv_in.weight": torch.zeros(1)}),
-                                  r"holds 1 tensor\(s\) that are no LoRA layer of unet, text_encoder or "
+                                  r"holds 1 tensor that is no LoRA layer of unet, text_encoder or "
                                   r"text_encoder_2, e\.g\. 'unet\.conv_in\.weight'"),
 }
 

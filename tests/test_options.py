@@ -149,14 +149,14 @@ def test_the_latent_cache_keeps_each_flips_mask_as_an_uncached_step_sees_it(mode
 @pytest.mark.parametrize("setup, message", [
     ("mask only", "dog_0.mask.png in {folder} is a loss mask (1 in all): pass --masked_loss to use them"),
     ("no masks", "--masked_loss found no masks: add photo.mask.png"),
-    ("orphan", "1 mask(s) in {folder} cannot be used: cat.mask.png (no photo named cat.*)"),
+    ("orphan", "1 mask in {folder} cannot be used: cat.mask.png (no photo named cat.*)"),
     ("wrong size", "dog_0.mask.png (32x32, its photo dog_0.jpg is"),
     ("upper case", "dog_0.MASK.png (not named in lower case)"),
     ("unreadable", "dog_0.mask.png (unreadable: "),
     ("transparent", "dog_0.mask.png (has transparency: save it as grey scale without alpha)"),
     ("all black", "dog_0.mask.png (all black: at --mask_floor 0 its photo would train nothing)"),
-    ("a folder", "1 mask(s) in {folder} cannot be used: dog_0.mask.png (not a file)"),
-    ("a broken link", "1 mask(s) in {folder} cannot be used: dog_0.mask.png (a broken symlink)"),
+    ("a folder", "1 mask in {folder} cannot be used: dog_0.mask.png (not a file)"),
+    ("a broken link", "1 mask in {folder} cannot be used: dog_0.mask.png (a broken symlink)"),
 ])
 def test_masks_are_checked_before_any_model_loads(tiny_model, photos, tmp_path, capsys, setup, message):
     import shutil
@@ -502,7 +502,7 @@ def test_the_upscaling_warning_follows_each_photos_bucket_not_resolution(tiny_mo
     check_inputs(tiny_args(tiny_model, photos, tmp_path / "a", "--resolution", 512, "--aspect_ratio_buckets", BUCKETS))
     assert "warning" not in capsys.readouterr().err, "the photos cover their 64 and 96 px buckets"
     check_inputs(tiny_args(tiny_model, photos, tmp_path / "b", "--aspect_ratio_buckets", "128,128;128,192;192,128"))
-    assert ("warning: 4 instance image(s) are smaller than their training size (their bucket) and will be upscaled: "
+    assert ("warning: 4 instance images are smaller than their training size (their bucket) and will be upscaled: "
             "dog_1.jpg (160x120), dog_2.jpg (112x160), dog_3.jpg (128x96), dog_4.jpg (96x96)"  # 160x120 to 192x128
             ) in capsys.readouterr().err
 

@@ -66,7 +66,7 @@ def test_small_images_are_upscaled_with_one_warning_listing_them(tiny_model, tmp
     make_photo(folder / "thin.png", (200, 50))
     check(tiny_args(tiny_model, folder, tmp_path / "out"))
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
-    assert warnings == ["warning: 2 instance image(s) are smaller than their training size (--resolution 64) and "
+    assert warnings == ["warning: 2 instance images are smaller than their training size (--resolution 64) and "
                         "will be upscaled: thin.png (200x50), tiny.png (32x40)"]
     image, _ = trainer.load_image(folder / "tiny.png")
     square, _ = trainer.crop_and_flip(image, 64, True, False, None)
@@ -107,8 +107,8 @@ def test_caption_not_in_utf8_is_refused(tiny_model, tmp_path):
     folder.mkdir()
     make_photo(folder / "one.jpg")
     (folder / "one.txt").write_bytes("a photo of sks dog, café".encode("latin-1"))
-    with pytest.raises(trainer.UserError, match=r"caption file\(s\) unreadable or not UTF-8: one.txt \(not UTF-8: byte 0xe9 at 23\); "
-                                                  "re-save them as UTF-8 text"):
+    with pytest.raises(trainer.UserError, match=r"1 caption file unreadable or not UTF-8: one.txt \(not UTF-8: byte 0xe9 at 23\); "
+                                                  "re-save it as UTF-8 text"):
         check(tiny_args(tiny_model, folder, tmp_path / "out"))
 
 
