@@ -203,9 +203,10 @@ def measure(run: dict) -> dict:
         cpu_per_step = (cpu_at(samples, bar[high]) - cpu_at(samples, bar[low])) / (high - low)
     peaks = phase_peaks(samples, bounds)
     peak = max(run["maxrss"], *(s[2] for s in samples))
-    if peak_phase(samples, bounds, peak) == "exit":  # VmHWM rose after the last sample: the exit's own peak
+    peaked_in = peak_phase(samples, bounds, peak)
+    if peaked_in == "exit":  # VmHWM rose after the last sample: the exit's own peak
         peaks["exit"] = max(peaks.get("exit", 0), peak)
-    return {"peak_gib": peak / GIB, "peak_phase": peak_phase(samples, bounds, peak),
+    return {"peak_gib": peak / GIB, "peak_phase": peaked_in,
             "training_peak_gib": peaks["training"] / GIB, "anon_peak_gib": max(s[3] for s in samples) / GIB,
             "phase_peaks_gib": {name: value / GIB for name, value in peaks.items()},
             "phase_seconds": {name: end - start for name, (start, end) in bounds.items()},
