@@ -38,11 +38,12 @@ from tqdm.auto import tqdm
 
 from infer import (add_render_flags, base_layer_shapes, check_adapters_fit, check_numbers, load_pipeline, pick_device,
                    read_settings, render_images, resolve, same_model, trained_base)
-from train_dreambooth_lora_ssd1b import (CURVE_PACKAGES, LORA_FILE, ArgumentParser, UserError, apply_adapters,
-                                         check_images, check_model_source, check_versions, counted, agree, file_sha256,
-                                         finished_adapters, infer_command, list_images, load_image, looks_like_hub_id,
-                                         read_json_config, refuse_empty, resolve_instance_dir, save_png_atomic,
-                                         set_card_evaluation, set_lora_scale, step_of, warn, write_text_atomic)
+from dreambooth_kit.model_card import infer_command, set_card_evaluation
+from dreambooth_kit.checks import CURVE_PACKAGES, ArgumentParser, check_versions, refuse_empty
+from dreambooth_kit.artifacts import LORA_FILE, file_sha256, finished_adapters, looks_like_hub_id, save_png_atomic, step_of, write_text_atomic
+from dreambooth_kit.messages import UserError, counted, agree, warn
+from dreambooth_kit.imaging import check_images, list_images, load_image
+from dreambooth_kit.pipeline import apply_adapters, check_model_source, read_json_config, resolve_instance_dir, set_lora_scale
 
 DREAMBENCH = Path(__file__).resolve().parent / "dreambench_prompts.json"
 METRICS = ["DINO", "CLIP-I", "CLIP-T"]

@@ -24,10 +24,12 @@ import torch
 from PIL.PngImagePlugin import PngInfo
 from safetensors import SafetensorError, safe_open
 
-from train_dreambooth_lora_ssd1b import (LORA_FILE, SETTINGS_FILE, ArgumentParser, LoraConfig, UserError,
-                                         apply_adapters, build_pipeline, check_models, check_range, check_versions,
-                                         generate_images, load_errors_named, load_models, one_line, ran, refuse_empty,
-                                         save_png_new, shared_name, agree, counted)
+from dreambooth_kit.checks import ArgumentParser, check_range, check_versions, refuse_empty
+from dreambooth_kit.artifacts import LORA_FILE, SETTINGS_FILE, save_png_new
+from dreambooth_kit.messages import UserError, one_line, agree, counted
+from dreambooth_kit.pipeline import apply_adapters, build_pipeline, check_models, generate_images, load_errors_named, load_models, shared_name
+from dreambooth_kit.checkpoints import ran
+from peft import LoraConfig
 
 SEED_MAX = 2**64 - 1  # the largest seed torch.Generator takes; it takes negative ones too, as aliases of large ones
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import torch
+from diffusers import UNet2DConditionModel
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -39,9 +40,9 @@ def step_flop_counts(model: Path, resolution: int, batch: int, rank: int = 8,
     """step_flops by operator. Built from the model's config on the meta device: the count needs shapes, not
     weights, and attention is counted as its matrix products (a real CPU run's fused attention kernel is not
     counted by torch's FlopCounterMode at all)."""
-    config = trainer.UNet2DConditionModel.load_config(Path(model) / "unet")
+    config = UNet2DConditionModel.load_config(Path(model) / "unet")
     with torch.device("meta"):
-        unet = trainer.UNet2DConditionModel.from_config(config)
+        unet = UNet2DConditionModel.from_config(config)
         unet.requires_grad_(False)
         unet.add_adapter(trainer.LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
                                             target_modules=trainer.UNET_TARGETS))

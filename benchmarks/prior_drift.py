@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "examples")]
 import tiny_world  # noqa: E402
 import train_dreambooth_lora_ssd1b as trainer  # noqa: E402
+from dreambooth_kit import imaging, pipeline
 
 WORLD_MODEL, WORLD_SUBJECT = ROOT / "examples" / "tiny_world_model", ROOT / "examples" / "tiny_world_subject"
 INSTANCE_PROMPT, CLASS_PROMPT = "a photo of sks star", "a photo of a star"
@@ -67,16 +68,16 @@ def train(model, photos, output_dir, extra=(), steps=STEPS, learning_rate=LEARNI
 
 
 def world_pipeline(model):
-    models = trainer.load_models(model, None, None, None, torch.float32, "cpu")
-    return trainer.build_pipeline(models, model, None, None, progress=False)
+    models = pipeline.load_models(model, None, None, None, torch.float32, "cpu")
+    return pipeline.build_pipeline(models, model, None, None, progress=False)
 
 
 def renders(pipe, step_dir, prompt, seeds=SEEDS, inference_steps=INFERENCE_STEPS):
     """The prompt's images, one per seed; the base model's when step_dir is None."""
     if step_dir is not None:
-        trainer.apply_adapters(pipe, step_dir)
+        pipeline.apply_adapters(pipe, step_dir)
     try:
-        return trainer.generate_images(pipe, prompt, list(seeds), 64, 64, inference_steps)
+        return pipeline.generate_images(pipe, prompt, list(seeds), 64, 64, inference_steps)
     finally:
         if step_dir is not None:
             pipe.delete_adapters("dreambooth")
@@ -102,7 +103,7 @@ def measure(model, photos, work_dir, variants=tuple(VARIANTS), **train_kwargs):
                                 **train_kwargs) for variant in variants}
     pipe = world_pipeline(model)
     base = {prompt: renders(pipe, None, prompt) for prompt in (INSTANCE_PROMPT, CLASS_PROMPT)}
-    profile = tiny_world.subject_profile([Image.open(p).convert("RGB") for p in trainer.list_images(Path(photos))])
+    profile = tiny_world.subject_profile([Image.open(p).convert("RGB") for p in imaging.list_images(Path(photos))])
     return {variant: scores(pipe, saved, base, profile) for variant, saved in last.items()}
 
 

@@ -23,6 +23,7 @@ from torch.profiler import ProfilerActivity, profile, record_function, schedule
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_dreambooth_lora_ssd1b as trainer  # noqa: E402
+from dreambooth_kit import messages
 
 
 def parse_args(argv=None):
@@ -59,7 +60,7 @@ def main(argv=None):
         trainer.training_step = profiled(trainer.training_step, profiler)
         try:
             trainer.main(args.trainer_flags)
-        except trainer.UserError as error:
+        except messages.UserError as error:
             sys.exit(f"error: {error}")
     sort_by = "self_cuda_time_total" if on_gpu else "self_cpu_time_total"
     table = profiler.key_averages().table(sort_by=sort_by, row_limit=args.rows, max_name_column_width=60)

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "examples"), str(ROOT / "benchmarks")]
 import prior_drift as world  # noqa: E402
 import tiny_world  # noqa: E402
-import train_dreambooth_lora_ssd1b as trainer  # noqa: E402
+from dreambooth_kit import artifacts, imaging
 
 LABEL = 260  # pixels left of each row for its label
 
@@ -43,7 +43,7 @@ def main(argv=None):
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3])
     p.add_argument("--inference_steps", type=int, default=world.INFERENCE_STEPS)
     args = p.parse_args(argv)
-    photos = [Image.open(path).convert("RGB") for path in trainer.list_images(args.photos)]
+    photos = [Image.open(path).convert("RGB") for path in imaging.list_images(args.photos)]
     profile = tiny_world.subject_profile(photos)
     pipe = world.world_pipeline(args.model)
     rows = [row("the subject's photos", photos)]
@@ -56,7 +56,7 @@ def main(argv=None):
     sheet = Image.new("RGB", (max(r.width for r in rows), sum(r.height + 4 for r in rows)), "white")
     for i, strip in enumerate(rows):
         sheet.paste(strip, (0, i * (strip.height + 4)))
-    trainer.save_png_atomic(sheet, args.output)
+    artifacts.save_png_atomic(sheet, args.output)
     print(args.output)
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import train_dreambooth_lora_ssd1b as trainer
+from dreambooth_kit import artifacts, messages, pipeline
 from conftest import run_trainer, tiny_args
 
 
@@ -67,8 +67,8 @@ def outputs(pipe):
 @pytest.fixture(scope="module")
 def base_pipeline(tiny_model):
     def make():
-        models = trainer.load_models(tiny_model, tiny_model / "vae", None, None, torch.float32, "cpu")
-        return trainer.build_pipeline(models, str(tiny_model), None, None)
+        models = pipeline.load_models(tiny_model, tiny_model / "vae", None, None, torch.float32, "cpu")
+        return pipeline.build_pipeline(models, str(tiny_model), None, None)
     return make
 
 
@@ -130,26 +130,26 @@ def test_dora_magnitudes_left_at_their_initial_values_are_refused(dora_run, base
     # what transformers 5's load_adapter makes of peft's own name for a text encoder's magnitude (the name diffusers'
     # script writes): DoRA layers whose magnitudes keep the base weights' row norms, and a logged warning. Those
     # differ from the trained ones by too little for a sum of squares to tell.
-    pipe = trainer.apply_adapters(base_pipeline(), dora_run / "step1")
+    pipe = pipeline.apply_adapters(base_pipeline(), dora_run / "step1")
     with torch.no_grad():
         for module in pipe.text_encoder.modules():
             if "dreambooth" in (getattr(module, "lora_magnitude_vector", None) or {}):
                 module.lora_magnitude_vector["dreambooth"].weight.copy_(module.get_base_layer().weight.norm(dim=1))
-    with pytest.raises(trainer.UserError, match="the text_encoder adapter .* did not load"):
-        trainer.check_adapters_landed(pipe, dora_run / "step1" / trainer.LORA_FILE, "dreambooth")
+    with pytest.raises(messages.UserError, match="the text_encoder adapter .* did not load"):
+        pipeline.check_adapters_landed(pipe, dora_run / "step1" / artifacts.LORA_FILE, "dreambooth")
 
 
 def test_dora_lora_scale_zero_is_the_base_model_too(dora_run, base_pipeline):
     # peft scales only DoRA's low-rank update: at weight 0 the trained magnitudes would still act
     base = outputs(base_pipeline())
-    scaled = outputs(trainer.apply_adapters(base_pipeline(), dora_run / "step1", lora_scale=0.0))
+    scaled = outputs(pipeline.apply_adapters(base_pipeline(), dora_run / "step1", lora_scale=0.0))
     for b, s in zip(base, scaled):
         torch.testing.assert_close(s, b, rtol=1e-5, atol=1e-6)
 
 
 def test_apply_adapters_scale_zero_is_the_base_model(trained_run, base_pipeline):
     base = outputs(base_pipeline())
-    scaled = outputs(trainer.apply_adapters(base_pipeline(), trained_run / "step3", lora_scale=0.0))
+    scaled = outputs(pipeline.apply_adapters(base_pipeline(), trained_run / "step3", lora_scale=0.0))
     for b, s in zip(base, scaled):
         torch.testing.assert_close(s, b, rtol=1e-5, atol=1e-6)
 
@@ -167,7 +167,7 @@ PEFT_0_15_FIELDS = {
 def test_diffusers_file_metadata_loads_in_older_peft(trained_run):
     from safetensors import safe_open
 
-    with safe_open(trained_run / "step3" / trainer.LORA_FILE, "pt") as f:
+    with safe_open(trained_run / "step3" / artifacts.LORA_FILE, "pt") as f:
         metadata = json.loads(f.metadata()["lora_adapter_metadata"])
     fields = {key.split(".", 1)[1] for key in metadata}
     assert {"r", "lora_alpha", "target_modules", "rank_pattern"} <= fields, "what diffusers reads"
@@ -177,7 +177,7 @@ def test_diffusers_file_metadata_loads_in_older_peft(trained_run):
 
 def test_text_encoder_weights_keep_the_text_model_level_every_loader_expects(trained_run):
     # transformers 5's CLIPTextModel has no text_model level; transformers 4, ComfyUI and A1111 need it
-    keys = load_file(trained_run / "step3" / trainer.LORA_FILE).keys()
+    keys = load_file(trained_run / "step3" / artifacts.LORA_FILE).keys()
     for component in ["text_encoder", "text_encoder_2"]:
         names = [k for k in keys if k.startswith(f"{component}.")]
         assert names and all(k.startswith(f"{component}.text_model.encoder.layers.") for k in names), component
@@ -188,13 +188,13 @@ def test_adapters_that_do_not_land_are_refused(trained_run, base_pipeline, tmp_p
     from safetensors.torch import save_file
 
     # names another library version might write: diffusers would inject the layers, warn, and leave them untrained
-    with safe_open(trained_run / "step3" / trainer.LORA_FILE, "pt") as f:
+    with safe_open(trained_run / "step3" / artifacts.LORA_FILE, "pt") as f:
         metadata = f.metadata()
     weights = {k.replace(".text_model.", ".text_modelX."): v
-               for k, v in load_file(trained_run / "step3" / trainer.LORA_FILE).items()}
-    save_file(weights, tmp_path / trainer.LORA_FILE, metadata=metadata)
-    with pytest.raises(trainer.UserError, match="text_encoder adapter .* did not load"):
-        trainer.apply_adapters(base_pipeline(), tmp_path)
+               for k, v in load_file(trained_run / "step3" / artifacts.LORA_FILE).items()}
+    save_file(weights, tmp_path / artifacts.LORA_FILE, metadata=metadata)
+    with pytest.raises(messages.UserError, match="text_encoder adapter .* did not load"):
+        pipeline.apply_adapters(base_pipeline(), tmp_path)
 
 
 def test_clip_l_last_layer_gets_no_adapter_since_sdxl_never_reads_it(trained_run, tiny_model):
@@ -241,6 +241,6 @@ def test_text_encoder_lora_trains_saves_resumes_and_renders_where_transformers_r
         weights = load_file(step / folder / "adapter_model.safetensors")
         assert max(v.abs().max().item() for k, v in weights.items() if "lora_B" in k) > 0, f"{folder} trained"
     base = outputs(base_pipeline())
-    adapted = outputs(trainer.apply_adapters(base_pipeline(), step))
+    adapted = outputs(pipeline.apply_adapters(base_pipeline(), step))
     for name, b, a in zip(["unet", "text_encoder", "text_encoder_2"], base, adapted):
         assert (a - b).abs().max() > 1e-4, f"{name}: the adapter changes nothing"

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from conftest import ROOT, tiny_args
+from dreambooth_kit import pipeline, telemetry
 
 BENCHMARKS = ROOT / "benchmarks"
 
@@ -47,8 +48,6 @@ def test_gpu_report_is_read_with_both_peaks(monkeypatch, capsys, tiny_model):
     # No GPU here: the trainer's report takes its CUDA branch with fixed figures, and the runner must read them back
     import torch
 
-    import train_dreambooth_lora_ssd1b as trainer
-
     runner = load_runner()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 5 * 2**30)
@@ -56,11 +55,11 @@ def test_gpu_report_is_read_with_both_peaks(monkeypatch, capsys, tiny_model):
     class Accelerator:
         print, log = staticmethod(print), staticmethod(lambda values: None)
 
-    clock = trainer.Clock()
+    clock = telemetry.Clock()
     clock.windows = [(1, 10, 1.0), (11, 10, 0.4)]  # the first window holds the warm-up steps and is left out
     clock.peak_before_training = 7 * 2**30
     clock.phases.update({"load": 20.0, "class images": 3.0, "caches": 1.0, "training": 1.4, "saving": 0.5})
-    trainer.report(Accelerator(), clock, 0)
+    telemetry.report(Accelerator(), clock, 0)
 
     record = runner.parse_report(capsys.readouterr().out)
     assert (record["ms"], record["steps"]) == (40.0, 10)
@@ -84,7 +83,7 @@ def test_counted_flops_are_the_unets_forward_and_backward_as_a_real_step_runs_th
     from count_flops import step_flop_counts, step_flops
 
     counted = step_flop_counts(tiny_model, 64, 2, rank=4)
-    models = trainer.load_models(tiny_model, tiny_model / "vae", None, None, torch.float32, "cpu")
+    models = pipeline.load_models(tiny_model, tiny_model / "vae", None, None, torch.float32, "cpu")
     trainer.add_lora(models, 4, 4, 0.0, False)
     unet = models.unet
     inputs = dict(sample=torch.randn(2, 4, 8, 8), timestep=torch.tensor([10, 20]),

@@ -5,12 +5,13 @@ import pytest
 import torch
 
 import train_dreambooth_lora_ssd1b as trainer
+from dreambooth_kit import imaging, pipeline
 from conftest import run_trainer, tiny_args
 
 
 @pytest.fixture
 def models(tiny_model):
-    return trainer.load_models(tiny_model, tiny_model / "vae", None, None, torch.float32, "cpu")
+    return pipeline.load_models(tiny_model, tiny_model / "vae", None, None, torch.float32, "cpu")
 
 
 def losses(models, photos, tiny_model, tmp_path, cached, steps=4):
@@ -18,7 +19,7 @@ def losses(models, photos, tiny_model, tmp_path, cached, steps=4):
     args = trainer.parse_args([str(a) for a in tiny_args(
         tiny_model, photos, tmp_path / "out", "--center_crop", "--random_flip", "--with_prior_preservation",
         "--class_prompt", "a photo of dog")])
-    images = trainer.list_images(photos)
+    images = imaging.list_images(photos)
     models.latent_cache = models.prompt_cache = None
     if cached:
         accelerator = type("A", (), {"device": "cpu", "print": print, "is_main_process": True})()
@@ -47,7 +48,7 @@ def test_cached_and_uncached_steps_give_the_same_loss_for_the_same_noise(models,
 
 
 def test_latent_cache_holds_both_flips_with_their_own_crop_coordinates(models, photos):
-    images = trainer.list_images(photos)[:2]
+    images = imaging.list_images(photos)[:2]
     cache = trainer.encode_latent_cache(models.vae, trainer.latent_targets(images, [], 64), False, True, 0, "cpu")
     assert set(cache) == {(str(p), flipped, (64, 64)) for p in images for flipped in (False, True)}
     moments, time_ids, mask = cache[(str(images[0]), False, (64, 64))]
@@ -62,7 +63,7 @@ def test_latent_cache_holds_both_flips_with_their_own_crop_coordinates(models, p
 def test_latent_cache_is_on_by_default_only_where_it_is_exact(photos, tmp_path):
     from PIL import Image
 
-    targets = trainer.latent_targets(trainer.list_images(photos), [], 64)
+    targets = trainer.latent_targets(imaging.list_images(photos), [], 64)
     assert trainer.latent_cache_is_exact(targets, center_crop=True)
     assert not trainer.latent_cache_is_exact(targets, center_crop=False), "random crops"
     Image.new("RGB", (90, 90)).save(tmp_path / "square.png")
@@ -76,12 +77,12 @@ def test_latent_cache_is_on_by_default_only_where_it_is_exact(photos, tmp_path):
 def test_validation_from_cached_embeddings_matches_the_pipeline(models, tiny_model, photos, tmp_path):
     args = trainer.parse_args([str(a) for a in tiny_args(tiny_model, photos, tmp_path / "out",
                                                          "--validation_prompt", "a photo of sks dog in a bucket")])
-    pipe = trainer.build_pipeline(models, str(tiny_model), None, None)
-    plain = trainer.generate_images(pipe, args.validation_prompt, [0, 1], 64, 64, 3)
+    pipe = pipeline.build_pipeline(models, str(tiny_model), None, None)
+    plain = pipeline.generate_images(pipe, args.validation_prompt, [0, 1], 64, 64, 3)
     models.prompt_cache = trainer.encode_prompt_cache(models, [args.validation_prompt, ""], "cpu")
-    headless = trainer.build_pipeline(trainer.dataclasses.replace(models, text_encoders=[None, None]),
+    headless = pipeline.build_pipeline(trainer.dataclasses.replace(models, text_encoders=[None, None]),
                                       str(tiny_model), None, None)
-    cached = trainer.generate_images(headless, None, [0, 1], 64, 64, 3,
+    cached = pipeline.generate_images(headless, None, [0, 1], 64, 64, 3,
                                      **trainer.cached_prompt_kwargs(headless, models, args))
     for a, b in zip(plain, cached):
         np.testing.assert_allclose(np.asarray(a, dtype=float), np.asarray(b, dtype=float), atol=1)
@@ -169,7 +170,7 @@ def test_the_unet_loads_once_and_after_the_text_encoders_unless_class_images_nee
     import weakref
 
     encoders, alive_at_unet_load = [], []
-    real_load_models, real_load_unet = trainer.load_models, trainer.load_unet
+    real_load_models, real_load_unet = pipeline.load_models, pipeline.load_unet
 
     def load_models(*a, **k):
         models = real_load_models(*a, **k)

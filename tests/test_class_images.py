@@ -6,12 +6,13 @@ import torch
 from PIL import Image
 
 import train_dreambooth_lora_ssd1b as trainer
+from dreambooth_kit import imaging, pipeline
 
 
 @pytest.fixture(scope="module")
 def pipe(tiny_model):
-    models = trainer.load_models(tiny_model, tiny_model / "vae", None, None, torch.float32, "cpu")
-    return trainer.build_pipeline(models, str(tiny_model), None, None)
+    models = pipeline.load_models(tiny_model, tiny_model / "vae", None, None, torch.float32, "cpu")
+    return pipeline.build_pipeline(models, str(tiny_model), None, None)
 
 
 def make(pipe, class_dir, count, batch_size=2):
@@ -20,7 +21,7 @@ def make(pipe, class_dir, count, batch_size=2):
     names = trainer.missing_class_images(class_dir, count)
     trainer.generate_class_images(pipe, class_dir, "a photo of dog", names, batch_size, 64, seed=0,
                                   num_inference_steps=2, disable_progress=True)
-    return trainer.list_images(class_dir)[:count]
+    return imaging.list_images(class_dir)[:count]
 
 
 def test_only_missing_class_images_are_made(pipe, tmp_path, monkeypatch):
@@ -31,7 +32,7 @@ def test_only_missing_class_images_are_made(pipe, tmp_path, monkeypatch):
     before = {p.name: p.read_bytes() for p in class_dir.iterdir()}
 
     calls = []
-    real = trainer.generate_images
+    real = pipeline.generate_images
     monkeypatch.setattr(trainer, "generate_images", lambda p, prompt, seeds, *a, **k: calls.append(seeds)
                         or real(p, prompt, seeds, *a, **k))
     images = make(pipe, class_dir, 5)

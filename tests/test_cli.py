@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 import train_dreambooth_lora_ssd1b as trainer
+from dreambooth_kit import artifacts, checkpoints, checks, messages, model_card, ownership, pipeline
 from conftest import ROOT, check_inputs, run_trainer, tiny_args, with_flags
 
 
@@ -43,19 +44,19 @@ def args_for(tiny_model, photos, tmp_path):
      "--output_kohya_format (pytorch_lora_weights.safetensors carries DoRA), or drop --use_dora"),
 ])
 def test_contradictory_or_invalid_flags_are_refused(args_for, extra, message):
-    with pytest.raises(trainer.UserError, match=re.escape(message)):
+    with pytest.raises(messages.UserError, match=re.escape(message)):
         check(args_for(*extra))
 
 
 def test_missing_instance_folder_is_refused(args_for, tmp_path):
-    with pytest.raises(trainer.UserError, match="instance folder .*nope does not exist"):
+    with pytest.raises(messages.UserError, match="instance folder .*nope does not exist"):
         check(args_for(instance_dir=tmp_path / "nope"))
 
 
 def test_folder_without_images_is_refused(args_for, tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("not a photo")
-    with pytest.raises(trainer.UserError, match="no images in .*empty: add 3-20 photos"):
+    with pytest.raises(messages.UserError, match="no images in .*empty: add 3-20 photos"):
         check(args_for(instance_dir=tmp_path / "empty"))
 
 
@@ -67,7 +68,7 @@ def test_every_unreadable_image_is_listed(args_for, photos, tmp_path):
     (folder / "text.png").write_text("this is not a png")
     truncated = (photos / "dog_0.jpg").read_bytes()
     (folder / "cut.jpg").write_bytes(truncated[: len(truncated) // 2])
-    with pytest.raises(trainer.UserError) as error:
+    with pytest.raises(messages.UserError) as error:
         check(args_for(instance_dir=folder))
     message = str(error.value)
     assert message.startswith("3 unreadable instance images")
@@ -126,7 +127,7 @@ def test_a_folder_where_no_file_can_be_read_is_refused_naming_each(args_for, tmp
     folder.mkdir()
     for name in ["IMG_0001.HEIC", "IMG_0002.heif"]:
         (folder / name).write_bytes(HEIC_BYTES)
-    with pytest.raises(trainer.UserError) as refused:
+    with pytest.raises(messages.UserError) as refused:
         check(args_for(instance_dir=folder))
     message = str(refused.value)
     assert message.startswith(f"no photo in the instance folder {folder} can be read: IMG_0001.HEIC (HEIC, ")
@@ -136,7 +137,7 @@ def test_a_folder_where_no_file_can_be_read_is_refused_naming_each(args_for, tmp
 def test_a_heic_photo_named_jpg_is_named_as_heic(args_for, photos, tmp_path):
     folder = shutil.copytree(photos, tmp_path / "renamed")
     (folder / "IMG_0001.jpg").write_bytes(HEIC_BYTES)
-    with pytest.raises(trainer.UserError, match=re.escape("1 unreadable instance image in ")) as refused:
+    with pytest.raises(messages.UserError, match=re.escape("1 unreadable instance image in ")) as refused:
         check(args_for(instance_dir=folder))
     assert "IMG_0001.jpg (HEIC, which this Pillow cannot read: convert it to JPEG" in str(refused.value)
 
@@ -163,7 +164,7 @@ def test_a_deep_tiff_with_no_faithful_8_bit_reading_is_refused_in_one_line(args_
     folder = shutil.copytree(photos, tmp_path / "deep")
     Image.fromarray(np.array([values * 32] * 64, dtype=np.float32 if mode == "F" else np.int32)).save(
         folder / "scan.tif")
-    with pytest.raises(trainer.UserError) as refused:
+    with pytest.raises(messages.UserError) as refused:
         check(args_for(instance_dir=folder))
     assert str(refused.value) == (f"1 unreadable instance image in {folder}: scan.tif ({problem}); remove or "
                                   "re-export it")
@@ -172,7 +173,7 @@ def test_a_deep_tiff_with_no_faithful_8_bit_reading_is_refused_in_one_line(args_
 def test_an_unreadable_colour_profile_is_refused_before_any_model_loads(args_for, photos, tmp_path):
     folder = shutil.copytree(photos, tmp_path / "profiled")
     Image.new("RGB", (64, 64), "red").save(folder / "broken.png", icc_profile=b"not a profile" * 20)
-    with pytest.raises(trainer.UserError, match=re.escape("broken.png (its colour profile cannot be applied")):
+    with pytest.raises(messages.UserError, match=re.escape("broken.png (its colour profile cannot be applied")):
         check(args_for(instance_dir=folder))
 
 
@@ -190,7 +191,7 @@ def test_a_coloured_mask_is_refused_not_weighed_by_its_luminance(args_for, photo
         image.paste((255, 0, 0), (0, 0, size[0] // 2, size[1]))
         return image
     folder = masked_folder(photos, tmp_path / "red", red_subject)
-    with pytest.raises(trainer.UserError, match=re.escape("dog_0.mask.png (has colours, not only grey: paint the "
+    with pytest.raises(messages.UserError, match=re.escape("dog_0.mask.png (has colours, not only grey: paint the "
                                                           "subject white and the rest black")):
         check(args_for("--masked_loss", instance_dir=folder))
 
@@ -213,7 +214,7 @@ def test_a_grey_mask_saved_in_colour_mode_weighs_as_its_grey(args_for, photos, t
 def test_a_mask_saved_as_jpeg_is_refused_not_trained_on_as_a_photo(args_for, photos, tmp_path, flags):
     folder = masked_folder(photos, tmp_path / "jpeg", lambda size: Image.new("L", size, 255))
     (folder / "dog_0.mask.png").rename(folder / "dog_0.mask.jpg")
-    with pytest.raises(trainer.UserError, match=re.escape(f"dog_0.mask.jpg in {folder}: a loss mask must be a PNG "
+    with pytest.raises(messages.UserError, match=re.escape(f"dog_0.mask.jpg in {folder}: a loss mask must be a PNG "
                                                           "named photo.mask.png")):
         check(args_for(*flags, instance_dir=folder))
 
@@ -229,7 +230,7 @@ def test_a_caption_saved_with_a_byte_order_mark_is_read_without_it(args_for, pho
 def test_a_caption_of_only_invisible_characters_is_refused_like_an_empty_one(args_for, photos, tmp_path, text):
     folder = shutil.copytree(photos, tmp_path / "invisible")
     (folder / "dog_0.txt").write_text(text, encoding="utf-8")
-    with pytest.raises(trainer.UserError, match=re.escape("1 caption file empty: dog_0.txt (only invisible "
+    with pytest.raises(messages.UserError, match=re.escape("1 caption file empty: dog_0.txt (only invisible "
                                                           "characters: U+")):
         check(args_for(instance_dir=folder))
 
@@ -241,7 +242,7 @@ def test_a_caption_of_only_invisible_characters_is_refused_like_an_empty_one(arg
 def test_a_caption_that_is_not_utf8_is_named_with_what_it_is(args_for, photos, tmp_path, data, reason):
     folder = shutil.copytree(photos, tmp_path / "encodings")
     (folder / "dog_0.txt").write_bytes(data)
-    with pytest.raises(trainer.UserError, match=re.escape(f"1 caption file unreadable or not UTF-8: dog_0.txt "
+    with pytest.raises(messages.UserError, match=re.escape(f"1 caption file unreadable or not UTF-8: dog_0.txt "
                                                           f"({reason}); re-save it as UTF-8 text")):
         check(args_for(instance_dir=folder))
 
@@ -267,7 +268,7 @@ def test_prompts_clip_would_cut_are_named_with_each_tokenizers_count_before_trai
 
 
 def test_missing_model_folder_is_refused(args_for, tmp_path):
-    with pytest.raises(trainer.UserError, match="--pretrained_model_name_or_path .*missing does not exist"):
+    with pytest.raises(messages.UserError, match="--pretrained_model_name_or_path .*missing does not exist"):
         check(args_for("--pretrained_model_name_or_path", tmp_path / "missing"))
 
 
@@ -328,8 +329,8 @@ def hub_answering(monkeypatch):
 ])
 def test_a_hub_id_the_hub_refuses_gets_the_spelling_and_login_advice(hub_answering, status, code, message):
     hub_answering(status, code)
-    with pytest.raises(trainer.UserError) as refused:
-        trainer.check_models("nobody/no-such-model", None, None, None)
+    with pytest.raises(messages.UserError) as refused:
+        pipeline.check_models("nobody/no-such-model", None, None, None)
     assert str(refused.value).startswith(f"--pretrained_model_name_or_path nobody/no-such-model: {message}")
     assert "HF_HUB_OFFLINE" not in str(refused.value)
 
@@ -344,8 +345,8 @@ def test_an_unreachable_hub_fails_fast_and_says_the_network_is_down(monkeypatch,
                         "http://127.0.0.1:9/{repo_id}/resolve/{revision}/{filename}")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     started = time.perf_counter()
-    with pytest.raises(trainer.UserError) as refused:
-        trainer.check_models("nobody/no-such-model", None, None, None)
+    with pytest.raises(messages.UserError) as refused:
+        pipeline.check_models("nobody/no-such-model", None, None, None)
     assert time.perf_counter() - started < 5, "no retries: huggingface_hub's own take about 25 s"
     assert "the Hub (http://127.0.0.1:9) cannot be reached (" in str(refused.value)
     assert "connect to the network" in str(refused.value) and "hf auth login" not in str(refused.value)
@@ -354,11 +355,11 @@ def test_an_unreachable_hub_fails_fast_and_says_the_network_is_down(monkeypatch,
 
 def test_finished_adapters_are_not_overwritten_silently(args_for, tmp_path):
     (tmp_path / "out" / "step499").mkdir(parents=True)
-    (tmp_path / "out" / "step499" / trainer.LORA_FILE).write_bytes(b"weights")
-    with pytest.raises(trainer.UserError, match="already holds adapters \\(step499\\).*--overwrite_output_dir"):
+    (tmp_path / "out" / "step499" / artifacts.LORA_FILE).write_bytes(b"weights")
+    with pytest.raises(messages.UserError, match="already holds adapters \\(step499\\).*--overwrite_output_dir"):
         check(args_for())
     check(args_for("--overwrite_output_dir"))  # asked for explicitly: allowed
-    assert (tmp_path / "out" / "step499" / trainer.LORA_FILE).read_bytes() == b"weights"
+    assert (tmp_path / "out" / "step499" / artifacts.LORA_FILE).read_bytes() == b"weights"
 
 
 def derived(argv):
@@ -412,18 +413,18 @@ def test_user_mistake_exits_nonzero_with_one_line_and_no_traceback(tmp_path):
 
 def fake_versions(monkeypatch, **versions):
     """Installed versions as the version check reads them: the real ones, except those given (None: missing)."""
-    real = trainer.installed_version
+    real = checks.installed_version
 
     def version(name):
         value = versions[name] if name in versions else real(name)
         if value is None:
-            raise trainer.PackageNotFoundError(name)
+            raise checks.PackageNotFoundError(name)
         return value
-    monkeypatch.setattr(trainer, "installed_version", version)
+    monkeypatch.setattr(checks, "installed_version", version)
 
 
 def test_installed_packages_pass_the_version_check():
-    assert set(trainer.check_versions(list(trainer.MINIMUM_VERSIONS))) == set(trainer.MINIMUM_VERSIONS)
+    assert set(checks.check_versions(list(checks.MINIMUM_VERSIONS))) == set(checks.MINIMUM_VERSIONS)
 
 
 @pytest.mark.parametrize("versions, message", [
@@ -436,17 +437,17 @@ def test_known_broken_installs_are_refused_before_any_model_loads(monkeypatch, t
     fake_versions(monkeypatch, **versions)
     argv = ["--pretrained_model_name_or_path", tmp_path / "no-model", "--instance_dir", tmp_path / "no-photos",
             "--instance_prompt", "a photo of sks dog", "--output_dir", tmp_path / "out"]
-    with pytest.raises(trainer.UserError) as refused:
+    with pytest.raises(messages.UserError) as refused:
         run_trainer(*argv)  # the model and photos don't exist: the version check speaks first
     assert str(refused.value) == message
     assert not (tmp_path / "out").exists()
 
 
 def test_a_known_clash_is_refused_with_the_pip_command_that_fixes_it(monkeypatch):
-    monkeypatch.setattr(trainer, "KNOWN_CLASHES", [("torch", "2.4", "accelerate", "99", "pip install -U accelerate")])
-    with pytest.raises(trainer.UserError, match=r"^torch \S+ does not work with accelerate \S+ \(it needs accelerate "
+    monkeypatch.setattr(checks, "KNOWN_CLASHES", [("torch", "2.4", "accelerate", "99", "pip install -U accelerate")])
+    with pytest.raises(messages.UserError, match=r"^torch \S+ does not work with accelerate \S+ \(it needs accelerate "
                                                 r">= 99\): run pip install -U accelerate$"):
-        trainer.check_versions(["torch", "accelerate"])
+        checks.check_versions(["torch", "accelerate"])
 
 
 @pytest.mark.parametrize("transformers", ["5.24.0", "5.25.0"])
@@ -454,14 +455,14 @@ def test_the_newest_transformers_is_accepted_with_a_peft_before_0_22(monkeypatch
     # transformers 5.24 on refuses its own add_adapter with peft < 0.22; the trainer puts LoRA on the text encoders
     # with peft's functions (tests/test_adapters.py trains so with those methods refusing), so nothing clashes
     fake_versions(monkeypatch, transformers=transformers, peft="0.21.2")
-    found = trainer.check_versions(["transformers", "peft"])
+    found = checks.check_versions(["transformers", "peft"])
     assert {name: str(version) for name, version in found.items()} == {"transformers": transformers, "peft": "0.21.2"}
 
 
 def test_bitsandbytes_is_needed_only_for_8bit_adamw(monkeypatch, tiny_model, photos, tmp_path):
     fake_versions(monkeypatch, bitsandbytes=None)
     run_trainer(*tiny_args(tiny_model, photos, tmp_path / "out", "--max_train_steps", 1, "--optimizer", "adamw"))
-    assert (tmp_path / "out" / "step0" / trainer.LORA_FILE).is_file()
+    assert (tmp_path / "out" / "step0" / artifacts.LORA_FILE).is_file()
 
 
 @pytest.mark.parametrize("script", ["infer", "evaluate"])
@@ -472,7 +473,7 @@ def test_infer_and_evaluate_refuse_a_broken_install_first(monkeypatch, tmp_path,
     argv = {"infer": ["--checkpoint", str(tmp_path / "none")],
             "evaluate": ["--checkpoint", str(tmp_path / "none"), "--instance_dir", str(tmp_path / "none"),
                          "--class_noun", "dog", "--subject_kind", "live", "--output_dir", str(tmp_path / "eval")]}[script]
-    with pytest.raises(trainer.UserError, match=re.escape("run pip install -U 'diffusers>=0.35.2'")):
+    with pytest.raises(messages.UserError, match=re.escape("run pip install -U 'diffusers>=0.35.2'")):
         importlib.import_module(script).main(argv)
 
 
@@ -525,7 +526,7 @@ def test_infer_and_evaluate_refuse_a_broken_install_first(monkeypatch, tmp_path,
      "--lr_warmup_steps 600 is more than --max_train_steps 500"),
 ])
 def test_numbers_out_of_range_are_refused(args_for, extra, message):
-    with pytest.raises(trainer.UserError, match=re.escape(message)) as refused:
+    with pytest.raises(messages.UserError, match=re.escape(message)) as refused:
         check(args_for(*extra))
     assert "\n" not in str(refused.value), "one line"
     assert re.search(r"(e\.g\.|pass) --", str(refused.value)), "naming a valid value"
@@ -534,11 +535,11 @@ def test_numbers_out_of_range_are_refused(args_for, extra, message):
 def test_every_numeric_flag_has_a_range_and_says_it_in_help():
     parser = trainer.make_parser()
     numeric = {action.dest: action for action in parser._actions if action.type in (int, float)}
-    assert set(numeric) == set(trainer.FLAG_RANGES), "a new numeric flag needs a row in FLAG_RANGES"
+    assert set(numeric) == set(checks.FLAG_RANGES), "a new numeric flag needs a row in FLAG_RANGES"
     for name, action in numeric.items():
-        assert trainer.describe_range(*trainer.FLAG_RANGES[name][:3]) in action.help, name
-    for name, (_, _, _, example) in trainer.FLAG_RANGES.items():  # the example each refusal offers is valid
-        trainer.check_range(name, numeric[name].type(example))
+        assert checks.describe_range(*checks.FLAG_RANGES[name][:3]) in action.help, name
+    for name, (_, _, _, example) in checks.FLAG_RANGES.items():  # the example each refusal offers is valid
+        checks.check_range(name, numeric[name].type(example))
 
 
 def test_the_edges_of_each_range_are_accepted(args_for):
@@ -550,25 +551,25 @@ def test_the_edges_of_each_range_are_accepted(args_for):
 
 @pytest.mark.parametrize("flag", ["--validation_steps", "--num_validation_images"])
 def test_zero_validation_counts_are_refused_not_replaced_by_the_default(args_for, flag):
-    with pytest.raises(trainer.UserError, match=re.escape(f"{flag} must be at least 1 (got 0)")):
+    with pytest.raises(messages.UserError, match=re.escape(f"{flag} must be at least 1 (got 0)")):
         check(args_for("--validation_prompt", "a photo of sks dog in a bucket", flag, "0"))
 
 
 @pytest.mark.parametrize("extension", ["", ".", "/x", ".a/b"])
 def test_caption_extension_that_is_no_suffix_is_refused(args_for, extension):
-    with pytest.raises(trainer.UserError, match=re.escape(f"--caption_extension {extension!r} is not a file name "
+    with pytest.raises(messages.UserError, match=re.escape(f"--caption_extension {extension!r} is not a file name "
                                                           "suffix: pass one like .txt")):
         check(args_for("--caption_extension", extension))
 
 
 def test_a_file_where_a_folder_belongs_is_named_as_a_file(args_for, tmp_path):
     (tmp_path / "a-file").write_text("not a folder")
-    with pytest.raises(trainer.UserError, match="--instance_dir .*a-file is a file, not a folder: pass"):
+    with pytest.raises(messages.UserError, match="--instance_dir .*a-file is a file, not a folder: pass"):
         check(args_for(instance_dir=tmp_path / "a-file"))
-    with pytest.raises(trainer.UserError, match="--class_dir .*a-file is a file, not a folder: pass"):
+    with pytest.raises(messages.UserError, match="--class_dir .*a-file is a file, not a folder: pass"):
         check(args_for("--with_prior_preservation", "--class_prompt", "a photo of dog", "--class_dir",
                        tmp_path / "a-file"))
-    with pytest.raises(trainer.UserError, match="--output_dir .*a-file is a file, not a folder: choose"):
+    with pytest.raises(messages.UserError, match="--output_dir .*a-file is a file, not a folder: choose"):
         check(args_for("--output_dir", tmp_path / "a-file"))
     assert (tmp_path / "a-file").read_text() == "not a folder"
 
@@ -607,7 +608,7 @@ def test_a_photo_too_long_to_resize_is_refused_before_any_model_loads(args_for, 
     shutil.copytree(photos, folder)
     Image.new("RGB", (2, 60000), "white").save(folder / "strip.png")  # a few hundred bytes on disk
     Image.new("RGB", (800, 100), "white").save(folder / "banner.png")  # 8:1 is the limit: kept
-    with pytest.raises(trainer.UserError) as refused:  # resized to cover 1024 it would be 1024 x 30.7M pixels: 94 GB
+    with pytest.raises(messages.UserError) as refused:  # resized to cover 1024 it would be 1024 x 30.7M pixels: 94 GB
         check(args_for("--resolution", 1024, instance_dir=folder))
     assert str(refused.value) == (f"1 instance image in {folder} would need too much memory to train on: strip.png "
                                   "(2x60000: one side over 8 times the other); crop each to at most 8:1 and "
@@ -621,7 +622,7 @@ def test_photos_over_pils_decompression_bomb_limit_are_refused_in_one_line(args_
     shutil.copytree(photos, folder)
     Image.new("RGB", (200, 200)).save(folder / "large.png")  # PIL only warns above its limit: a big camera photo
     Image.new("RGB", (300, 300)).save(folder / "refused.png")  # and refuses above twice the limit
-    with pytest.raises(trainer.UserError) as refused:
+    with pytest.raises(messages.UserError) as refused:
         check(args_for(instance_dir=folder))
     assert str(refused.value) == (f"1 instance image in {folder} would need too much memory to train on: "
                                   "refused.png (over PIL's limit of 60000 pixels); crop each to at most 8:1 and "
@@ -637,15 +638,15 @@ def test_photos_over_pils_decompression_bomb_limit_are_refused_in_one_line(args_
 def test_folders_not_named_by_the_trainer_are_left_alone(args_for, tmp_path):
     out = tmp_path / "out"
     (out / "stepfinal").mkdir(parents=True)
-    (out / "stepfinal" / trainer.LORA_FILE).write_bytes(b"weights")  # e.g. a copy the user made and named
+    (out / "stepfinal" / artifacts.LORA_FILE).write_bytes(b"weights")  # e.g. a copy the user made and named
     (out / "state-stepX").mkdir()
-    (out / "state-stepX" / trainer.TRAINER_STATE).write_text(json.dumps({"step": 3, "settings": {}}))
+    (out / "state-stepX" / artifacts.TRAINER_STATE).write_text(json.dumps({"step": 3, "settings": {}}))
     check(args_for())  # neither is the trainer's: a fresh run starts
     check(args_for("--resume_from_checkpoint", "latest"))  # and 'latest' is neither of them
-    assert trainer.finished_adapters(out) == [] and trainer.complete_states(out) == []
-    with pytest.raises(trainer.UserError, match=re.escape(f"{out / 'state-stepX'} is not named state-stepN")):
+    assert artifacts.finished_adapters(out) == [] and checkpoints.complete_states(out) == []
+    with pytest.raises(messages.UserError, match=re.escape(f"{out / 'state-stepX'} is not named state-stepN")):
         check(args_for("--resume_from_checkpoint", out / "state-stepX"))
-    assert (out / "stepfinal" / trainer.LORA_FILE).read_bytes() == b"weights"
+    assert (out / "stepfinal" / artifacts.LORA_FILE).read_bytes() == b"weights"
 
 
 @pytest.mark.parametrize("content", [b"{not json", b"", b"\xff\xfe", b"[]", json.dumps({"step": 4}).encode(),
@@ -654,14 +655,14 @@ def test_folders_not_named_by_the_trainer_are_left_alone(args_for, tmp_path):
 def test_a_damaged_trainer_state_is_refused_in_one_line(args_for, tmp_path, content):
     out = tmp_path / "out"
     (out / "state-step1").mkdir(parents=True)
-    (out / "state-step1" / trainer.TRAINER_STATE).write_text(json.dumps({"step": 2, "settings": {}}))
+    (out / "state-step1" / artifacts.TRAINER_STATE).write_text(json.dumps({"step": 2, "settings": {}}))
     (out / "state-step3").mkdir()
-    (out / "state-step3" / trainer.TRAINER_STATE).write_bytes(content)  # the newest: what 'latest' picks
+    (out / "state-step3" / artifacts.TRAINER_STATE).write_bytes(content)  # the newest: what 'latest' picks
     for resume in ["latest", out / "state-step3"]:
-        with pytest.raises(trainer.UserError) as refused:
+        with pytest.raises(messages.UserError) as refused:
             check(args_for("--resume_from_checkpoint", resume))
         assert str(refused.value) == (
-            f"{out / 'state-step3' / trainer.TRAINER_STATE} is damaged (not the JSON with step and settings that "
+            f"{out / 'state-step3' / artifacts.TRAINER_STATE} is damaged (not the JSON with step and settings that "
             f"this trainer writes): delete {out / 'state-step3'}, or resume from another state-stepN folder")
 
 
@@ -672,12 +673,12 @@ def test_a_damaged_trainer_state_is_refused_in_one_line(args_for, tmp_path, cont
                                     "--resume_from_checkpoint latest, or drop --accept_changed_settings"),
 ])
 def test_numbers_past_what_can_run_and_lone_resume_flags_are_refused(args_for, extra, message):
-    with pytest.raises(trainer.UserError, match=re.escape(message)):
+    with pytest.raises(messages.UserError, match=re.escape(message)):
         check(args_for(*extra))
 
 
 def test_unknown_report_to_is_refused_by_the_parser_before_anything_loads(args_for):
-    with pytest.raises(trainer.UserError, match="^argument --report_to: invalid choice: 'bogus'"):
+    with pytest.raises(messages.UserError, match="^argument --report_to: invalid choice: 'bogus'"):
         trainer.parse_args([str(a) for a in args_for("--report_to", "bogus")])
 
 
@@ -701,20 +702,20 @@ def test_what_argparse_refuses_is_one_line_not_usage_text(script, argv, message,
 
 @pytest.mark.parametrize("value, shown", [("-1e-4", "-0.0001"), ("-.5", "-0.5"), ("-inf", "-inf"), ("-2E3", "-2000.0")])
 def test_a_negative_number_in_any_notation_reaches_the_range_check(args_for, value, shown):
-    with pytest.raises(trainer.UserError, match=re.escape(f"--learning_rate must be {'finite and ' * (value == '-inf')}"
+    with pytest.raises(messages.UserError, match=re.escape(f"--learning_rate must be {'finite and ' * (value == '-inf')}"
                                                           f"above 0 (got {shown})")):
         check(args_for("--learning_rate", value))
 
 
 @pytest.mark.parametrize("content", ["{not json", None])
 def test_an_unreadable_lock_is_named_and_never_taken_over(tmp_path, content):
-    lock = tmp_path / trainer.LOCK_FILE
+    lock = tmp_path / artifacts.LOCK_FILE
     if content is None:
         lock.mkdir()
     else:
         lock.write_text(content)
-    with pytest.raises(trainer.UserError, match=f"{lock} is unreadable.*delete it if no trainer is running there"):
-        with trainer.hold_output_dir(tmp_path):
+    with pytest.raises(messages.UserError, match=f"{lock} is unreadable.*delete it if no trainer is running there"):
+        with ownership.hold_output_dir(tmp_path):
             pass
     assert lock.exists()
 
@@ -722,8 +723,8 @@ def test_an_unreadable_lock_is_named_and_never_taken_over(tmp_path, content):
 def test_a_fresh_run_never_replaces_resumable_states_silently(args_for, tmp_path):
     state = tmp_path / "out" / "state-step0"
     state.mkdir(parents=True)
-    (state / trainer.TRAINER_STATE).write_text(json.dumps({"step": 1, "settings": {}}))
-    with pytest.raises(trainer.UserError, match="already holds a resumable state \\(state-step0\\); continue that run"):
+    (state / artifacts.TRAINER_STATE).write_text(json.dumps({"step": 1, "settings": {}}))
+    with pytest.raises(messages.UserError, match="already holds a resumable state \\(state-step0\\); continue that run"):
         check(args_for())
 
 
@@ -732,7 +733,7 @@ def test_a_users_readme_in_the_output_dir_is_never_replaced(args_for, tmp_path):
     out.mkdir()
     (out / "README.md").write_text("# My dog project\n\nNotes I keep beside the run.\n")
     for extra in [[], ["--overwrite_output_dir"]]:  # the flag replaces an earlier run, never the user's own file
-        with pytest.raises(trainer.UserError) as refused:
+        with pytest.raises(messages.UserError) as refused:
             check(args_for(*extra))
         assert str(refused.value) == (f"{out / 'README.md'} is not a model card this trainer wrote, and this run "
                                       f"writes the model card at each save: move it out of {out}, or choose "
@@ -740,9 +741,9 @@ def test_a_users_readme_in_the_output_dir_is_never_replaced(args_for, tmp_path):
     assert (out / "README.md").read_text().startswith("# My dog project")
     argv = [str(a) for a in args_for()]
     args = trainer.parse_args(argv)
-    trainer.write_model_card(out, args, trainer.derive_settings(args, argv), 500, 1)
+    model_card.write_model_card(out, args, trainer.derive_settings(args, argv), 500, 1)
     check(args_for())  # the card this trainer wrote is its own to replace
-    assert trainer.CARD_MARKS <= set(trainer.CARD_TAGS)
+    assert ownership.CARD_MARKS <= set(model_card.CARD_TAGS)
     (out / "README.md").write_text("# DreamBooth LoRA: `a photo of sks dog`\n\nLoRA adapters for [m](m), trained "
                                    "with DreamBooth (Ruiz et al., CVPR 2023) by `train_dreambooth_lora_ssd1b.py`.\n")
     check(args_for())  # and so is the card of a run from before the card had Hub metadata
@@ -777,7 +778,7 @@ def test_a_users_file_or_folder_at_a_name_the_trainer_writes_is_refused(args_for
     out.mkdir()
     users_own(out, name)
     for overwrite in [[], ["--overwrite_output_dir"]]:
-        with pytest.raises(trainer.UserError, match=re.escape(f"{out / message}") + ".*: move it out of .*, or "
+        with pytest.raises(messages.UserError, match=re.escape(f"{out / message}") + ".*: move it out of .*, or "
                                                     "choose another --output_dir$"):
             check(args_for(*extra, *overwrite))
     assert sorted(p.name for p in out.iterdir()) == sorted({name, *(["my-readme.md"] * (name == "README.md"))})
@@ -828,7 +829,7 @@ def test_every_folder_flag_that_overlaps_another_is_refused_before_any_model_loa
     (folders / "link").symlink_to(folders / "photos")
     names = {"tmp": folders, "photos": folders / "photos", "model": tiny_model}
     monkeypatch.setattr(trainer, "load_models", None)  # nothing may load
-    with pytest.raises(trainer.UserError) as refused:
+    with pytest.raises(messages.UserError) as refused:
         check(args_for(*[a.format(**names) for a in extra], instance_dir=names["photos"]))
     assert str(refused.value).startswith(message.format(**names))
     assert sorted(p.name for p in folders.iterdir()) == ["link", "photos"], "nothing was written"
@@ -880,7 +881,7 @@ def test_read_only_inputs_may_overlap_and_the_class_images_default_inside_the_ou
      "text encoders train at --learning_rate; drop --text_encoder_lr"),
 ])
 def test_a_flag_that_would_be_ignored_or_an_empty_prompt_is_refused(args_for, extra, message):
-    with pytest.raises(trainer.UserError, match=re.escape(message)):
+    with pytest.raises(messages.UserError, match=re.escape(message)):
         check(args_for(*extra))
 
 
@@ -914,7 +915,7 @@ def test_an_empty_caption_file_is_named_not_replaced_by_the_instance_prompt(args
     (folder / "dog_0.txt").write_text("")
     (folder / "dog_1.txt").write_text("  \n")
     (folder / "dog_2.txt").write_text("a photo of sks dog on grass")
-    with pytest.raises(trainer.UserError, match=re.escape("2 caption files empty: dog_0.txt, dog_1.txt; write each "
+    with pytest.raises(messages.UserError, match=re.escape("2 caption files empty: dog_0.txt, dog_1.txt; write each "
                                                           "photo's prompt in it, or delete it")):
         check(args_for(instance_dir=folder))
 
@@ -924,7 +925,7 @@ def test_caching_latents_on_request_is_refused_where_it_would_freeze_a_random_cr
     folder.mkdir()
     for i in range(3):
         Image.new("RGB", (96, 64), (i * 80, 0, 0)).save(folder / f"wide_{i}.png")
-    with pytest.raises(trainer.UserError, match=re.escape("--cache_latents on would fix one random crop of each "
+    with pytest.raises(messages.UserError, match=re.escape("--cache_latents on would fix one random crop of each "
                                                           "image that does not fit its training size")):
         check(args_for("--cache_latents", "on", instance_dir=folder))
     check(args_for("--cache_latents", "on", "--center_crop", instance_dir=folder))  # one crop is all there is
@@ -955,7 +956,7 @@ def test_an_empty_path_is_refused_not_read_as_the_current_folder(args_for, flag,
         argv[argv.index(flag) + 1] = ""
     else:
         argv += [flag, ""]
-    with pytest.raises(trainer.UserError, match=f"^{flag} is empty: pass "):
+    with pytest.raises(messages.UserError, match=f"^{flag} is empty: pass "):
         check(argv)
     assert list(tmp_path.iterdir()) == [], "nothing written to the current folder"
 
@@ -969,12 +970,12 @@ def test_an_empty_path_is_refused_not_read_as_the_current_folder(args_for, flag,
      "--mixed_precision is given twice (then as --mixed): keep one"),
 ])
 def test_a_flag_given_twice_is_refused_not_overridden_by_the_last(args_for, extra, message):
-    with pytest.raises(trainer.UserError, match=re.escape(message)):
+    with pytest.raises(messages.UserError, match=re.escape(message)):
         check([*args_for(), *extra])
 
 
 def test_an_image_extension_as_caption_extension_is_refused(args_for):
-    with pytest.raises(trainer.UserError, match=re.escape("--caption_extension .JPG is an image's extension")):
+    with pytest.raises(messages.UserError, match=re.escape("--caption_extension .JPG is an image's extension")):
         check(args_for("--caption_extension", ".JPG"))
 
 
@@ -983,7 +984,7 @@ def test_a_tracker_that_is_not_installed_is_refused_not_dropped(args_for, monkey
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
-    with pytest.raises(trainer.UserError, match=re.escape("--report_to wandb needs wandb: pip install wandb, or pass "
+    with pytest.raises(messages.UserError, match=re.escape("--report_to wandb needs wandb: pip install wandb, or pass "
                                                           "--report_to none")):
         check(args_for("--report_to", "wandb"))
 
@@ -993,7 +994,7 @@ def test_prodigy_without_prodigyopt_is_refused_before_anything_loads(args_for, m
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "prodigyopt" else real(name, *a))
-    with pytest.raises(trainer.UserError, match=re.escape("--optimizer prodigy needs prodigyopt: pip install "
+    with pytest.raises(messages.UserError, match=re.escape("--optimizer prodigy needs prodigyopt: pip install "
                                                           "prodigyopt, or pass --optimizer adamw8bit")):
         check(args_for("--optimizer", "prodigy", "--learning_rate", "1.0"))
 
@@ -1002,11 +1003,11 @@ def test_prodigyopt_version_is_checked_only_for_prodigy(monkeypatch, tmp_path):
     fake_versions(monkeypatch, prodigyopt="1.0")
     argv = ["--pretrained_model_name_or_path", tmp_path / "no-model", "--instance_dir", tmp_path / "no-photos",
             "--instance_prompt", "a photo of sks dog", "--output_dir", tmp_path / "out"]
-    with pytest.raises(trainer.UserError) as refused:
+    with pytest.raises(messages.UserError) as refused:
         run_trainer(*argv, "--optimizer", "prodigy", "--learning_rate", 1.0)
     assert str(refused.value) == "prodigyopt 1.0 is older than the 1.1.2 this needs: run pip install -U " \
                                  "'prodigyopt>=1.1.2'"
-    with pytest.raises(trainer.UserError, match="instance folder .*no-photos does not exist"):  # past the check
+    with pytest.raises(messages.UserError, match="instance folder .*no-photos does not exist"):  # past the check
         run_trainer(*argv, "--optimizer", "adamw")
 
 
@@ -1020,14 +1021,14 @@ def test_prodigyopt_version_is_checked_only_for_prodigy(monkeypatch, tmp_path):
 def test_a_model_folder_missing_a_part_is_refused_before_loading(args_for, tiny_model, tmp_path, damage, message):
     model = shutil.copytree(tiny_model, tmp_path / "model")
     damage(model)
-    with pytest.raises(trainer.UserError, match=re.escape(message)):
+    with pytest.raises(messages.UserError, match=re.escape(message)):
         check(args_for("--pretrained_model_name_or_path", model))
 
 
 def test_a_folder_where_a_caption_file_belongs_is_named(args_for, photos, tmp_path):
     folder = shutil.copytree(photos, tmp_path / "captions")
     (folder / "dog_0.txt").mkdir()
-    with pytest.raises(trainer.UserError, match=re.escape("1 caption file unreadable or not UTF-8: dog_0.txt (not a "
+    with pytest.raises(messages.UserError, match=re.escape("1 caption file unreadable or not UTF-8: dog_0.txt (not a "
                                                           "file)")):
         check(args_for(instance_dir=folder))
 
@@ -1089,6 +1090,6 @@ def test_the_trainer_does_not_need_matplotlib(monkeypatch, tmp_path):
     fake_versions(monkeypatch, matplotlib=None)  # only evaluate.py's curve draws with it
     argv = ["--pretrained_model_name_or_path", tmp_path / "no-model", "--instance_dir", tmp_path / "no-photos",
             "--instance_prompt", "a photo of sks dog", "--output_dir", tmp_path / "out"]
-    with pytest.raises(trainer.UserError) as refused:
+    with pytest.raises(messages.UserError) as refused:
         run_trainer(*argv)
     assert "matplotlib" not in str(refused.value) and "no-photos" in str(refused.value)

@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image, ImageCms, ImageOps
 
-import train_dreambooth_lora_ssd1b as trainer
-from train_dreambooth_lora_ssd1b import (DreamBoothDataset, collate, crop_and_flip, derive_seed, list_images,
-                                         load_image, pick, to_tensor)
+from dreambooth_kit import imaging
+from dreambooth_kit.imaging import list_images, load_image
+from train_dreambooth_lora_ssd1b import DreamBoothDataset, collate, crop_and_flip, derive_seed, pick, to_tensor
 
 EXIF_ORIENTATION = 0x0112
 
@@ -268,7 +268,7 @@ def test_deep_tiffs_keep_their_tones_rather_than_turning_black_or_white(tmp_path
 def test_deep_images_with_no_faithful_8_bit_reading_are_refused_not_guessed(tmp_path, values, problem):
     dtype = np.float32 if isinstance(values[0], float) else np.int32
     path = save(Image.fromarray(np.array([values] * 2, dtype=dtype)), tmp_path / "deep.tif")
-    with pytest.raises(trainer.PixelError, match=re.escape(problem)):
+    with pytest.raises(imaging.PixelError, match=re.escape(problem)):
         load_image(path)
 
 
@@ -305,7 +305,7 @@ def test_a_grey_photo_saved_with_an_rgb_profile_trains_as_its_grey(tmp_path):
 
 def test_a_colour_profile_that_cannot_be_read_is_refused_not_ignored(tmp_path):
     path = save(Image.new("RGB", (8, 8), "red"), tmp_path / "broken.png", icc_profile=b"not a profile" * 20)
-    with pytest.raises(trainer.PixelError, match="its colour profile cannot be applied"):
+    with pytest.raises(imaging.PixelError, match="its colour profile cannot be applied"):
         load_image(path)
 
 

@@ -12,6 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import train_dreambooth_lora_ssd1b as trainer
+from dreambooth_kit import artifacts, pipeline
 from conftest import ROOT, tiny_args
 
 CONFIGS = ROOT / "examples" / "accelerate"
@@ -57,8 +58,8 @@ def test_class_images_are_split_exactly_and_named_by_index(two_process_run, tiny
     assert sorted(p.name for p in (output_dir / "class_images").iterdir()) == [
         f"class_{i:05d}.png" for i in range(5)], "exactly N files, none twice, no temporary leftovers"
     # the name fixes the seed, so one process makes the same image that two processes made
-    models = trainer.load_models(tiny_model, tiny_model / "vae", None, None, torch.float32, "cpu")
-    pipe = trainer.build_pipeline(models, str(tiny_model), None, None)
+    models = pipeline.load_models(tiny_model, tiny_model / "vae", None, None, torch.float32, "cpu")
+    pipe = pipeline.build_pipeline(models, str(tiny_model), None, None)
     (output_dir.parent / "single").mkdir()
     trainer.generate_class_images(pipe, output_dir.parent / "single", "a photo of dog", ["class_00003.png"], 4, 64,
                                   0, disable_progress=True)
@@ -76,7 +77,7 @@ def test_two_process_run_resumes(two_process_run):
     resumed = torchrun(flags)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {output_dir / 'state-step3'} at step 4" in resumed.stdout + resumed.stderr
-    assert (output_dir / "step5" / trainer.LORA_FILE).is_file()
+    assert (output_dir / "step5" / artifacts.LORA_FILE).is_file()
 
 
 @pytest.mark.parametrize("scale_lr", [True, False])
@@ -132,8 +133,8 @@ def test_two_processes_with_buckets_masks_dropout_base_prediction_and_dora_train
     assert "adapters identical on all 2 processes" in result.stdout + result.stderr
     assert not (tmp_path / "ddp" / "class_images").exists()
     run_trainer(*tiny_args(tiny_model, folder, tmp_path / "single", *flags, "--gradient_accumulation_steps", 2))
-    ddp = load_file(tmp_path / "ddp" / "step1" / trainer.LORA_FILE)
-    single = load_file(tmp_path / "single" / "step1" / trainer.LORA_FILE)
+    ddp = load_file(tmp_path / "ddp" / "step1" / artifacts.LORA_FILE)
+    single = load_file(tmp_path / "single" / "step1" / artifacts.LORA_FILE)
     assert ddp.keys() == single.keys() and any("magnitude" in k for k in ddp), "DoRA's magnitudes, as trained"
     assert max(v.abs().max().item() for k, v in ddp.items() if "lora_B" in k or "lora.up" in k) > 1e-4, "it learned"
     for key in ddp:

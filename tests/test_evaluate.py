@@ -17,7 +17,8 @@ import evaluate
 import infer
 from conftest import ROOT, with_flags
 from test_infer import DAMAGES, SETTINGS_DAMAGES, help_by_flag, numeric_flags, other_base, step_copy  # noqa: F401
-from train_dreambooth_lora_ssd1b import LORA_FILE, UserError
+from dreambooth_kit.artifacts import LORA_FILE
+from dreambooth_kit.messages import UserError
 
 
 def make_tiny_scorers(folder, tokenizer_dir):

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 import train_dreambooth_lora_ssd1b as trainer
+from dreambooth_kit import checks, messages
 from conftest import ROOT, offline_demo
 
 
@@ -50,7 +51,7 @@ def dog_recipe_argv(tmp_path, *extra):
 
 
 def test_dog_recipe_is_the_reference_recipe(monkeypatch, tmp_path):
-    monkeypatch.setattr(trainer, "has_accelerator", lambda: True)  # the recipe's fp16 is for a GPU, which CI lacks
+    monkeypatch.setattr(checks, "has_accelerator", lambda: True)  # the recipe's fp16 is for a GPU, which CI lacks
     argv = dog_recipe_argv(tmp_path)
     args = trainer.parse_args(argv)
     assert (args.instance_dir, args.instance_prompt) == ("diffusers/dog-example", "a photo of sks dog")
@@ -69,7 +70,7 @@ def test_dog_recipe_is_the_reference_recipe(monkeypatch, tmp_path):
     (["--max_train", "100"], "max_train_steps", 100),  # an abbreviation argparse accepts
 ])
 def test_a_flag_passed_to_the_dog_recipe_replaces_the_recipes_own(monkeypatch, tmp_path, extra, flag, value):
-    monkeypatch.setattr(trainer, "has_accelerator", lambda: True)
+    monkeypatch.setattr(checks, "has_accelerator", lambda: True)
     args = trainer.parse_args(dog_recipe_argv(tmp_path, *extra))
     assert getattr(args, flag) == value
     assert (args.instance_prompt, args.learning_rate) == ("a photo of sks dog", 1e-4), "the rest of the recipe stays"
@@ -77,5 +78,5 @@ def test_a_flag_passed_to_the_dog_recipe_replaces_the_recipes_own(monkeypatch, t
 
 def test_a_flag_the_user_passes_twice_to_the_dog_recipe_is_still_refused(tmp_path):
     argv = dog_recipe_argv(tmp_path, "--rank", "4", "--rank", "16")
-    with pytest.raises(trainer.UserError, match="--rank is given twice"):
+    with pytest.raises(messages.UserError, match="--rank is given twice"):
         trainer.parse_args(argv)

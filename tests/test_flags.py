@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import train_dreambooth_lora_ssd1b as trainer
+from dreambooth_kit import checks, imaging, messages, pipeline
 from conftest import run_trainer, tiny_args
 
 
@@ -18,7 +19,7 @@ def parse(tiny_model, photos, tmp_path, *extra):
 
 @pytest.fixture
 def models(tiny_model):
-    return trainer.load_models(tiny_model, tiny_model / "vae", None, None, torch.float32, "cpu")
+    return pipeline.load_models(tiny_model, tiny_model / "vae", None, None, torch.float32, "cpu")
 
 
 def test_optimizer_flags_reach_the_optimizer(models, tiny_model, photos, tmp_path):
@@ -57,7 +58,7 @@ def test_prodigy_flags_and_the_adam_flags_reach_prodigy(models, tiny_model, phot
                  "--train_text_encoder", "--adam_beta1", 0.8, "--adam_beta2", 0.95, "--adam_weight_decay", 0.01,
                  "--adam_epsilon", 1e-6, *extra)
     trained = trainer.add_lora(models, args.rank, args.rank, args.lora_dropout, args.train_text_encoder)
-    optimizer = trainer.make_optimizer(trained, args, trainer.effective_learning_rates(args, 1))
+    optimizer = trainer.make_optimizer(trained, args, checks.effective_learning_rates(args, 1))
     assert type(optimizer) is Prodigy
     assert [g["lr"] for g in optimizer.param_groups] == [0.5] * 3, "Prodigy takes one lr: the text encoders share it"
     for group in optimizer.param_groups:
@@ -77,7 +78,7 @@ def test_lora_flags_shape_the_adapters(models):
 
 
 def test_use_dora_trains_a_magnitude_per_output_row_kept_fp32_under_bf16(tiny_model, photos, tmp_path):
-    models = trainer.load_models(tiny_model, tiny_model / "vae", None, None, torch.bfloat16, "cpu")
+    models = pipeline.load_models(tiny_model, tiny_model / "vae", None, None, torch.bfloat16, "cpu")
     trained = trainer.add_lora(models, 4, 4, 0.0, True, use_dora=True)
     args = parse(tiny_model, photos, tmp_path, "--optimizer", "adamw", "--use_dora", "--train_text_encoder")
     optimized = {id(p) for g in trainer.make_optimizer(trained, args, (1e-4, 1e-4)).param_groups for p in g["params"]}
@@ -102,7 +103,7 @@ def spied_step(models, photos, tiny_model, tmp_path, *extra, seed=0, instances=2
     scheduler's add_noise and the UNet saw and returned."""
     args = parse(tiny_model, photos, tmp_path, "--with_prior_preservation", "--class_prompt", "a photo of dog",
                  *extra)
-    images = trainer.list_images(photos)
+    images = imaging.list_images(photos)
     dataset = trainer.DreamBoothDataset(images, args.instance_prompt, images[::-1], class_prompt=args.class_prompt,
                                         resolution=64, center_crop=False, random_flip=False, seed=0,
                                         num_samples=instances)
@@ -254,23 +255,23 @@ def test_variant_loads_the_variant_weights(tiny_model, tmp_path):
     from diffusers import StableDiffusionXLPipeline
 
     StableDiffusionXLPipeline.from_pretrained(tiny_model).save_pretrained(tmp_path / "fp16", variant="fp16")
-    trainer.check_models(tmp_path / "fp16", None, None, "fp16")
-    models = trainer.load_models(tmp_path / "fp16", None, None, "fp16", torch.float32, "cpu")
+    pipeline.check_models(tmp_path / "fp16", None, None, "fp16")
+    models = pipeline.load_models(tmp_path / "fp16", None, None, "fp16", torch.float32, "cpu")
     assert models.unet is not None
-    with pytest.raises(trainer.UserError, match="has no weights in unet, text_encoder, text_encoder_2, vae"):
-        trainer.check_models(tmp_path / "fp16", None, None, None)  # before any load: only fp16 files are there
-    with pytest.raises(trainer.UserError, match=r"^cannot load .*fp16: .*; check --pretrained_model_name_or_path"):
-        trainer.load_models(tmp_path / "fp16", None, None, None, torch.float32, "cpu")  # what a hub snapshot gets
+    with pytest.raises(messages.UserError, match="has no weights in unet, text_encoder, text_encoder_2, vae"):
+        pipeline.check_models(tmp_path / "fp16", None, None, None)  # before any load: only fp16 files are there
+    with pytest.raises(messages.UserError, match=r"^cannot load .*fp16: .*; check --pretrained_model_name_or_path"):
+        pipeline.load_models(tmp_path / "fp16", None, None, None, torch.float32, "cpu")  # what a hub snapshot gets
 
 
 def test_a_variant_the_folder_lacks_and_a_vae_that_is_no_vae_are_refused_before_loading(tiny_model):
-    with pytest.raises(trainer.UserError, match=re.escape(
+    with pytest.raises(messages.UserError, match=re.escape(
             "has no fp16 weights (--variant fp16) in unet, text_encoder, text_encoder_2: drop --variant")):
-        trainer.check_models(tiny_model, Path(tiny_model) / "vae", None, "fp16")
-    with pytest.raises(trainer.UserError, match=re.escape(
+        pipeline.check_models(tiny_model, Path(tiny_model) / "vae", None, "fp16")
+    with pytest.raises(messages.UserError, match=re.escape(
             "text_encoder is not a VAE folder (its config.json is for CLIPTextModel): pass an AutoencoderKL folder")):
-        trainer.check_models(tiny_model, Path(tiny_model) / "text_encoder", None, None)
-    trainer.check_models(tiny_model, Path(tiny_model) / "vae", None, None)
+        pipeline.check_models(tiny_model, Path(tiny_model) / "text_encoder", None, None)
+    pipeline.check_models(tiny_model, Path(tiny_model) / "vae", None, None)
 
 
 def test_revision_is_asked_of_the_hub(monkeypatch):
@@ -279,5 +280,5 @@ def test_revision_is_asked_of_the_hub(monkeypatch):
     asked = []
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, name, revision=None, **kwargs: asked.append(
         (repo, name, revision)))
-    trainer.check_model_source("segmind/SSD-1B", "model_index.json", "--pretrained_model_name_or_path", "abc123")
+    pipeline.check_model_source("segmind/SSD-1B", "model_index.json", "--pretrained_model_name_or_path", "abc123")
     assert asked == [("segmind/SSD-1B", "model_index.json", "abc123")]

@@ -16,7 +16,8 @@ from safetensors.torch import load_file, save_file
 
 import infer
 from conftest import with_flags
-from train_dreambooth_lora_ssd1b import LORA_FILE, SETTINGS_FILE, UserError
+from dreambooth_kit.artifacts import LORA_FILE, SETTINGS_FILE
+from dreambooth_kit.messages import UserError
 
 ROOT = infer.Path(infer.__file__).resolve().parent
 

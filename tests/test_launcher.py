@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-import train_dreambooth_lora_ssd1b as trainer
+from dreambooth_kit import artifacts, graceful
 from conftest import ROOT, tiny_args
 
 SCRIPT = "train_dreambooth_lora_ssd1b.py"
@@ -39,21 +39,21 @@ RESUMED = "--instance_dir 'my photos' --output_dir out --resume_from_checkpoint 
     ([], ["/venv/bin/python", "-m", "pytest"], f"python {ROOT / SCRIPT}"),
 ])
 def test_resume_command_repeats_the_launch_as_typed_from_its_folder(parent, own, launch):
-    command = trainer.resume_command(FLAGS, parent=parent, own=own, cwd="/home/me/dog runs")
+    command = graceful.resume_command(FLAGS, parent=parent, own=own, cwd="/home/me/dog runs")
     assert command == f"cd '/home/me/dog runs' && {launch} {RESUMED}"
 
 
 def test_resume_command_without_flags_and_with_the_equals_form():
-    assert trainer.resume_command([], parent=["-bash"], own=["python", SCRIPT], cwd="/w") == (
+    assert graceful.resume_command([], parent=["-bash"], own=["python", SCRIPT], cwd="/w") == (
         f"cd /w && python {SCRIPT} --resume_from_checkpoint latest")
     argv = ["--resume_from_checkpoint=latest", "--rank", "4"]
-    assert trainer.resume_command(argv, parent=["python", SCRIPT, *argv], own=[], cwd="/w") == (
+    assert graceful.resume_command(argv, parent=["python", SCRIPT, *argv], own=[], cwd="/w") == (
         f"cd /w && python {SCRIPT} --rank 4 --resume_from_checkpoint latest")
 
 
 STUB = f"""import sys
 sys.path.insert(0, {str(ROOT)!r})
-from train_dreambooth_lora_ssd1b import resume_command
+from dreambooth_kit.graceful import resume_command
 print(resume_command(sys.argv[1:]))
 """
 
@@ -108,7 +108,7 @@ def test_ctrl_c_under_the_recommended_launch_ends_with_a_resume_command_that_wor
                             timeout=120, env={**os.environ, "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}"
                                                                     f"{os.environ.get('PATH', '')}"})
     assert result.returncode == 0, result.stderr[-2000:]
-    assert (out / "step4" / trainer.LORA_FILE).is_file()
+    assert (out / "step4" / artifacts.LORA_FILE).is_file()
 
 
 def test_sigterm_under_accelerate_launch_resumes_with_the_launcher_and_its_flags(tiny_model, photos, tmp_path):

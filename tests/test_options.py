@@ -9,12 +9,13 @@ import torch
 from PIL import Image
 
 import train_dreambooth_lora_ssd1b as trainer
+from dreambooth_kit import artifacts, imaging, messages, pipeline
 from conftest import run_trainer, tiny_args
 
 
 @pytest.fixture(scope="module")
 def models(tiny_model):
-    return trainer.load_models(tiny_model, tiny_model / "vae", None, None, torch.float32, "cpu")
+    return pipeline.load_models(tiny_model, tiny_model / "vae", None, None, torch.float32, "cpu")
 
 
 def gradient_photo(path, size=(96, 64)):
@@ -30,7 +31,7 @@ def masked_photos(folder, n=3, size=(96, 64)):
     folder.mkdir(parents=True, exist_ok=True)
     photos = [gradient_photo(folder / f"p{i}.png", size) for i in range(n)]
     for photo in photos:
-        Image.open(photo).getchannel("R").save(trainer.mask_path(photo))
+        Image.open(photo).getchannel("R").save(imaging.mask_path(photo))
     return photos
 
 
@@ -79,7 +80,7 @@ def test_with_floor_zero_the_pixels_under_black_change_neither_loss_nor_gradient
     photo = gradient_photo(folder / "dog.png", (64, 64))
     mask = np.zeros((64, 64), np.uint8)
     mask[:, :32] = 255
-    Image.fromarray(mask).save(trainer.mask_path(photo))
+    Image.fromarray(mask).save(imaging.mask_path(photo))
     args = trainer.parse_args([str(a) for a in tiny_args(tiny_model, folder, tmp_path / "out", "--masked_loss",
                                                          "--random_flip")])
     local = trainer.dataclasses.replace(models, vae=LocalVAE(models.vae), unet=PointwiseUNet())
@@ -176,14 +177,14 @@ def test_masks_are_checked_before_any_model_loads(tiny_model, photos, tmp_path, 
     elif setup != "no masks":
         Image.new("L", size, 255).save(folder / name)
     flags = [] if setup == "mask only" else ["--masked_loss"]
-    with pytest.raises(trainer.UserError, match=__import__("re").escape(message.format(folder=folder))):
+    with pytest.raises(messages.UserError, match=__import__("re").escape(message.format(folder=folder))):
         run_trainer(*tiny_args(tiny_model, folder, tmp_path / "out", *flags))
     assert "warning" not in capsys.readouterr().err, "the refusal is all that is said"
 
 
 def test_a_16_bit_mask_is_scaled_not_clipped(tmp_path):
     photo = gradient_photo(tmp_path / "dog.png", (32, 32))
-    Image.fromarray(np.full((32, 32), 32768, np.uint16)).save(trainer.mask_path(photo))  # half of 65535
+    Image.fromarray(np.full((32, 32), 32768, np.uint16)).save(imaging.mask_path(photo))  # half of 65535
     mask = trainer.load_mask(photo, (32, 32))
     assert set(np.asarray(mask).ravel().tolist()) == {128}
 
@@ -227,7 +228,7 @@ def test_a_dropped_caption_trains_the_pipelines_unconditional(models, tiny_model
     assert models.empty_prompt_is_zeros
     assert torch.all(embeds[1] == 0) and torch.all(pooled[1] == 0)
     assert embeds[0].abs().sum() > 0 and pooled[0].abs().sum() > 0
-    pipe = trainer.build_pipeline(models, str(tiny_model), None, None)
+    pipe = pipeline.build_pipeline(models, str(tiny_model), None, None)
     _, negative, _, negative_pooled = pipe.encode_prompt("a photo of sks dog", device="cpu",
                                                          do_classifier_free_guidance=True)
     assert torch.equal(negative[0], embeds[1]) and torch.equal(negative_pooled[0], pooled[1])
@@ -241,13 +242,13 @@ def test_a_dropped_caption_trains_the_pipelines_unconditional(models, tiny_model
 @pytest.mark.parametrize("train_text_encoder", [False, True])
 def test_base_prediction_prior_is_exactly_zero_while_lora_is_still_zero(tiny_model, photos, tmp_path,
                                                                         train_text_encoder):
-    models = trainer.load_models(tiny_model, tiny_model / "vae", None, None, torch.float32, "cpu")
+    models = pipeline.load_models(tiny_model, tiny_model / "vae", None, None, torch.float32, "cpu")
     trainer.add_lora(models, 4, 4, 0.0, train_text_encoder)
     extra = ["--train_text_encoder"] if train_text_encoder else []
     args = trainer.parse_args([str(a) for a in tiny_args(
         tiny_model, photos, tmp_path / "out", *extra, "--with_prior_preservation", "--class_prompt", "a photo of dog",
         "--prior_target", "base_prediction")])
-    data = trainer.DreamBoothDataset(trainer.list_images(photos), "a photo of sks dog", class_prompt="a photo of dog",
+    data = trainer.DreamBoothDataset(imaging.list_images(photos), "a photo of sks dog", class_prompt="a photo of dog",
                                      resolution=64, center_crop=True, random_flip=False, seed=0, num_samples=2)
     batch = trainer.collate([data[0], data[1]])
     assert batch["prompts"] == ["a photo of sks dog"] * 2 + ["a photo of dog"] * 2 and len(batch["pixel_values"]) == 2
@@ -280,7 +281,7 @@ def test_base_prediction_makes_and_reads_no_class_image(tiny_model, photos, tmp_
                            "--prior_target", "base_prediction", "--max_train_steps", 2, "--optimizer", "adamw"))
     assert not (out / "class_images").exists()
     assert "5 instance photos, 0 class images" in capsys.readouterr().out
-    assert (out / "step1" / trainer.LORA_FILE).is_file()
+    assert (out / "step1" / artifacts.LORA_FILE).is_file()
     assert "the base model's own prediction" in (out / "README.md").read_text()
 
 
@@ -301,7 +302,7 @@ def test_base_prediction_makes_and_reads_no_class_image(tiny_model, photos, tmp_
     (["--caption_dropout", "-0.1"], "--caption_dropout must be in [0, 1) (got -0.1)"),
 ])
 def test_option_mistakes_are_one_line_before_any_model_loads(tiny_model, photos, tmp_path, extra, message):
-    with pytest.raises(trainer.UserError, match=__import__("re").escape(message)):
+    with pytest.raises(messages.UserError, match=__import__("re").escape(message)):
         trainer.parse_args([str(a) for a in tiny_args(tiny_model, photos, tmp_path / "out", *extra)])
 
 
@@ -310,7 +311,7 @@ def test_base_prediction_is_the_base_models_own_once_the_adapters_have_trained(t
     # the model with every lora_B zeroed. (Whether this holds the class prompt's renders nearer the base model's
     # is held by tests/test_world.py on the pre-trained tiny world, with benchmarks/prior_drift.py's numbers in the
     # README.)
-    models = trainer.load_models(tiny_model, tiny_model / "vae", None, None, torch.float32, "cpu")
+    models = pipeline.load_models(tiny_model, tiny_model / "vae", None, None, torch.float32, "cpu")
     trainer.add_lora(models, 4, 4, 0.0, True)
     torch.manual_seed(0)
     for name, p in [*models.unet.named_parameters(), *(np for te in models.text_encoders
@@ -320,7 +321,7 @@ def test_base_prediction_is_the_base_models_own_once_the_adapters_have_trained(t
     args = trainer.parse_args([str(a) for a in tiny_args(
         tiny_model, photos, tmp_path / "out", "--train_text_encoder", "--with_prior_preservation", "--class_prompt",
         "a photo of dog", "--prior_target", "base_prediction")])
-    data = trainer.DreamBoothDataset(trainer.list_images(photos), "a photo of sks dog", class_prompt="a photo of dog",
+    data = trainer.DreamBoothDataset(imaging.list_images(photos), "a photo of sks dog", class_prompt="a photo of dog",
                                      resolution=64, center_crop=True, random_flip=False, seed=0, num_samples=2)
     batch = trainer.collate([data[0], data[1]])
     seen = {}
@@ -364,7 +365,7 @@ def test_masks_caption_dropout_and_base_prediction_resume_to_the_uninterrupted_a
     run = straight_then_resumed(tiny_args(tiny_model, folder, tmp_path / "out", *flags), tmp_path)
     inverted = 255 - np.asarray(Image.open(folder / "dog_0.mask.png"))
     Image.fromarray(inverted).save(folder / "dog_0.mask.png")  # a mask edited under a resumable run
-    with pytest.raises(trainer.UserError, match="the instance photos, their captions or their masks"):
+    with pytest.raises(messages.UserError, match="the instance photos, their captions or their masks"):
         run("resumed", 6, "--resume_from_checkpoint", "latest")
 
 
@@ -372,10 +373,10 @@ def with_half_masks(photos, folder):
     """A copy of the photos, the first three with a mask whose left half is white; the others have none (and
     weigh 1 everywhere)."""
     __import__("shutil").copytree(photos, folder)
-    for photo in trainer.list_images(folder)[:3]:
+    for photo in imaging.list_images(folder)[:3]:
         mask = np.zeros(Image.open(photo).size[::-1], np.uint8)
         mask[:, : mask.shape[1] // 2] = 255
-        Image.fromarray(mask).save(trainer.mask_path(photo))
+        Image.fromarray(mask).save(imaging.mask_path(photo))
     return folder
 
 
@@ -387,7 +388,7 @@ def straight_then_resumed(argv, tmp_path):
     def run(name, steps, *extra):
         run_trainer(*argv, "--output_dir", tmp_path / name, "--max_train_steps", steps, "--checkpointing_steps", 2,
                     *extra)
-        return load_file(tmp_path / name / f"step{steps - 1}" / trainer.LORA_FILE)
+        return load_file(tmp_path / name / f"step{steps - 1}" / artifacts.LORA_FILE)
 
     uninterrupted = run("straight", 4)
     run("resumed", 2)
@@ -409,19 +410,19 @@ EXPECTED_BUCKETS = {"dog_0.jpg": (64, 64), "dog_1.jpg": (64, 96), "dog_2.jpg": (
 
 
 def test_auto_buckets_are_sdxls_sizes_at_the_resolutions_area():
-    buckets = trainer.auto_buckets(1024)
+    buckets = imaging.auto_buckets(1024)
     assert {(1024, 1024), (512, 2048), (2048, 512), (832, 1216), (1216, 832), (896, 1152)} <= set(buckets)
     assert all(h % 64 == 0 and w % 64 == 0 and h * w <= 1024 ** 2 and 1 / 4 <= h / w <= 4 for h, w in buckets)
     assert all(h * w > 0.9 * 1024 ** 2 for h, w in buckets), "each keeps about the resolution's pixel count"
-    assert trainer.parse_buckets("auto", 1024) == tuple(buckets)
-    assert trainer.parse_buckets("64,96; 96,64;64,96", 64) == ((64, 96), (96, 64))
+    assert imaging.parse_buckets("auto", 1024) == tuple(buckets)
+    assert imaging.parse_buckets("64,96; 96,64;64,96", 64) == ((64, 96), (96, 64))
 
 
 def test_each_photo_trains_at_its_nearest_bucket_with_the_crop_and_size_in_its_time_ids(photos, tmp_path):
-    images = trainer.list_images(photos)
+    images = imaging.list_images(photos)
     data = trainer.DreamBoothDataset(images, "a photo of sks dog", images[::-1], class_prompt="a photo of dog",
                                      resolution=64, center_crop=False, random_flip=True, seed=0, num_samples=20,
-                                     buckets=trainer.parse_buckets(BUCKETS, 64), batch_size=2)
+                                     buckets=imaging.parse_buckets(BUCKETS, 64), batch_size=2)
     for k in range(20):
         item = data[k]
         name = images[data.instance(k)].name
@@ -434,9 +435,9 @@ def test_each_photo_trains_at_its_nearest_bucket_with_the_crop_and_size_in_its_t
 
 @pytest.mark.parametrize("batch_size", [1, 2, 3])
 def test_buckets_drop_no_photo_and_each_batch_holds_one_bucket(photos, batch_size):
-    images = trainer.list_images(photos)
+    images = imaging.list_images(photos)
     data = trainer.DreamBoothDataset(images, "a photo of sks dog", resolution=64, center_crop=True, random_flip=False,
-                                     seed=0, num_samples=60 * batch_size, buckets=trainer.parse_buckets(BUCKETS, 64),
+                                     seed=0, num_samples=60 * batch_size, buckets=imaging.parse_buckets(BUCKETS, 64),
                                      batch_size=batch_size)
     per_epoch = sum(-(-n // batch_size) for n in (2, 2, 1)) * batch_size
     for epoch in range(3):
@@ -452,8 +453,8 @@ def test_buckets_drop_no_photo_and_each_batch_holds_one_bucket(photos, batch_siz
 
 
 def test_cached_bucketed_latents_train_as_encoding_every_step(models, tiny_model, photos, tmp_path):
-    images = trainer.list_images(photos)
-    buckets = trainer.parse_buckets(BUCKETS, 64)
+    images = imaging.list_images(photos)
+    buckets = imaging.parse_buckets(BUCKETS, 64)
     targets = trainer.latent_targets(images, images[:2], 64, buckets)
     # class images dog_0 (square) and dog_1 (landscape) at their own buckets; the portrait bucket has no class
     # image of its shape, so it draws from both
@@ -485,13 +486,13 @@ def test_class_images_are_made_at_the_buckets_the_photos_train_at_and_drawn_by_s
     run_trainer(*tiny_args(tiny_model, photos, out, "--max_train_steps", 1, "--optimizer", "adamw",
                            "--aspect_ratio_buckets", BUCKETS, "--with_prior_preservation", "--class_prompt",
                            "a photo of dog", "--num_class_images", 5, "--sample_batch_size", 2))
-    made = trainer.list_images(out / "class_images")
+    made = imaging.list_images(out / "class_images")
     sizes = sorted(Image.open(p).size[::-1] for p in made)
     assert sizes == sorted(EXPECTED_BUCKETS.values()), "each photo's bucket, in the photos' proportions"
-    images = trainer.list_images(photos)
+    images = imaging.list_images(photos)
     data = trainer.DreamBoothDataset(images, "a photo of sks dog", made, class_prompt="a photo of dog",
                                      resolution=64, center_crop=True, random_flip=False, seed=0, num_samples=10,
-                                     buckets=trainer.parse_buckets(BUCKETS, 64), batch_size=1)
+                                     buckets=imaging.parse_buckets(BUCKETS, 64), batch_size=1)
     for size, pool in data.class_pools.items():
         assert pool and all(Image.open(p).size[::-1] == size for p in pool), size
 
@@ -517,7 +518,7 @@ def test_the_upscaling_warning_follows_each_photos_bucket_not_resolution(tiny_mo
     ("", "--aspect_ratio_buckets is empty: pass auto, or 'h,w;h,w;...', or leave it out for squares"),
 ])
 def test_bucket_mistakes_are_one_line_before_any_model_loads(tiny_model, photos, tmp_path, value, message):
-    with pytest.raises(trainer.UserError, match=__import__("re").escape(message)):
+    with pytest.raises(messages.UserError, match=__import__("re").escape(message)):
         trainer.parse_args([str(a) for a in tiny_args(tiny_model, photos, tmp_path / "out", "--aspect_ratio_buckets",
                                                       value)])
 
@@ -532,7 +533,7 @@ def test_a_bucketed_run_resumes_to_the_uninterrupted_adapters_and_validates_at_t
     run = straight_then_resumed(tiny_args(tiny_model, photos, tmp_path / "out", *flags), tmp_path)
     respelled = ["--aspect_ratio_buckets", " 96,64 ;64,96; 64,64;"]  # the same buckets: resumes
     run("resumed", 5, *respelled, "--resume_from_checkpoint", "latest")
-    with pytest.raises(trainer.UserError, match=__import__("re").escape(
+    with pytest.raises(messages.UserError, match=__import__("re").escape(
             "the aspect-ratio buckets [[64, 64], [64, 96], [96, 64]] (now [[64, 64], [96, 64]])")):
         run("resumed", 6, "--aspect_ratio_buckets", "64,64;96,64", "--resume_from_checkpoint", "latest")
     # two photos are 64x96 and two square: the first most common, 64x64 (dog_0 comes first)

@@ -17,6 +17,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import train_dreambooth_lora_ssd1b as trainer
+from dreambooth_kit import artifacts, checkpoints, exporters, graceful, messages, model_card, ownership, pipeline
 from conftest import ROOT, check_inputs, dora_args, reset_accelerate, run_trainer, tiny_args
 from test_adapters import outputs
 
@@ -45,7 +46,7 @@ def test_model_card_describes_the_run_and_how_to_load_it(shared_run, tiny_model)
     command = "python infer.py --checkpoint step2 --prompt '"  # the run lies outside the project: infer.py by name
     for way in [command, 'pipe.load_lora_weights("step2")',
                 'PeftModel.from_pretrained(pipe.text_encoder_2, ckpt / "text_encoder_two")',
-                trainer.KOHYA_FILE]:
+                artifacts.KOHYA_FILE]:
         assert way in card, way
 
 
@@ -54,7 +55,7 @@ def test_the_card_and_the_files_it_publishes_name_no_local_path(shared_run, tiny
     card = (shared_run / "README.md").read_text()
     from safetensors import safe_open
 
-    with safe_open(shared_run / "step2" / trainer.LORA_FILE, "pt") as lora:
+    with safe_open(shared_run / "step2" / artifacts.LORA_FILE, "pt") as lora:
         metadata = json.dumps(lora.metadata())
     for published in [card, metadata]:
         for local in [str(tiny_model), str(shared_run.resolve()), str(ROOT), str(Path.home())]:
@@ -65,7 +66,7 @@ def test_the_card_and_the_files_it_publishes_name_no_local_path(shared_run, tiny
 
 def test_a_card_in_the_projects_work_dirs_gives_infer_py_relative_to_the_run():
     run = ROOT / "work_dirs" / "my-run"
-    assert trainer.card_infer_command(run, "step9", "a sks dog") == (
+    assert model_card.card_infer_command(run, "step9", "a sks dog") == (
         "python ../../infer.py --checkpoint step9 --prompt 'a sks dog'")
 
 
@@ -81,8 +82,8 @@ def test_the_cards_diffusers_snippet_uses_the_dtype_keyword_the_installed_diffus
 
 
 def test_counts_take_the_noun_in_the_number_they_need():
-    assert [trainer.counted(n, "image") for n in (0, 1, 2)] == ["0 images", "1 image", "2 images"]
-    assert trainer.counted(1, "process", "processes") == "1 process"
+    assert [messages.counted(n, "image") for n in (0, 1, 2)] == ["0 images", "1 image", "2 images"]
+    assert messages.counted(1, "process", "processes") == "1 process"
 
 
 def test_validation_grid_holds_every_image(shared_run):
@@ -93,7 +94,7 @@ def test_validation_grid_holds_every_image(shared_run):
 
 
 def test_kohya_file_uses_kohya_names_with_alpha(shared_run):
-    kohya = load_file(shared_run / "step2" / trainer.KOHYA_FILE)
+    kohya = load_file(shared_run / "step2" / artifacts.KOHYA_FILE)
     assert {k.split("_")[1] for k in kohya} == {"unet", "te1", "te2"}
     assert all(k.startswith(("lora_unet_input_blocks_", "lora_unet_output_blocks_", "lora_te1_text_model_",
                              "lora_te2_text_model_")) for k in kohya), "SGM block names, as WebUI and ComfyUI read"
@@ -109,7 +110,7 @@ def lora_modules(state, prefix):
 
 def test_default_kohya_file_covers_every_trained_module_of_all_three_models(shared_run):
     # ComfyUI rejects every UNet tensor of the diffusers file, so this file must hold the whole adapter
-    kohya = load_file(shared_run / "step2" / trainer.KOHYA_FILE)
+    kohya = load_file(shared_run / "step2" / artifacts.KOHYA_FILE)
     for peft_dir, prefix in [("unet", "lora_unet_"), ("text_encoder_one", "lora_te1_"),
                              ("text_encoder_two", "lora_te2_")]:
         peft = load_file(shared_run / "step2" / peft_dir / "adapter_model.safetensors")
@@ -117,14 +118,14 @@ def test_default_kohya_file_covers_every_trained_module_of_all_three_models(shar
         alphas = {v.item() for k, v in kohya.items() if k.startswith(prefix) and k.endswith(".alpha")}
         assert alphas == {8.0}, "alpha as trained"
     card = (shared_run / "README.md").read_text()
-    assert f"| ComfyUI | `step2/{trainer.KOHYA_FILE}` |" in card and "| A1111 / Forge |" in card
+    assert f"| ComfyUI | `step2/{artifacts.KOHYA_FILE}` |" in card and "| A1111 / Forge |" in card
 
 
 def test_no_output_kohya_format_leaves_the_kohya_file_out(tiny_model, photos, tmp_path):
     out = tmp_path / "out"
     run_trainer(*tiny_args(tiny_model, photos, out, "--max_train_steps", 1, "--optimizer", "adamw",
                            "--no-output_kohya_format", "--center_crop"))
-    assert (out / "step0" / trainer.LORA_FILE).is_file() and not (out / "step0" / trainer.KOHYA_FILE).exists()
+    assert (out / "step0" / artifacts.LORA_FILE).is_file() and not (out / "step0" / artifacts.KOHYA_FILE).exists()
     assert "ComfyUI" not in (out / "README.md").read_text()
 
 
@@ -134,7 +135,7 @@ def test_kohya_file_loads_back_to_the_same_weights(shared_run, tiny_model):
     via_diffusers_file = StableDiffusionXLPipeline.from_pretrained(tiny_model)
     via_diffusers_file.load_lora_weights(shared_run / "step2")
     via_kohya_file = StableDiffusionXLPipeline.from_pretrained(tiny_model)
-    via_kohya_file.load_lora_weights(shared_run / "step2", weight_name=trainer.KOHYA_FILE)
+    via_kohya_file.load_lora_weights(shared_run / "step2", weight_name=artifacts.KOHYA_FILE)
     base = outputs(StableDiffusionXLPipeline.from_pretrained(tiny_model))
     for b, d, k in zip(base, outputs(via_diffusers_file), outputs(via_kohya_file)):
         torch.testing.assert_close(k, d, rtol=1e-5, atol=1e-6)
@@ -143,14 +144,14 @@ def test_kohya_file_loads_back_to_the_same_weights(shared_run, tiny_model):
 
 def test_use_dora_writes_no_kohya_file_and_says_why_in_one_line(dora_run, tiny_model, photos, tmp_path, capsys):
     step = dora_run / "step1"
-    assert (step / trainer.LORA_FILE).is_file() and not (step / trainer.KOHYA_FILE).exists()
-    settings = json.loads((step / trainer.SETTINGS_FILE).read_text())
+    assert (step / artifacts.LORA_FILE).is_file() and not (step / artifacts.KOHYA_FILE).exists()
+    settings = json.loads((step / artifacts.SETTINGS_FILE).read_text())
     assert settings["output_kohya_format"] and not settings["derived"]["output_kohya_format"], "as typed; as it ran"
     card = (dora_run / "README.md").read_text()
     assert "| LoRA | DoRA, rank 4, alpha 8, on the UNet and both text encoders |" in card and "ComfyUI" not in card
     capsys.readouterr()
     check_inputs(dora_args(tiny_model, photos, tmp_path / "out"))  # the note comes before any model loads
-    assert f"note: --use_dora writes no {trainer.KOHYA_FILE}: diffusers drops a kohya file's DoRA magnitudes " \
+    assert f"note: --use_dora writes no {artifacts.KOHYA_FILE}: diffusers drops a kohya file's DoRA magnitudes " \
            "(dora_scale) and loads it as plain LoRA, so that file could not be checked against the trained model\n" \
            in capsys.readouterr().err
     check_inputs(dora_args(tiny_model, photos, tmp_path / "out", "--no-output_kohya_format"))
@@ -171,29 +172,29 @@ def test_diffusers_still_loads_a_kohya_files_dora_scale_as_plain_lora():
 
 
 def test_kohya_names_follow_sgm_blocks():
-    assert trainer.kohya_module_name("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", 2) == \
+    assert exporters.kohya_module_name("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", 2) == \
         "input_blocks.4.1.transformer_blocks.0.attn1.to_q"
-    assert trainer.kohya_module_name("down_blocks.2.attentions.1.proj_in", 2) == "input_blocks.8.1.proj_in"
-    assert trainer.kohya_module_name("up_blocks.1.attentions.2.x", 2) == "output_blocks.5.1.x"
-    assert trainer.kohya_module_name("mid_block.attentions.0.x", 2) == "middle_block.1.x"
+    assert exporters.kohya_module_name("down_blocks.2.attentions.1.proj_in", 2) == "input_blocks.8.1.proj_in"
+    assert exporters.kohya_module_name("up_blocks.1.attentions.2.x", 2) == "output_blocks.5.1.x"
+    assert exporters.kohya_module_name("mid_block.attentions.0.x", 2) == "middle_block.1.x"
 
 
 def test_rerun_into_a_finished_output_dir_offers_resume_or_overwrite(shared_run, tiny_model, photos):
-    with pytest.raises(trainer.UserError, match=r"already holds adapters \(step2\); continue that run with "
+    with pytest.raises(messages.UserError, match=r"already holds adapters \(step2\); continue that run with "
                                                 r"--resume_from_checkpoint latest.*--overwrite_output_dir"):
         run_trainer(*tiny_args(tiny_model, photos, shared_run))
 
 
 def test_a_second_trainer_on_the_same_output_dir_is_refused_naming_the_holder(tiny_model, photos, tmp_path):
     out = tmp_path / "out"
-    with trainer.hold_output_dir(out):
-        lock = json.loads((out / trainer.LOCK_FILE).read_text())
+    with ownership.hold_output_dir(out):
+        lock = json.loads((out / artifacts.LOCK_FILE).read_text())
         assert lock["pid"] == os.getpid() and lock["host"] == socket.gethostname()
-        with pytest.raises(trainer.UserError, match=rf"{out} is in use by the trainer with PID {os.getpid()} on "
-                                                    rf"{socket.gethostname()} .*delete {out / trainer.LOCK_FILE} if"):
+        with pytest.raises(messages.UserError, match=rf"{out} is in use by the trainer with PID {os.getpid()} on "
+                                                    rf"{socket.gethostname()} .*delete {out / artifacts.LOCK_FILE} if"):
             run_trainer(*tiny_args(tiny_model, photos, out, "--max_train_steps", 1, "--optimizer", "adamw"))
         assert not list(out.glob("step*")), "the refused trainer wrote nothing"
-    assert not (out / trainer.LOCK_FILE).exists(), "released at exit"
+    assert not (out / artifacts.LOCK_FILE).exists(), "released at exit"
 
 
 def test_a_lock_left_by_a_dead_trainer_is_taken_over_and_released(tiny_model, photos, tmp_path, capsys):
@@ -201,22 +202,22 @@ def test_a_lock_left_by_a_dead_trainer_is_taken_over_and_released(tiny_model, ph
     dead.wait()
     out = tmp_path / "out"
     out.mkdir()
-    (out / trainer.LOCK_FILE).write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
+    (out / artifacts.LOCK_FILE).write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
     run_trainer(*tiny_args(tiny_model, photos, out, "--max_train_steps", 1, "--optimizer", "adamw"))
     assert f"the trainer that held it (PID {dead.pid}) is gone; taking it over" in capsys.readouterr().err
-    assert (out / "step0" / trainer.LORA_FILE).is_file() and not (out / trainer.LOCK_FILE).exists()
+    assert (out / "step0" / artifacts.LORA_FILE).is_file() and not (out / artifacts.LOCK_FILE).exists()
 
 
 def test_a_lock_held_on_another_host_is_not_taken_over_while_it_is_renewed(tmp_path):
-    (tmp_path / trainer.LOCK_FILE).write_text(json.dumps({"pid": 1, "host": "elsewhere", "started": "today"}))
-    with pytest.raises(trainer.UserError, match="in use by the trainer with PID 1 on elsewhere"):
-        with trainer.hold_output_dir(tmp_path):
+    (tmp_path / artifacts.LOCK_FILE).write_text(json.dumps({"pid": 1, "host": "elsewhere", "started": "today"}))
+    with pytest.raises(messages.UserError, match="in use by the trainer with PID 1 on elsewhere"):
+        with ownership.hold_output_dir(tmp_path):
             pass
-    assert (tmp_path / trainer.LOCK_FILE).exists(), "another machine's renewed lock stays"
+    assert (tmp_path / artifacts.LOCK_FILE).exists(), "another machine's renewed lock stays"
 
 
 def test_a_refused_run_leaves_no_empty_output_dir(tmp_path):
-    with pytest.raises(trainer.UserError, match="no images in"):
+    with pytest.raises(messages.UserError, match="no images in"):
         (tmp_path / "empty").mkdir()
         trainer.main(["--instance_dir", str(tmp_path / "empty"), "--instance_prompt", "a photo of sks dog",
                       "--output_dir", str(tmp_path / "out"), "--optimizer", "adamw"])
@@ -235,9 +236,9 @@ def test_an_overwritten_output_dir_holds_one_run_and_the_users_own_files(tiny_mo
     capsys.readouterr()
     run_trainer(*tiny_args(tiny_model, photos, out, "--max_train_steps", 1, "--optimizer", "adamw",
                            "--overwrite_output_dir"))
-    assert [p.name for p in trainer.finished_adapters(out)] == ["step0"], "evaluate.py sees only this run's steps"
-    assert trainer.find_resume_state(out, "latest") == out / "state-step0"
-    assert [p.name for p in trainer.complete_states(out)] == ["state-step0"]
+    assert [p.name for p in artifacts.finished_adapters(out)] == ["step0"], "evaluate.py sees only this run's steps"
+    assert checkpoints.find_resume_state(out, "latest") == out / "state-step0"
+    assert [p.name for p in checkpoints.complete_states(out)] == ["state-step0"]
     card = (out / "README.md").read_text()
     assert "step0" in card and "step2" not in card and "validation/step2" not in card
     assert not (out / "validation" / "step2").exists() and not (out / "logs").exists()
@@ -255,9 +256,9 @@ def earlier_run(out):
     """An earlier run's steps 1-4 as the trainer leaves them, with a card, validation rounds and a user's file."""
     for step in range(4):
         (out / f"step{step}").mkdir(parents=True)
-        (out / f"step{step}" / trainer.LORA_FILE).write_bytes(b"weights")
+        (out / f"step{step}" / artifacts.LORA_FILE).write_bytes(b"weights")
         (out / f"state-step{step}").mkdir()
-        (out / f"state-step{step}" / trainer.TRAINER_STATE).write_text(json.dumps({"step": step + 1}))
+        (out / f"state-step{step}" / artifacts.TRAINER_STATE).write_text(json.dumps({"step": step + 1}))
         (out / "validation" / f"step{step}").mkdir(parents=True)
     (out / "README.md").write_text("---\ntags:\n- dreambooth\n- ssd-1b\n---\nlatest: step3\n")
     (out / "notes.txt").write_text("mine")
@@ -266,10 +267,10 @@ def earlier_run(out):
 def test_overwrite_while_resuming_removes_only_what_lies_beyond_the_resumed_step(tmp_path):
     out = tmp_path / "out"
     earlier_run(out)
-    removed = trainer.remove_earlier_run(out, out / "state-step1")
+    removed = ownership.remove_earlier_run(out, out / "state-step1")
     assert removed == ["state-step2", "state-step3", "step2", "step3", "validation/step2", "validation/step3",
                        "README.md"], "the card named step3, which is gone: the next save writes it anew"
-    assert [p.name for p in trainer.complete_states(out)] == ["state-step0", "state-step1"]
+    assert [p.name for p in checkpoints.complete_states(out)] == ["state-step0", "state-step1"]
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "state-step0", "state-step1", "step0", "step1",
                                                      "validation"]
 
@@ -282,7 +283,7 @@ def test_overwrite_removes_only_the_trainers_names_and_the_folders_it_wrote(tmp_
     (out / "logs" / "dreambooth-lora-ssd1b").mkdir(parents=True)
     (out / "logs" / "mine.txt").write_text("mine")
     (out / "stepfinal").mkdir()
-    assert trainer.remove_earlier_run(out, None) == [
+    assert ownership.remove_earlier_run(out, None) == [
         "state-step0", "state-step1", "state-step2", "state-step3", "step0", "step1", "step2", "step3",
         "validation/step0", "validation/step1", "validation/step2", "validation/step3", "README.md",
         "logs/dreambooth-lora-ssd1b"]
@@ -295,8 +296,8 @@ def test_a_users_folder_in_validation_is_neither_a_round_nor_removed(tmp_path):
     for name in ["step1", "step_best"]:  # step_best: the user's pick, copied beside the rounds
         (out / "validation" / name).mkdir(parents=True)
         Image.new("RGB", (8, 8)).save(out / "validation" / name / "grid.png")
-    assert trainer.last_validation_grid(out) == out / "validation" / "step1" / "grid.png"
-    assert trainer.remove_earlier_run(out, None) == ["validation/step1"]
+    assert model_card.last_validation_grid(out) == out / "validation" / "step1" / "grid.png"
+    assert ownership.remove_earlier_run(out, None) == ["validation/step1"]
     assert (out / "validation" / "step_best" / "grid.png").is_file()
 
 
@@ -311,11 +312,11 @@ def test_a_crash_while_overwriting_leaves_no_earlier_state_for_latest(tmp_path, 
         real_rmtree(path, ignore_errors=ignore_errors, **kwargs)
     monkeypatch.setattr(trainer.shutil, "rmtree", crash)
     with pytest.raises(KeyboardInterrupt):
-        trainer.remove_earlier_run(out, None)
+        ownership.remove_earlier_run(out, None)
     monkeypatch.setattr(trainer.shutil, "rmtree", real_rmtree)
-    assert trainer.complete_states(out) == [] and trainer.finished_adapters(out) == []
-    assert trainer.find_resume_state(out, "latest") is None
-    trainer.remove_partial_dirs(out)  # as the next start does
+    assert checkpoints.complete_states(out) == [] and artifacts.finished_adapters(out) == []
+    assert checkpoints.find_resume_state(out, "latest") is None
+    artifacts.remove_partial_dirs(out)  # as the next start does
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "validation"]
     assert not any((out / "validation").iterdir())
 
@@ -342,7 +343,7 @@ def test_model_card_carries_hub_metadata(shared_run):
 def test_model_card_links_a_hub_base_model(tmp_path):
     argv = ["--instance_dir", "dog", "--instance_prompt", "a photo of sks dog", "--output_dir", str(tmp_path)]
     args = trainer.parse_args(argv)
-    trainer.write_model_card(tmp_path, args, trainer.derive_settings(args, argv), 500, 1)
+    model_card.write_model_card(tmp_path, args, trainer.derive_settings(args, argv), 500, 1)
     data = card_metadata(tmp_path / "README.md")
     assert (data["base_model"], data["license"]) == ("segmind/SSD-1B", "apache-2.0")
     assert "[segmind/SSD-1B](https://huggingface.co/segmind/SSD-1B)" in (tmp_path / "README.md").read_text()
@@ -352,7 +353,7 @@ def test_model_card_gives_no_text_encoder_lr_that_prodigy_did_not_use():
     argv = ["--instance_dir", "dog", "--instance_prompt", "a photo of sks dog", "--optimizer", "prodigy",
             "--learning_rate", "1.0", "--train_text_encoder"]
     args = trainer.parse_args(argv)
-    lines = trainer.card_settings(args, trainer.derive_settings(args, argv), 500, 1, None, None)
+    lines = model_card.card_settings(args, trainer.derive_settings(args, argv), 500, 1, None, None)
     assert "| learning rate | 1.0 (constant) |" in lines, "the text encoders train at --learning_rate too"
     assert "| optimizer, precision | prodigy, as accelerate is configured |" in lines
 
@@ -382,15 +383,15 @@ def test_push_to_hub_uploads_the_final_adapters_card_and_grid(hub_calls, tiny_mo
                            "--num_validation_images", 1, "--push_to_hub", "--hub_model_id", "you/sks-dog",
                            "--hub_token", "hf_test"))
     assert hub_calls == [("create", "you/sks-dog"),
-                         ("upload", "you/sks-dog", ["README.md", trainer.KOHYA_FILE, trainer.LORA_FILE,
+                         ("upload", "you/sks-dog", ["README.md", artifacts.KOHYA_FILE, artifacts.LORA_FILE,
                                                     "validation/step1/grid.png"],
                           "hf_test")]
-    assert (out / "hub" / trainer.LORA_FILE).read_bytes() == (out / "step1" / trainer.LORA_FILE).read_bytes()
+    assert (out / "hub" / artifacts.LORA_FILE).read_bytes() == (out / "step1" / artifacts.LORA_FILE).read_bytes()
     card = (out / "hub" / "README.md").read_text()
     assert 'pipe.load_lora_weights("you/sks-dog")' in card and "infer.py" not in card, "the Hub card loads from it"
     leaked = [p for p in out.rglob("*") if p.is_file() and b"hf_test" in p.read_bytes()]
     assert not leaked, "the token is in no file the run writes"
-    assert "hf_test" not in trainer.resume_command(["--hub_token", "hf_test", "--push_to_hub"], [], [], "/")
+    assert "hf_test" not in graceful.resume_command(["--hub_token", "hf_test", "--push_to_hub"], [], [], "/")
 
 
 def test_an_unreachable_hub_is_one_line_and_keeps_the_run(hub_calls, monkeypatch, tiny_model, photos, tmp_path):
@@ -400,13 +401,13 @@ def test_an_unreachable_hub_is_one_line_and_keeps_the_run(hub_calls, monkeypatch
         raise ConnectionError("Max retries exceeded with url: /api/repos/create\nmore detail")
     monkeypatch.setattr(huggingface_hub, "create_repo", offline)
     out = tmp_path / "out"
-    with pytest.raises(trainer.UserError) as refused:
+    with pytest.raises(messages.UserError) as refused:
         run_trainer(*tiny_args(tiny_model, photos, out, "--max_train_steps", 1, "--optimizer", "adamw",
                                "--push_to_hub", "--hub_model_id", "you/sks-dog", "--hub_token", "hf_test"))
     message = str(refused.value)
     assert "\n" not in message and "could not push to the Hub repo you/sks-dog (ConnectionError" in message
     assert f"the run is saved in {out}" in message and f"hf upload you/sks-dog {out / 'hub'} ." in message
-    assert (out / "step0" / trainer.LORA_FILE).is_file() and (out / "hub" / trainer.LORA_FILE).is_file()
+    assert (out / "step0" / artifacts.LORA_FILE).is_file() and (out / "hub" / artifacts.LORA_FILE).is_file()
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -418,7 +419,7 @@ def test_push_to_hub_is_checked_before_any_model_loads(monkeypatch, extra, messa
 
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
     monkeypatch.setattr(trainer, "load_models", lambda *a: pytest.fail("a model loaded"))
-    with pytest.raises(trainer.UserError, match=re.escape(message)):
+    with pytest.raises(messages.UserError, match=re.escape(message)):
         run_trainer(*tiny_args(tiny_model, photos, tmp_path / "out", "--push_to_hub", *extra))
 
 
@@ -449,7 +450,7 @@ def test_validation_compare_base_puts_the_base_model_beside_each_round_rendered_
 
     import infer
 
-    calls, real = [], trainer.generate_images
+    calls, real = [], pipeline.generate_images
     monkeypatch.setattr(trainer, "generate_images", lambda *a, **k: calls.append(1) or real(*a, **k))
     out = tmp_path / "out"
     run_trainer(*tiny_args(tiny_model, photos, out, "--max_train_steps", 2, "--optimizer", "adamw",
@@ -483,10 +484,10 @@ def test_model_card_section_comes_from_the_newest_run_evaluation_only(tmp_path):
     evaluation("eval", run, 2000)
     evaluation("broken", "{not json", 3000)
     evaluation("one-step", {"DINO": 0.5}, 4000)  # a single step's evaluation draws no curve
-    lines = "\n".join(trainer.card_evaluation(tmp_path))
+    lines = "\n".join(model_card.card_evaluation(tmp_path))
     assert "![curve](eval/curve.png)" in lines and "Recommended: `step299`" in lines
     assert "25 prompts x 4 images" in lines
-    assert trainer.card_evaluation(tmp_path / "eval") == [], "no evaluation in its own folders"
+    assert model_card.card_evaluation(tmp_path / "eval") == [], "no evaluation in its own folders"
 
 
 @pytest.mark.parametrize("precision, noted", [("no", True), ("bf16", False)])

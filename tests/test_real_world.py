@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 import train_dreambooth_lora_ssd1b as trainer
+from dreambooth_kit import artifacts, checkpoints, imaging, messages
 from conftest import ROOT, check_inputs, run_trainer, tiny_args
 
 
@@ -49,7 +50,7 @@ def test_every_format_trains_and_stray_files_are_ignored(messy_folder, tiny_mode
                                         seed=0, num_samples=7)
     for k in range(7):
         assert dataset[k]["pixel_values"].shape == (3, 64, 64)
-    gif, _ = trainer.load_image(messy_folder / "g.gif")
+    gif, _ = imaging.load_image(messy_folder / "g.gif")
     assert gif.getpixel((0, 0)) == (10, 200, 30), "the first frame of a GIF"
 
 
@@ -68,14 +69,14 @@ def test_small_images_are_upscaled_with_one_warning_listing_them(tiny_model, tmp
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
     assert warnings == ["warning: 2 instance images are smaller than their training size (--resolution 64) and "
                         "will be upscaled: thin.png (200x50), tiny.png (32x40)"]
-    image, _ = trainer.load_image(folder / "tiny.png")
+    image, _ = imaging.load_image(folder / "tiny.png")
     square, _ = trainer.crop_and_flip(image, 64, True, False, None)
     assert square.size == (64, 64)
 
 
 def test_huge_jpeg_is_decoded_at_reduced_scale_but_keeps_its_true_size(tmp_path):
     path = make_photo(tmp_path / "huge.jpg", (4000, 3000), quality=70)
-    image, original_size = trainer.load_image(path, min_side=64)
+    image, original_size = imaging.load_image(path, min_side=64)
     assert original_size == (3000, 4000), "the time ids' original size is the photo's real size"
     assert image.size == (500, 375), "decoded at 1/8 scale: never 12 megapixels in memory"
     dataset = trainer.DreamBoothDataset([path], "a photo of sks dog", resolution=64, center_crop=True,
@@ -107,14 +108,14 @@ def test_caption_not_in_utf8_is_refused(tiny_model, tmp_path):
     folder.mkdir()
     make_photo(folder / "one.jpg")
     (folder / "one.txt").write_bytes("a photo of sks dog, café".encode("latin-1"))
-    with pytest.raises(trainer.UserError, match=r"1 caption file unreadable or not UTF-8: one.txt \(not UTF-8: byte 0xe9 at 23\); "
+    with pytest.raises(messages.UserError, match=r"1 caption file unreadable or not UTF-8: one.txt \(not UTF-8: byte 0xe9 at 23\); "
                                                   "re-save it as UTF-8 text"):
         check(tiny_args(tiny_model, folder, tmp_path / "out"))
 
 
 def test_unwritable_output_dir_is_refused(tiny_model, photos, tmp_path):
     (tmp_path / "a_file").write_text("")
-    with pytest.raises(trainer.UserError, match=r"cannot write to --output_dir .*a_file/out \(Not a directory\): "
+    with pytest.raises(messages.UserError, match=r"cannot write to --output_dir .*a_file/out \(Not a directory\): "
                                                 "choose a writable folder"):
         check(tiny_args(tiny_model, photos, tmp_path / "a_file" / "out"))
 
@@ -143,7 +144,7 @@ def test_nan_loss_stops_with_the_step_and_cause_and_keeps_the_last_good_step(tin
     calls, real = [], trainer.training_step
     monkeypatch.setattr(trainer, "training_step", lambda *a, **k: calls.append(1) or (
         real(*a, **k) * (float("nan") if len(calls) == 3 else 1)))
-    with pytest.raises(trainer.UserError) as error:
+    with pytest.raises(messages.UserError) as error:
         run_trainer(*training_args(tiny_model, photos, tmp_path / "out"))
     assert str(error.value) == (
         f"the loss became nan at step 3, so training stopped and nothing since was saved; the last good "
@@ -164,7 +165,7 @@ def test_nan_weights_are_never_written(tiny_model, photos, tmp_path, monkeypatch
         return loss
 
     monkeypatch.setattr(trainer, "training_step", poisoning_step)
-    with pytest.raises(trainer.UserError, match=r"the LoRA weights hold nan or inf at step 2, so they were not saved; "
+    with pytest.raises(messages.UserError, match=r"the LoRA weights hold nan or inf at step 2, so they were not saved; "
                                                 r"the last good adapters are in .*step0\."):
         run_trainer(*training_args(tiny_model, photos, tmp_path / "out"))
     assert sorted(p.name for p in (tmp_path / "out").glob("step*")) == ["step0"]
@@ -183,7 +184,7 @@ def test_full_disk_during_a_save_keeps_earlier_checkpoints_intact(tiny_model, ph
         return real(tensors, filename, *args, **kwargs)
 
     monkeypatch.setattr(safetensors.torch, "save_file", disk_fills_up)
-    with pytest.raises(trainer.UserError, match=r"could not save step 3 in .*: No space left on device; earlier "
+    with pytest.raises(messages.UserError, match=r"could not save step 3 in .*: No space left on device; earlier "
                                                 r"checkpoints are intact\. Free some space"):
         run_trainer(*training_args(tiny_model, photos, output_dir))
     after = snapshot(output_dir)
@@ -205,14 +206,14 @@ def test_resume_never_unpickles_code(tiny_model, photos, tmp_path, monkeypatch):
     monkeypatch.setenv("PWNED_MARKER", str(marker))
     state = output_dir / "state-step0"
     (state / "scheduler.bin").write_bytes(pickle.dumps(RunsCode()))
-    with pytest.raises(trainer.UserError, match="scheduler.bin is corrupt \\(its checksum does not match"):
+    with pytest.raises(messages.UserError, match="scheduler.bin is corrupt \\(its checksum does not match"):
         run_trainer(*argv, "--max_train_steps", 2, "--resume_from_checkpoint", "latest")
     # a forger who also rewrites the checksums still gets no code run: state is read with weights_only=True
-    record = json.loads((state / trainer.TRAINER_STATE).read_text())
-    (state / trainer.TRAINER_STATE).unlink()
-    (state / trainer.TRAINER_STATE).write_text(json.dumps(trainer.state_record(state, record["step"],
+    record = json.loads((state / artifacts.TRAINER_STATE).read_text())
+    (state / artifacts.TRAINER_STATE).unlink()
+    (state / artifacts.TRAINER_STATE).write_text(json.dumps(checkpoints.state_record(state, record["step"],
                                                                                  record["settings"])))
-    with pytest.raises(trainer.UserError, match="state-step0/scheduler.bin is not a torch.save file as accelerate "
+    with pytest.raises(messages.UserError, match="state-step0/scheduler.bin is not a torch.save file as accelerate "
                                                 "writes it"):
         run_trainer(*argv, "--max_train_steps", 2, "--resume_from_checkpoint", "latest")
     assert not marker.exists(), "nothing in a checkpoint runs"

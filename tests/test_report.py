@@ -7,13 +7,14 @@ import pytest
 import torch
 
 import train_dreambooth_lora_ssd1b as trainer
+from dreambooth_kit import artifacts, telemetry
 from conftest import run_trainer, tiny_args
 
 
 @pytest.fixture
 def reported(tiny_model, photos, tmp_path, monkeypatch, capsys):
     seen = {}
-    real = trainer.report
+    real = telemetry.report
     monkeypatch.setattr(trainer, "report", lambda accelerator, clock, *a: seen.update(clock=clock)
                         or real(accelerator, clock, *a))
 
@@ -30,7 +31,7 @@ def test_run_reports_speed_memory_and_where_the_time_went(reported):
     match = re.search(r"steady-state ([\d.]+) ms/step over (\d+) steps; peak RSS ([\d.]+) GiB", out)
     assert match, out
     ms, steps, rss = map(float, match.groups())
-    assert steps == 10 - trainer.WARMUP_STEPS, "warm-up steps are left out"
+    assert steps == 10 - telemetry.WARMUP_STEPS, "warm-up steps are left out"
     assert rss > 0.1
     phases = dict(re.findall(r"(load|class images|caches|training|validation|saving) ([\d.]+) s", out))
     assert set(phases) == {"load", "class images", "caches", "training", "validation", "saving"}
@@ -64,7 +65,7 @@ def test_compiled_run_writes_adapters_every_loader_reads(tiny_model, photos, tmp
     out = tmp_path / "out"
     run_trainer(*tiny_args(tiny_model, photos, out, "--max_train_steps", 2, "--optimizer", "adamw", "--compile",
                            "--checkpointing_steps", 1))
-    files = [out / "step1" / trainer.LORA_FILE, out / "step1" / trainer.KOHYA_FILE,
+    files = [out / "step1" / artifacts.LORA_FILE, out / "step1" / artifacts.KOHYA_FILE,
              out / "step1" / "unet" / "adapter_model.safetensors", out / "state-step1" / "lora_0.safetensors"]
     for file in files:
         keys = list(load_file(file))
@@ -76,4 +77,4 @@ def test_compiled_run_writes_adapters_every_loader_reads(tiny_model, photos, tmp
     assert rendered[0].is_file()
     run_trainer(*tiny_args(tiny_model, photos, out, "--max_train_steps", 3, "--optimizer", "adamw", "--compile",
                            "--resume_from_checkpoint", "latest"))
-    assert (out / "step2" / trainer.LORA_FILE).is_file(), "a compiled run resumes from its own state"
+    assert (out / "step2" / artifacts.LORA_FILE).is_file(), "a compiled run resumes from its own state"

@@ -16,6 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import train_dreambooth_lora_ssd1b as trainer
+from dreambooth_kit import artifacts, checkpoints, graceful, messages
 from conftest import ROOT, check_inputs, dora_args, run_trainer, tiny_args
 
 # random crop and flip, LoRA dropout (global RNG), 8-bit AdamW states, text encoders, prior preservation
@@ -62,7 +63,7 @@ def test_run_stopped_by_sigterm_resumes_to_the_uninterrupted_adapters(uninterrup
     argv = tiny_args(tiny_model, photos, tmp_path / "out", "--max_train_steps", 4, *FLAGS)
     with monkeypatch.context() as patch:
         sigterm_on_call(patch, 2)
-        with pytest.raises(trainer.Interrupted) as stopped:
+        with pytest.raises(graceful.Interrupted) as stopped:
             run_trainer(*argv)
     assert stopped.value.exit_code == 128 + signal.SIGTERM
     assert "stopped at step 2 of 4" in str(stopped.value)
@@ -77,7 +78,7 @@ def test_run_stopped_by_sigterm_resumes_to_the_uninterrupted_adapters(uninterrup
 def test_larger_max_train_steps_extends_a_finished_run(uninterrupted, tiny_model, photos, tmp_path):
     argv = tiny_args(tiny_model, photos, tmp_path / "out", *FLAGS)
     run_trainer(*argv, "--max_train_steps", 2)
-    with pytest.raises(trainer.UserError, match="already done 2 steps: pass a larger --max_train_steps"):
+    with pytest.raises(messages.UserError, match="already done 2 steps: pass a larger --max_train_steps"):
         run_trainer(*argv, "--max_train_steps", 2, "--resume_from_checkpoint", "latest")
     run_trainer(*argv, "--max_train_steps", 4, "--resume_from_checkpoint", "latest")
     assert_same_adapters(adapters(tmp_path / "out" / "step3"), uninterrupted)
@@ -100,10 +101,10 @@ def test_prodigy_under_bf16_resumes_to_the_uninterrupted_adapters_and_step_size(
     shutil.rmtree(tmp_path / "cut" / "step3")
     shutil.rmtree(tmp_path / "cut" / "state-step3")
     cut = [tmp_path / "cut" if a == tmp_path / "out" else a for a in argv]
-    with pytest.raises(trainer.UserError, match="was trained with other settings: --prodigy_safeguard_warmup True "
+    with pytest.raises(messages.UserError, match="was trained with other settings: --prodigy_safeguard_warmup True "
                                                 r"\(now False\)"):
         run_trainer(*cut, "--no-prodigy_safeguard_warmup", "--resume_from_checkpoint", "latest")
-    with pytest.raises(trainer.UserError, match="was trained with --optimizer prodigy, not adamw"):
+    with pytest.raises(messages.UserError, match="was trained with --optimizer prodigy, not adamw"):
         run_trainer(*cut, "--optimizer", "adamw", "--resume_from_checkpoint", "latest")
 
     run_trainer(*cut, "--resume_from_checkpoint", "latest")
@@ -125,7 +126,7 @@ def test_dora_state_resumes_to_the_uninterrupted_adapters_and_only_with_use_dora
     shutil.copytree(dora_run, tmp_path / "resumed")  # its state-step1: 2 of the 4 steps done
     argv = dora_args(tiny_model, photos, tmp_path / "resumed", "--max_train_steps", 4, "--resume_from_checkpoint",
                      "latest")
-    with pytest.raises(trainer.UserError) as refused:
+    with pytest.raises(messages.UserError) as refused:
         check_inputs([a for a in argv if a != "--use_dora"])
     assert str(refused.value) == (f"{tmp_path / 'resumed' / 'state-step1'} was trained with --use_dora True, not "
                                   "False: resume with the same flags")
@@ -145,7 +146,7 @@ def test_dora_state_resumes_to_the_uninterrupted_adapters_and_only_with_use_dora
 def test_resume_refuses_to_bend_the_learning_rate_curve(tiny_model, photos, tmp_path, first, then, changed):
     argv = tiny_args(tiny_model, photos, tmp_path / "out", "--optimizer", "adamw", "--checkpointing_steps", 1)
     run_trainer(*argv, "--max_train_steps", 2, *first)
-    with pytest.raises(trainer.UserError, match=f"changing {changed} would bend its learning-rate curve mid-run"):
+    with pytest.raises(messages.UserError, match=f"changing {changed} would bend its learning-rate curve mid-run"):
         run_trainer(*argv, "--max_train_steps", 2, *then, "--resume_from_checkpoint", "latest")
     assert not (tmp_path / "out" / "step2").exists()
 
@@ -155,7 +156,7 @@ def test_constant_with_warmup_run_can_be_extended(tiny_model, photos, tmp_path):
                      "constant_with_warmup", "--lr_warmup_steps", 1)
     run_trainer(*argv, "--max_train_steps", 1)
     run_trainer(*argv, "--max_train_steps", 2, "--resume_from_checkpoint", "latest")
-    assert (tmp_path / "out" / "step1" / trainer.LORA_FILE).is_file()
+    assert (tmp_path / "out" / "step1" / artifacts.LORA_FILE).is_file()
 
 
 def test_failure_in_the_middle_of_a_save_leaves_no_complete_looking_folder(tiny_model, photos, tmp_path,
@@ -174,17 +175,17 @@ def test_failure_in_the_middle_of_a_save_leaves_no_complete_looking_folder(tiny_
 
     with monkeypatch.context() as patch:
         patch.setattr(safetensors.torch, "save_file", failing_save_file)
-        with pytest.raises(trainer.UserError, match="could not save step 2 in .*: simulated crash while writing; "
+        with pytest.raises(messages.UserError, match="could not save step 2 in .*: simulated crash while writing; "
                                                     "earlier checkpoints are intact.*--resume_from_checkpoint latest"):
             run_trainer(*argv)
     visible = sorted(p.name for p in (tmp_path / "out").iterdir() if not p.name.startswith("."))
     assert "step1" not in visible and "state-step1" not in visible, "a half-written step never looks complete"
     assert {"step0", "state-step0"} <= set(visible)
-    assert trainer.find_resume_state(tmp_path / "out", "latest").name == "state-step0"
+    assert checkpoints.find_resume_state(tmp_path / "out", "latest").name == "state-step0"
 
     (tmp_path / "out" / ".state-step1.partial").mkdir()  # what a kill -9 mid-save leaves behind
     (tmp_path / "out" / ".state-step1.partial" / "optimizer.bin").write_bytes(b"half")
-    assert trainer.find_resume_state(tmp_path / "out", "latest").name == "state-step0", "latest skips it"
+    assert checkpoints.find_resume_state(tmp_path / "out", "latest").name == "state-step0", "latest skips it"
     run_trainer(*argv, "--resume_from_checkpoint", "latest")
     assert sorted(p.name for p in (tmp_path / "out").glob("step*")) == ["step0", "step1", "step2"]
     assert not list((tmp_path / "out").glob(".*.partial")), "leftovers of the crash are cleaned up"
@@ -208,11 +209,11 @@ def test_a_full_disk_in_any_file_of_a_save_cleans_up_and_says_how_to_resume(tiny
     argv = tiny_args(tiny_model, photos, tmp_path / "out", "--max_train_steps", 3, "--checkpointing_steps", 1,
                      "--optimizer", "adamw")
     monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
-    with pytest.raises(trainer.UserError, match=r"could not save step 2 in .*: No space left on device \(os error "
+    with pytest.raises(messages.UserError, match=r"could not save step 2 in .*: No space left on device \(os error "
                                                 r"28\); earlier checkpoints are intact.*resume_from_checkpoint latest"):
         run_trainer(*argv)
     assert not list((tmp_path / "out").glob(".*.partial")), "the half-written folder is gone from the full disk"
-    assert trainer.find_resume_state(tmp_path / "out", "latest").name == "state-step0"
+    assert checkpoints.find_resume_state(tmp_path / "out", "latest").name == "state-step0"
     # "state": step1's adapters were published, its state was not (as after a kill between the two)
     assert (tmp_path / "out" / "step1").is_dir() == (where == "state")
     monkeypatch.setattr(safetensors.torch, "save_file", real)
@@ -220,8 +221,8 @@ def test_a_full_disk_in_any_file_of_a_save_cleans_up_and_says_how_to_resume(tiny
     run_trainer(*tiny_args(tiny_model, photos, tmp_path / "plain", "--max_train_steps", 3, "--checkpointing_steps", 1,
                            "--optimizer", "adamw"))
     for name in ["step1", "step2"]:
-        resumed, plain = load_file(tmp_path / "out" / name / trainer.LORA_FILE), load_file(
-            tmp_path / "plain" / name / trainer.LORA_FILE)
+        resumed, plain = load_file(tmp_path / "out" / name / artifacts.LORA_FILE), load_file(
+            tmp_path / "plain" / name / artifacts.LORA_FILE)
         for key in plain:
             torch.testing.assert_close(resumed[key], plain[key], rtol=0, atol=1e-6)
 
@@ -236,14 +237,14 @@ def test_checkpoints_total_limit_keeps_newest_states_and_every_adapter(tiny_mode
 def test_resume_refuses_other_flags_and_accepts_a_step_dir(tiny_model, photos, tmp_path):
     argv = tiny_args(tiny_model, photos, tmp_path / "out", "--optimizer", "adamw", "--checkpointing_steps", 1)
     run_trainer(*argv, "--max_train_steps", 1)
-    with pytest.raises(trainer.UserError, match="trained with --rank 8, not 4: resume with the same flags"):
+    with pytest.raises(messages.UserError, match="trained with --rank 8, not 4: resume with the same flags"):
         run_trainer(*argv, "--max_train_steps", 2, "--rank", 4, "--resume_from_checkpoint", "latest")
-    state = trainer.find_resume_state(tmp_path / "out", str(tmp_path / "out" / "step0"))
+    state = checkpoints.find_resume_state(tmp_path / "out", str(tmp_path / "out" / "step0"))
     assert state.name == "state-step0", "a stepN adapter dir points at its resumable state"
     for bare in ["step0", "state-step0"]:  # diffusers' habit: a bare name is looked up in the output dir
-        assert trainer.find_resume_state(tmp_path / "out", bare) == tmp_path / "out" / "state-step0"
-    with pytest.raises(trainer.UserError, match="is not a resumable checkpoint"):
-        trainer.find_resume_state(tmp_path / "out", str(tmp_path))
+        assert checkpoints.find_resume_state(tmp_path / "out", bare) == tmp_path / "out" / "state-step0"
+    with pytest.raises(messages.UserError, match="is not a resumable checkpoint"):
+        checkpoints.find_resume_state(tmp_path / "out", str(tmp_path))
 
 
 def test_resume_state_is_kept_out_of_the_adapter_folders(trained_run):
@@ -278,8 +279,8 @@ def test_sigterm_saves_prints_the_resume_command_and_exits_within_seconds(tiny_m
                               f"{shlex.join([sys.executable, str(ROOT / 'train_dreambooth_lora_ssd1b.py')])} ")
     assert command.endswith(f"--output_dir {out} --report_to none --max_train_steps 100000 --checkpointing_steps 5 "
                             "--optimizer adamw --resume_from_checkpoint latest")
-    last = trainer.complete_states(out)[-1]
-    assert (out / last.name.removeprefix("state-") / trainer.LORA_FILE).is_file(), "adapters of that step too"
+    last = checkpoints.complete_states(out)[-1]
+    assert (out / last.name.removeprefix("state-") / artifacts.LORA_FILE).is_file(), "adapters of that step too"
 
 
 def test_second_signal_exits_at_once_but_a_launchers_echo_of_the_first_does_not(monkeypatch):
@@ -288,7 +289,7 @@ def test_second_signal_exits_at_once_but_a_launchers_echo_of_the_first_does_not(
     exits, now = [], [100.0]
     monkeypatch.setattr(trainer.os, "_exit", lambda code: exits.append(code))
     monkeypatch.setattr(trainer.time, "monotonic", lambda: now[0])
-    with trainer.GracefulStop() as stop:
+    with graceful.GracefulStop() as stop:
         stop.handle(signal.SIGINT, None)
         assert stop.signum == signal.SIGINT and exits == []
         now[0] += 0.01
@@ -320,8 +321,8 @@ def flip_a_byte(path):
 
 
 def edit_step(state):
-    record = json.loads((state / trainer.TRAINER_STATE).read_text())
-    (state / trainer.TRAINER_STATE).write_text(json.dumps({**record, "step": 5}))
+    record = json.loads((state / artifacts.TRAINER_STATE).read_text())
+    (state / artifacts.TRAINER_STATE).write_text(json.dumps({**record, "step": 5}))
 
 
 @pytest.mark.parametrize("damage, message", [
@@ -337,7 +338,7 @@ def test_a_damaged_state_is_refused_before_any_model_loads(one_step_run, tiny_mo
                                                            damage, message):
     output_dir = damaged_copy(one_step_run, tmp_path, damage)
     monkeypatch.setattr(trainer, "load_models", lambda *a: pytest.fail("a model loaded"))
-    with pytest.raises(trainer.UserError, match=message + ".*delete .*state-step0 to resume from the state before"):
+    with pytest.raises(messages.UserError, match=message + ".*delete .*state-step0 to resume from the state before"):
         run_trainer(*tiny_args(tiny_model, photos, output_dir, "--max_train_steps", 2, "--optimizer", "adamw",
                                "--resume_from_checkpoint", "latest"))
 
@@ -348,7 +349,7 @@ def test_changed_settings_are_listed_and_refused_unless_accepted(one_step_run, t
     changed = ["--learning_rate", 2e-4, "--instance_prompt", "a photo of zwx dog", "--seed", 7, "--resolution", 32]
     argv = tiny_args(tiny_model, photos, output_dir, "--max_train_steps", 2, "--optimizer", "adamw",
                      "--resume_from_checkpoint", "latest")
-    with pytest.raises(trainer.UserError) as refused:
+    with pytest.raises(messages.UserError) as refused:
         run_trainer(*argv, *changed)
     assert str(refused.value) == (
         f"{output_dir / 'state-step0'} was trained with other settings: --instance_prompt a photo of sks dog (now a "
@@ -356,7 +357,7 @@ def test_changed_settings_are_listed_and_refused_unless_accepted(one_step_run, t
         "with the same flags, or pass --accept_changed_settings to go on with the new ones")
     run_trainer(*argv, *changed, "--accept_changed_settings")
     assert "resuming with changed settings, as --accept_changed_settings asks" in capsys.readouterr().err
-    assert (output_dir / "step1" / trainer.LORA_FILE).is_file()
+    assert (output_dir / "step1" / artifacts.LORA_FILE).is_file()
 
 
 def test_a_photo_changed_in_the_same_folder_is_refused_on_resume(tiny_model, photos, tmp_path):
@@ -365,7 +366,7 @@ def test_a_photo_changed_in_the_same_folder_is_refused_on_resume(tiny_model, pho
     argv = tiny_args(tiny_model, folder, tmp_path / "out", "--optimizer", "adamw")
     run_trainer(*argv, "--max_train_steps", 1)
     Image.new("RGB", (64, 64), "red").save(folder / "dog_0.jpg")  # same folder, same names, same flags
-    with pytest.raises(trainer.UserError, match=r"was trained with other settings: the instance photos, their "
+    with pytest.raises(messages.UserError, match=r"was trained with other settings: the instance photos, their "
                                                 r"captions or their masks \(put them back as they were\)"):
         run_trainer(*argv, "--max_train_steps", 2, "--resume_from_checkpoint", "latest")
 
@@ -373,44 +374,44 @@ def test_a_photo_changed_in_the_same_folder_is_refused_on_resume(tiny_model, pho
 def test_state_of_an_older_trainer_without_checksums_still_resumes(one_step_run, tiny_model, photos, tmp_path,
                                                                    capsys):
     def strip_checksums(state):
-        record = json.loads((state / trainer.TRAINER_STATE).read_text())
-        (state / trainer.TRAINER_STATE).write_text(json.dumps({"step": record["step"], "settings": record["settings"]}))
+        record = json.loads((state / artifacts.TRAINER_STATE).read_text())
+        (state / artifacts.TRAINER_STATE).write_text(json.dumps({"step": record["step"], "settings": record["settings"]}))
 
     output_dir = damaged_copy(one_step_run, tmp_path, strip_checksums)
     run_trainer(*tiny_args(tiny_model, photos, output_dir, "--max_train_steps", 2, "--optimizer", "adamw",
                            "--resume_from_checkpoint", "latest"))
     assert "written by an older trainer without checksums" in capsys.readouterr().err
-    assert (output_dir / "step1" / trainer.LORA_FILE).is_file()
+    assert (output_dir / "step1" / artifacts.LORA_FILE).is_file()
 
 
 def test_state_recorded_before_derived_settings_resumes_with_its_model_typed_relative(one_step_run, tiny_model,
                                                                                       photos, tmp_path, monkeypatch):
     # an older trainer recorded one flat dict of settings, its model folder as the user typed it
     def flatten(state):
-        record = json.loads((state / trainer.TRAINER_STATE).read_text())
-        settings = trainer.ran(record["settings"])
+        record = json.loads((state / artifacts.TRAINER_STATE).read_text())
+        settings = checkpoints.ran(record["settings"])
         del settings["derived"]
         settings["pretrained_model_name_or_path"] = os.path.relpath(tiny_model, tmp_path)
-        (state / trainer.TRAINER_STATE).write_text(json.dumps({"step": record["step"], "settings": settings}))
+        (state / artifacts.TRAINER_STATE).write_text(json.dumps({"step": record["step"], "settings": settings}))
 
     output_dir = damaged_copy(one_step_run, tmp_path, flatten)
     monkeypatch.chdir(tmp_path)  # where the relative path points at the model
     run_trainer(*tiny_args(tiny_model, photos, output_dir, "--max_train_steps", 2, "--optimizer", "adamw",
                            "--resume_from_checkpoint", "latest"))
-    assert (output_dir / "step1" / trainer.LORA_FILE).is_file()
+    assert (output_dir / "step1" / artifacts.LORA_FILE).is_file()
 
 
 def test_a_state_from_before_use_dora_resumes_as_plain_lora(one_step_run, tiny_model, photos, tmp_path):
     def forget_use_dora(state):  # an older trainer recorded no use_dora: it trained plain LoRA
-        record = json.loads((state / trainer.TRAINER_STATE).read_text())
+        record = json.loads((state / artifacts.TRAINER_STATE).read_text())
         del record["settings"]["use_dora"]
-        (state / trainer.TRAINER_STATE).write_text(json.dumps({**record, "seal": trainer.seal(record)}))
+        (state / artifacts.TRAINER_STATE).write_text(json.dumps({**record, "seal": checkpoints.seal(record)}))
 
     output_dir = damaged_copy(one_step_run, tmp_path, forget_use_dora)
     argv = tiny_args(tiny_model, photos, output_dir, "--max_train_steps", 2, "--optimizer", "adamw",
                      "--resume_from_checkpoint", "latest")
     assert check_inputs(argv)[2].resume_state == output_dir / "state-step0"
-    with pytest.raises(trainer.UserError, match="state-step0 was trained with --use_dora False, not True: resume "
+    with pytest.raises(messages.UserError, match="state-step0 was trained with --use_dora False, not True: resume "
                                                 "with the same flags"):
         check_inputs([*argv, "--use_dora"])
 
@@ -418,9 +419,9 @@ def test_a_state_from_before_use_dora_resumes_as_plain_lora(one_step_run, tiny_m
 def reseal(state):
     """Rewrite a state's trainer_state.json over its files as they are now: the seal is an unkeyed SHA-256, so
     anyone who edits a state can do this."""
-    record = json.loads((state / trainer.TRAINER_STATE).read_text())
-    (state / trainer.TRAINER_STATE).unlink()
-    (state / trainer.TRAINER_STATE).write_text(json.dumps(trainer.state_record(state, record["step"],
+    record = json.loads((state / artifacts.TRAINER_STATE).read_text())
+    (state / artifacts.TRAINER_STATE).unlink()
+    (state / artifacts.TRAINER_STATE).write_text(json.dumps(checkpoints.state_record(state, record["step"],
                                                                                record["settings"])))
 
 
@@ -435,13 +436,13 @@ def test_latest_names_a_newest_state_without_its_trainer_state_and_never_falls_b
     def break_newest(state):
         newest = state.parent / "state-step3"
         shutil.copytree(state, newest)
-        (newest / trainer.TRAINER_STATE).unlink()
+        (newest / artifacts.TRAINER_STATE).unlink()
         if not older:  # the only state is the damaged one
             shutil.rmtree(state)
 
     output_dir = damaged_copy(one_step_run, tmp_path, break_newest)
     then = "'latest' resumes from state-step0, the state before it" if older else "the run starts anew"
-    with pytest.raises(trainer.UserError) as refused:
+    with pytest.raises(messages.UserError) as refused:
         check_inputs(resume_argv(tiny_model, photos, output_dir))
     assert str(refused.value) == (
         f"--resume_from_checkpoint latest: {output_dir / 'state-step3'} has no trainer_state.json (deleted or "
@@ -485,7 +486,7 @@ def test_a_foreign_file_in_a_resealed_state_is_named_before_any_model_loads(one_
                                                                             tmp_path, monkeypatch, damage, message):
     output_dir = damaged_copy(one_step_run, tmp_path, lambda state: (damage(state), reseal(state)))
     monkeypatch.setattr(trainer, "load_models", lambda *a: pytest.fail("a model loaded"))
-    with pytest.raises(trainer.UserError, match=message + ".*delete .*state-step0 to resume from the state before"):
+    with pytest.raises(messages.UserError, match=message + ".*delete .*state-step0 to resume from the state before"):
         run_trainer(*resume_argv(tiny_model, photos, output_dir))
 
 
@@ -524,7 +525,7 @@ def test_a_base_model_changed_in_place_is_refused_on_resume_unless_accepted(own_
     argv = resume_argv(model, photos, output_dir, "--pretrained_vae_model_name_or_path", "none")
     assert check_inputs(argv)[2].resume_state == output_dir / "state-step0"  # unchanged: resumes
     change(model)
-    with pytest.raises(trainer.UserError) as refused:
+    with pytest.raises(messages.UserError) as refused:
         check_inputs(argv)
     assert str(refused.value) == (
         f"{output_dir / 'state-step0'} was trained with other settings: the base model's {part} (changed since the "
@@ -541,7 +542,7 @@ def test_a_base_model_moved_with_the_same_files_resumes_with_a_note(own_model_ru
     note = f"--pretrained_model_name_or_path {moved} (was {model}) holds the same base model files"
     assert note in capsys.readouterr().err
     edit_config(moved / "text_encoder" / "config.json")
-    with pytest.raises(trainer.UserError, match=f"was trained with --pretrained_model_name_or_path {model}, not "):
+    with pytest.raises(messages.UserError, match=f"was trained with --pretrained_model_name_or_path {model}, not "):
         check_inputs(argv)
 
 
@@ -550,7 +551,7 @@ def test_infer_names_run_settings_json_as_where_a_moved_base_model_came_from(own
 
     model, output_dir = copy_of(own_model_run, tmp_path)
     model.rename(tmp_path / "elsewhere")
-    with pytest.raises(trainer.UserError) as refused:
+    with pytest.raises(messages.UserError) as refused:
         infer.main(["--checkpoint", str(output_dir / "step0"), "--num_inference_steps", "1"])
     assert str(refused.value) == (
         f"{output_dir / 'step0' / 'run_settings.json'} records --pretrained_model_name_or_path {model}, which does "
@@ -570,7 +571,7 @@ def test_a_resealed_lora_file_of_other_modules_is_refused_rather_than_loaded_in_
         reseal(state)
 
     output_dir = damaged_copy(one_step_run, tmp_path, other_modules)
-    with pytest.raises(trainer.UserError, match=f"lora_0.safetensors {message} .*, so it is not this run's: delete"):
+    with pytest.raises(messages.UserError, match=f"lora_0.safetensors {message} .*, so it is not this run's: delete"):
         run_trainer(*resume_argv(tiny_model, photos, output_dir))
 
 
@@ -585,10 +586,10 @@ def test_a_hub_model_whose_revision_resolves_to_another_commit_is_named_with_the
         (repo / "snapshots" / commit / "model_index.json").write_text("{}")
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text("a" * 40)
-    trained_on = trainer.model_fingerprint("someone/ssd", None, None, None)
+    trained_on = checkpoints.model_fingerprint("someone/ssd", None, None, None)
     (repo / "refs" / "main").write_text("b" * 40)  # main moved on upstream, and was fetched since
-    now = trainer.model_fingerprint("someone/ssd", None, None, None)
-    assert trainer.describe_change("model_fingerprint", trained_on, now) == (
+    now = checkpoints.model_fingerprint("someone/ssd", None, None, None)
+    assert checkpoints.describe_change("model_fingerprint", trained_on, now) == (
         f"the base model someone/ssd (its revision now resolves to commit {'b' * 12}, not {'a' * 12}; pass "
         f"--revision {'a' * 40} to resume on the files it was trained on)")
-    assert trainer.fingerprint_changes(trained_on, trainer.model_fingerprint("someone/ssd", None, "a" * 40, None)) == []
+    assert checkpoints.fingerprint_changes(trained_on, checkpoints.model_fingerprint("someone/ssd", None, "a" * 40, None)) == []

@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 import train_dreambooth_lora_ssd1b as trainer
+from dreambooth_kit import artifacts, imaging
 from conftest import ROOT, check_inputs, run_trainer, tiny_args
 
 
@@ -95,7 +96,7 @@ def test_training_the_text_encoders_saves_their_adapters(trained_run):
     for part in ["text_encoder_one", "text_encoder_two"]:
         weights = adapter(trained_run, "step3", part)
         assert weights and any(v.abs().max() > 0 for k, v in weights.items() if "lora_B" in k)
-    diffusers_file = load_file(trained_run / "step3" / trainer.LORA_FILE)
+    diffusers_file = load_file(trained_run / "step3" / artifacts.LORA_FILE)
     prefixes = {k.split(".")[0] for k in diffusers_file}
     assert prefixes == {"unet", "text_encoder", "text_encoder_2"}
 
@@ -103,7 +104,7 @@ def test_training_the_text_encoders_saves_their_adapters(trained_run):
 def test_unet_only_run_saves_no_text_encoder_adapters(tiny_model, photos, tmp_path):
     run(tiny_model, photos, tmp_path / "out")
     assert not (tmp_path / "out" / "step1" / "text_encoder_one").exists()
-    assert {k.split(".")[0] for k in load_file(tmp_path / "out" / "step1" / trainer.LORA_FILE)} == {"unet"}
+    assert {k.split(".")[0] for k in load_file(tmp_path / "out" / "step1" / artifacts.LORA_FILE)} == {"unet"}
 
 
 def test_accelerate_config_precision_is_honoured_without_the_flag(tiny_model, photos, tmp_path, monkeypatch):
@@ -123,7 +124,7 @@ def test_hub_dataset_id_is_fetched_as_the_instance_folder(tiny_model, photos, tm
     monkeypatch.setattr(huggingface_hub, "snapshot_download",
                         lambda repo, repo_type=None, revision=None, **kwargs: asked.append((repo, repo_type)) or str(photos))
     argv = tiny_args(tiny_model, photos, tmp_path / "out", "--instance_dir", "diffusers/dog-example")
-    assert check_inputs(argv)[0] == trainer.list_images(photos)
+    assert check_inputs(argv)[0] == imaging.list_images(photos)
     assert asked == [("diffusers/dog-example", "dataset")]
 
 

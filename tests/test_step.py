@@ -5,16 +5,17 @@ import torch
 from diffusers import DDPMScheduler
 
 import train_dreambooth_lora_ssd1b as trainer
+from dreambooth_kit import artifacts, imaging, pipeline
 from conftest import run_trainer, tiny_args
 
 
 @pytest.fixture
 def models(tiny_model):
-    return trainer.load_models(tiny_model, tiny_model / "vae", None, None, torch.float32, "cpu")
+    return pipeline.load_models(tiny_model, tiny_model / "vae", None, None, torch.float32, "cpu")
 
 
 def test_prompt_embeddings_match_the_sdxl_pipeline(models, tiny_model):
-    pipe = trainer.build_pipeline(models, str(tiny_model), None, None)
+    pipe = pipeline.build_pipeline(models, str(tiny_model), None, None)
     prompts = ["a photo of sks dog", "a photo of dog"]
     with torch.no_grad():
         ours, ours_pooled = trainer.encode_prompt(models.text_encoders, models.tokenizers, prompts, "cpu")
@@ -39,7 +40,7 @@ def test_target_follows_the_scheduler_prediction_type(models, tiny_model, photos
     zeros = lambda sample, *a, **k: type("Out", (), {"sample": torch.zeros_like(sample)})  # noqa: E731
     models.unet.forward = zeros
     args = trainer.parse_args([str(a) for a in tiny_args(tiny_model, photos, tmp_path / "out")])
-    dataset = trainer.DreamBoothDataset(trainer.list_images(photos), "a photo of sks dog", resolution=64,
+    dataset = trainer.DreamBoothDataset(imaging.list_images(photos), "a photo of sks dog", resolution=64,
                                         center_crop=False, random_flip=False, seed=0, num_samples=2)
     batch = trainer.collate([dataset[0], dataset[1]])
     with torch.no_grad():
@@ -57,12 +58,12 @@ def test_target_follows_the_scheduler_prediction_type(models, tiny_model, photos
 def test_fp16_frozen_weights_leave_fp32_gradients_a_grad_scaler_can_unscale(tiny_model, photos, tmp_path):
     # what fp16 on a GPU does each step: autocast, a scaled backward, then unscale_ before clipping; unscale_
     # raises "Attempting to unscale FP16 gradients" if any trainable parameter is fp16
-    models = trainer.load_models(tiny_model, tiny_model / "vae", None, None, torch.float16, "cpu")
+    models = pipeline.load_models(tiny_model, tiny_model / "vae", None, None, torch.float16, "cpu")
     trained = trainer.add_lora(models, 4, 4, 0.0, True)
     args = trainer.parse_args([str(a) for a in tiny_args(tiny_model, photos, tmp_path / "out", "--train_text_encoder",
                                                          "--optimizer", "adamw")])
     optimizer = trainer.make_optimizer(trained, args, (args.learning_rate, args.text_encoder_lr))
-    dataset = trainer.DreamBoothDataset(trainer.list_images(photos), "a photo of sks dog", resolution=64,
+    dataset = trainer.DreamBoothDataset(imaging.list_images(photos), "a photo of sks dog", resolution=64,
                                         center_crop=False, random_flip=False, seed=0, num_samples=1)
     scaler = torch.amp.GradScaler("cpu")
     with torch.autocast("cpu", dtype=torch.float16):
@@ -93,7 +94,7 @@ def test_two_accumulated_batches_of_one_train_as_one_batch_of_two(tiny_model, ph
                                "--max_grad_norm", 1e6, "--with_prior_preservation", "--class_prompt", "a photo of dog",
                                "--class_dir", class_dir, "--num_class_images", 3, "--train_batch_size", batch_size,
                                "--gradient_accumulation_steps", accumulation))
-        return load_file(tmp_path / name / "step0" / trainer.LORA_FILE)
+        return load_file(tmp_path / name / "step0" / artifacts.LORA_FILE)
 
     batched, accumulated = run("batched", 2, 1), run("accumulated", 1, 2)
     ups = [k for k in batched if "lora.up" in k or "lora_B" in k]
@@ -106,12 +107,12 @@ def test_latents_and_noise_stay_fp32_under_bf16_so_the_smallest_timesteps_still_
                                                                                           tmp_path):
     # in bf16, add_noise at t=0 and t=1 rounds the noise away (the latent comes back unchanged while the target is
     # the noise), and t=2..5 share one level
-    models = trainer.load_models(tiny_model, tiny_model / "vae", None, None, torch.bfloat16, "cpu")
+    models = pipeline.load_models(tiny_model, tiny_model / "vae", None, None, torch.bfloat16, "cpu")
     seen, real_add_noise = {}, models.noise_scheduler.add_noise
     models.noise_scheduler.add_noise = lambda latents, noise, timesteps: seen.update(
         latents=latents, noise=noise) or real_add_noise(latents, noise, timesteps)
     args = trainer.parse_args([str(a) for a in tiny_args(tiny_model, photos, tmp_path / "out")])
-    dataset = trainer.DreamBoothDataset(trainer.list_images(photos), "a photo of sks dog", resolution=64,
+    dataset = trainer.DreamBoothDataset(imaging.list_images(photos), "a photo of sks dog", resolution=64,
                                         center_crop=False, random_flip=False, seed=0, num_samples=2)
     batch = trainer.collate([dataset[0], dataset[1]])
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -131,14 +132,14 @@ def test_latents_and_noise_stay_fp32_under_bf16_so_the_smallest_timesteps_still_
 @pytest.mark.parametrize("prior_target", ["class_images", "base_prediction"])
 def test_time_ids_reach_the_unet_exactly_under_bf16(tiny_model, photos, tmp_path, prior_target):
     # bf16 holds 8 significant bits: a photo 1023 pixels tall would condition the UNet as one 1024 tall
-    models = trainer.load_models(tiny_model, tiny_model / "vae", None, None, torch.bfloat16, "cpu")
+    models = pipeline.load_models(tiny_model, tiny_model / "vae", None, None, torch.bfloat16, "cpu")
     trainer.add_lora(models, 4, 4, 0.0, False)  # the base prediction switches adapters off
     seen = []
     models.unet.add_time_proj.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].clone()))
     args = trainer.parse_args([str(a) for a in tiny_args(
         tiny_model, photos, tmp_path / "out", "--with_prior_preservation", "--class_prompt", "a photo of dog",
         "--prior_target", prior_target, *(["--class_dir", photos] if prior_target == "class_images" else []))])
-    images = trainer.list_images(photos)
+    images = imaging.list_images(photos)
     class_images = images if prior_target == "class_images" else None
     dataset = trainer.DreamBoothDataset(images, "a photo of sks dog", class_images,
                                         class_prompt="a photo of dog", resolution=64, center_crop=False,
@@ -163,4 +164,4 @@ def test_a_compiled_bf16_run_takes_the_base_models_prediction_under_autocast(tin
     run_trainer(*tiny_args(tiny_model, photos, out, "--max_train_steps", 1, "--optimizer", "adamw", "--compile",
                            "--mixed_precision", "bf16", "--with_prior_preservation", "--class_prompt", "a photo of dog",
                            "--prior_target", "base_prediction"))
-    assert (out / "step0" / trainer.LORA_FILE).is_file()
+    assert (out / "step0" / artifacts.LORA_FILE).is_file()

@@ -12,6 +12,7 @@ import time
 import pytest
 
 import train_dreambooth_lora_ssd1b as trainer
+from dreambooth_kit import artifacts, graceful, messages, ownership
 from conftest import ROOT, run_trainer, tiny_args
 
 SCRIPT = ROOT / "train_dreambooth_lora_ssd1b.py"
@@ -33,37 +34,37 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 def write_lock(folder, age=0, **holder):
     """A lock as another trainer left it, last renewed `age` seconds ago."""
-    lock = folder / trainer.LOCK_FILE
+    lock = folder / artifacts.LOCK_FILE
     lock.write_text(json.dumps({"started": "2026-12-01 10:00:00", **holder}))
     os.utime(lock, (time.time() - age, time.time() - age))
     return lock
 
 
 def test_a_lock_from_another_host_that_stopped_renewing_is_taken_over_saying_so(tmp_path, capsys):
-    write_lock(tmp_path, age=trainer.LOCK_STALE_S + 60, pid=4242, host="node-17")
-    with trainer.hold_output_dir(tmp_path):
-        mine = json.loads((tmp_path / trainer.LOCK_FILE).read_text())
+    write_lock(tmp_path, age=ownership.LOCK_STALE_S + 60, pid=4242, host="node-17")
+    with ownership.hold_output_dir(tmp_path):
+        mine = json.loads((tmp_path / artifacts.LOCK_FILE).read_text())
         assert (mine["pid"], mine["host"]) == (os.getpid(), socket.gethostname())
     said = capsys.readouterr().err.strip().splitlines()
     assert len(said) == 1 and "by PID 4242 on node-17" in said[0] and "taking it over" in said[0]
-    assert f"stale after {trainer.LOCK_STALE_S} s" in said[0]
-    assert not (tmp_path / trainer.LOCK_FILE).exists()
+    assert f"stale after {ownership.LOCK_STALE_S} s" in said[0]
+    assert not (tmp_path / artifacts.LOCK_FILE).exists()
 
 
 def test_a_lock_from_another_host_renewed_lately_is_refused_with_when_it_goes_stale(tmp_path):
-    lock = write_lock(tmp_path, age=trainer.LOCK_HEARTBEAT_S, pid=4242, host="node-17")
-    with pytest.raises(trainer.UserError, match=rf"in use by the trainer with PID 4242 on node-17 .*renewed "
-                                                rf"{trainer.LOCK_HEARTBEAT_S} s ago.*not renewed for "
-                                                rf"{trainer.LOCK_STALE_S} s is taken over"):
-        with trainer.hold_output_dir(tmp_path):
+    lock = write_lock(tmp_path, age=ownership.LOCK_HEARTBEAT_S, pid=4242, host="node-17")
+    with pytest.raises(messages.UserError, match=rf"in use by the trainer with PID 4242 on node-17 .*renewed "
+                                                rf"{ownership.LOCK_HEARTBEAT_S} s ago.*not renewed for "
+                                                rf"{ownership.LOCK_STALE_S} s is taken over"):
+        with ownership.hold_output_dir(tmp_path):
             pass
     assert json.loads(lock.read_text())["host"] == "node-17", "the other host's lock stays"
 
 
 def test_a_lock_whose_pid_is_now_another_process_is_not_reported_as_a_trainer(tmp_path, capsys):
     # PID 1 lives as long as the machine, but started long before any trainer that wrote this lock
-    write_lock(tmp_path, pid=1, host=socket.gethostname(), pid_started=trainer.process_start(1) + 1)
-    with trainer.hold_output_dir(tmp_path):
+    write_lock(tmp_path, pid=1, host=socket.gethostname(), pid_started=ownership.process_start(1) + 1)
+    with ownership.hold_output_dir(tmp_path):
         pass
     said = capsys.readouterr().err
     assert "PID 1 is now another process, not the trainer that held it; taking it over" in said
@@ -75,7 +76,7 @@ def test_a_lock_without_a_start_time_whose_pid_runs_another_program_is_taken_ove
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         write_lock(tmp_path, pid=sleeper.pid, host=socket.gethostname())
-        with trainer.hold_output_dir(tmp_path):
+        with ownership.hold_output_dir(tmp_path):
             pass
     finally:
         sleeper.kill()
@@ -85,22 +86,22 @@ def test_a_lock_without_a_start_time_whose_pid_runs_another_program_is_taken_ove
 
 def test_a_live_trainer_on_this_host_keeps_its_lock_however_old_its_heartbeat(tmp_path):
     # a trainer suspended with Ctrl-Z renews nothing, but its process is checked here: it is still the holder
-    write_lock(tmp_path, age=trainer.LOCK_STALE_S * 10, pid=os.getpid(), host=socket.gethostname(),
-               pid_started=trainer.process_start(os.getpid()))
-    with pytest.raises(trainer.UserError, match=f"in use by the trainer with PID {os.getpid()}"):
-        with trainer.hold_output_dir(tmp_path):
+    write_lock(tmp_path, age=ownership.LOCK_STALE_S * 10, pid=os.getpid(), host=socket.gethostname(),
+               pid_started=ownership.process_start(os.getpid()))
+    with pytest.raises(messages.UserError, match=f"in use by the trainer with PID {os.getpid()}"):
+        with ownership.hold_output_dir(tmp_path):
             pass
 
 
 def test_the_holder_renews_its_lock_and_never_removes_one_another_trainer_took_over(tmp_path, monkeypatch):
-    monkeypatch.setattr(trainer, "LOCK_HEARTBEAT_S", 0.05)
-    lock = tmp_path / trainer.LOCK_FILE
-    with trainer.hold_output_dir(tmp_path):
+    monkeypatch.setattr(ownership, "LOCK_HEARTBEAT_S", 0.05)
+    lock = tmp_path / artifacts.LOCK_FILE
+    with ownership.hold_output_dir(tmp_path):
         os.utime(lock, (time.time() - 1000, time.time() - 1000))
         deadline = time.time() + 10
-        while trainer.lock_age(lock) > 100 and time.time() < deadline:
+        while ownership.lock_age(lock) > 100 and time.time() < deadline:
             time.sleep(0.02)
-        assert trainer.lock_age(lock) < 100, "renewed by the heartbeat"
+        assert ownership.lock_age(lock) < 100, "renewed by the heartbeat"
         lock.write_text(json.dumps({"pid": 4242, "host": "node-17"}))  # another trainer judged it stale
     assert json.loads(lock.read_text())["host"] == "node-17", "its lock stays"
 
@@ -108,9 +109,9 @@ def test_the_holder_renews_its_lock_and_never_removes_one_another_trainer_took_o
 def test_a_stale_lock_another_trainer_replaced_meanwhile_is_put_back_not_removed(tmp_path):
     # two trainers judge the same stale lock; the slower one must not remove the lock the faster one made
     lock = write_lock(tmp_path, pid=4242, host="node-18")
-    trainer.take_away(lock, {"started": "2026-12-01 10:00:00", "pid": 77, "host": "node-17"})
+    ownership.take_away(lock, {"started": "2026-12-01 10:00:00", "pid": 77, "host": "node-17"})
     assert json.loads(lock.read_text())["host"] == "node-18"
-    assert [p.name for p in tmp_path.iterdir()] == [trainer.LOCK_FILE], "nothing left aside"
+    assert [p.name for p in tmp_path.iterdir()] == [artifacts.LOCK_FILE], "nothing left aside"
 
 
 def stop_when_said(command, said, *signals):
@@ -149,7 +150,7 @@ def test_a_stop_while_class_images_are_made_says_so_releases_the_lock_and_keeps_
     assert said.startswith(f"{signal.Signals(signum).name} while making class images, before training started: "
                            "nothing to resume; ") and said.endswith("start again with:")
     assert command.endswith("--optimizer adamw") and "--resume_from_checkpoint" not in command
-    assert not (out / trainer.LOCK_FILE).exists(), "the lock is released"
+    assert not (out / artifacts.LOCK_FILE).exists(), "the lock is released"
     assert not [p.name for p in class_dir.iterdir() if p.name.startswith(".")], "no half-written image"
 
 
@@ -190,13 +191,13 @@ def test_a_resumed_run_stopped_while_loading_says_how_to_resume(tiny_model, phot
     argv = tiny_args(tiny_model, photos, tmp_path / "out", "--max_train_steps", 1, "--optimizer", "adamw")
     run_trainer(*argv)
     stop_in(monkeypatch, "load_models", signal.SIGINT)
-    with pytest.raises(trainer.Interrupted) as stopped:
+    with pytest.raises(graceful.Interrupted) as stopped:
         run_trainer(*argv, "--max_train_steps", 2, "--resume_from_checkpoint", "latest")
     assert stopped.value.exit_code == 128 + signal.SIGINT
     said, command = str(stopped.value).splitlines()
     assert said == "SIGINT while loading the models, before training resumed from state-step0; resume with:"
     assert command.strip().endswith("--max_train_steps 2 --optimizer adamw --resume_from_checkpoint latest")
-    assert not (tmp_path / "out" / trainer.LOCK_FILE).exists()
+    assert not (tmp_path / "out" / artifacts.LOCK_FILE).exists()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "the handlers are given back"
 
 
@@ -204,24 +205,24 @@ def test_a_stop_after_the_last_step_was_saved_says_the_adapters_are_complete(tin
                                                                             monkeypatch):
     out = tmp_path / "out"
     stop_in(monkeypatch, "report", signal.SIGTERM)
-    with pytest.raises(trainer.Interrupted) as stopped:
+    with pytest.raises(graceful.Interrupted) as stopped:
         run_trainer(*tiny_args(tiny_model, photos, out, "--max_train_steps", 1, "--optimizer", "adamw"))
     assert stopped.value.exit_code == 128 + signal.SIGTERM
     assert str(stopped.value) == f"SIGTERM after training ended: the adapters in {out / 'step0'} are complete"
-    assert (out / "step0" / trainer.LORA_FILE).is_file() and not (out / trainer.LOCK_FILE).exists()
+    assert (out / "step0" / artifacts.LORA_FILE).is_file() and not (out / artifacts.LOCK_FILE).exists()
 
 
 def test_a_stop_during_validation_ends_it_at_once_and_saves_the_step(tiny_model, photos, tmp_path, monkeypatch):
     # validation takes minutes at full size: the stop does not wait for it, nor train a step more
     out = tmp_path / "out"
     stop_in(monkeypatch, "generate_images", signal.SIGTERM)
-    with pytest.raises(trainer.Interrupted) as stopped:
+    with pytest.raises(graceful.Interrupted) as stopped:
         run_trainer(*tiny_args(tiny_model, photos, out, "--max_train_steps", 3, "--checkpointing_steps", 3,
                                "--validation_prompt", "a sks dog", "--validation_steps", 1,
                                "--num_validation_images", 2, "--validation_inference_steps", 2,
                                "--optimizer", "adamw"))
     assert stopped.value.exit_code == 128 + signal.SIGTERM
     assert str(stopped.value).startswith("stopped at step 1 of 3; resume with:")
-    assert (out / "step0" / trainer.LORA_FILE).is_file() and (out / "state-step0" / trainer.TRAINER_STATE).is_file()
+    assert (out / "step0" / artifacts.LORA_FILE).is_file() and (out / "state-step0" / artifacts.TRAINER_STATE).is_file()
     assert not (out / "validation" / "step0").exists(), "the unfinished round is not left as if it were one"
-    assert not (out / trainer.LOCK_FILE).exists()
+    assert not (out / artifacts.LOCK_FILE).exists()

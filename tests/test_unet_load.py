@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-import train_dreambooth_lora_ssd1b as trainer
+from dreambooth_kit import messages, pipeline
 
 
 def assert_same_unet(loaded, reference):
@@ -23,7 +23,7 @@ def assert_same_unet(loaded, reference):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_streamed_unet_is_from_pretrained_s(tiny_model, dtype):
     reference = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet", torch_dtype=dtype)
-    loaded = trainer.load_unet(tiny_model, None, None, dtype, "cpu")
+    loaded = pipeline.load_unet(tiny_model, None, None, dtype, "cpu")
     assert_same_unet(loaded, reference)
     assert loaded.config._name_or_path == reference.config._name_or_path
 
@@ -31,7 +31,7 @@ def test_the_streamed_unet_is_from_pretrained_s(tiny_model, dtype):
 def test_the_file_is_opened_again_for_every_few_tensors(tiny_model, monkeypatch):
     """What keeps the peak down: no one opening of the file hands out more than tensors_at_once tensors, so the
     pages read through one mapping go before the next is read."""
-    handed_out, real_safe_open = [], trainer.safe_open
+    handed_out, real_safe_open = [], pipeline.safe_open
 
     class Counted:
         def __init__(self, *a, **k):
@@ -52,8 +52,8 @@ def test_the_file_is_opened_again_for_every_few_tensors(tiny_model, monkeypatch)
             handed_out[-1] += 1
             return self.inner.get_tensor(name)
 
-    monkeypatch.setattr(trainer, "safe_open", Counted)
-    unet = trainer.load_unet(tiny_model, None, None, torch.bfloat16, "cpu")
+    monkeypatch.setattr(pipeline, "safe_open", Counted)
+    unet = pipeline.load_unet(tiny_model, None, None, torch.bfloat16, "cpu")
     tensors = len(unet.state_dict())
     assert sum(handed_out) == tensors and max(handed_out) <= 32 and len(handed_out) >= tensors // 32
 
@@ -64,9 +64,9 @@ def test_shards_and_bin_weights_load_as_from_pretrained_loads_them(tiny_model, t
         model = tmp_path / name
         shutil.copytree(tiny_model, model, ignore=shutil.ignore_patterns("unet"))
         reference.save_pretrained(model / "unet", **options)
-        files = trainer.unet_safetensors(model, None, None)
+        files = pipeline.unet_safetensors(model, None, None)
         assert len(files) > 1 if name == "shards" else files == []  # .bin: from_pretrained's own load
-        assert_same_unet(trainer.load_unet(model, None, None, torch.float32, "cpu"), reference)
+        assert_same_unet(pipeline.load_unet(model, None, None, torch.float32, "cpu"), reference)
 
 
 def test_a_damaged_or_mismatched_unet_file_is_refused_in_one_line(tiny_model, tmp_path):
@@ -75,17 +75,17 @@ def test_a_damaged_or_mismatched_unet_file_is_refused_in_one_line(tiny_model, tm
     weights = model / "unet" / "diffusion_pytorch_model.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2])
-    with pytest.raises(trainer.UserError, match=r"^cannot load .*: unet/diffusion_pytorch_model.safetensors is "
+    with pytest.raises(messages.UserError, match=r"^cannot load .*: unet/diffusion_pytorch_model.safetensors is "
                                                 r"unreadable \(.*\); download the model again$"):
-        trainer.load_unet(model, None, None, torch.float32, "cpu")
+        pipeline.load_unet(model, None, None, torch.float32, "cpu")
 
     weights.write_bytes(data)
     config = json.loads((model / "unet" / "config.json").read_text())
     config["block_out_channels"] = [2 * c for c in config["block_out_channels"]]  # weights of another model
     (model / "unet" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(trainer.UserError, match=r"^cannot load .*: its UNet weights do not fit its config "
+    with pytest.raises(messages.UserError, match=r"^cannot load .*: its UNet weights do not fit its config "
                                                 r"\(.*\); download the model again$") as refusal:
-        trainer.load_unet(model, None, None, torch.float32, "cpu")
+        pipeline.load_unet(model, None, None, torch.float32, "cpu")
     assert "\n" not in str(refusal.value)
 
 
@@ -98,9 +98,9 @@ def test_a_unet_file_missing_a_tensor_is_refused_in_one_line(tiny_model, tmp_pat
     tensors = load_file(weights)
     dropped = sorted(tensors)[0]
     save_file({name: t for name, t in tensors.items() if name != dropped}, weights)
-    with pytest.raises(trainer.UserError, match=rf"^cannot load .*: its UNet weights do not fit its config \(1 "
+    with pytest.raises(messages.UserError, match=rf"^cannot load .*: its UNet weights do not fit its config \(1 "
                                                 rf"tensor missing, 0 unknown, e.g. {dropped}\); download"):
-        trainer.load_unet(model, None, None, torch.float32, "cpu")
+        pipeline.load_unet(model, None, None, torch.float32, "cpu")
 
 
 def test_a_shard_index_without_shards_is_refused_in_one_line(tiny_model, tmp_path):
@@ -110,9 +110,9 @@ def test_a_shard_index_without_shards_is_refused_in_one_line(tiny_model, tmp_pat
                                                                                        max_shard_size="200KB")
     index = model / "unet" / "diffusion_pytorch_model.safetensors.index.json"
     index.write_text(json.dumps({"weight_map": ["not", "a", "map"]}))
-    with pytest.raises(trainer.UserError, match=r"^--pretrained_model_name_or_path .*: unet/diffusion_pytorch_model"
+    with pytest.raises(messages.UserError, match=r"^--pretrained_model_name_or_path .*: unet/diffusion_pytorch_model"
                                                 r"\.safetensors\.index\.json lists no shards: download the model again$"):
-        trainer.load_unet(model, None, None, torch.float32, "cpu")
+        pipeline.load_unet(model, None, None, torch.float32, "cpu")
 
 
 @pytest.mark.parametrize("source, dtype", [(torch.float16, torch.bfloat16), (torch.bfloat16, torch.float16)])
@@ -123,12 +123,12 @@ def test_a_cast_between_half_precisions_through_fp32_pieces_is_torchs_bit_for_bi
     scale = 10.0 ** torch.randint(-9, 6, (3991,))
     special = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), 65504.0, 6e-8, 3e38, -1e-40])
     values = torch.cat([torch.randn(3991) * scale, special]).to(source).reshape(2, -1)
-    cast, expected = trainer.cast(values, dtype, "cpu", torch.empty(333)), values.to(dtype)
+    cast, expected = pipeline.cast(values, dtype, "cpu", torch.empty(333)), values.to(dtype)
     assert cast.dtype == dtype and cast.shape == values.shape
     nan = expected.isnan()
     assert torch.equal(cast.isnan(), nan) and nan.sum() == 1  # a NaN's sign bit may differ: it is NaN either way
     assert torch.equal(cast[~nan].view(torch.int16), expected[~nan].view(torch.int16))
-    assert trainer.cast(values, torch.float32, "cpu", torch.empty(333)).dtype == torch.float32  # other casts: .to
+    assert pipeline.cast(values, torch.float32, "cpu", torch.empty(333)).dtype == torch.float32  # other casts: .to
 
 
 @pytest.mark.parametrize("stored, dtype", [(torch.float16, torch.bfloat16), (torch.bfloat16, torch.float16)])
@@ -141,7 +141,7 @@ def test_a_half_precision_file_loads_in_the_other_as_from_pretrained_loads_it(ti
     UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet", torch_dtype=stored).save_pretrained(
         model / "unet")
     reference = UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=dtype)
-    real = trainer.stream_weights
-    monkeypatch.setattr(trainer, "stream_weights", lambda *a, **k: real(*a, **k, scratch_size=1000))
+    real = pipeline.stream_weights
+    monkeypatch.setattr(pipeline, "stream_weights", lambda *a, **k: real(*a, **k, scratch_size=1000))
     assert max(t.numel() for t in reference.state_dict().values()) > 10 * 1000
-    assert_same_unet(trainer.load_unet(model, None, None, dtype, "cpu"), reference)
+    assert_same_unet(pipeline.load_unet(model, None, None, dtype, "cpu"), reference)

@@ -15,6 +15,7 @@ from PIL import Image, ImageFilter
 import prior_drift as world
 import tiny_world
 import train_dreambooth_lora_ssd1b as trainer
+from dreambooth_kit import imaging
 from conftest import ROOT
 
 # The margins, stated in the README ("The tiny world"). Measured with the locked versions on a 2-core CPU
@@ -101,7 +102,7 @@ def test_the_fidelity_test_bites_when_training_uses_the_wrong_latent_scale(world
 
 
 def test_the_shipped_subject_photos_are_the_ones_tiny_world_draws():
-    shipped = [np.asarray(Image.open(path).convert("RGB")) for path in trainer.list_images(world.WORLD_SUBJECT)]
+    shipped = [np.asarray(Image.open(path).convert("RGB")) for path in imaging.list_images(world.WORLD_SUBJECT)]
     drawn = [np.asarray(image) for image in tiny_world.subject_photos()]
     assert len(shipped) == len(drawn) == 5
     # Pillow 13 draws them bit for bit; Pillow 10 rasterises a star's edge differently in a few pixels (at most 0.15%

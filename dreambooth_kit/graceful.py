@@ -1,0 +1,166 @@
+"""SIGINT and SIGTERM get the same answer in every phase of a run: one message, the command that resumes, and exit 130
+or 143."""
+
+import contextlib
+import functools
+import os
+import shlex
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from .checks import CURVE_PACKAGES, MINIMUM_VERSIONS, OPTIMIZER_PACKAGES, check_versions
+from .messages import UserError, quiet_library_notices
+
+
+def stopped_while_importing(signum, frame):
+    """A stop while the libraries import (seconds), before main() answers signals itself: nothing is held or
+    written yet. Once main() has run, its own stop was answered (or the run ended): nothing more to say."""
+    if getattr(stopped_while_importing, "superseded", False):
+        return
+    print(f"{signal.Signals(signum).name} before training started: nothing was written", file=sys.stderr, flush=True)
+    os._exit(128 + signum)
+
+
+def before_libraries(parse_args):
+    """A script run's first answers, in the seconds before its libraries have imported: a stop writes nothing yet;
+    --help, a mistyped flag and an install known to fail inside an import are answered in one line."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, stopped_while_importing)
+    try:
+        parse_args()
+        check_versions([name for name in MINIMUM_VERSIONS if name not in OPTIMIZER_PACKAGES
+                        and name not in CURVE_PACKAGES])
+    except UserError as error:
+        sys.exit(f"error: {error}")
+    quiet_library_notices()
+
+
+@functools.cache
+def parent_command_line():
+    """The command line of the process that started this one (a shell, `accelerate launch`, torchrun), from Linux's
+    /proc; () where there is none. Read once, at start: accelerate's launcher dies of the same Ctrl-C or SIGTERM
+    before the run has saved, and its orphan is adopted by another parent."""
+    try:
+        raw = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
+    except OSError:
+        return ()
+    return tuple(os.fsdecode(arg) for arg in raw.split(b"\0")[:-1])
+
+
+def resume_command(argv, parent=None, own=None, cwd=None, resume=True):
+    """The command that resumes this run from any folder: `cd` to the folder it was started in, then the launch as
+    typed (`accelerate launch` or torchrun with their flags, or the interpreter), the script, the same flags, and
+    --resume_from_checkpoint latest (with resume=False, none: a run stopped before it saved anything starts again).
+
+    parent: the parent process's command line ([] when unknown); own: this interpreter's (sys.orig_argv); cwd: the
+    folder the run was started in. Each is read from the system when not given."""
+    parent = list(parent_command_line() if parent is None else parent)
+    own = list(getattr(sys, "orig_argv", [])) if own is None else list(own)
+    cwd = os.getcwd() if cwd is None else cwd
+    argv = list(argv)
+
+    def launch_in(command):
+        """The words before this run's flags when `command` ends with the script and them (a launcher passes both
+        on as typed), else None."""
+        n = len(command) - len(argv)
+        if n > 0 and command[n:] == argv and Path(command[n - 1]).name == Path(__file__).name:
+            return command[:n]
+        return None
+
+    launch = launch_in(parent) or launch_in(own) or ["python", str(Path(__file__).resolve())]
+    if len(launch) > 2 and Path(launch[0]).name.startswith("python") and Path(launch[1]).is_absolute() \
+            and Path(launch[1]).suffix != ".py":
+        launch = [Path(launch[1]).name, *launch[2:]]  # a console script run by its shebang: `accelerate launch ...`
+    kept, skip = [], False
+    for arg in argv:  # --hub_token is a secret: not printed (the token of `hf auth login` serves, or pass it again)
+        if skip or arg.startswith(("--resume_from_checkpoint=", "--hub_token=")):
+            skip = False
+            continue
+        if arg in ("--resume_from_checkpoint", "--hub_token"):
+            skip = True
+            continue
+        kept.append(arg)
+    again = ["--resume_from_checkpoint", "latest"] if resume else []
+    return f"cd {shlex.quote(str(cwd))} && " + shlex.join([*launch, *kept, *again])
+
+
+class Interrupted(BaseException):
+    """A run stopped by SIGINT or SIGTERM, once what it could keep is kept; carries the exit code. Not an
+    Exception, as KeyboardInterrupt is not: a stop raised inside a library is never caught as its error."""
+
+    def __init__(self, message, signum):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class GracefulStop:
+    """SIGINT / SIGTERM (Ctrl-C, cluster preemption), answered the same in every phase of the run. While training
+    (within finishing_steps): finish the step, save, exit (train raises Interrupted). Elsewhere there is nothing
+    to finish: Interrupted is raised where the run stands, with what `describe()` says about it (the phase, what is
+    kept, the command that goes on). A second one exits at once, after on_exit (the lock's release), unless it comes
+    within REPEAT_WINDOW seconds of the first: that is the same stop passed on by a launcher (accelerate launch 1.16
+    sends its own SIGTERM to the trainer when it gets Ctrl-C or a SIGTERM of the group)."""
+
+    REPEAT_WINDOW = 1.0
+
+    def __init__(self, describe=None):
+        self.describe, self.on_exit = describe, lambda: None
+
+    def __enter__(self):
+        self.signum, self.previous, self.first = 0, {}, None
+        if threading.current_thread() is threading.main_thread():  # signals can only be caught there
+            self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def handle(self, signum, frame):
+        if self.signum and time.monotonic() - self.first < self.REPEAT_WINDOW:
+            return
+        if self.signum:
+            self.on_exit()
+            os._exit(128 + signum)
+        self.signum, self.first = signum, time.monotonic()
+        if self.describe is not None:
+            self.stop_now()
+        print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a resumable checkpoint "
+              "(interrupt again to exit at once)", file=sys.stderr, flush=True)
+
+    def stop_now(self):
+        raise Interrupted(f"{signal.Signals(self.signum).name} {self.describe()}", self.signum)
+
+    def at_once(self, describe):
+        """From here a stop ends the run where it stands, saying `describe()`; one asked for already ends it now."""
+        self.describe = describe
+        if self.signum:
+            self.stop_now()
+
+    @contextlib.contextmanager
+    def at_once_within(self, describe):
+        """at_once for a block, then as before: for work within a step that a stop need not wait for."""
+        previous = self.describe
+        self.at_once(describe)
+        try:
+            yield
+        finally:
+            self.describe = previous
+
+    @contextlib.contextmanager
+    def finishing_steps(self):
+        """Within, a stop lets the step end and be saved: the training loop asks requested() after each."""
+        describe, self.describe = self.describe, None
+        yield
+        self.describe = describe
+
+    def requested(self, accelerator):
+        """The signal to stop on, agreed by all processes so that they stop at the same step."""
+        if accelerator.num_processes == 1:
+            return self.signum
+        import torch  # here, not at the top: stop.py answers a stop while torch itself imports
+
+        flag = torch.tensor([self.signum], device=accelerator.device)
+        return int(accelerator.reduce(flag, reduction="max").item())
