@@ -1092,7 +1092,7 @@ def train(accelerator, models, trained, optimizer, lr_scheduler, dataloader, *, 
             if signum:
                 progress.close()
                 raise Interrupted(f"stopped at step {step} of {args.max_train_steps}; resume with:\n  "
-                                  f"{resume_command(settings.command)}", signum)
+                                  f"{resume_command(settings.command, script=__file__)}", signum)
             if last:
                 break
     progress.close()
@@ -1390,9 +1390,9 @@ def stopped_before_training(args, settings, clock):
                 "makes only the rest" if made else "; no class image was made yet")
     if settings.resume_state:
         return (f"while {where}, before training resumed from {Path(settings.resume_state).name}{kept}; resume "
-                f"with:\n  {resume_command(settings.command)}")
+                f"with:\n  {resume_command(settings.command, script=__file__)}")
     return (f"while {where}, before training started: nothing to resume{kept}; start again with:\n  "
-            f"{resume_command(settings.command, resume=False)}")
+            f"{resume_command(settings.command, resume=False, script=__file__)}")
 
 
 def stopped_after_training(args, settings):

@@ -8,6 +8,9 @@ import shutil
 from pathlib import Path
 
 
+# The project's scripts, beside this package: what a printed command names when the running script is unknown
+TRAINER_SCRIPT = Path(__file__).resolve().parents[1] / "train_dreambooth_lora_ssd1b.py"
+INFER_SCRIPT = Path(__file__).resolve().parents[1] / "infer.py"
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
 

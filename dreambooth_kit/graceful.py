@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from .artifacts import TRAINER_SCRIPT
 from .checks import CURVE_PACKAGES, MINIMUM_VERSIONS, OPTIMIZER_PACKAGES, check_versions
 from .messages import UserError, quiet_library_notices
 
@@ -49,13 +50,14 @@ def parent_command_line():
     return tuple(os.fsdecode(arg) for arg in raw.split(b"\0")[:-1])
 
 
-def resume_command(argv, parent=None, own=None, cwd=None, resume=True):
+def resume_command(argv, parent=None, own=None, cwd=None, resume=True, script=TRAINER_SCRIPT):
     """The command that resumes this run from any folder: `cd` to the folder it was started in, then the launch as
     typed (`accelerate launch` or torchrun with their flags, or the interpreter), the script, the same flags, and
     --resume_from_checkpoint latest (with resume=False, none: a run stopped before it saved anything starts again).
 
     parent: the parent process's command line ([] when unknown); own: this interpreter's (sys.orig_argv); cwd: the
-    folder the run was started in. Each is read from the system when not given."""
+    folder the run was started in. Each is read from the system when not given. script: the trainer's file, which a
+    user's copy passes as its own __file__."""
     parent = list(parent_command_line() if parent is None else parent)
     own = list(getattr(sys, "orig_argv", [])) if own is None else list(own)
     cwd = os.getcwd() if cwd is None else cwd
@@ -65,11 +67,11 @@ def resume_command(argv, parent=None, own=None, cwd=None, resume=True):
         """The words before this run's flags when `command` ends with the script and them (a launcher passes both
         on as typed), else None."""
         n = len(command) - len(argv)
-        if n > 0 and command[n:] == argv and Path(command[n - 1]).name == Path(__file__).name:
+        if n > 0 and command[n:] == argv and Path(command[n - 1]).name == Path(script).name:
             return command[:n]
         return None
 
-    launch = launch_in(parent) or launch_in(own) or ["python", str(Path(__file__).resolve())]
+    launch = launch_in(parent) or launch_in(own) or ["python", str(Path(script).resolve())]
     if len(launch) > 2 and Path(launch[0]).name.startswith("python") and Path(launch[1]).is_absolute() \
             and Path(launch[1]).suffix != ".py":
         launch = [Path(launch[1]).name, *launch[2:]]  # a console script run by its shebang: `accelerate launch ...`

@@ -8,7 +8,7 @@ from pathlib import Path
 from unittest import mock
 import huggingface_hub
 from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
-from .artifacts import KOHYA_FILE, LORA_FILE, looks_like_hub_id, step_of, write_text_atomic
+from .artifacts import INFER_SCRIPT, KOHYA_FILE, LORA_FILE, looks_like_hub_id, step_of, write_text_atomic
 from .checks import effective_learning_rates, uses_class_images
 from .messages import UserError, counted, one_line
 from .pipeline import DIFFUSERS_DTYPE, shared_name
@@ -206,7 +206,7 @@ def card_file_table(args, step_dir, hub_model_id, kohya):
 def card_infer_command(output_dir, step_dir, prompt):
     """The card's infer.py command, run in the run's folder: the step dir by its name, and infer.py by its path
     from there when it lies above (the project's work_dirs/), else by its name, never by a full path."""
-    infer = Path(__file__).resolve().parent / "infer.py"
+    infer = INFER_SCRIPT
     relative = Path(os.path.relpath(infer, Path(output_dir).resolve()))
     script = relative.as_posix() if set(relative.parent.parts) <= {".."} else "infer.py"
     return shlex.join(["python", script, "--checkpoint", step_dir, "--prompt", prompt])
@@ -214,7 +214,7 @@ def card_infer_command(output_dir, step_dir, prompt):
 
 def infer_command(step_dir, prompt):
     """The infer.py command for a step dir, with absolute paths: it works from whichever folder it is run in."""
-    infer = Path(__file__).resolve().parent / "infer.py"
+    infer = INFER_SCRIPT
     return shlex.join(["python", str(infer), "--checkpoint", str(Path(step_dir).resolve()), "--prompt", prompt])
 
 

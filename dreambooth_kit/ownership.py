@@ -4,13 +4,14 @@ write left alone, and an earlier run replaced only when asked."""
 import contextlib
 import json
 import os
+import sys
 import shutil
 import socket
 import threading
 import time
 from pathlib import Path
 import huggingface_hub
-from .artifacts import CARD_FILE, LOCK_FILE, LORA_FILE, SETTINGS_FILE, STATE_PREFIX, TRAINER_STATE, below, create_exclusive, finished_adapters, partial_dir, same_folder, step_of
+from .artifacts import CARD_FILE, LOCK_FILE, LORA_FILE, SETTINGS_FILE, STATE_PREFIX, TRAINER_SCRIPT, TRAINER_STATE, below, create_exclusive, finished_adapters, partial_dir, same_folder, step_of
 from .checkpoints import complete_states
 from .checks import uses_class_images
 from .messages import UserError, say
@@ -125,12 +126,14 @@ def process_start(pid):
 
 
 def runs_other_program(pid):
-    """True when process `pid` is known not to run this script (its command line names no file called so)."""
+    """True when process `pid` is known not to run a trainer (its command line names neither this process's script
+    nor the project's trainer)."""
     try:
         raw = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
-    return bool(raw) and not any(Path(os.fsdecode(arg)).name == Path(__file__).name for arg in raw.split(b"\0"))
+    names = {TRAINER_SCRIPT.name, Path(sys.argv[0]).name}
+    return bool(raw) and not any(Path(os.fsdecode(arg)).name in names for arg in raw.split(b"\0"))
 
 
 def take_away(lock, holder):
