@@ -80,3 +80,62 @@ def test_a_flag_the_user_passes_twice_to_the_dog_recipe_is_still_refused(tmp_pat
     argv = dog_recipe_argv(tmp_path, "--rank", "4", "--rank", "16")
     with pytest.raises(messages.UserError, match="--rank is given twice"):
         trainer.parse_args(argv)
+
+
+# A tiny model gains nothing from a second thread, and on a shared machine OpenMP's extra threads spin waiting for a
+# core: the demo and the tiny world's examples pick one thread themselves, so they are quick wherever they run, and
+# leave a count the user set alone.
+def threads_the_demo_runs_with(tmp_path, env):
+    """OMP_NUM_THREADS as each `python` command of examples/offline_demo.sh sees it (a stand-in python reports it)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "python").write_text('#!/bin/sh\necho "threads=${OMP_NUM_THREADS-unset}"\n')
+    (bin_dir / "python").chmod(0o755)
+    env = {**env, "PATH": os.pathsep.join([str(bin_dir), os.environ["PATH"]])}
+    done = subprocess.run(["bash", ROOT / "examples" / "offline_demo.sh", str(tmp_path / "demo")], env=env,
+                          capture_output=True, text=True, check=True)
+    return [line for line in done.stdout.splitlines() if line.startswith("threads=")]
+
+
+def test_the_offline_demo_runs_on_one_thread_unless_the_user_set_a_count(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    assert threads_the_demo_runs_with(tmp_path, env) == ["threads=1"] * 3, "training, infer.py and the sheet"
+    assert threads_the_demo_runs_with(tmp_path / "set", {**env, "OMP_NUM_THREADS": "3"}) == ["threads=3"] * 3
+
+
+class Stop(Exception):
+    """Raised where an example would start its real work, once its thread count is set."""
+
+
+def stop(*args, **kwargs):
+    raise Stop
+
+
+def start_before_after(monkeypatch, tmp_path):
+    import before_after
+
+    monkeypatch.setattr(before_after.world, "world_pipeline", stop)
+    before_after.main(["--checkpoint", str(tmp_path / "step1"), "--output", str(tmp_path / "sheet.png")])
+
+
+def start_train_tiny_world(monkeypatch, tmp_path):
+    import train_tiny_world
+
+    monkeypatch.setattr(train_tiny_world.tiny_world, "world_vocabulary", stop)
+    train_tiny_world.main([str(tmp_path / "model")])
+
+
+@pytest.mark.parametrize("start", [start_before_after, start_train_tiny_world], ids=["before_after", "train_tiny_world"])
+@pytest.mark.parametrize("user_count", [None, "3"])
+def test_tiny_world_examples_run_on_one_thread_unless_the_user_set_a_count(start, user_count, monkeypatch, tmp_path):
+    import torch
+
+    if user_count is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", user_count)
+    counts = []
+    monkeypatch.setattr(torch, "set_num_threads", counts.append)
+    with pytest.raises(Stop):
+        start(monkeypatch, tmp_path)
+    assert counts == ([1] if user_count is None else []), "torch reads a count the user set by itself"
