@@ -1,7 +1,10 @@
-"""examples/: the offline demo runs as written, and the dog recipe's command is what the README promises."""
+"""examples/: the offline demo runs as written, evaluate.py tries it offline as docs/evaluation.md shows, the dog
+recipe's command is what the README promises, and the tiny-model examples pick their own thread count."""
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -38,6 +41,34 @@ def test_offline_demo_runs_as_written():
     base, trained = distances("a photo of a star")
     assert trained >= base - 0.05, stdout
     assert Image.open(demo / "before_after.png").width > 64
+
+
+
+def documented_offline_evaluation():
+    """The commands of docs/evaluation.md's block that makes the tiny scorers and scores the demo's run with them."""
+    docs = (ROOT / "docs" / "evaluation.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", docs, flags=re.S)
+    return next(block for block in blocks if "make_tiny_scorers.py" in block)
+
+
+def test_evaluate_py_scores_the_offline_demo_run_offline_as_documented(tmp_path):
+    returncode, _, stderr, demo = offline_demo()
+    assert returncode == 0, stderr[-3000:]
+    block = documented_offline_evaluation()
+    # the block starts from the demo, which the suite runs once, beside it: its run is copied where the block reads it
+    first, rest = block.split("\n", 1)
+    assert first.split("#")[0].split() == ["bash", "examples/offline_demo.sh"], block
+    shutil.copytree(demo / "run", tmp_path / "offline_demo" / "run")
+    commands = rest.replace("work_dirs/", f"{tmp_path}/")
+    env = {**os.environ, "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]])}
+    done = subprocess.run(["bash", "-euo", "pipefail", "-c", commands], cwd=ROOT, env=env, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    evaluation = tmp_path / "offline_demo" / "run" / "eval"
+    report = json.loads((evaluation / "report.json").read_text())
+    assert [row["step"] for row in report["steps"]] == [99, 199] and "DINO" in report["base_model"]
+    assert (evaluation / "curve.png").exists() and (evaluation / "contact_sheet.png").exists()
+    assert "recommended:" in done.stdout
 
 
 def dog_recipe_argv(tmp_path, *extra):
