@@ -1,5 +1,5 @@
 """examples/: the offline demo runs as written, evaluate.py tries it offline as docs/evaluation.md shows, the dog
-recipe's command is what the README promises, and the tiny-model examples pick their own thread count."""
+recipe's command is what docs/training.md promises, and the tiny-model examples pick their own thread count."""
 
 import json
 import os
@@ -28,8 +28,9 @@ def test_offline_demo_runs_as_written():
     assert Image.open(run / "validation" / "step199" / "seed0.png").size == (64, 64), "at training resolution"
     assert Image.open(demo / "renders" / "step199_seed0.png").size == (64, 64)
     # the before/after sheet, in DreamBooth's terms (measured 2026-12-06, locked versions: instance prompt 1.00 ->
-    # 0.74, class prompt 1.00 -> 1.00; README "Offline demo"): the trained instance prompt comes nearer the subject
-    # by a margin, and with the text encoders trained and the base model's prior the class prompt does not follow
+    # 0.74, class prompt 1.00 -> 1.00; benchmarks/RESULTS.md, "The offline demo"): the trained instance prompt comes
+    # nearer the subject by a margin, and with the text encoders trained and the base model's prior the class prompt
+    # does not follow
     def distances(prompt):
         found = [float(line.split("distance to the subject ")[1]) for line in stdout.splitlines()
                  if f"{prompt!r}: distance" in line]
