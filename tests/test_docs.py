@@ -55,3 +55,26 @@ DATED = re.compile(r"\b(?=[0-9a-f]*[0-9])(?=[0-9a-f]*[a-f])[0-9a-f]{7,40}\b|\b20
 def test_user_docs_carry_no_commit_hash_date_or_machine_timing(page):
     found = [match.group(0) for match in DATED.finditer(page.read_text())]
     assert found == [], "measured numbers go to benchmarks/RESULTS.md, with their machine, settings and date"
+
+
+def launched_argv(page):
+    """The trainer's argv in the page's first `accelerate launch train_dreambooth_lora_ssd1b.py` command."""
+    import shlex
+
+    text = page.read_text().replace("\\\n", " ")
+    command = "accelerate launch train_dreambooth_lora_ssd1b.py"
+    line = next(line for line in text.splitlines() if line.startswith(command))
+    return shlex.split(line)[3:]
+
+
+def test_the_short_launch_command_trains_the_reference_recipe_by_its_defaults(monkeypatch, tmp_path):
+    import train_dreambooth_lora_ssd1b as trainer
+    from dreambooth_kit import checks
+    from test_examples import dog_recipe_argv
+
+    monkeypatch.setattr(checks, "has_accelerator", lambda: True)  # the recipe's fp16 is for a GPU, which CI lacks
+    short = vars(trainer.parse_args(launched_argv(ROOT / "docs" / "training.md")))
+    assert short == vars(trainer.parse_args(dog_recipe_argv(tmp_path)))
+    readme = vars(trainer.parse_args(launched_argv(ROOT / "README.md")))
+    assert {k: v for k, v in readme.items() if k != "instance_dir"} == {k: v for k, v in short.items()
+                                                                         if k != "instance_dir"}
