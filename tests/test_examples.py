@@ -157,7 +157,8 @@ def start_train_tiny_world(monkeypatch, tmp_path):
     train_tiny_world.main([str(tmp_path / "model")])
 
 
-@pytest.mark.parametrize("start", [start_before_after, start_train_tiny_world], ids=["before_after", "train_tiny_world"])
+@pytest.mark.parametrize("start", [start_before_after, start_train_tiny_world],
+                         ids=["before_after", "train_tiny_world"])
 @pytest.mark.parametrize("user_count", [None, "3"])
 def test_tiny_world_examples_run_on_one_thread_unless_the_user_set_a_count(start, user_count, monkeypatch, tmp_path):
     import torch
