@@ -182,3 +182,9 @@ def looks_like_hub_id(name):
 
 def absolute_if_local(name):
     return os.path.abspath(name) if os.path.exists(name) else name
+
+
+def ran(settings):
+    """A run's recorded settings as they ran: the flags, with what they came to in place of what was typed (a
+    record from before "derived" existed holds only those)."""
+    return {**settings, **settings.get("derived", {})}
