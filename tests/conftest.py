@@ -28,7 +28,8 @@ BESIDE = {}  # the offline demo's process and work folder, while the session run
 # Under pytest-xdist (-n 2) the controller starts it once, when a worker reports it collected, and owns it; the
 # worker that runs its test finds its folder in workerinput and waits for the return code the run writes last.
 def pytest_collection_finish(session):
-    if not hasattr(session.config, "workerinput") and any(item.name in OFFLINE_DEMO_READERS for item in session.items):
+    worker = hasattr(session.config, "workerinput")  # under xdist, the controller starts it
+    if not worker and any(item.name in OFFLINE_DEMO_READERS for item in session.items):
         start_offline_demo()
 
 
