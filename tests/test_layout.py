@@ -8,7 +8,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tomllib
 
 import pytest
 from safetensors.torch import load_file
@@ -27,6 +26,7 @@ def requirement_lines(path):
 
 
 def test_pyproject_depends_on_what_requirements_txt_lists():
+    tomllib = pytest.importorskip("tomllib", reason="python 3.11's toml reader")
     dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     assert [d.replace(" ", "") for d in dependencies] == requirement_lines(ROOT / "requirements.txt"), (
         "pyproject.toml's dependencies and requirements.txt drifted apart: make them the same list")
