@@ -950,62 +950,98 @@ def image_grid(images):
     return make_image_grid([*images, *[blank] * (rows * columns - len(images))], rows, columns)
 
 
+def validation_prompts(args):
+    """The prompts each validation round renders. The prompt cache embeds these same ones (prompts_to_cache), so
+    a prompt added here is cached and rendered with no other edit."""
+    return [args.validation_prompt] if args.validation_prompt else []
+
+
 def log_validation(accelerator, models, args, settings, step):
-    """Fixed-seed images of the validation prompt, so rounds are comparable; PNGs, a grid, tensorboard."""
+    """Fixed-seed images of each validation prompt, so rounds are comparable; PNGs, a grid (a row of grids per
+    prompt), tensorboard."""
     text_encoders = [None, None] if models.prompt_cache else [unwrap(accelerator, m) for m in models.text_encoders]
     unwrapped = dataclasses.replace(models, unet=unwrap(accelerator, models.unet), text_encoders=text_encoders)
     for module in [unwrapped.unet, *(m for m in text_encoders if m is not None)]:
         module.eval()  # no LoRA dropout while sampling
     pipe = build_pipeline(unwrapped, settings.pretrained_model_name_or_path, args.revision, args.variant)
     seeds = [args.seed + i for i in range(args.num_validation_images)]
+    prompts = validation_prompts(args)
     started = time.perf_counter()
     with accelerator.autocast():
-        prompt = None if models.prompt_cache else args.validation_prompt  # else it comes as embeddings
-        images = generate_images(pipe, prompt, seeds, *(settings.validation_size or [args.resolution] * 2),
-                                 args.validation_inference_steps, **cached_prompt_kwargs(pipe, models, args))
+        rendered = [render_validation(pipe, models, prompt, seeds, args, settings) for prompt in prompts]
         base = base_validation_images(pipe, models, args, settings, seeds) if args.validation_compare_base else None
     folder = Path(settings.output_dir) / "validation" / f"step{step - 1}"
     folder.mkdir(parents=True, exist_ok=True)
-    for seed, image in zip(seeds, images):
-        save_png_atomic(image, folder / f"seed{seed}.png")
-    grid = side_by_side(image_grid(images), image_grid(base)) if base else image_grid(images)
+    for index, images in enumerate(rendered):
+        for seed, image in zip(seeds, images):
+            save_png_atomic(image, folder / validation_file_name(index, seed))
+    rows = [side_by_side(image_grid(images), image_grid(base[index])) if base else image_grid(images)
+            for index, images in enumerate(rendered)]
+    grid = stack_rows(rows)
     save_png_atomic(grid, folder / "grid.png")
-    tqdm.write(f"validation: {counted(len(images), 'image')} of '{args.validation_prompt}' in {folder} "
-               f"({(time.perf_counter() - started) / len(images):.1f} s/image)")
+    count = sum(len(images) for images in rendered)
+    tqdm.write(f"validation: {counted(count, 'image')} of {', '.join(repr(p) for p in prompts)} in {folder} "
+               f"({(time.perf_counter() - started) / count:.1f} s/image)")
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             tracker.writer.add_image("validation_grid", np.asarray(grid), step, dataformats="HWC")
     unwrapped.unet.train()
     for text_encoder in text_encoders if args.train_text_encoder else []:
         text_encoder.train()
-    return images
+    return [image for images in rendered for image in images]
+
+
+def render_validation(pipe, models, prompt, seeds, args, settings):
+    """One prompt's images, from its cached embeddings once the text encoders have gone."""
+    return generate_images(pipe, None if models.prompt_cache else prompt, seeds,
+                           *(settings.validation_size or [args.resolution] * 2), args.validation_inference_steps,
+                           **cached_prompt_kwargs(pipe, models, prompt))
+
+
+def validation_file_name(index, seed):
+    """The first prompt's images keep the plain name (infer.py renders the same seed to compare with)."""
+    return f"seed{seed}.png" if index == 0 else f"prompt{index}_seed{seed}.png"
+
+
+def stack_rows(rows):
+    """Grids one above the other, each prompt's its own row, left-aligned on white."""
+    if len(rows) == 1:
+        return rows[0]
+    stacked = Image.new("RGB", (max(r.width for r in rows), sum(r.height for r in rows)), "white")
+    top = 0
+    for row in rows:
+        stacked.paste(row, (0, top))
+        top += row.height
+    return stacked
 
 
 def base_validation_images(pipe, models, args, settings, seeds):
-    """--validation_compare_base: the base model's images for the validation seeds, its adapters off. Rendered
-    once per run into validation/base/ with what they were made with, then read back by every later round, a
-    resumed run's too; made again only when that record differs (an --overwrite_output_dir run, say)."""
+    """--validation_compare_base: the base model's images for the validation seeds, its adapters off, a list per
+    validation prompt. Rendered once per run into validation/base/ with what they were made with, then read back
+    by every later round, a resumed run's too; made again only when that record differs (an
+    --overwrite_output_dir run, or a prompt added, say)."""
     folder = Path(settings.output_dir) / "validation" / "base"
-    record = {"prompt": args.validation_prompt, "seeds": seeds,
+    prompts = validation_prompts(args)
+    record = {"prompts": prompts, "seeds": seeds,
               "size": list(settings.validation_size or [args.resolution] * 2),  # a list, as JSON reads it back
               "steps": args.validation_inference_steps, "model": settings.pretrained_model_name_or_path,
               "vae": settings.pretrained_vae_model_name_or_path, "mixed_precision": args.mixed_precision}
-    paths = [folder / f"seed{seed}.png" for seed in seeds]
+    paths = [[folder / validation_file_name(index, seed) for seed in seeds] for index in range(len(prompts))]
     try:
-        if json.loads((folder / "render.json").read_text()) == record and all(p.is_file() for p in paths):
-            return [load_image(path)[0] for path in paths]
+        if json.loads((folder / "render.json").read_text()) == record and all(p.is_file() for row in paths
+                                                                               for p in row):
+            return [[load_image(path)[0] for path in row] for row in paths]
     except (OSError, ValueError):
         pass  # none yet, or unreadable: render them
     text_encoders = [m for m in [pipe.text_encoder, pipe.text_encoder_2] if m is not None and args.train_text_encoder]
     with adapters_off([pipe.unet, *text_encoders]):
-        prompt = None if models.prompt_cache else args.validation_prompt
-        images = generate_images(pipe, prompt, seeds, *record["size"], args.validation_inference_steps,
-                                 **cached_prompt_kwargs(pipe, models, args))
+        rendered = [render_validation(pipe, models, prompt, seeds, args, settings) for prompt in prompts]
     folder.mkdir(parents=True, exist_ok=True)
-    for path, image in zip(paths, images):
-        save_png_atomic(image, path)
+    for row, images in zip(paths, rendered):
+        for path, image in zip(row, images):
+            save_png_atomic(image, path)
     write_text_atomic(folder / "render.json", json.dumps(record) + "\n")
-    return images
+    return rendered
 
 
 def side_by_side(left, right):
@@ -1017,11 +1053,11 @@ def side_by_side(left, right):
     return both
 
 
-def cached_prompt_kwargs(pipe, models, args):
+def cached_prompt_kwargs(pipe, models, prompt):
     """The pipeline's prompt arguments from the prompt cache, when the text encoders have left the device."""
     if not models.prompt_cache:
         return {}
-    embeds, pooled = models.prompt_cache[args.validation_prompt]
+    embeds, pooled = models.prompt_cache[prompt]
     kwargs = {"prompt_embeds": embeds[None], "pooled_prompt_embeds": pooled[None]}
     if not pipe.config.force_zeros_for_empty_prompt:  # SDXL's default negative is zeros; else embed ""
         negative, negative_pooled = models.prompt_cache[""]
@@ -1068,7 +1104,7 @@ def train(accelerator, models, trained, optimizer, lr_scheduler, dataloader, *, 
             accelerator.log({"lr": lr_scheduler.get_last_lr()[0]}, step=step)  # a host value: no device sync
             last = step == args.max_train_steps
             save = step % args.checkpointing_steps == 0 or last
-            validate = bool(args.validation_prompt) and (step % args.validation_steps == 0 or last)
+            validate = bool(validation_prompts(args)) and (step % args.validation_steps == 0 or last)
             log = step % args.logging_steps == 0 or save or validate or step == start_step + WARMUP_STEPS
             # one process alone looks for a signal every step; several agree on it only where they sync anyway
             signum = stop.requested(accelerator) if log or accelerator.num_processes == 1 else 0
@@ -1232,10 +1268,11 @@ def build_caches(accelerator, models, args, targets, prompts):
 
 def prompts_to_cache(instance_prompts, args, empty_prompt_is_zeros):
     """Every prompt the run embeds after its frozen encoders have gone: the instance prompts, the class prompt,
-    the validation prompt, and "" only where it is read: a dropped caption (--caption_dropout), or validation's
+    validation_prompts', and "" only where it is read: a dropped caption (--caption_dropout), or validation's
     negative prompt where the pipeline does not make it zeros (SSD-1B's does: force_zeros_for_empty_prompt)."""
-    prompts = {*instance_prompts, args.class_prompt, args.validation_prompt}
-    if args.caption_dropout or (args.validation_prompt and not empty_prompt_is_zeros):
+    validation = validation_prompts(args)
+    prompts = {*instance_prompts, args.class_prompt, *validation}
+    if args.caption_dropout or (validation and not empty_prompt_is_zeros):
         prompts.add("")
     return sorted(prompts - {None})
 
