@@ -274,7 +274,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from dreambooth_kit.model_card import infer_command, push_to_hub, write_model_card  # noqa: E402
 from dreambooth_kit.checks import CURVE_PACKAGES, DORA_IN_KOHYA_FILE, FP16_ON_CPU, MINIMUM_VERSIONS, OPTIMIZER_PACKAGES, SECRET_FLAGS, check_versions, effective_learning_rates, uses_class_images, warn_prodigy_learning_rate  # noqa: E402
-from dreambooth_kit.exporters import save_adapters  # noqa: E402
+from dreambooth_kit.exporters import check_kohya_targets, save_adapters  # noqa: E402
 from dreambooth_kit.artifacts import LORA_FILE, remove_partial_dirs, save_png_atomic, write_text_atomic  # noqa: E402
 from dreambooth_kit.messages import UserError, counted, quiet_library_notices, say, warn  # noqa: E402
 from dreambooth_kit.ownership import check_folders, check_output_dir, clear_replaced_run, hold_output_dir, refuse_foreign_output  # noqa: E402
@@ -331,6 +331,9 @@ def check_inputs(args, settings):
                         "auto, which caches only where no crop is lost")
     check_models(settings.pretrained_model_name_or_path, settings.pretrained_vae_model_name_or_path, args.revision,
                  args.variant)
+    if settings.output_kohya_format:  # a LoRA target kohya's names have no place for, refused before weights load
+        check_kohya_targets(settings.pretrained_model_name_or_path, args.revision, UNET_TARGETS, TEXT_ENCODER_TARGETS,
+                            args.train_text_encoder)
     warn_long_prompts(settings.pretrained_model_name_or_path, args.revision, [
         *((image.with_suffix(settings.caption_extension).name, prompt)
           for image, prompt in zip(instance_images, instance_prompts) if prompt != args.instance_prompt),

@@ -29,3 +29,94 @@ def test_a_second_validation_prompt_needs_no_other_edit(tiny_model, photos, tmp_
     first, second = Image.open(folder / "seed0.png"), Image.open(folder / "prompt1_seed0.png")
     assert first.tobytes() != second.tobytes(), "each prompt rendered from its own embeddings"
     assert Image.open(folder / "grid.png").height == 2 * first.height, "a row per prompt"
+
+
+# every kind of layer a user can put LoRA on in SSD-1B's UNet (attention, feed-forward, resnet convs and time
+# projection, shortcut, down/upsamplers, proj_in/out, the time and added-condition embeddings, conv_in/out) and
+# in the CLIP encoders (attention and MLP)
+EVERY_UNET_LAYER = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out", "conv1",
+                    "conv2", "time_emb_proj", "conv_shortcut", "conv", "conv_in", "conv_out", "linear_1", "linear_2"]
+EVERY_TEXT_ENCODER_LAYER = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+
+
+def lora_weights(pipe, adapter):
+    """{model.module path: (lora_A, lora_B, scaling)} of one loaded adapter."""
+    from peft.tuners.lora import LoraLayer
+
+    found = {}
+    for prefix, model in [("unet", pipe.unet), ("te1", pipe.text_encoder), ("te2", pipe.text_encoder_2)]:
+        for name, module in model.named_modules():
+            if isinstance(module, LoraLayer) and adapter in module.lora_A:
+                found[f"{prefix}.{name.removeprefix('text_model.')}"] = (
+                    module.lora_A[adapter].weight, module.lora_B[adapter].weight, module.scaling[adapter])
+    return found
+
+
+def peft_adapters(step):
+    """{model.module path: (lora_A, lora_B, scaling)} of a step's PEFT adapters: what trained."""
+    import json
+
+    from safetensors.torch import load_file
+
+    found = {}
+    for prefix, folder in [("unet", "unet"), ("te1", "text_encoder_one"), ("te2", "text_encoder_two")]:
+        config = json.loads((step / folder / "adapter_config.json").read_text())
+        for key, value in load_file(step / folder / "adapter_model.safetensors").items():
+            module, kind = key.removeprefix("base_model.model.").removeprefix("text_model.").rsplit(".lora_", 1)
+            entry = found.setdefault(f"{prefix}.{module}", [None, None, config["lora_alpha"] / config["r"]])
+            entry[kind.startswith("B")] = value
+    return {module: tuple(entry) for module, entry in found.items()}
+
+
+def test_a_lora_on_any_layer_is_written_under_the_kohya_name_its_loaders_map_back(tiny_model, photos, tmp_path,
+                                                                                  monkeypatch):
+    import re
+
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors.torch import load_file
+
+    from dreambooth_kit.artifacts import KOHYA_FILE, LORA_FILE
+
+    # the user's one edit: more targets
+    monkeypatch.setattr(trainer, "UNET_TARGETS", EVERY_UNET_LAYER)
+    monkeypatch.setattr(trainer, "TEXT_ENCODER_TARGETS", EVERY_TEXT_ENCODER_LAYER)
+    run_trainer(*tiny_args(tiny_model, photos, tmp_path / "out", "--max_train_steps", 1, "--optimizer", "adamw",
+                           "--center_crop", "--train_text_encoder", "--learning_rate", 1e-2,
+                           "--text_encoder_lr", 1e-2))
+    step = tmp_path / "out" / "step0"
+    kohya = load_file(step / KOHYA_FILE)
+    sgm = re.compile(r"lora_unet_(input_blocks_0_0$|input_blocks_\d+_[01]_|middle_block_[012]_|output_blocks_\d+_[012]_"
+                     r"|time_embed_[02]$|label_emb_0_[02]$|out_2$)|lora_te[12]_text_model_encoder_layers_\d+_"
+                     r"(self_attn_[qkv]_proj|self_attn_out_proj|mlp_fc[12])$")
+    modules = {key.split(".")[0] for key in kohya}
+    assert all(sgm.match(module) for module in modules), sorted(m for m in modules if not sgm.match(m))
+    assert not [m for m in modules if re.search("resnets|attentions|_blocks_\\d+_(conv|time_emb)|conv[12]", m)], \
+        "diffusers' names left unmapped"
+
+    # diffusers' own kohya converter maps every name back onto the module that trained it, with its weights
+    via_kohya_file = StableDiffusionXLPipeline.from_pretrained(tiny_model)
+    via_kohya_file.load_lora_weights(step, weight_name=KOHYA_FILE, adapter_name="trained")
+    loaded, trained = lora_weights(via_kohya_file, "trained"), peft_adapters(step)
+    assert set(loaded) == set(trained) and len(loaded) == len(modules)
+    for module, (down, up, scaling) in trained.items():
+        assert torch.equal(loaded[module][0], down) and torch.equal(loaded[module][1], up), module
+        assert loaded[module][2] == pytest.approx(scaling), module
+    kinds = {module.rsplit(".", 1)[-1] for module in loaded}
+    assert {"conv1", "conv2", "conv_shortcut", "conv", "time_emb_proj", "conv_in", "conv_out", "fc1"} <= kinds
+
+
+def test_a_lora_target_kohya_cannot_name_is_refused_before_any_model_loads(tiny_model, photos, tmp_path,
+                                                                          monkeypatch):
+    from dreambooth_kit.messages import UserError
+
+    monkeypatch.setattr(trainer, "TEXT_ENCODER_TARGETS", [*trainer.TEXT_ENCODER_TARGETS, "token_embedding"])
+    monkeypatch.setattr(trainer, "load_models", lambda *a, **k: pytest.fail("a model loaded"))
+    with pytest.raises(UserError, match=r"^kohya_lora\S* has no name for LoRA on 2 modules "
+                                        r"\(text_model.embeddings.token_embedding|.*--no-output_kohya_format$"):
+        run_trainer(*tiny_args(tiny_model, photos, tmp_path / "out", "--train_text_encoder"))
+    # the way out the message names
+    monkeypatch.undo()
+    monkeypatch.setattr(trainer, "TEXT_ENCODER_TARGETS", [*trainer.TEXT_ENCODER_TARGETS, "token_embedding"])
+    run_trainer(*tiny_args(tiny_model, photos, tmp_path / "out", "--train_text_encoder", "--max_train_steps", 1,
+                           "--optimizer", "adamw", "--no-output_kohya_format"))
