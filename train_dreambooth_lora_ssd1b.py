@@ -329,6 +329,9 @@ def check_inputs(args, settings):
         raise UserError("--cache_latents on would fix one random crop of each image that does not fit its training "
                         "size for the whole run (kohya refuses this too): add --center_crop, or pass --cache_latents "
                         "auto, which caches only where no crop is lost")
+    if args.cache_latents == "on" and augment_draws_anew(targets, args.seed):
+        raise UserError("--cache_latents on would keep one draw of augment() per image for the whole run: pass "
+                        "--cache_latents auto, which then encodes every step")
     check_models(settings.pretrained_model_name_or_path, settings.pretrained_vae_model_name_or_path, args.revision,
                  args.variant)
     if settings.output_kohya_format:  # a LoRA target kohya's names have no place for, refused before weights load
@@ -500,6 +503,43 @@ def crop_and_flip(image, size, center_crop, random_flip, rng):
     return image.crop((left, top, left + width, top + height)), (top, left)
 
 
+def augment(crop, rng):
+    """The one place for an augmentation of the pixels (a colour jitter, say): each crop as crop_and_flip took it,
+    on the uncached path and into the latent cache alike. Draw from `rng`, seeded per sample, so a resumed run
+    redraws the same. One that draws anew per sample cannot be cached: build_caches then encodes every step
+    (augment_draws_anew). A change of geometry belongs in crop_and_flip, which the masks and time ids follow."""
+    return crop
+
+
+class RecordingRandom(random.Random):
+    """A random.Random that notes whether anything drew from it (every draw goes through these two)."""
+
+    drawn = False
+
+    def random(self):
+        self.drawn = True
+        return super().random()
+
+    def getrandbits(self, k):
+        self.drawn = True
+        return super().getrandbits(k)
+
+
+def augment_draws_anew(targets, seed):
+    """Whether augment() changes a crop from one sample to the next, so that a latent cache would freeze one
+    draw: it drew from its rng, from a global generator, or gave two samples different pixels. Tried on one
+    image of `targets` (latent_targets'), for two samples."""
+    path = min(targets)
+    size = height_width(min(targets[path]))
+    crop, _ = crop_and_flip(load_image(path, max(size))[0], size, True, False, random.Random(0))
+    global_state = (random.getstate(), np.random.get_state()[1].tobytes(), torch.random.get_rng_state())
+    rngs = [RecordingRandom(derive_seed(seed, "augment", k)) for k in range(2)]
+    first, second = (to_tensor(augment(crop.copy(), rng)) for rng in rngs)
+    after = (random.getstate(), np.random.get_state()[1].tobytes(), torch.random.get_rng_state())
+    globals_drawn = global_state[:2] != after[:2] or not torch.equal(global_state[2], after[2])
+    return any(rng.drawn for rng in rngs) or globals_drawn or not torch.equal(first, second)
+
+
 def sdxl_time_ids(original_size, top, left, size):
     """SDXL's added conditions: original (height, width), crop (top, left), target (height, width)."""
     return torch.tensor([*original_size, top, left, *height_width(size)], dtype=torch.float32)
@@ -614,7 +654,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         image, original_size = load_image(path, max(size))
         state = rng.getstate()  # where the photo's crop and flip start: its mask's start there too
         crop, (top, left) = crop_and_flip(image, size, self.center_crop, self.random_flip, rng)
-        example = {"pixel_values": to_tensor(crop), "time_ids": sdxl_time_ids(original_size, top, left, size)}
+        example = {"pixel_values": to_tensor(augment(crop, rng)), "time_ids": sdxl_time_ids(original_size, top, left, size)}
         if masked:
             example["mask"] = crop_mask_alike(load_mask(path, image.size), size, self.center_crop, self.random_flip,
                                               state)
@@ -708,7 +748,7 @@ def encode_cached(vae, path, size, center_crop, random_flip, seed, device, maske
         source = ImageOps.mirror(image) if flipped else image
         crop, (top, left) = crop_and_flip(source, size, center_crop, False, rng)
         keys.append((str(path), flipped, size))
-        pixels.append(to_tensor(crop))
+        pixels.append(to_tensor(augment(crop, rng)))  # one that draws never reaches here (augment_draws_anew)
         time_ids.append(sdxl_time_ids(original_size, top, left, size).to(device))
         if masked:
             source = ImageOps.mirror(mask) if flipped and mask else mask
@@ -1258,8 +1298,12 @@ def build_caches(accelerator, models, args, targets, prompts):
         models.prompt_cache = encode_prompt_cache(models, prompts, accelerator.device)
         models.text_encoders = [None, None]
         release_memory()
-    if args.cache_latents == "on" or (args.cache_latents == "auto"
-                                      and latent_cache_is_exact(targets, args.center_crop)):
+    cache = args.cache_latents == "on" or (args.cache_latents == "auto"
+                                           and latent_cache_is_exact(targets, args.center_crop))
+    if cache and args.cache_latents == "auto" and augment_draws_anew(targets, args.seed):
+        accelerator.print("note: augment() draws anew each step: latents not cached, each step encodes")
+        cache = False
+    if cache:
         models.latent_cache = encode_latent_cache(models.vae, targets, args.center_crop, args.random_flip, args.seed,
                                                   accelerator.device, disable_progress=not accelerator.is_main_process,
                                                   masked=args.masked_loss)

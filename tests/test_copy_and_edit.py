@@ -120,3 +120,70 @@ def test_a_lora_target_kohya_cannot_name_is_refused_before_any_model_loads(tiny_
     monkeypatch.setattr(trainer, "TEXT_ENCODER_TARGETS", [*trainer.TEXT_ENCODER_TARGETS, "token_embedding"])
     run_trainer(*tiny_args(tiny_model, photos, tmp_path / "out", "--train_text_encoder", "--max_train_steps", 1,
                            "--optimizer", "adamw", "--no-output_kohya_format"))
+
+
+def colour_jitter(crop, rng):
+    """A user's augmentation that draws anew per sample, as augment()'s docstring asks: from its rng."""
+    from PIL import ImageEnhance
+
+    return ImageEnhance.Brightness(crop).enhance(rng.uniform(0.6, 1.4))
+
+
+def jitter_from_the_global_generator(crop, rng):
+    """A user's augmentation that ignores its rng: random's global generator, which a resume does not redraw."""
+    import random
+
+    return colour_jitter(crop, random)
+
+
+def inverted(crop, rng):
+    """A user's augmentation that draws nothing: the same pixels every step, so a cache holds it exactly."""
+    from PIL import ImageOps
+
+    return ImageOps.invert(crop)
+
+
+@pytest.fixture
+def models(tiny_model):
+    import torch
+
+    from dreambooth_kit import pipeline
+
+    return pipeline.load_models(tiny_model, tiny_model / "vae", None, None, torch.float32, "cpu")
+
+
+def test_an_augmentation_that_draws_nothing_trains_alike_cached_and_uncached(models, photos, tiny_model, tmp_path,
+                                                                            monkeypatch):
+    from test_caches import losses
+
+    plain = losses(models, photos, tiny_model, tmp_path, cached=False)
+    monkeypatch.setattr(trainer, "augment", inverted)  # the user's one edit
+    uncached = losses(models, photos, tiny_model, tmp_path, cached=False)
+    cached = losses(models, photos, tiny_model, tmp_path, cached=True)  # --center_crop: on by default; last, as
+    # the cache lets the VAE's encoder go
+    assert cached == pytest.approx(uncached, rel=1e-5), "the cache holds the augmented pixels"
+    assert uncached != pytest.approx(plain, rel=1e-3), "the augmentation changed what trains"
+
+
+def test_an_augmentation_that_draws_anew_turns_the_cache_off_with_a_note(tiny_model, photos, tmp_path, monkeypatch,
+                                                                        capsys):
+    from dreambooth_kit import imaging
+    from dreambooth_kit.messages import UserError
+
+    assert not trainer.augment_draws_anew(trainer.latent_targets(imaging.list_images(photos), [], 64), 0)
+    monkeypatch.setattr(trainer, "augment", colour_jitter)  # the user's one edit
+    seen = models_of_the_run(monkeypatch)
+    run_trainer(*tiny_args(tiny_model, photos, tmp_path / "out", "--max_train_steps", 1, "--optimizer", "adamw",
+                           "--center_crop"))  # exact crops: cached by default
+    assert "note: augment() draws anew each step: latents not cached, each step encodes" in capsys.readouterr().out
+    assert seen["models"].latent_cache is None
+    # and the uncached path draws it anew: the same photo, centre-cropped, in two epochs
+    images = imaging.list_images(photos)
+    dataset = trainer.DreamBoothDataset(images[:1], "a photo of sks dog", resolution=64, center_crop=True,
+                                        random_flip=False, seed=0, num_samples=2)
+    assert not (dataset[0]["pixel_values"] == dataset[1]["pixel_values"]).all()
+    # a global generator's draw is seen too, and --cache_latents on is refused before any model loads
+    monkeypatch.setattr(trainer, "augment", jitter_from_the_global_generator)
+    monkeypatch.setattr(trainer, "load_models", lambda *a, **k: pytest.fail("a model loaded"))
+    with pytest.raises(UserError, match=r"^--cache_latents on would keep one draw of augment\(\) per image"):
+        run_trainer(*tiny_args(tiny_model, photos, tmp_path / "on", "--center_crop", "--cache_latents", "on"))
