@@ -44,6 +44,15 @@ def portable_lora_weights(model):
     return state
 
 
+def diffusers_lora_weights(model):
+    """A model's LoRA weights in diffusers' naming, where diffusers' converter names them all (attention layers);
+    else all in peft's: diffusers' loader reads one naming per model, and drops the other's keys, a whole
+    attention LoRA beside a resnet conv's, say."""
+    peft_names = portable_lora_weights(model)
+    converted = convert_state_dict_to_diffusers(peft_names)
+    return peft_names if any(".lora_A." in key or ".lora_B." in key for key in converted) else converted
+
+
 def portable_lora_metadata(config):
     """The LoraConfig stored in the diffusers file: what diffusers reads, and what differs from the defaults.
     diffusers builds LoraConfig(**metadata), and an older peft refuses fields it doesn't know."""
@@ -175,7 +184,7 @@ def save_adapters(step_dir, trained, settings, kohya=False):
     base = ran(settings)["pretrained_model_name_or_path"]
     for model, name in zip(trained, ["unet", "text_encoder_one", "text_encoder_two"]):
         save_peft_adapter(model, tmp / name, base)
-    layers = [convert_state_dict_to_diffusers(portable_lora_weights(m)) for m in trained]
+    layers = [diffusers_lora_weights(m) for m in trained]
     metadata = [portable_lora_metadata(m.peft_config["default"]) for m in trained]
     StableDiffusionXLPipeline.save_lora_weights(
         str(tmp), unet_lora_layers=layers[0], unet_lora_adapter_metadata=metadata[0],

@@ -102,6 +102,14 @@ def test_a_lora_on_any_layer_is_written_under_the_kohya_name_its_loaders_map_bac
     for module, (down, up, scaling) in trained.items():
         assert torch.equal(loaded[module][0], down) and torch.equal(loaded[module][1], up), module
         assert loaded[module][2] == pytest.approx(scaling), module
+    # and diffusers' own file, read by its loader, lands every one of them too
+    via_diffusers_file = StableDiffusionXLPipeline.from_pretrained(tiny_model)
+    via_diffusers_file.load_lora_weights(step, weight_name=LORA_FILE, adapter_name="trained")
+    from_diffusers_file = lora_weights(via_diffusers_file, "trained")
+    assert set(from_diffusers_file) == set(trained)
+    for module, (down, up, scaling) in trained.items():
+        assert torch.equal(from_diffusers_file[module][0], down), module
+        assert torch.equal(from_diffusers_file[module][1], up), module
     kinds = {module.rsplit(".", 1)[-1] for module in loaded}
     assert {"conv1", "conv2", "conv_shortcut", "conv", "time_emb_proj", "conv_in", "conv_out", "fc1"} <= kinds
 
