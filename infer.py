@@ -28,7 +28,7 @@ from dreambooth_kit.checks import ArgumentParser, check_range, check_versions, r
 from dreambooth_kit.artifacts import LORA_FILE, SETTINGS_FILE, save_png_new
 from dreambooth_kit.messages import UserError, one_line, agree, counted
 from dreambooth_kit.pipeline import apply_adapters, build_pipeline, check_models, generate_images, load_errors_named, load_models, shared_name
-from dreambooth_kit.checkpoints import ran
+from dreambooth_kit.artifacts import ran
 from peft import LoraConfig
 
 SEED_MAX = 2**64 - 1  # the largest seed torch.Generator takes; it takes negative ones too, as aliases of large ones

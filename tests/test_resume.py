@@ -389,7 +389,7 @@ def test_state_recorded_before_derived_settings_resumes_with_its_model_typed_rel
     # an older trainer recorded one flat dict of settings, its model folder as the user typed it
     def flatten(state):
         record = json.loads((state / artifacts.TRAINER_STATE).read_text())
-        settings = checkpoints.ran(record["settings"])
+        settings = artifacts.ran(record["settings"])
         del settings["derived"]
         settings["pretrained_model_name_or_path"] = os.path.relpath(tiny_model, tmp_path)
         (state / artifacts.TRAINER_STATE).write_text(json.dumps({"step": record["step"], "settings": settings}))
