@@ -364,7 +364,7 @@ def add_lora(models, rank, alpha, dropout, train_text_encoder, use_dora=False):
     if train_text_encoder:
         # CLIP-L's last layer feeds only hidden_states[-1], which SDXL never reads: LoRA there would never train
         last = models.text_encoders[0].config.num_hidden_layers - 1
-        excluded = [[f"encoder.layers.{last}.self_attn.{target}" for target in TEXT_ENCODER_TARGETS], None]
+        excluded = [rf"(text_model\.)?encoder\.layers\.{last}\..+", None]  # the whole layer, whatever is targeted
         for text_encoder, exclude in zip(models.text_encoders, excluded):
             # peft's own injection: transformers' add_adapter refuses peft < 0.22 from transformers 5.24 on
             inject_adapter_in_model(config(TEXT_ENCODER_TARGETS, exclude), text_encoder)

@@ -110,6 +110,9 @@ def test_a_lora_on_any_layer_is_written_under_the_kohya_name_its_loaders_map_bac
     for module, (down, up, scaling) in trained.items():
         assert torch.equal(from_diffusers_file[module][0], down), module
         assert torch.equal(from_diffusers_file[module][1], up), module
+    # CLIP-L's last layer, which SDXL never reads, stays without LoRA on the MLP a user adds too; CLIP-G's has it
+    assert not [m for m in trained if m.startswith("te1.encoder.layers.1.")]
+    assert {"te2.encoder.layers.1.mlp.fc1", "te2.encoder.layers.1.self_attn.q_proj"} <= set(trained)
     kinds = {module.rsplit(".", 1)[-1] for module in loaded}
     assert {"conv1", "conv2", "conv_shortcut", "conv", "time_emb_proj", "conv_in", "conv_out", "fc1"} <= kinds
 
