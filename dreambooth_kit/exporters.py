@@ -130,10 +130,13 @@ def kohya_names(modules, unet_config):
 
 
 def unmapped_kohya_message(unmapped):
-    return (f"{KOHYA_FILE} has no name for LoRA on {counted(len(unmapped), 'module')} ("
-            f"{', '.join(sorted(m for _, m in unmapped)[:3])}{', ...' if len(unmapped) > 3 else ''}): kohya's names "
-            "cover the UNet and the CLIP encoders' attention and MLP layers; drop the target from UNET_TARGETS or "
-            "TEXT_ENCODER_TARGETS, or pass --no-output_kohya_format")
+    """One line for the (prefix, module) pairs that kohya_names found no name for, and the ways out."""
+    owners = {"lora_unet": "the UNet's", "lora_te1": "CLIP-L's", "lora_te2": "CLIP-G's"}
+    shown = [f"{owners[prefix]} {module}" for prefix, module in sorted(unmapped)]
+    return (f"{KOHYA_FILE} has no name for LoRA on {counted(len(unmapped), 'module')} ({', '.join(shown[:3])}"
+            f"{', ...' if len(shown) > 3 else ''}): kohya's names cover the UNet and the CLIP encoders' attention "
+            "and MLP layers; drop the target from UNET_TARGETS or TEXT_ENCODER_TARGETS, or pass "
+            "--no-output_kohya_format")
 
 
 def check_kohya_targets(model, revision, unet_targets, text_encoder_targets, train_text_encoder):

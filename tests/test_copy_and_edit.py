@@ -123,8 +123,10 @@ def test_a_lora_target_kohya_cannot_name_is_refused_before_any_model_loads(tiny_
 
     monkeypatch.setattr(trainer, "TEXT_ENCODER_TARGETS", [*trainer.TEXT_ENCODER_TARGETS, "token_embedding"])
     monkeypatch.setattr(trainer, "load_models", lambda *a, **k: pytest.fail("a model loaded"))
-    with pytest.raises(UserError, match=r"^kohya_lora\S* has no name for LoRA on 2 modules "
-                                        r"\(text_model.embeddings.token_embedding|.*--no-output_kohya_format$"):
+    message = (r"^lora_for_comfyui_and_webui.safetensors has no name for LoRA on 2 modules \(CLIP-L's "
+               r"(text_model\.)?embeddings.token_embedding, CLIP-G's (text_model\.)?embeddings.token_embedding\): "
+               r".*; drop the target from UNET_TARGETS or TEXT_ENCODER_TARGETS, or pass --no-output_kohya_format$")
+    with pytest.raises(UserError, match=message):
         run_trainer(*tiny_args(tiny_model, photos, tmp_path / "out", "--train_text_encoder"))
     # the way out the message names
     monkeypatch.undo()
