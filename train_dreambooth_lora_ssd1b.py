@@ -258,6 +258,7 @@ from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_s
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution  # noqa: E402
 from diffusers.optimization import get_scheduler  # noqa: E402
 from diffusers.training_utils import cast_training_params, compute_snr  # noqa: E402
+from diffusers.utils import make_image_grid  # noqa: E402
 from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
 from peft import LoraConfig, inject_adapter_in_model  # noqa: E402
 from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: E402
@@ -450,33 +451,21 @@ def augment(crop, rng):
     return crop
 
 
-class RecordingRandom(random.Random):
-    """A random.Random that notes whether anything drew from it (every draw goes through these two)."""
-
-    drawn = False
-
-    def random(self):
-        self.drawn = True
-        return super().random()
-
-    def getrandbits(self, k):
-        self.drawn = True
-        return super().getrandbits(k)
-
-
 def augment_draws_anew(targets, seed):
     """Whether augment() changes a crop from one sample to the next, so that a latent cache would freeze one
-    draw: it drew from its rng, from a global generator, or gave two samples different pixels. Tried on one
-    image of `targets` (latent_targets'), for two samples."""
+    draw: it drew from its rng or a global generator, or gave two samples different pixels. Tried on one image of
+    `targets` (latent_targets'), for two samples."""
     path = min(targets)
     size = height_width(min(targets[path]))
     crop, _ = crop_and_flip(load_image(path, max(size))[0], size, True, False, random.Random(0))
-    global_state = (random.getstate(), np.random.get_state()[1].tobytes(), torch.random.get_rng_state())
-    rngs = [RecordingRandom(derive_seed(seed, "augment", k)) for k in range(2)]
-    first, second = (to_tensor(augment(crop.copy(), rng)) for rng in rngs)
-    after = (random.getstate(), np.random.get_state()[1].tobytes(), torch.random.get_rng_state())
-    globals_drawn = global_state[:2] != after[:2] or not torch.equal(global_state[2], after[2])
-    return any(rng.drawn for rng in rngs) or globals_drawn or not torch.equal(first, second)
+    rngs = [random.Random(derive_seed(seed, "augment", k)) for k in range(2)]
+    states = [rng.getstate() for rng in rngs], global_rng_states()
+    first, second = [to_tensor(augment(crop.copy(), rng)) for rng in rngs]
+    return ([rng.getstate() for rng in rngs], global_rng_states()) != states or not torch.equal(first, second)
+
+
+def global_rng_states():
+    return random.getstate(), np.random.get_state()[1].tobytes(), torch.random.get_rng_state().numpy().tobytes()
 
 
 def sdxl_time_ids(original_size, top, left, size):
@@ -928,7 +917,7 @@ def log_validation(accelerator, models, args, settings, step):
             save_png_atomic(image, folder / validation_file_name(index, seed))
     rows = [side_by_side(image_grid(images), image_grid(base[index])) if base else image_grid(images)
             for index, images in enumerate(rendered)]
-    grid = stack_rows(rows)
+    grid = make_image_grid(rows, len(rows), 1)  # a row per prompt, each the same size
     save_png_atomic(grid, folder / "grid.png")
     count = sum(len(images) for images in rendered)
     tqdm.write(f"validation: {counted(count, 'image')} of {', '.join(repr(p) for p in prompts)} in {folder} "
@@ -952,18 +941,6 @@ def render_validation(pipe, models, prompt, seeds, args, settings):
 def validation_file_name(index, seed):
     """The first prompt's images keep the plain name (infer.py renders the same seed to compare with)."""
     return f"seed{seed}.png" if index == 0 else f"prompt{index}_seed{seed}.png"
-
-
-def stack_rows(rows):
-    """Grids one above the other, each prompt's its own row, left-aligned on white."""
-    if len(rows) == 1:
-        return rows[0]
-    stacked = Image.new("RGB", (max(r.width for r in rows), sum(r.height for r in rows)), "white")
-    top = 0
-    for row in rows:
-        stacked.paste(row, (0, top))
-        top += row.height
-    return stacked
 
 
 def base_validation_images(pipe, models, args, settings, seeds):
