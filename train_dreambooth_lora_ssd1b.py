@@ -36,15 +36,19 @@ import itertools
 import json
 import random
 import re
-import shutil
 import sys
 import time
 from pathlib import Path
 
-from dreambooth_kit.checks import FLAG_RANGES, ArgumentParser, Flags, check_args, describe_range
-from dreambooth_kit.artifacts import KOHYA_FILE, absolute_if_local
-from dreambooth_kit.imaging import caption_suffix, parse_buckets
-from dreambooth_kit.graceful import before_libraries, run_script, stopped_after_training, stopped_before_training
+from dreambooth_kit.artifacts import KOHYA_FILE, absolute_if_local, save_png_atomic, write_text_atomic
+from dreambooth_kit.checks import (CURVE_PACKAGES, FLAG_RANGES, FP16_ON_CPU, MINIMUM_VERSIONS, OPTIMIZER_PACKAGES,
+                                   SECRET_FLAGS, ArgumentParser, check_args, check_versions, describe_range,
+                                   effective_learning_rates, Flags, uses_class_images, warn_prodigy_learning_rate)
+from dreambooth_kit.graceful import (before_libraries, GracefulStop, Interrupted, resume_command, run_script,
+                                     stopped_after_training, stopped_before_training, stopped_while_importing)
+from dreambooth_kit.imaging import (bit_depth, caption_suffix, draws_anew, image_size, list_images, load_image,
+                                    mask_path, mask_weights, nearest_bucket, parse_buckets)
+from dreambooth_kit.messages import counted, quiet_library_notices, UserError
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -265,18 +269,13 @@ from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from dreambooth_kit.model_card import infer_command, push_to_hub, write_model_card  # noqa: E402
-from dreambooth_kit.checks import CURVE_PACKAGES, FP16_ON_CPU, MINIMUM_VERSIONS, OPTIMIZER_PACKAGES, SECRET_FLAGS, check_versions, effective_learning_rates, uses_class_images, warn_prodigy_learning_rate  # noqa: E402
-from dreambooth_kit.artifacts import save_png_atomic, write_text_atomic  # noqa: E402
-from dreambooth_kit.messages import UserError, counted, quiet_library_notices  # noqa: E402
-from dreambooth_kit.ownership import check_folders, clear_replaced_run, hold_output_dir  # noqa: E402
-from dreambooth_kit.imaging import bit_depth, image_size, list_images, load_image, mask_path, mask_weights, nearest_bucket  # noqa: E402
-from dreambooth_kit.pipeline import build_pipeline, generate_images, image_grid, load_models, load_unet, side_by_side, unwrap  # noqa: E402
 from dreambooth_kit.checkpoints import refuse_non_finite, save_checkpoint, start_checkpointing  # noqa: E402
-from dreambooth_kit.graceful import GracefulStop, Interrupted, resume_command, stopped_while_importing  # noqa: E402
-from dreambooth_kit.telemetry import Clock, WARMUP_STEPS, release_memory, report  # noqa: E402
+from dreambooth_kit.model_card import infer_command, push_to_hub, write_model_card  # noqa: E402
+from dreambooth_kit.ownership import check_folders, clear_replaced_run, hold_output_dir  # noqa: E402
+from dreambooth_kit.pipeline import (build_pipeline, cached_prompt_kwargs, generate_images, image_grid,  # noqa: E402
+                                     load_models, load_unet, side_by_side, unwrap)
 from dreambooth_kit.preflight import check_class_folder, check_instance_photos, check_run  # noqa: E402
-from dreambooth_kit.exporters import check_kohya_targets  # noqa: E402
+from dreambooth_kit.telemetry import WARMUP_STEPS, Clock, release_memory, report  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -301,11 +300,8 @@ def check_inputs(args, settings):
                         "--cache_latents auto, which then encodes every step")
     sizes = collections.Counter(training_size(path, args.resolution, settings.buckets) for path in instance_images)
     settings = dataclasses.replace(settings, validation_size=sizes.most_common(1)[0][0])
-    settings = check_run(args, settings, instance_images, instance_prompts)
-    if settings.output_kohya_format:  # a LoRA target kohya's names have no place for, refused before weights load
-        check_kohya_targets(settings.pretrained_model_name_or_path, args.revision, UNET_TARGETS, TEXT_ENCODER_TARGETS,
-                            args.train_text_encoder)
-    return instance_images, instance_prompts, settings
+    return instance_images, instance_prompts, check_run(args, settings, instance_images, instance_prompts,
+                                                        lora_targets=(UNET_TARGETS, TEXT_ENCODER_TARGETS))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -453,19 +449,11 @@ def augment(crop, rng):
 
 def augment_draws_anew(targets, seed):
     """Whether augment() changes a crop from one sample to the next, so that a latent cache would freeze one
-    draw: it drew from its rng or a global generator, or gave two samples different pixels. Tried on one image of
-    `targets` (latent_targets'), for two samples."""
+    draw. Tried on one image of `targets` (latent_targets'), for two samples (imaging.draws_anew)."""
     path = min(targets)
     size = height_width(min(targets[path]))
     crop, _ = crop_and_flip(load_image(path, max(size))[0], size, True, False, random.Random(0))
-    rngs = [random.Random(derive_seed(seed, "augment", k)) for k in range(2)]
-    states = [rng.getstate() for rng in rngs], global_rng_states()
-    first, second = [to_tensor(augment(crop.copy(), rng)) for rng in rngs]
-    return ([rng.getstate() for rng in rngs], global_rng_states()) != states or not torch.equal(first, second)
-
-
-def global_rng_states():
-    return random.getstate(), np.random.get_state()[1].tobytes(), torch.random.get_rng_state().numpy().tobytes()
+    return draws_anew(lambda image, rng: to_tensor(augment(image, rng)), crop, seed)
 
 
 def sdxl_time_ids(original_size, top, left, size):
@@ -972,18 +960,6 @@ def base_validation_images(pipe, models, args, settings, seeds):
     return rendered
 
 
-def cached_prompt_kwargs(pipe, models, prompt):
-    """The pipeline's prompt arguments from the prompt cache, when the text encoders have left the device."""
-    if not models.prompt_cache:
-        return {}
-    embeds, pooled = models.prompt_cache[prompt]
-    kwargs = {"prompt_embeds": embeds[None], "pooled_prompt_embeds": pooled[None]}
-    if not pipe.config.force_zeros_for_empty_prompt:  # SDXL's default negative is zeros; else embed ""
-        negative, negative_pooled = models.prompt_cache[""]
-        kwargs.update(negative_prompt_embeds=negative[None], negative_pooled_prompt_embeds=negative_pooled[None])
-    return kwargs
-
-
 # ----------------------------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------------------------
@@ -1037,8 +1013,10 @@ def train(accelerator, models, trained, optimizer, lr_scheduler, dataloader, *, 
                 with clock.phase("saving"):
                     save_checkpoint(accelerator, trained, args, settings, step)
             if validate and not signum and accelerator.is_main_process:
-                signum = validate_unless_stopped(accelerator, models, args, settings, step, clock, stop, saved=save,
-                                                 trained=trained)
+                signum = stop.validate_unless_stopped(
+                    accelerator, clock, lambda: log_validation(accelerator, models, args, settings, step),
+                    Path(settings.output_dir) / "validation" / f"step{step - 1}",
+                    save=None if save else lambda: save_checkpoint(accelerator, trained, args, settings, step))
             if save or validate or signum:
                 if accelerator.is_main_process:
                     write_model_card(settings.output_dir, args, settings, step, accelerator.num_processes)
@@ -1051,25 +1029,6 @@ def train(accelerator, models, trained, optimizer, lr_scheduler, dataloader, *, 
             if last:
                 break
     progress.close()
-
-
-def validate_unless_stopped(accelerator, models, args, settings, step, clock, stop, *, saved, trained):
-    """Validation images, which take minutes at full size: one process alone stops them at once for a stop, drops
-    the step's unfinished images, and saves the step if it was not saved already. Returns the signal that stopped
-    them, 0 if none. Several processes finish them (the others wait for the main one at a barrier)."""
-    alone = accelerator.num_processes == 1
-    try:
-        with clock.phase("validation"), (stop.at_once_within(lambda: "") if alone else contextlib.nullcontext()):
-            log_validation(accelerator, models, args, settings, step)
-        return 0
-    except Interrupted:
-        folder = Path(settings.output_dir) / "validation" / f"step{step - 1}"
-        if not (folder / "grid.png").is_file():  # written last: without it, the round is not complete
-            shutil.rmtree(folder, ignore_errors=True)
-        if not saved:
-            with clock.phase("saving"):
-                save_checkpoint(accelerator, trained, args, settings, step)
-        return stop.signum
 
 
 def method_settings(args):
