@@ -20,13 +20,13 @@ SCRIPT = ROOT / "train_dreambooth_lora_ssd1b.py"
 # test's signal reliably lands in (the UNet loads after the caches when no class images are made)
 SLOW_UNET = """
 import runpy, sys, time
-import diffusers
-real = diffusers.UNet2DConditionModel.from_config.__func__
-def slow(cls, *args, **kwargs):
+from dreambooth_kit import pipeline
+real = pipeline.load_unet
+def slow(*args, **kwargs):  # the trainer's UNet load, whichever stage calls it
     print("loading the UNet", flush=True)
     time.sleep(60)
-    return real(cls, *args, **kwargs)
-diffusers.UNet2DConditionModel.from_config = classmethod(slow)
+    return real(*args, **kwargs)
+pipeline.load_unet = slow
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
