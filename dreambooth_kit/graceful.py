@@ -11,8 +11,7 @@ import threading
 import time
 from pathlib import Path
 from .artifacts import TRAINER_SCRIPT
-from .checks import CURVE_PACKAGES, MINIMUM_VERSIONS, OPTIMIZER_PACKAGES, check_versions
-from .messages import UserError, quiet_library_notices
+from .checks import answer_before_libraries
 
 
 def stopped_while_importing(signum, frame):
@@ -29,13 +28,7 @@ def before_libraries(parse_args):
     --help, a mistyped flag and an install known to fail inside an import are answered in one line."""
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, stopped_while_importing)
-    try:
-        parse_args()
-        check_versions([name for name in MINIMUM_VERSIONS if name not in OPTIMIZER_PACKAGES
-                        and name not in CURVE_PACKAGES])
-    except UserError as error:
-        sys.exit(f"error: {error}")
-    quiet_library_notices()
+    answer_before_libraries(parse_args)
 
 
 @functools.cache
