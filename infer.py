@@ -125,7 +125,7 @@ class Render:
 def read_settings(checkpoint):
     """The run's settings, recorded by the trainer in every step dir, once the step dir's adapter file is known
     to be sound: both are read before any model loads, so a damaged one costs no minutes of loading. Returns the
-    flags as typed with what they came to (the "derived" section, absent from older files) over them."""
+    flags as typed with what they came to (the "derived" section) over them."""
     checkpoint = Path(checkpoint)
     if not (checkpoint / LORA_FILE).is_file():
         raise UserError(f"{checkpoint} is not a step dir (no {LORA_FILE}): pass e.g. work_dirs/<run>/step499")
@@ -140,9 +140,10 @@ def read_settings(checkpoint):
         raise UserError(f"cannot read {settings_file} ({type(e).__name__}: {one_line(e)}): {fix}") from None
     if not isinstance(settings, dict):
         raise UserError(f"{settings_file} holds a JSON {type(settings).__name__}, not an object: {fix}")
-    derived = settings.get("derived", {})
-    if not isinstance(derived, dict):
-        raise UserError(f"{settings_file} records derived as a JSON {type(derived).__name__}, not an object: {fix}")
+    derived = settings.get("derived")
+    if not isinstance(derived, dict):  # the trainer always records what its flags came to
+        what = "no derived section" if derived is None else f"derived as a JSON {type(derived).__name__}, not an object"
+        raise UserError(f"{settings_file} records {what}: {fix}")
     return ran(settings)
 
 

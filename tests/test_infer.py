@@ -281,6 +281,9 @@ SETTINGS_DAMAGES = {  # how run_settings.json gets damaged -> what the refusal s
                         r'records revision \["main"\], which is not a non-empty string or null: restore it from the '
                         "run$"),
     "derived a list": (lambda s: edit_settings(s, derived=[1]), "records derived as a JSON list, not an object"),
+    "derived missing": (lambda s: (s / SETTINGS_FILE).write_text(json.dumps(
+        {key: value for key, value in json.loads((s / SETTINGS_FILE).read_text()).items() if key != "derived"})),
+        "records no derived section: restore it from the run"),
     "validation size odd": (lambda s: edit_settings(s, validation_size=[64, 60]), r"records validation_size \[64, "
                             r"60\], which is not null or a \[height, width\] pair, each a multiple of 8 in \[8, "
                             r"4096\]: pass --height and --width explicitly"),
