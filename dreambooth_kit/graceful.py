@@ -43,17 +43,15 @@ def parent_command_line():
     return tuple(os.fsdecode(arg) for arg in raw.split(b"\0")[:-1])
 
 
-def resume_command(argv, parent=None, own=None, cwd=None, resume=True, script=TRAINER_SCRIPT):
+def resume_command(argv, resume=True, script=TRAINER_SCRIPT):
     """The command that resumes this run from any folder: `cd` to the folder it was started in, then the launch as
     typed (`accelerate launch` or torchrun with their flags, or the interpreter), the script, the same flags, and
     --resume_from_checkpoint latest (with resume=False, none: a run stopped before it saved anything starts again).
 
-    parent: the parent process's command line ([] when unknown); own: this interpreter's (sys.orig_argv); cwd: the
-    folder the run was started in. Each is read from the system when not given. script: the trainer's file, which a
-    user's copy passes as its own __file__."""
-    parent = list(parent_command_line() if parent is None else parent)
-    own = list(getattr(sys, "orig_argv", [])) if own is None else list(own)
-    cwd = os.getcwd() if cwd is None else cwd
+    The launch is read from the parent process's command line (parent_command_line), else this interpreter's
+    (sys.orig_argv); the folder is the current one. script: the trainer's file, which a user's copy passes as its
+    own __file__."""
+    parent, own, cwd = list(parent_command_line()), list(getattr(sys, "orig_argv", [])), os.getcwd()
     argv = list(argv)
 
     def launch_in(command):
