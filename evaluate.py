@@ -85,7 +85,7 @@ def parser():
     g.add_argument("--images_per_prompt", type=int, default=4, help="image j of every prompt uses seed + j",
                    range=(1, INF, "[)", 4))
     g.add_argument("--prompts", type=int, default=None, help="render only K of the 25 DreamBench prompts, a fixed "
-                   "subset spread over the kinds of prompt (README: Evaluate); default: all 25",
+                   "subset spread over the kinds of prompt (docs/evaluation.md); default: all 25",
                    range=(1, 25, "[]", 5))  # DreamBench has 25 prompts per kind of subject
     g.add_argument("--clip_t_tolerance", type=float, default=None, help="with a run folder: how far below the base "
                    f"model's CLIP-T the recommended step may be; default: {CLIP_T_TOLERANCE}",

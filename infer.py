@@ -22,7 +22,7 @@ from pathlib import Path
 
 from dreambooth_kit.checks import (INF, IMAGE_SIDE, ArgumentParser, add_render_flags, answer_before_libraries,
                                    check_render_numbers, check_versions, describe_range, refuse_empty)
-from dreambooth_kit.artifacts import LORA_FILE, SETTINGS_FILE, save_png_new
+from dreambooth_kit.artifacts import LORA_FILE, SETTINGS_FILE, ran, save_png_new
 from dreambooth_kit.messages import UserError, agree, counted, one_line, quiet_library_notices
 
 
@@ -62,7 +62,6 @@ from peft import LoraConfig  # noqa: E402
 from PIL.PngImagePlugin import PngInfo  # noqa: E402
 from safetensors import SafetensorError, safe_open  # noqa: E402
 
-from dreambooth_kit.checkpoints import ran  # noqa: E402
 from dreambooth_kit.pipeline import (apply_adapters, build_pipeline, check_models, generate_images,  # noqa: E402
                                      load_errors_named, load_models, shared_name)
 

@@ -1,12 +1,12 @@
 #!/usr/bin/env python
-"""DreamBooth LoRA for Segmind's SSD-1B, with prior preservation.
+"""DreamBooth LoRA for Segmind's SSD-1B, with prior preservation (Ruiz et al., "DreamBooth", CVPR 2023).
 
     accelerate launch train_dreambooth_lora_ssd1b.py --instance_dir dog/ --instance_prompt "a photo of sks dog"
 
-Reads top to bottom as the method does (Ruiz et al., "DreamBooth", CVPR 2023); the sections, in file order:
-  parse_args         flags, and every check of them; then frozen (derive_settings: what they came to)
-  check_inputs       photos, masks, captions, models, output dir, resume state: all checked before any model loads
-  load_models        tokenizers, both CLIP text encoders, UNet, fp16-fix VAE, noise scheduler
+The method, top to bottom; what it leans on (checks, run management, exporters, pipeline, telemetry) is the
+dreambooth_kit package beside this file. The sections, in file order:
+  flags              grouped argparse; parse_args checks them (dreambooth_kit.checks) and freezes them
+  check_inputs       photos, masks, captions, models, output dir, resume state: all before any model loads
   class images       the base model makes the missing ones, split across processes, kept for the next run
   add_lora           peft LoRA on the UNet's attention (and both text encoders if asked); 8-bit AdamW or Prodigy
   DreamBoothDataset  photo -> pixels + SDXL time ids (the crop actually taken), drawn anew per sample; its mask;
@@ -14,16 +14,14 @@ Reads top to bottom as the method does (Ruiz et al., "DreamBooth", CVPR 2023); t
   caches             VAE latents and prompt embeddings that are the same every step, computed once
   training_step      noise, UNet, dreambooth_loss: instance MSE + prior_loss_weight * class MSE (the class half's
                      target from class images, or the base model's own prediction)
-  save_adapters      stepN/ adapters (PEFT, diffusers, kohya) + state-stepN/ to resume, each renamed into place
-  log_validation     fixed-seed images of the validation prompt; the model card; push_to_hub
+  log_validation     fixed-seed images of the validation prompt
   train              the loop: step, then log, save and validate where their schedules say
   main               the story, in named stages
 
 Settings reach functions one way: the stages that main() calls take `args` (the flags as typed) and `settings`
-(what they came to); the method's own functions take the values they use, by name.
-
-Every random choice (which photo, crop, flip, noise, timesteps, dropout) is derived from (seed, sample or
-step), so a run is reproducible by construction and a resumed run ends where the uninterrupted one would.
+(what they came to); the method's own functions take the values they use, by name. Every random choice (which
+photo, crop, flip, noise, timesteps, dropout) is derived from (seed, sample or step), so a resumed run ends where
+the uninterrupted one would.
 """
 
 import argparse
@@ -31,19 +29,14 @@ import collections
 import contextlib
 import dataclasses
 import datetime
-import filecmp
 import functools
 import gc
 import hashlib
 import itertools
 import json
-import math
-import os
-import pickle
 import random
 import re
 import shutil
-import signal
 import sys
 import time
 from pathlib import Path
@@ -51,7 +44,7 @@ from pathlib import Path
 from dreambooth_kit.checks import IMAGE_SIDE, INF, ArgumentParser, Flags, check_args
 from dreambooth_kit.artifacts import KOHYA_FILE, absolute_if_local
 from dreambooth_kit.imaging import caption_suffix, parse_buckets
-from dreambooth_kit.graceful import before_libraries
+from dreambooth_kit.graceful import before_libraries, run_script, stopped_after_training, stopped_before_training
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -275,7 +268,6 @@ from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_s
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution  # noqa: E402
 from diffusers.optimization import get_scheduler  # noqa: E402
 from diffusers.training_utils import cast_training_params, compute_snr  # noqa: E402
-from diffusers.utils import make_image_grid  # noqa: E402
 from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
 from peft import LoraConfig, inject_adapter_in_model  # noqa: E402
 from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: E402
@@ -283,19 +275,16 @@ from PIL import Image, ImageOps  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from dreambooth_kit.model_card import infer_command, push_to_hub, write_model_card  # noqa: E402
-from dreambooth_kit.checks import CURVE_PACKAGES, DORA_IN_KOHYA_FILE, FP16_ON_CPU, MINIMUM_VERSIONS, OPTIMIZER_PACKAGES, SECRET_FLAGS, check_versions, effective_learning_rates, uses_class_images, warn_prodigy_learning_rate  # noqa: E402
-from dreambooth_kit.exporters import save_adapters  # noqa: E402
-from dreambooth_kit.artifacts import LORA_FILE, remove_partial_dirs, save_png_atomic, write_text_atomic  # noqa: E402
-from dreambooth_kit.messages import UserError, counted, quiet_library_notices, say, warn  # noqa: E402
-from dreambooth_kit.ownership import check_folders, check_output_dir, clear_replaced_run, hold_output_dir, refuse_foreign_output  # noqa: E402
-from dreambooth_kit.imaging import bit_depth, check_images, check_masks, image_size, list_images, load_image, mask_path, mask_weights, nearest_bucket, points_nowhere, read_captions, refuse_file_as_folder, warn_broken_links, warn_left_out  # noqa: E402
-from dreambooth_kit.pipeline import build_pipeline, check_hub, check_models, generate_images, load_models, load_unet, resolve_instance_dir, unwrap, warn_long_prompts  # noqa: E402
-from dreambooth_kit.checkpoints import check_resume, instance_data_sha256, last_good_adapters, load_lora_hook, model_fingerprint, prune_states, ran, read_trainer_state, refuse_non_finite, save_lora_hook, save_resumable_state  # noqa: E402
-from dreambooth_kit.graceful import GracefulStop, Interrupted, parent_command_line, resume_command, stopped_while_importing  # noqa: E402
-from dreambooth_kit.telemetry import Clock, WARMUP_STEPS, report  # noqa: E402
-
-
-
+from dreambooth_kit.checks import CURVE_PACKAGES, FP16_ON_CPU, MINIMUM_VERSIONS, OPTIMIZER_PACKAGES, SECRET_FLAGS, check_versions, effective_learning_rates, uses_class_images, warn_prodigy_learning_rate  # noqa: E402
+from dreambooth_kit.artifacts import save_png_atomic, write_text_atomic  # noqa: E402
+from dreambooth_kit.messages import UserError, counted, quiet_library_notices  # noqa: E402
+from dreambooth_kit.ownership import check_folders, clear_replaced_run, hold_output_dir  # noqa: E402
+from dreambooth_kit.imaging import bit_depth, image_size, list_images, load_image, mask_path, mask_weights, nearest_bucket  # noqa: E402
+from dreambooth_kit.pipeline import build_pipeline, generate_images, image_grid, load_models, load_unet, side_by_side, unwrap  # noqa: E402
+from dreambooth_kit.checkpoints import refuse_non_finite, save_checkpoint, start_checkpointing  # noqa: E402
+from dreambooth_kit.graceful import GracefulStop, Interrupted, resume_command, stopped_while_importing  # noqa: E402
+from dreambooth_kit.telemetry import Clock, WARMUP_STEPS, release_memory, report  # noqa: E402
+from dreambooth_kit.preflight import check_class_folder, check_instance_photos, check_run  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -308,68 +297,16 @@ def check_inputs(args, settings):
     settings completed with what the inputs decide: the photos' checksum and the state to resume from."""
     warn_prodigy_learning_rate(args.optimizer, args.learning_rate, make_parser().get_default("learning_rate"))
     check_folders(args, settings)
-    instance_dir = resolve_instance_dir(args.instance_dir)
-    instance_images = check_masks(instance_dir, list_images(instance_dir), args.masked_loss, args.mask_floor)
-    warn_broken_links(instance_dir, "instance")
-    warn_left_out(instance_dir, "instance", list_images(instance_dir), settings.caption_extension)
-    if not instance_images:
-        raise UserError(f"no images in {instance_dir}: add 3-20 photos (jpg, png, webp, ...) of the subject")
-    subfolders = [p.name for p in instance_dir.iterdir()
-                  if not p.name.startswith(".") and not points_nowhere(p) and p.is_dir()]
-    if subfolders:
-        warn(f"subfolders of {instance_dir} are ignored: {', '.join(sorted(subfolders))}")
-    check_images(instance_images, "instance", args.resolution, settings.buckets)
-    instance_prompts = read_captions(instance_images, args.instance_prompt, settings.caption_extension)
-    class_dir = settings.class_dir
-    if uses_class_images(args):
-        refuse_file_as_folder(class_dir, "--class_dir", "pass a folder for the class images (made if missing)")
-    class_images = []
-    if uses_class_images(args) and Path(class_dir).is_dir():
-        warn_broken_links(class_dir, "class")
-        class_images = list_images(class_dir)
-        warn_left_out(class_dir, "class", class_images, settings.caption_extension, required=False)  # else filled
-        check_images(class_images, "class", args.resolution)
-        extra = len(class_images) - args.num_class_images
-        if extra > 0:  # prepare_class_images takes the first, by name
-            say(f"note: the class folder {class_dir} holds {len(class_images)} images; --num_class_images "
-                f"{args.num_class_images} trains on the first by name, through "
-                f"{class_images[args.num_class_images - 1].name}: the {extra} after it are not used")
+    instance_images, instance_prompts = check_instance_photos(args, settings)
+    class_images = check_class_folder(args, settings) if uses_class_images(args) else []
     targets = latent_targets(instance_images, class_images, args.resolution, settings.buckets)
     if args.cache_latents == "on" and not latent_cache_is_exact(targets, args.center_crop):
         raise UserError("--cache_latents on would fix one random crop of each image that does not fit its training "
                         "size for the whole run (kohya refuses this too): add --center_crop, or pass --cache_latents "
                         "auto, which caches only where no crop is lost")
-    check_models(settings.pretrained_model_name_or_path, settings.pretrained_vae_model_name_or_path, args.revision,
-                 args.variant)
-    warn_long_prompts(settings.pretrained_model_name_or_path, args.revision, [
-        *((image.with_suffix(settings.caption_extension).name, prompt)
-          for image, prompt in zip(instance_images, instance_prompts) if prompt != args.instance_prompt),
-        ("--instance_prompt", args.instance_prompt), ("--class_prompt", args.class_prompt),
-        ("--validation_prompt", args.validation_prompt)])
-    if args.push_to_hub:
-        check_hub(args.hub_model_id, Path(settings.output_dir).name, args.hub_token)
-    refuse_file_as_folder(settings.output_dir, "--output_dir", "choose another --output_dir")
-    remove_partial_dirs(settings.output_dir)
     sizes = collections.Counter(training_size(path, args.resolution, settings.buckets) for path in instance_images)
-    settings = dataclasses.replace(settings, instance_data_sha256=instance_data_sha256(
-        instance_images, instance_prompts, args.instance_prompt), validation_size=sizes.most_common(1)[0][0],
-        model_fingerprint=model_fingerprint(settings.pretrained_model_name_or_path,
-                                            settings.pretrained_vae_model_name_or_path, args.revision, args.variant))
-    settings = dataclasses.replace(settings, resume_state=check_resume(args, ran(run_settings(args, settings))))
-    refuse_foreign_output(settings.output_dir, args)
-    check_output_dir(settings.output_dir, args.overwrite_output_dir, settings.resume_state)
-    if args.output_kohya_format and not settings.output_kohya_format:
-        say(f"note: --use_dora writes no {KOHYA_FILE}: {DORA_IN_KOHYA_FILE}")
-    captioned = sum(p != args.instance_prompt for p in instance_prompts)
-    say(f"{captioned} of {counted(len(instance_images), 'photo')} {'has' if captioned == 1 else 'have'} a "
-        f"{settings.caption_extension} caption"
-        + ("; the others use the instance prompt" if captioned else ""))
-    return instance_images, instance_prompts, settings
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Models and pipeline (shared with infer.py)
-# ----------------------------------------------------------------------------------------------------------
+    settings = dataclasses.replace(settings, validation_size=sizes.most_common(1)[0][0])
+    return instance_images, instance_prompts, check_run(args, settings, instance_images, instance_prompts)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -924,40 +861,8 @@ def prediction_target(noise_scheduler, latents, noise, timesteps):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Saving: every file of a step dir appears at once, or not at all
-# ----------------------------------------------------------------------------------------------------------
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Resumable state: beside each step's adapters, never inside the folders users copy around
-# ----------------------------------------------------------------------------------------------------------
-
-
-def run_settings(args, settings, step=None, num_processes=1):
-    """run_settings.json: the flags as typed, and under "derived" what they came to (defaults, absolute model
-    folders, the photos' checksum, the learning rates after --scale_lr). infer.py rebuilds the run's pipeline from
-    it without repeating flags; a resume compares it with its state's."""
-    unet_lr, text_encoder_lr = effective_learning_rates(args, num_processes)
-    flags = {k: ("<hidden>" if k in SECRET_FLAGS and v else v) for k, v in vars(args).items()}
-    derived = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(settings).items()
-               if k != "command"}
-    derived.update(num_processes=num_processes, effective_learning_rate=unet_lr,
-                   effective_text_encoder_lr=text_encoder_lr)
-    record = {**flags, "derived": derived, "step": step, "trainer": "train_dreambooth_lora_ssd1b.py"}
-    return json.loads(json.dumps(record))  # as it reads back: a resume compares it with a saved one
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Validation
 # ----------------------------------------------------------------------------------------------------------
-
-
-def image_grid(images):
-    """Images in rows of ceil(sqrt(n)), the last row filled with white: make_image_grid takes full grids only."""
-    columns = math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / columns)
-    blank = Image.new("RGB", images[0].size, "white")
-    return make_image_grid([*images, *[blank] * (rows * columns - len(images))], rows, columns)
 
 
 def log_validation(accelerator, models, args, settings, step):
@@ -1016,15 +921,6 @@ def base_validation_images(pipe, models, args, settings, seeds):
         save_png_atomic(image, path)
     write_text_atomic(folder / "render.json", json.dumps(record) + "\n")
     return images
-
-
-def side_by_side(left, right):
-    """Two grids in one picture, a white gap between: the trained model's, then the base model's."""
-    gap = max(left.width // 16, 4)
-    both = Image.new("RGB", (left.width + gap + right.width, max(left.height, right.height)), "white")
-    both.paste(left, (0, 0))
-    both.paste(right, (left.width + gap, 0))
-    return both
 
 
 def cached_prompt_kwargs(pipe, models, args):
@@ -1134,41 +1030,6 @@ def method_settings(args):
                 snr_gamma=args.snr_gamma, prior_target=args.prior_target, mask_floor=args.mask_floor)
 
 
-def save_checkpoint(accelerator, trained, args, settings, step):
-    """Adapters (main process) and resumable state (all processes) of this step. Non-finite weights are never
-    written, and a failed write (a full disk, say) leaves every earlier checkpoint as it was."""
-    output_dir = settings.output_dir
-    unwrapped = [unwrap(accelerator, m) for m in trained]
-    if not all(torch.isfinite(p).all() for m in unwrapped for p in m.parameters() if p.requires_grad):
-        raise UserError(f"the LoRA weights hold nan or inf at step {step}, so they were not saved; "
-                        f"{last_good_adapters(output_dir)}. Likely fp16 overflow: use --mixed_precision bf16, "
-                        "or a lower --learning_rate")
-    if accelerator.num_processes > 1:  # DDP keeps replicas equal; prove it before writing one of them
-        checksum = torch.stack([p.detach().double().sum() for m in unwrapped for p in m.parameters()
-                                if p.requires_grad]).sum().reshape(1).to(accelerator.device)
-        checksums = accelerator.gather(checksum)
-        if not torch.all(checksums == checksums[0]):
-            raise RuntimeError(f"the processes hold different adapters at step {step}: {checksums.tolist()}")
-        accelerator.print(f"adapters identical on all {accelerator.num_processes} processes "
-                          f"(checksum {checksums[0].item():.6f})")
-    record = run_settings(args, settings, step, accelerator.num_processes)
-    try:
-        if accelerator.is_main_process:
-            step_dir = save_adapters(Path(output_dir) / f"step{step - 1}", unwrapped, record,
-                                     kohya=settings.output_kohya_format)
-            tqdm.write(f"saved adapters to {step_dir}")
-        save_resumable_state(accelerator, output_dir, step, record)
-    except Exception as e:  # OSError, and safetensors' own error for a full disk
-        if accelerator.is_main_process:
-            remove_partial_dirs(output_dir)  # frees the space a full disk needs back
-        reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
-        raise UserError(f"could not save step {step} in {output_dir}: {reason}; earlier checkpoints "
-                        "are intact. Free some space (or fix the folder), then resume with "
-                        "--resume_from_checkpoint latest") from None
-    if accelerator.is_main_process and args.checkpoints_total_limit:
-        prune_states(output_dir, args.checkpoints_total_limit)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # main: the story
 # ----------------------------------------------------------------------------------------------------------
@@ -1250,13 +1111,6 @@ def prompts_to_cache(instance_prompts, args, empty_prompt_is_zeros):
     return sorted(prompts - {None})
 
 
-def release_memory():
-    """Give back what was let go: Python's cycles first, then the GPU's cached blocks."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def make_dataloader(instance_images, instance_prompts, class_images, args, settings, num_processes, cached):
     """One sample per (step, micro-batch, process, batch slot): the dataset is as long as the run."""
     num_samples = args.max_train_steps * args.gradient_accumulation_steps * args.train_batch_size * num_processes
@@ -1277,25 +1131,6 @@ def make_lr_scheduler(optimizer, args, num_processes):
                          num_training_steps=args.max_train_steps * num_processes)
 
 
-def start_checkpointing(accelerator, resume_state, gradient_accumulation_steps, dataloader):
-    """Save and load LoRA-only state; when resuming, restore it and skip the data already seen.
-    Returns the step to start from and the dataloader to continue with."""
-    accelerator.register_save_state_pre_hook(functools.partial(save_lora_hook, accelerator))
-    accelerator.register_load_state_pre_hook(functools.partial(load_lora_hook, accelerator))
-    if not resume_state:
-        return 0, dataloader
-    try:  # accelerate reads state with torch.load(weights_only=True): tensors and plain values, never code
-        accelerator.load_state(str(resume_state))
-    except pickle.UnpicklingError as e:
-        raise UserError(f"{resume_state} holds more than tensors and plain values, so it was not loaded "
-                        f"({str(e).splitlines()[0][:120]}); it was not written by this trainer: delete it, or "
-                        "resume from another state") from None
-    start_step = read_trainer_state(resume_state)["step"]
-    accelerator.print(f"resumed from {resume_state} at step {start_step}")
-    # sample k is a pure function of (seed, k), so skipping the batches already seen restores the data position
-    return start_step, accelerator.skip_first_batches(dataloader, start_step * gradient_accumulation_steps)
-
-
 def main(argv=None):
     """The run, with SIGINT and SIGTERM answered the same way from its first line to its last (GracefulStop)."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -1313,7 +1148,7 @@ def run(argv, stop):
     settings = derive_settings(args, argv)        # what they come to: defaults, absolute model folders
     with hold_output_dir(settings.output_dir) as stop.on_exit:  # one trainer per output dir, until this one exits
         clock = Clock()
-        stop.at_once(lambda: stopped_before_training(args, settings, clock))
+        stop.at_once(lambda: stopped_before_training(args, settings, clock, script=__file__))
         instance_images, instance_prompts, settings = check_inputs(args, settings)  # all before any model loads
         accelerator = make_accelerator(args, settings)  # processes, mixed precision, accumulation, trackers
         weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
@@ -1386,39 +1221,6 @@ def run(argv, stop):
         finish(accelerator, args, settings)
 
 
-STOPPED_IN = {"load": "loading the models", "class images": "making class images",
-              "caches": "caching latents and prompt embeddings"}  # Clock's phases before training, in words
-
-
-def stopped_before_training(args, settings, clock):
-    """What a stop before the first step says: where it came, what is kept, and the command that goes on."""
-    where = STOPPED_IN.get(clock.current, "preparing to train")
-    kept = ""
-    if clock.current == "class images":
-        made = len(list_images(settings.class_dir)) if Path(settings.class_dir).is_dir() else 0
-        kept = (f"; {made} of {args.num_class_images} class images are made, in {settings.class_dir}: the next run "
-                "makes only the rest" if made else "; no class image was made yet")
-    if settings.resume_state:
-        return (f"while {where}, before training resumed from {Path(settings.resume_state).name}{kept}; resume "
-                f"with:\n  {resume_command(settings.command, script=__file__)}")
-    return (f"while {where}, before training started: nothing to resume{kept}; start again with:\n  "
-            f"{resume_command(settings.command, resume=False, script=__file__)}")
-
-
-def stopped_after_training(args, settings):
-    """What a stop after the last step was saved says: the run is complete, all but what finish() does."""
-    step_dir = Path(settings.output_dir).resolve() / f"step{args.max_train_steps - 1}"
-    if not args.push_to_hub:
-        return f"after training ended: the adapters in {step_dir} are complete"
-    # push_to_hub gathers what it uploads in output_dir/hub first; a stop before that is done leaves an older one
-    repo_id, upload = args.hub_model_id or Path(settings.output_dir).name, step_dir
-    with contextlib.suppress(OSError):
-        if filecmp.cmp(step_dir.parent / "hub" / LORA_FILE, step_dir / LORA_FILE, shallow=False):
-            upload = step_dir.parent / "hub"  # the adapters with their model card, as the push meant them
-    return (f"after training ended: the adapters in {step_dir} are complete, but were not pushed to the Hub; push "
-            f"them with: hf upload {repo_id} {upload} .")
-
-
 def finish(accelerator, args, settings):
     """Say where the adapters are and how to render from them; push them to the Hub if asked."""
     if not accelerator.is_main_process:
@@ -1432,16 +1234,4 @@ def finish(accelerator, args, settings):
 
 
 if __name__ == "__main__":
-    parent_command_line()  # while the launcher is alive, for the resume command
-    try:
-        main()
-    except UserError as error:
-        sys.exit(f"error: {error}")
-    except Interrupted as stopped:
-        for signum in (signal.SIGINT, signal.SIGTERM):  # answered: a launcher's echo must not cut the exit short
-            signal.signal(signum, signal.SIG_IGN)       # (Python's own exit resets handlers, not an ignored one)
-        for bar in list(getattr(tqdm, "_instances", [])):  # the stopped phase's bar ends above the message
-            bar.close()
-        if os.environ.get("LOCAL_RANK", "0") == "0":  # all processes stop at the same step: say it once a machine
-            print(stopped, file=sys.stderr)
-        sys.exit(stopped.exit_code)
+    run_script(main)

@@ -38,7 +38,7 @@ VARIANTS = {
     "base prediction": ["--with_prior_preservation", "--class_prompt", CLASS_PROMPT,
                         "--prior_target", "base_prediction"],
 }
-# the settings that the README's table and tests/test_world.py use
+# the settings that benchmarks/RESULTS.md's table and tests/test_world.py use
 STEPS, LEARNING_RATE, RANK, SEEDS, INFERENCE_STEPS = 200, 1e-3, 8, tuple(range(8)), 20
 
 

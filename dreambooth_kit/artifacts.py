@@ -7,7 +7,6 @@ import re
 import shutil
 from pathlib import Path
 
-
 # The project's scripts, beside this package: what a printed command names when the running script is unknown
 TRAINER_SCRIPT = Path(__file__).resolve().parents[1] / "train_dreambooth_lora_ssd1b.py"
 INFER_SCRIPT = Path(__file__).resolve().parents[1] / "infer.py"
@@ -174,3 +173,9 @@ def looks_like_hub_id(name):
 
 def absolute_if_local(name):
     return os.path.abspath(name) if os.path.exists(name) else name
+
+
+def ran(settings):
+    """A run's recorded settings as they ran: the flags, with what they came to ("derived") in place of what was
+    typed. {} stays {}: a step dir copied without its run_settings.json records nothing."""
+    return {**settings, **settings.get("derived", {})}

@@ -1,6 +1,8 @@
 """Resumable state: what a resumed run must match (flags, photos, base model), the integrity of each state folder,
 saving and finding it, and the NaN guard."""
 
+import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -10,15 +12,29 @@ import random
 import re
 import shutil
 from pathlib import Path
-import numpy as np
-import torch
-import huggingface_hub
+
 import accelerate.utils
-from peft import get_peft_model_state_dict, set_peft_model_state_dict
+import huggingface_hub
+import numpy as np
 import safetensors.torch
+import torch
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import SafetensorError, safe_open
-from .artifacts import STATE_PREFIX, TRAINER_STATE, file_sha256, finished_adapters, partial_dir, publish, step_of
-from .checks import OPTIMIZER_FLAGS
+from tqdm.auto import tqdm
+
+from .artifacts import (
+    STATE_PREFIX,
+    TRAINER_STATE,
+    file_sha256,
+    finished_adapters,
+    partial_dir,
+    publish,
+    ran,
+    remove_partial_dirs,
+    step_of,
+)
+from .checks import OPTIMIZER_FLAGS, SECRET_FLAGS, effective_learning_rates
+from .exporters import save_adapters
 from .imaging import mask_path
 from .messages import UserError, one_line, say, warn
 from .pipeline import unwrap, weight_files
@@ -47,12 +63,6 @@ def check_resume(args, current):
                         "to extend the run")
     check_same_schedule(state, saved_settings, args)
     return state
-
-
-def ran(settings):
-    """A run's recorded settings as they ran: the flags, with what they came to ("derived") in place of what was
-    typed. {} stays {}: a step dir copied without its run_settings.json records nothing."""
-    return {**settings, **settings.get("derived", {})}
 
 
 def read_trainer_state(state):
@@ -449,3 +459,71 @@ def refuse_non_finite(losses, step, output_dir, learning_rate):
 def last_good_adapters(output_dir):
     finished = finished_adapters(output_dir)
     return f"the last good adapters are in {finished[-1]}" if finished else "no adapters were saved yet"
+
+
+def run_settings(args, settings, step=None, num_processes=1):
+    """run_settings.json: the flags as typed, and under "derived" what they came to (defaults, absolute model
+    folders, the photos' checksum, the learning rates after --scale_lr). infer.py rebuilds the run's pipeline from
+    it without repeating flags; a resume compares it with its state's."""
+    unet_lr, text_encoder_lr = effective_learning_rates(args, num_processes)
+    flags = {k: ("<hidden>" if k in SECRET_FLAGS and v else v) for k, v in vars(args).items()}
+    derived = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(settings).items()
+               if k != "command"}
+    derived.update(num_processes=num_processes, effective_learning_rate=unet_lr,
+                   effective_text_encoder_lr=text_encoder_lr)
+    record = {**flags, "derived": derived, "step": step, "trainer": "train_dreambooth_lora_ssd1b.py"}
+    return json.loads(json.dumps(record))  # as it reads back: a resume compares it with a saved one
+
+
+def start_checkpointing(accelerator, resume_state, gradient_accumulation_steps, dataloader):
+    """Save and load LoRA-only state; when resuming, restore it and skip the data already seen.
+    Returns the step to start from and the dataloader to continue with."""
+    accelerator.register_save_state_pre_hook(functools.partial(save_lora_hook, accelerator))
+    accelerator.register_load_state_pre_hook(functools.partial(load_lora_hook, accelerator))
+    if not resume_state:
+        return 0, dataloader
+    try:  # accelerate reads state with torch.load(weights_only=True): tensors and plain values, never code
+        accelerator.load_state(str(resume_state))
+    except pickle.UnpicklingError as e:
+        raise UserError(f"{resume_state} holds more than tensors and plain values, so it was not loaded "
+                        f"({str(e).splitlines()[0][:120]}); it was not written by this trainer: delete it, or "
+                        "resume from another state") from None
+    start_step = read_trainer_state(resume_state)["step"]
+    accelerator.print(f"resumed from {resume_state} at step {start_step}")
+    # sample k is a pure function of (seed, k), so skipping the batches already seen restores the data position
+    return start_step, accelerator.skip_first_batches(dataloader, start_step * gradient_accumulation_steps)
+
+
+def save_checkpoint(accelerator, trained, args, settings, step):
+    """Adapters (main process) and resumable state (all processes) of this step. Non-finite weights are never
+    written, and a failed write (a full disk, say) leaves every earlier checkpoint as it was."""
+    output_dir = settings.output_dir
+    unwrapped = [unwrap(accelerator, m) for m in trained]
+    if not all(torch.isfinite(p).all() for m in unwrapped for p in m.parameters() if p.requires_grad):
+        raise UserError(f"the LoRA weights hold nan or inf at step {step}, so they were not saved; "
+                        f"{last_good_adapters(output_dir)}. Likely fp16 overflow: use --mixed_precision bf16, "
+                        "or a lower --learning_rate")
+    if accelerator.num_processes > 1:  # DDP keeps replicas equal; prove it before writing one of them
+        checksum = torch.stack([p.detach().double().sum() for m in unwrapped for p in m.parameters()
+                                if p.requires_grad]).sum().reshape(1).to(accelerator.device)
+        checksums = accelerator.gather(checksum)
+        if not torch.all(checksums == checksums[0]):
+            raise RuntimeError(f"the processes hold different adapters at step {step}: {checksums.tolist()}")
+        accelerator.print(f"adapters identical on all {accelerator.num_processes} processes "
+                          f"(checksum {checksums[0].item():.6f})")
+    record = run_settings(args, settings, step, accelerator.num_processes)
+    try:
+        if accelerator.is_main_process:
+            step_dir = save_adapters(Path(output_dir) / f"step{step - 1}", unwrapped, record,
+                                     kohya=settings.output_kohya_format)
+            tqdm.write(f"saved adapters to {step_dir}")
+        save_resumable_state(accelerator, output_dir, step, record)
+    except Exception as e:  # OSError, and safetensors' own error for a full disk
+        if accelerator.is_main_process:
+            remove_partial_dirs(output_dir)  # frees the space a full disk needs back
+        reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
+        raise UserError(f"could not save step {step} in {output_dir}: {reason}; earlier checkpoints "
+                        "are intact. Free some space (or fix the folder), then resume with "
+                        "--resume_from_checkpoint latest") from None
+    if accelerator.is_main_process and args.checkpoints_total_limit:
+        prune_states(output_dir, args.checkpoints_total_limit)

@@ -8,11 +8,12 @@ import re
 import sys
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as installed_version
+
 from packaging.version import Version
+
 from .artifacts import LORA_FILE
 from .imaging import caption_suffix, parse_buckets
 from .messages import UserError, quiet_library_notices, warn
-
 
 SECRET_FLAGS = {"hub_token"}  # never written to run_settings.json, a tracker or a printed command
 

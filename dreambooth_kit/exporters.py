@@ -4,14 +4,15 @@ import json
 import re
 import shutil
 from pathlib import Path
+
+import safetensors.torch
 import torch
 from diffusers import StableDiffusionXLPipeline
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig, get_peft_model_state_dict
-import safetensors.torch
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
-from .artifacts import KOHYA_FILE, LORA_FILE, SETTINGS_FILE, partial_dir, publish
-from .checkpoints import ran
+
+from .artifacts import KOHYA_FILE, LORA_FILE, SETTINGS_FILE, partial_dir, publish, ran
 from .pipeline import shared_name
 
 

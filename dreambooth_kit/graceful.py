@@ -2,6 +2,7 @@
 or 143."""
 
 import contextlib
+import filecmp
 import functools
 import os
 import shlex
@@ -10,8 +11,13 @@ import sys
 import threading
 import time
 from pathlib import Path
-from .artifacts import TRAINER_SCRIPT
+
+from tqdm.auto import tqdm
+
+from .artifacts import LORA_FILE, TRAINER_SCRIPT
 from .checks import answer_before_libraries
+from .imaging import list_images
+from .messages import UserError
 
 
 def stopped_while_importing(signum, frame):
@@ -157,3 +163,55 @@ class GracefulStop:
 
         flag = torch.tensor([self.signum], device=accelerator.device)
         return int(accelerator.reduce(flag, reduction="max").item())
+
+
+STOPPED_IN = {"load": "loading the models", "class images": "making class images",
+              "caches": "caching latents and prompt embeddings"}  # Clock's phases before training, in words
+
+
+def stopped_before_training(args, settings, clock, script=TRAINER_SCRIPT):
+    """What a stop before the first step says: where it came, what is kept, and the command that goes on."""
+    where = STOPPED_IN.get(clock.current, "preparing to train")
+    kept = ""
+    if clock.current == "class images":
+        made = len(list_images(settings.class_dir)) if Path(settings.class_dir).is_dir() else 0
+        kept = (f"; {made} of {args.num_class_images} class images are made, in {settings.class_dir}: the next run "
+                "makes only the rest" if made else "; no class image was made yet")
+    if settings.resume_state:
+        return (f"while {where}, before training resumed from {Path(settings.resume_state).name}{kept}; resume "
+                f"with:\n  {resume_command(settings.command, script=script)}")
+    return (f"while {where}, before training started: nothing to resume{kept}; start again with:\n  "
+            f"{resume_command(settings.command, resume=False, script=script)}")
+
+
+def stopped_after_training(args, settings):
+    """What a stop after the last step was saved says: the run is complete, all but what finish() does."""
+    step_dir = Path(settings.output_dir).resolve() / f"step{args.max_train_steps - 1}"
+    if not args.push_to_hub:
+        return f"after training ended: the adapters in {step_dir} are complete"
+    # push_to_hub gathers what it uploads in output_dir/hub first; a stop before that is done leaves an older one
+    repo_id, upload = args.hub_model_id or Path(settings.output_dir).name, step_dir
+    with contextlib.suppress(OSError):
+        if filecmp.cmp(step_dir.parent / "hub" / LORA_FILE, step_dir / LORA_FILE, shallow=False):
+            upload = step_dir.parent / "hub"  # the adapters with their model card, as the push meant them
+    return (f"after training ended: the adapters in {step_dir} are complete, but were not pushed to the Hub; push "
+            f"them with: hf upload {repo_id} {upload} .")
+
+
+def run_script(main):
+    """A script run of main(): a user's mistake (UserError) ends in one line and exit 1; a stop (Interrupted), once
+    answered, in its message and exit 130 or 143."""
+    parent_command_line()  # while the launcher is alive, for the resume command
+    try:
+        main()
+    except UserError as error:
+        sys.exit(f"error: {error}")
+    except Interrupted as stopped:
+        for signum in (signal.SIGINT, signal.SIGTERM):  # answered: a launcher's echo must not cut the exit short
+            signal.signal(signum, signal.SIG_IGN)       # (Python's own exit resets handlers, not an ignored one)
+        for bar in list(getattr(tqdm, "_instances", [])):  # the stopped phase's bar ends above the message
+            bar.close()
+        if os.environ.get("LOCAL_RANK", "0") == "0":  # all processes stop at the same step: say it once a machine
+            print(stopped, file=sys.stderr)
+        sys.exit(stopped.exit_code)
+

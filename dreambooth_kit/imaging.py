@@ -6,10 +6,11 @@ import math
 import unicodedata
 import warnings
 from pathlib import Path
+
 import numpy as np
 from PIL import Image, ImageCms, ImageOps
-from .messages import UserError, agree, counted, one_line, say, warn
 
+from .messages import UserError, agree, counted, one_line, say, warn
 
 # Formats Pillow registers that are no photo to train on: stubs that only identify a file and need a handler this
 # project never installs (BUFR, GRIB, HDF5), MPEG video, vector drawings (EPS needs Ghostscript, WMF Windows),

@@ -6,8 +6,10 @@ import shlex
 import shutil
 from pathlib import Path
 from unittest import mock
+
 import huggingface_hub
 from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
+
 from .artifacts import INFER_SCRIPT, KOHYA_FILE, LORA_FILE, looks_like_hub_id, step_of, write_text_atomic
 from .checks import effective_learning_rates, uses_class_images
 from .messages import UserError, counted, one_line

@@ -9,12 +9,26 @@ import socket
 import threading
 import time
 from pathlib import Path
+
 import huggingface_hub
-from .artifacts import CARD_FILE, LOCK_FILE, LORA_FILE, SETTINGS_FILE, STATE_PREFIX, TRAINER_STATE, below, create_exclusive, finished_adapters, partial_dir, same_folder, step_of
+
+from .artifacts import (
+    CARD_FILE,
+    LOCK_FILE,
+    LORA_FILE,
+    SETTINGS_FILE,
+    STATE_PREFIX,
+    TRAINER_STATE,
+    below,
+    create_exclusive,
+    finished_adapters,
+    partial_dir,
+    same_folder,
+    step_of,
+)
 from .checkpoints import complete_states
 from .checks import uses_class_images
 from .messages import UserError, say
-
 
 # The holder renews its lock's modification time every LOCK_HEARTBEAT_S seconds; a lock not renewed for LOCK_STALE_S
 # is stale and taken over, from whichever host it came: a job rescheduled elsewhere can go on. The margin covers a

@@ -6,20 +6,24 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 from importlib.metadata import version as installed_version
 from pathlib import Path
-import torch
-from packaging.version import Version
+
 import huggingface_hub
+import safetensors.torch
+import torch
 from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-import safetensors.torch
+from diffusers.utils import make_image_grid
+from packaging.version import Version
+from PIL import Image
 from safetensors import SafetensorError, safe_open
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
 from .artifacts import LORA_FILE, looks_like_hub_id
 from .imaging import refuse_file_as_folder
 from .messages import UserError, agree, counted, one_line, warn
-
 
 # transformers 4.56 renamed from_pretrained's torch_dtype to dtype; the old name warns from 5 on
 TRANSFORMERS_DTYPE = "dtype" if Version(installed_version("transformers")) >= Version("4.56") else "torch_dtype"
@@ -436,3 +440,20 @@ def unwrap(accelerator, model):
     (a compiled module's start with `_orig_mod.`, which no loader reads)."""
     model = accelerator.unwrap_model(model)
     return getattr(model, "_orig_mod", model)
+
+
+def image_grid(images):
+    """Images in rows of ceil(sqrt(n)), the last row filled with white: make_image_grid takes full grids only."""
+    columns = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / columns)
+    blank = Image.new("RGB", images[0].size, "white")
+    return make_image_grid([*images, *[blank] * (rows * columns - len(images))], rows, columns)
+
+
+def side_by_side(left, right):
+    """Two grids in one picture, a white gap between: the trained model's, then the base model's."""
+    gap = max(left.width // 16, 4)
+    both = Image.new("RGB", (left.width + gap + right.width, max(left.height, right.height)), "white")
+    both.paste(left, (0, 0))
+    both.paste(right, (left.width + gap, 0))
+    return both

@@ -2,10 +2,11 @@
 
 import collections
 import contextlib
+import gc
 import resource
 import time
-import torch
 
+import torch
 
 WARMUP_STEPS = 3  # steps left out of the steady-state time per step (allocator, kernels and caches warm up)
 
@@ -53,3 +54,10 @@ def report(accelerator, clock, start_step):
     accelerator.log({"ms_per_step": ms_per_step, "peak_memory_gib": peak_gib,
                      **{f"seconds/{name}": sec for name, sec in clock.phases.items()}})
     return ms_per_step
+
+
+def release_memory():
+    """Give back what was let go: Python's cycles first, then the GPU's cached blocks."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -5,6 +5,7 @@
 
 Rows: the photos; then, per prompt, the base model's renders and the trained model's, same seeds. Prints each
 row's distance to the subject (examples/tiny_world.py's subject_distance: object colours, 0 = the subject's).
+Renders on one thread unless OMP_NUM_THREADS says otherwise: the tiny model is fastest so.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ def main(argv=None):
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3])
     p.add_argument("--inference_steps", type=int, default=world.INFERENCE_STEPS)
     args = p.parse_args(argv)
+    tiny_world.one_thread_unless_set()
     photos = [Image.open(path).convert("RGB") for path in imaging.list_images(args.photos)]
     profile = tiny_world.subject_profile(photos)
     pipe = world.world_pipeline(args.model)

@@ -26,6 +26,7 @@ independently of any model or of the trainer:
 from __future__ import annotations
 
 import argparse
+import os
 import random
 from pathlib import Path
 
@@ -211,6 +212,16 @@ def subject_distance(images, profile=None):
     distances = [1.0 if p is None else 0.5 * float(np.abs(p - profile).sum())
                  for p in (object_profile(image) for image in images)]
     return float(np.mean(distances))
+
+
+def one_thread_unless_set():
+    """Run torch on one thread unless the user set OMP_NUM_THREADS. Models this small gain nothing from a second
+    thread, and on a busy machine OpenMP's extra threads spin while they wait for a core: the offline demo ran many
+    times slower on a shared 2-core machine with torch's default threads than with one (benchmarks/RESULTS.md)."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        import torch  # here, not at the top: the world itself is drawn without torch
+
+        torch.set_num_threads(1)
 
 
 def main(argv=None):

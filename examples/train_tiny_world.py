@@ -22,6 +22,8 @@ the random test model's, and it generates the world of examples/tiny_world.py fr
    they do. The identifier "sks" has its own token and never appears in a caption, so it stays untrained.
 Stage 2 draws from its own seeds, so `--vae` (a VAE that stage 1 made with the same seed) gives the same model.
 The photos come from a pool of --pool drawn once, each also seen mirrored.
+It trains on one thread unless OMP_NUM_THREADS is set (`OMP_NUM_THREADS=2 python examples/train_tiny_world.py ...`
+on a quiet machine with cores to spare); tiny_world_training.json records the thread count.
 """
 
 from __future__ import annotations
@@ -220,6 +222,7 @@ def main(argv=None):
     parser.add_argument("--vae", type=Path, help="a VAE folder this script trained with the same --seed, --pool and "
                         "--vae_* flags (e.g. examples/tiny_world_model/vae): skips stage 1, which it equals")
     args = parser.parse_args(argv)
+    tiny_world.one_thread_unless_set()
     if args.out_dir.exists():
         parser.error(f"{args.out_dir} exists; give a new folder")
     try:  # the model is written only after an hour of training: find out now that it can be

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import train_dreambooth_lora_ssd1b as trainer
-from dreambooth_kit import imaging, pipeline
+from dreambooth_kit import imaging, pipeline, telemetry
 from conftest import run_trainer, tiny_args
 
 
@@ -204,5 +204,5 @@ def test_release_memory_frees_cycles_made_after_the_imports_were_frozen():
     ref = weakref.ref(model)
     del model
     assert ref() is not None
-    trainer.release_memory()
+    telemetry.release_memory()
     assert ref() is None

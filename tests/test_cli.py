@@ -394,7 +394,7 @@ def test_flags_stay_as_typed_and_what_they_came_to_is_derived_beside_them(tmp_pa
     settings = trainer.derive_settings(args, argv)
     assert settings.pretrained_model_name_or_path == str(tmp_path / "model"), "a local folder, made absolute"
     assert (settings.lora_alpha, settings.caption_extension) == (8, ".txt")
-    record = trainer.run_settings(args, settings)
+    record = checkpoints.run_settings(args, settings)
     assert record["lora_alpha"] is None and record["derived"]["lora_alpha"] == 8
     assert record["pretrained_model_name_or_path"] == "model"
     assert record["derived"]["pretrained_model_name_or_path"] == str(tmp_path / "model")

@@ -16,33 +16,11 @@ from PIL.PngImagePlugin import PngInfo
 import evaluate
 import infer
 from conftest import ROOT, with_flags
+from make_tiny_scorers import make_tiny_scorers
 from test_infer import DAMAGES, SETTINGS_DAMAGES, help_by_flag, numeric_flags, other_base, step_copy  # noqa: F401
 from dreambooth_kit.artifacts import LORA_FILE
 from dreambooth_kit.checks import describe_range
 from dreambooth_kit.messages import UserError
-
-
-def make_tiny_scorers(folder, tokenizer_dir):
-    """Random CLIP and DINO-shaped ViT models with their processors, saved as a user's local folders would be."""
-    from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer, ViTConfig,
-                              ViTImageProcessor, ViTModel)
-
-    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
-                  patch_size=8)
-    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=4, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(folder / "clip")
-    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
-                                                     crop_size={"height": 32, "width": 32}),
-                  tokenizer=tokenizer).save_pretrained(folder / "clip")
-    torch.manual_seed(0)
-    ViTModel(ViTConfig(**vision), add_pooling_layer=False).save_pretrained(folder / "dino")
-    ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.485, 0.456, 0.406],
-                      image_std=[0.229, 0.224, 0.225]).save_pretrained(folder / "dino")
-    return folder / "dino", folder / "clip"
 
 
 @pytest.fixture(scope="module")

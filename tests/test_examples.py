@@ -1,7 +1,10 @@
-"""examples/: the offline demo runs as written, and the dog recipe's command is what the README promises."""
+"""examples/: the offline demo runs as written, evaluate.py tries it offline as docs/evaluation.md shows, the dog
+recipe's command is what docs/training.md promises, and the tiny-model examples pick their own thread count."""
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -25,8 +28,9 @@ def test_offline_demo_runs_as_written():
     assert Image.open(run / "validation" / "step199" / "seed0.png").size == (64, 64), "at training resolution"
     assert Image.open(demo / "renders" / "step199_seed0.png").size == (64, 64)
     # the before/after sheet, in DreamBooth's terms (measured 2026-12-06, locked versions: instance prompt 1.00 ->
-    # 0.74, class prompt 1.00 -> 1.00; README "Offline demo"): the trained instance prompt comes nearer the subject
-    # by a margin, and with the text encoders trained and the base model's prior the class prompt does not follow
+    # 0.74, class prompt 1.00 -> 1.00; benchmarks/RESULTS.md, "The offline demo"): the trained instance prompt comes
+    # nearer the subject by a margin, and with the text encoders trained and the base model's prior the class prompt
+    # does not follow
     def distances(prompt):
         found = [float(line.split("distance to the subject ")[1]) for line in stdout.splitlines()
                  if f"{prompt!r}: distance" in line]
@@ -38,6 +42,34 @@ def test_offline_demo_runs_as_written():
     base, trained = distances("a photo of a star")
     assert trained >= base - 0.05, stdout
     assert Image.open(demo / "before_after.png").width > 64
+
+
+
+def documented_offline_evaluation():
+    """The commands of docs/evaluation.md's block that makes the tiny scorers and scores the demo's run with them."""
+    docs = (ROOT / "docs" / "evaluation.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", docs, flags=re.S)
+    return next(block for block in blocks if "make_tiny_scorers.py" in block)
+
+
+def test_evaluate_py_scores_the_offline_demo_run_offline_as_documented(tmp_path):
+    returncode, _, stderr, demo = offline_demo()
+    assert returncode == 0, stderr[-3000:]
+    block = documented_offline_evaluation()
+    # the block starts from the demo, which the suite runs once, beside it: its run is copied where the block reads it
+    first, rest = block.split("\n", 1)
+    assert first.split("#")[0].split() == ["bash", "examples/offline_demo.sh"], block
+    shutil.copytree(demo / "run", tmp_path / "offline_demo" / "run")
+    commands = rest.replace("work_dirs/", f"{tmp_path}/")
+    env = {**os.environ, "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]])}
+    done = subprocess.run(["bash", "-euo", "pipefail", "-c", commands], cwd=ROOT, env=env, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    evaluation = tmp_path / "offline_demo" / "run" / "eval"
+    report = json.loads((evaluation / "report.json").read_text())
+    assert [row["step"] for row in report["steps"]] == [99, 199] and "DINO" in report["base_model"]
+    assert (evaluation / "curve.png").exists() and (evaluation / "contact_sheet.png").exists()
+    assert "recommended:" in done.stdout
 
 
 def dog_recipe_argv(tmp_path, *extra):
@@ -80,3 +112,63 @@ def test_a_flag_the_user_passes_twice_to_the_dog_recipe_is_still_refused(tmp_pat
     argv = dog_recipe_argv(tmp_path, "--rank", "4", "--rank", "16")
     with pytest.raises(messages.UserError, match="--rank is given twice"):
         trainer.parse_args(argv)
+
+
+# A tiny model gains nothing from a second thread, and on a shared machine OpenMP's extra threads spin waiting for a
+# core: the demo and the tiny world's examples pick one thread themselves, so they are quick wherever they run, and
+# leave a count the user set alone.
+def threads_the_demo_runs_with(tmp_path, env):
+    """OMP_NUM_THREADS as each `python` command of examples/offline_demo.sh sees it (a stand-in python reports it)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "python").write_text('#!/bin/sh\necho "threads=${OMP_NUM_THREADS-unset}"\n')
+    (bin_dir / "python").chmod(0o755)
+    env = {**env, "PATH": os.pathsep.join([str(bin_dir), os.environ["PATH"]])}
+    done = subprocess.run(["bash", ROOT / "examples" / "offline_demo.sh", str(tmp_path / "demo")], env=env,
+                          capture_output=True, text=True, check=True)
+    return [line for line in done.stdout.splitlines() if line.startswith("threads=")]
+
+
+def test_the_offline_demo_runs_on_one_thread_unless_the_user_set_a_count(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    assert threads_the_demo_runs_with(tmp_path, env) == ["threads=1"] * 3, "training, infer.py and the sheet"
+    assert threads_the_demo_runs_with(tmp_path / "set", {**env, "OMP_NUM_THREADS": "3"}) == ["threads=3"] * 3
+
+
+class Stop(Exception):
+    """Raised where an example would start its real work, once its thread count is set."""
+
+
+def stop(*args, **kwargs):
+    raise Stop
+
+
+def start_before_after(monkeypatch, tmp_path):
+    import before_after
+
+    monkeypatch.setattr(before_after.world, "world_pipeline", stop)
+    before_after.main(["--checkpoint", str(tmp_path / "step1"), "--output", str(tmp_path / "sheet.png")])
+
+
+def start_train_tiny_world(monkeypatch, tmp_path):
+    import train_tiny_world
+
+    monkeypatch.setattr(train_tiny_world.tiny_world, "world_vocabulary", stop)
+    train_tiny_world.main([str(tmp_path / "model")])
+
+
+@pytest.mark.parametrize("start", [start_before_after, start_train_tiny_world],
+                         ids=["before_after", "train_tiny_world"])
+@pytest.mark.parametrize("user_count", [None, "3"])
+def test_tiny_world_examples_run_on_one_thread_unless_the_user_set_a_count(start, user_count, monkeypatch, tmp_path):
+    import torch
+
+    if user_count is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", user_count)
+    counts = []
+    monkeypatch.setattr(torch, "set_num_threads", counts.append)
+    with pytest.raises(Stop):
+        start(monkeypatch, tmp_path)
+    assert counts == ([1] if user_count is None else []), "torch reads a count the user set by itself"

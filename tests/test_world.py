@@ -1,7 +1,7 @@
 """Learning, measured in DreamBooth's terms on the pre-trained tiny world (examples/tiny_world_model): training
 teaches the subject (subject fidelity), the class prompt drifts toward it without a prior (language drift), and
 both priors hold it back. Distances are tiny_world.subject_distance: the colours of the object, from pixels alone,
-independent of the trainer. The runs and renders are benchmarks/prior_drift.py's, whose table is in the README."""
+independent of the trainer. The runs and renders are benchmarks/prior_drift.py's, whose table is in benchmarks/RESULTS.md."""
 
 import os
 import subprocess
@@ -18,7 +18,7 @@ import train_dreambooth_lora_ssd1b as trainer
 from dreambooth_kit import imaging
 from conftest import ROOT
 
-# The margins, stated in the README ("The tiny world"). Measured with the locked versions on a 2-core CPU
+# The margins, stated in docs/tiny_world.md. Measured with the locked versions on a 2-core CPU
 # (benchmarks/prior_drift.py, 2026-12-06, training seed 0, which the tests use): fidelity 0.78 without a prior, 0.94
 # with class images, 0.86 with the base prediction; toward 0.232 without a prior, 0.069 with class images (a share
 # of 0.30), 0.183 with the base prediction (0.79). Seeds 1 and 2 gave shares of 0.11 and 0.20 with class images,
