@@ -36,15 +36,19 @@ import itertools
 import json
 import random
 import re
-import shutil
 import sys
 import time
 from pathlib import Path
 
-from dreambooth_kit.checks import IMAGE_SIDE, INF, ArgumentParser, Flags, check_args
-from dreambooth_kit.artifacts import KOHYA_FILE, absolute_if_local
-from dreambooth_kit.imaging import caption_suffix, parse_buckets
-from dreambooth_kit.graceful import before_libraries, run_script, stopped_after_training, stopped_before_training
+from dreambooth_kit.artifacts import KOHYA_FILE, absolute_if_local, save_png_atomic, write_text_atomic
+from dreambooth_kit.checks import (CURVE_PACKAGES, FP16_ON_CPU, IMAGE_SIDE, INF, MINIMUM_VERSIONS, OPTIMIZER_PACKAGES,
+                                   SECRET_FLAGS, ArgumentParser, check_args, check_versions, effective_learning_rates,
+                                   Flags, uses_class_images, warn_prodigy_learning_rate)
+from dreambooth_kit.graceful import (before_libraries, GracefulStop, Interrupted, resume_command, run_script,
+                                     stopped_after_training, stopped_before_training, stopped_while_importing)
+from dreambooth_kit.imaging import (bit_depth, caption_suffix, draws_anew, image_size, list_images, load_image,
+                                    mask_path, mask_weights, nearest_bucket, parse_buckets)
+from dreambooth_kit.messages import counted, quiet_library_notices, UserError
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -268,23 +272,20 @@ from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_s
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution  # noqa: E402
 from diffusers.optimization import get_scheduler  # noqa: E402
 from diffusers.training_utils import cast_training_params, compute_snr  # noqa: E402
+from diffusers.utils import make_image_grid  # noqa: E402
 from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
 from peft import LoraConfig, inject_adapter_in_model  # noqa: E402
 from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from dreambooth_kit.model_card import infer_command, push_to_hub, write_model_card  # noqa: E402
-from dreambooth_kit.checks import CURVE_PACKAGES, FP16_ON_CPU, MINIMUM_VERSIONS, OPTIMIZER_PACKAGES, SECRET_FLAGS, check_versions, effective_learning_rates, uses_class_images, warn_prodigy_learning_rate  # noqa: E402
-from dreambooth_kit.artifacts import save_png_atomic, write_text_atomic  # noqa: E402
-from dreambooth_kit.messages import UserError, counted, quiet_library_notices  # noqa: E402
-from dreambooth_kit.ownership import check_folders, clear_replaced_run, hold_output_dir  # noqa: E402
-from dreambooth_kit.imaging import bit_depth, image_size, list_images, load_image, mask_path, mask_weights, nearest_bucket  # noqa: E402
-from dreambooth_kit.pipeline import build_pipeline, generate_images, image_grid, load_models, load_unet, side_by_side, unwrap  # noqa: E402
 from dreambooth_kit.checkpoints import refuse_non_finite, save_checkpoint, start_checkpointing  # noqa: E402
-from dreambooth_kit.graceful import GracefulStop, Interrupted, resume_command, stopped_while_importing  # noqa: E402
-from dreambooth_kit.telemetry import Clock, WARMUP_STEPS, release_memory, report  # noqa: E402
+from dreambooth_kit.model_card import infer_command, push_to_hub, write_model_card  # noqa: E402
+from dreambooth_kit.ownership import check_folders, clear_replaced_run, hold_output_dir  # noqa: E402
+from dreambooth_kit.pipeline import (build_pipeline, cached_prompt_kwargs, generate_images, image_grid,  # noqa: E402
+                                     load_models, load_unet, side_by_side, unwrap)
 from dreambooth_kit.preflight import check_class_folder, check_instance_photos, check_run  # noqa: E402
+from dreambooth_kit.telemetry import WARMUP_STEPS, Clock, release_memory, report  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -304,9 +305,13 @@ def check_inputs(args, settings):
         raise UserError("--cache_latents on would fix one random crop of each image that does not fit its training "
                         "size for the whole run (kohya refuses this too): add --center_crop, or pass --cache_latents "
                         "auto, which caches only where no crop is lost")
+    if args.cache_latents == "on" and augment_draws_anew(targets, args.seed):
+        raise UserError("--cache_latents on would keep one draw of augment() per image for the whole run: pass "
+                        "--cache_latents auto, which then encodes every step")
     sizes = collections.Counter(training_size(path, args.resolution, settings.buckets) for path in instance_images)
     settings = dataclasses.replace(settings, validation_size=sizes.most_common(1)[0][0])
-    return instance_images, instance_prompts, check_run(args, settings, instance_images, instance_prompts)
+    return instance_images, instance_prompts, check_run(args, settings, instance_images, instance_prompts,
+                                                        lora_targets=(UNET_TARGETS, TEXT_ENCODER_TARGETS))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -366,7 +371,7 @@ def add_lora(models, rank, alpha, dropout, train_text_encoder, use_dora=False):
     if train_text_encoder:
         # CLIP-L's last layer feeds only hidden_states[-1], which SDXL never reads: LoRA there would never train
         last = models.text_encoders[0].config.num_hidden_layers - 1
-        excluded = [[f"encoder.layers.{last}.self_attn.{target}" for target in TEXT_ENCODER_TARGETS], None]
+        excluded = [rf"(text_model\.)?encoder\.layers\.{last}\..+", None]  # the whole layer, whatever is targeted
         for text_encoder, exclude in zip(models.text_encoders, excluded):
             # peft's own injection: transformers' add_adapter refuses peft < 0.22 from transformers 5.24 on
             inject_adapter_in_model(config(TEXT_ENCODER_TARGETS, exclude), text_encoder)
@@ -442,6 +447,23 @@ def crop_and_flip(image, size, center_crop, random_flip, rng):
     else:
         top, left = rng.randint(0, image.height - height), rng.randint(0, image.width - width)
     return image.crop((left, top, left + width, top + height)), (top, left)
+
+
+def augment(crop, rng):
+    """The one place for an augmentation of the pixels (a colour jitter, say): each crop as crop_and_flip took it,
+    on the uncached path and into the latent cache alike. Draw from `rng`, seeded per sample, so a resumed run
+    redraws the same. One that draws anew per sample cannot be cached: build_caches then encodes every step
+    (augment_draws_anew). A change of geometry belongs in crop_and_flip, which the masks and time ids follow."""
+    return crop
+
+
+def augment_draws_anew(targets, seed):
+    """Whether augment() changes a crop from one sample to the next, so that a latent cache would freeze one
+    draw. Tried on one image of `targets` (latent_targets'), for two samples (imaging.draws_anew)."""
+    path = min(targets)
+    size = height_width(min(targets[path]))
+    crop, _ = crop_and_flip(load_image(path, max(size))[0], size, True, False, random.Random(0))
+    return draws_anew(lambda image, rng: to_tensor(augment(image, rng)), crop, seed)
 
 
 def sdxl_time_ids(original_size, top, left, size):
@@ -558,7 +580,8 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         image, original_size = load_image(path, max(size))
         state = rng.getstate()  # where the photo's crop and flip start: its mask's start there too
         crop, (top, left) = crop_and_flip(image, size, self.center_crop, self.random_flip, rng)
-        example = {"pixel_values": to_tensor(crop), "time_ids": sdxl_time_ids(original_size, top, left, size)}
+        example = {"pixel_values": to_tensor(augment(crop, rng)),
+                   "time_ids": sdxl_time_ids(original_size, top, left, size)}
         if masked:
             example["mask"] = crop_mask_alike(load_mask(path, image.size), size, self.center_crop, self.random_flip,
                                               state)
@@ -652,7 +675,7 @@ def encode_cached(vae, path, size, center_crop, random_flip, seed, device, maske
         source = ImageOps.mirror(image) if flipped else image
         crop, (top, left) = crop_and_flip(source, size, center_crop, False, rng)
         keys.append((str(path), flipped, size))
-        pixels.append(to_tensor(crop))
+        pixels.append(to_tensor(augment(crop, rng)))  # one that draws never reaches here (augment_draws_anew)
         time_ids.append(sdxl_time_ids(original_size, top, left, size).to(device))
         if masked:
             source = ImageOps.mirror(mask) if flipped and mask else mask
@@ -865,74 +888,86 @@ def prediction_target(noise_scheduler, latents, noise, timesteps):
 # ----------------------------------------------------------------------------------------------------------
 
 
+def validation_prompts(args):
+    """The prompts each validation round renders. The prompt cache embeds these same ones (prompts_to_cache), so
+    a prompt added here is cached and rendered with no other edit."""
+    return [args.validation_prompt] if args.validation_prompt else []
+
+
 def log_validation(accelerator, models, args, settings, step):
-    """Fixed-seed images of the validation prompt, so rounds are comparable; PNGs, a grid, tensorboard."""
+    """Fixed-seed images of each validation prompt, so rounds are comparable; PNGs, a grid (a row of grids per
+    prompt), tensorboard."""
     text_encoders = [None, None] if models.prompt_cache else [unwrap(accelerator, m) for m in models.text_encoders]
     unwrapped = dataclasses.replace(models, unet=unwrap(accelerator, models.unet), text_encoders=text_encoders)
     for module in [unwrapped.unet, *(m for m in text_encoders if m is not None)]:
         module.eval()  # no LoRA dropout while sampling
     pipe = build_pipeline(unwrapped, settings.pretrained_model_name_or_path, args.revision, args.variant)
     seeds = [args.seed + i for i in range(args.num_validation_images)]
+    prompts = validation_prompts(args)
     started = time.perf_counter()
     with accelerator.autocast():
-        prompt = None if models.prompt_cache else args.validation_prompt  # else it comes as embeddings
-        images = generate_images(pipe, prompt, seeds, *(settings.validation_size or [args.resolution] * 2),
-                                 args.validation_inference_steps, **cached_prompt_kwargs(pipe, models, args))
+        rendered = [render_validation(pipe, models, prompt, seeds, args, settings) for prompt in prompts]
         base = base_validation_images(pipe, models, args, settings, seeds) if args.validation_compare_base else None
     folder = Path(settings.output_dir) / "validation" / f"step{step - 1}"
     folder.mkdir(parents=True, exist_ok=True)
-    for seed, image in zip(seeds, images):
-        save_png_atomic(image, folder / f"seed{seed}.png")
-    grid = side_by_side(image_grid(images), image_grid(base)) if base else image_grid(images)
+    for index, images in enumerate(rendered):
+        for seed, image in zip(seeds, images):
+            save_png_atomic(image, folder / validation_file_name(index, seed))
+    rows = [side_by_side(image_grid(images), image_grid(base[index])) if base else image_grid(images)
+            for index, images in enumerate(rendered)]
+    grid = make_image_grid(rows, len(rows), 1)  # a row per prompt, each the same size
     save_png_atomic(grid, folder / "grid.png")
-    tqdm.write(f"validation: {counted(len(images), 'image')} of '{args.validation_prompt}' in {folder} "
-               f"({(time.perf_counter() - started) / len(images):.1f} s/image)")
+    count = sum(len(images) for images in rendered)
+    tqdm.write(f"validation: {counted(count, 'image')} of {', '.join(repr(p) for p in prompts)} in {folder} "
+               f"({(time.perf_counter() - started) / count:.1f} s/image)")
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             tracker.writer.add_image("validation_grid", np.asarray(grid), step, dataformats="HWC")
     unwrapped.unet.train()
     for text_encoder in text_encoders if args.train_text_encoder else []:
         text_encoder.train()
-    return images
+    return [image for images in rendered for image in images]
+
+
+def render_validation(pipe, models, prompt, seeds, args, settings):
+    """One prompt's images, from its cached embeddings once the text encoders have gone."""
+    return generate_images(pipe, None if models.prompt_cache else prompt, seeds,
+                           *(settings.validation_size or [args.resolution] * 2), args.validation_inference_steps,
+                           **cached_prompt_kwargs(pipe, models, prompt))
+
+
+def validation_file_name(index, seed):
+    """The first prompt's images keep the plain name (infer.py renders the same seed to compare with)."""
+    return f"seed{seed}.png" if index == 0 else f"prompt{index}_seed{seed}.png"
 
 
 def base_validation_images(pipe, models, args, settings, seeds):
-    """--validation_compare_base: the base model's images for the validation seeds, its adapters off. Rendered
-    once per run into validation/base/ with what they were made with, then read back by every later round, a
-    resumed run's too; made again only when that record differs (an --overwrite_output_dir run, say)."""
+    """--validation_compare_base: the base model's images for the validation seeds, its adapters off, a list per
+    validation prompt. Rendered once per run into validation/base/ with what they were made with, then read back
+    by every later round, a resumed run's too; made again only when that record differs (an
+    --overwrite_output_dir run, or a prompt added, say)."""
     folder = Path(settings.output_dir) / "validation" / "base"
-    record = {"prompt": args.validation_prompt, "seeds": seeds,
+    prompts = validation_prompts(args)
+    record = {"prompts": prompts, "seeds": seeds,
               "size": list(settings.validation_size or [args.resolution] * 2),  # a list, as JSON reads it back
               "steps": args.validation_inference_steps, "model": settings.pretrained_model_name_or_path,
               "vae": settings.pretrained_vae_model_name_or_path, "mixed_precision": args.mixed_precision}
-    paths = [folder / f"seed{seed}.png" for seed in seeds]
+    paths = [[folder / validation_file_name(index, seed) for seed in seeds] for index in range(len(prompts))]
     try:
-        if json.loads((folder / "render.json").read_text()) == record and all(p.is_file() for p in paths):
-            return [load_image(path)[0] for path in paths]
+        if json.loads((folder / "render.json").read_text()) == record and all(p.is_file() for row in paths
+                                                                               for p in row):
+            return [[load_image(path)[0] for path in row] for row in paths]
     except (OSError, ValueError):
         pass  # none yet, or unreadable: render them
     text_encoders = [m for m in [pipe.text_encoder, pipe.text_encoder_2] if m is not None and args.train_text_encoder]
     with adapters_off([pipe.unet, *text_encoders]):
-        prompt = None if models.prompt_cache else args.validation_prompt
-        images = generate_images(pipe, prompt, seeds, *record["size"], args.validation_inference_steps,
-                                 **cached_prompt_kwargs(pipe, models, args))
+        rendered = [render_validation(pipe, models, prompt, seeds, args, settings) for prompt in prompts]
     folder.mkdir(parents=True, exist_ok=True)
-    for path, image in zip(paths, images):
-        save_png_atomic(image, path)
+    for row, images in zip(paths, rendered):
+        for path, image in zip(row, images):
+            save_png_atomic(image, path)
     write_text_atomic(folder / "render.json", json.dumps(record) + "\n")
-    return images
-
-
-def cached_prompt_kwargs(pipe, models, args):
-    """The pipeline's prompt arguments from the prompt cache, when the text encoders have left the device."""
-    if not models.prompt_cache:
-        return {}
-    embeds, pooled = models.prompt_cache[args.validation_prompt]
-    kwargs = {"prompt_embeds": embeds[None], "pooled_prompt_embeds": pooled[None]}
-    if not pipe.config.force_zeros_for_empty_prompt:  # SDXL's default negative is zeros; else embed ""
-        negative, negative_pooled = models.prompt_cache[""]
-        kwargs.update(negative_prompt_embeds=negative[None], negative_pooled_prompt_embeds=negative_pooled[None])
-    return kwargs
+    return rendered
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -974,7 +1009,7 @@ def train(accelerator, models, trained, optimizer, lr_scheduler, dataloader, *, 
             accelerator.log({"lr": lr_scheduler.get_last_lr()[0]}, step=step)  # a host value: no device sync
             last = step == args.max_train_steps
             save = step % args.checkpointing_steps == 0 or last
-            validate = bool(args.validation_prompt) and (step % args.validation_steps == 0 or last)
+            validate = bool(validation_prompts(args)) and (step % args.validation_steps == 0 or last)
             log = step % args.logging_steps == 0 or save or validate or step == start_step + WARMUP_STEPS
             # one process alone looks for a signal every step; several agree on it only where they sync anyway
             signum = stop.requested(accelerator) if log or accelerator.num_processes == 1 else 0
@@ -988,8 +1023,10 @@ def train(accelerator, models, trained, optimizer, lr_scheduler, dataloader, *, 
                 with clock.phase("saving"):
                     save_checkpoint(accelerator, trained, args, settings, step)
             if validate and not signum and accelerator.is_main_process:
-                signum = validate_unless_stopped(accelerator, models, args, settings, step, clock, stop, saved=save,
-                                                 trained=trained)
+                signum = stop.validate_unless_stopped(
+                    accelerator, clock, lambda: log_validation(accelerator, models, args, settings, step),
+                    Path(settings.output_dir) / "validation" / f"step{step - 1}",
+                    save=None if save else lambda: save_checkpoint(accelerator, trained, args, settings, step))
             if save or validate or signum:
                 if accelerator.is_main_process:
                     write_model_card(settings.output_dir, args, settings, step, accelerator.num_processes)
@@ -1002,25 +1039,6 @@ def train(accelerator, models, trained, optimizer, lr_scheduler, dataloader, *, 
             if last:
                 break
     progress.close()
-
-
-def validate_unless_stopped(accelerator, models, args, settings, step, clock, stop, *, saved, trained):
-    """Validation images, which take minutes at full size: one process alone stops them at once for a stop, drops
-    the step's unfinished images, and saves the step if it was not saved already. Returns the signal that stopped
-    them, 0 if none. Several processes finish them (the others wait for the main one at a barrier)."""
-    alone = accelerator.num_processes == 1
-    try:
-        with clock.phase("validation"), (stop.at_once_within(lambda: "") if alone else contextlib.nullcontext()):
-            log_validation(accelerator, models, args, settings, step)
-        return 0
-    except Interrupted:
-        folder = Path(settings.output_dir) / "validation" / f"step{step - 1}"
-        if not (folder / "grid.png").is_file():  # written last: without it, the round is not complete
-            shutil.rmtree(folder, ignore_errors=True)
-        if not saved:
-            with clock.phase("saving"):
-                save_checkpoint(accelerator, trained, args, settings, step)
-        return stop.signum
 
 
 def method_settings(args):
@@ -1090,8 +1108,12 @@ def build_caches(accelerator, models, args, targets, prompts):
         models.prompt_cache = encode_prompt_cache(models, prompts, accelerator.device)
         models.text_encoders = [None, None]
         release_memory()
-    if args.cache_latents == "on" or (args.cache_latents == "auto"
-                                      and latent_cache_is_exact(targets, args.center_crop)):
+    cache = args.cache_latents == "on" or (args.cache_latents == "auto"
+                                           and latent_cache_is_exact(targets, args.center_crop))
+    if cache and args.cache_latents == "auto" and augment_draws_anew(targets, args.seed):
+        accelerator.print("note: augment() draws anew each step: latents not cached, each step encodes")
+        cache = False
+    if cache:
         models.latent_cache = encode_latent_cache(models.vae, targets, args.center_crop, args.random_flip, args.seed,
                                                   accelerator.device, disable_progress=not accelerator.is_main_process,
                                                   masked=args.masked_loss)
@@ -1103,10 +1125,11 @@ def build_caches(accelerator, models, args, targets, prompts):
 
 def prompts_to_cache(instance_prompts, args, empty_prompt_is_zeros):
     """Every prompt the run embeds after its frozen encoders have gone: the instance prompts, the class prompt,
-    the validation prompt, and "" only where it is read: a dropped caption (--caption_dropout), or validation's
+    validation_prompts', and "" only where it is read: a dropped caption (--caption_dropout), or validation's
     negative prompt where the pipeline does not make it zeros (SSD-1B's does: force_zeros_for_empty_prompt)."""
-    prompts = {*instance_prompts, args.class_prompt, args.validation_prompt}
-    if args.caption_dropout or (args.validation_prompt and not empty_prompt_is_zeros):
+    validation = validation_prompts(args)
+    prompts = {*instance_prompts, args.class_prompt, *validation}
+    if args.caption_dropout or (validation and not empty_prompt_is_zeros):
         prompts.add("")
     return sorted(prompts - {None})
 

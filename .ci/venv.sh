@@ -27,16 +27,19 @@ ci_install_torch() {
 # The versions this run tests, and the seconds the script has taken so far (venv and installs), for the log.
 ci_print_versions() {
     echo "venv and installs: ${SECONDS}s"
-    "$PY" - <<'PY'
+    "$PY" -I - <<'PY'  # -I: not the current folder's dreambooth_kit/, the one the venv imports from anywhere
 import platform
 from importlib.metadata import PackageNotFoundError, version
 names = ["torch", "diffusers", "transformers", "peft", "accelerate", "bitsandbytes", "huggingface_hub",
-         "safetensors", "tokenizers", "numpy", "pillow", "matplotlib", "pytest"]
+         "safetensors", "tokenizers", "numpy", "pillow", "matplotlib", "pytest", "pytest-xdist"]
 def v(name):
     try:
         return version(name)
     except PackageNotFoundError:
         return "missing"
 print("python " + platform.python_version() + ", " + ", ".join(f"{n} {v(n)}" for n in names), flush=True)
+import importlib.util  # the package the scripts import: this checkout's (editable), or the run tests another copy
+spec = importlib.util.find_spec("dreambooth_kit")
+print("dreambooth_kit from " + (spec.submodule_search_locations[0] if spec else "nowhere: not installed"), flush=True)
 PY
 }

@@ -7,9 +7,18 @@ import re
 import shutil
 from pathlib import Path
 
-# The project's scripts, beside this package: what a printed command names when the running script is unknown
-TRAINER_SCRIPT = Path(__file__).resolve().parents[1] / "train_dreambooth_lora_ssd1b.py"
-INFER_SCRIPT = Path(__file__).resolve().parents[1] / "infer.py"
+
+def beside_package(script):
+    """The project's script by its path beside this package (a checkout, or its editable install). A package that
+    `pip install .` copied into site-packages has no script beside it: then the bare name, as run from the folder
+    that holds the user's copy."""
+    path = Path(__file__).resolve().parents[1] / script
+    return path if path.is_file() else Path(script)
+
+
+# The project's scripts: what a printed command names when the running script is unknown
+TRAINER_SCRIPT = beside_package("train_dreambooth_lora_ssd1b.py")
+INFER_SCRIPT = beside_package("infer.py")
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
 

@@ -6,6 +6,7 @@ import filecmp
 import functools
 import os
 import shlex
+import shutil
 import signal
 import sys
 import threading
@@ -154,6 +155,24 @@ class GracefulStop:
         describe, self.describe = self.describe, None
         yield
         self.describe = describe
+
+    def validate_unless_stopped(self, accelerator, clock, validate, folder, save=None):
+        """Validation images, which take minutes at full size: one process alone stops them at once for a stop,
+        drops the round's unfinished images (its folder), and calls save() (None: the step was saved already).
+        Returns the signal that stopped them, 0 if none. Several processes finish them (the others wait for the
+        main one at a barrier)."""
+        alone = accelerator.num_processes == 1
+        try:
+            with clock.phase("validation"), (self.at_once_within(lambda: "") if alone else contextlib.nullcontext()):
+                validate()
+            return 0
+        except Interrupted:
+            if not (Path(folder) / "grid.png").is_file():  # written last: without it, the round is not complete
+                shutil.rmtree(folder, ignore_errors=True)
+            if save:
+                with clock.phase("saving"):
+                    save()
+            return self.signum
 
     def requested(self, accelerator):
         """The signal to stop on, agreed by all processes so that they stop at the same step."""

@@ -3,6 +3,7 @@ masks, captions and aspect-ratio buckets."""
 
 import io
 import math
+import random
 import unicodedata
 import warnings
 from pathlib import Path
@@ -526,3 +527,21 @@ def mask_weights(mask, depth=None):
 def nearest_bucket(height, width, buckets):
     """The bucket whose aspect ratio is nearest the image's (by log ratio: 2:1 is as far from 1:1 as 1:2)."""
     return min(buckets, key=lambda bucket: abs(math.log(bucket[0] / bucket[1]) - math.log(height / width)))
+
+
+def draws_anew(augment, image, seed):
+    """Whether augment(image, rng) differs from one sample to the next: it drew from its rng or from a global
+    generator (random, numpy, torch), or gave two samples different results. What a cache of its output would
+    freeze."""
+    rngs = [random.Random(f"{seed}-augment-{k}") for k in range(2)]
+    before = [rng.getstate() for rng in rngs], global_rng_states()
+    first, second = [augment(image.copy(), rng) for rng in rngs]
+    same = first.shape == second.shape and bool((first == second).all())
+    return ([rng.getstate() for rng in rngs], global_rng_states()) != before or not same
+
+
+def global_rng_states():
+    import torch  # here, not at the top: the flags' checks import this module before the libraries
+
+    return random.getstate(), np.random.get_state()[1].tobytes(), torch.random.get_rng_state().numpy().tobytes()
+

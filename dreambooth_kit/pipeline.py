@@ -457,3 +457,15 @@ def side_by_side(left, right):
     both.paste(left, (0, 0))
     both.paste(right, (left.width + gap, 0))
     return both
+
+
+def cached_prompt_kwargs(pipe, models, prompt):
+    """The pipeline's prompt arguments from the prompt cache, when the text encoders have left the device."""
+    if not models.prompt_cache:
+        return {}
+    embeds, pooled = models.prompt_cache[prompt]
+    kwargs = {"prompt_embeds": embeds[None], "pooled_prompt_embeds": pooled[None]}
+    if not pipe.config.force_zeros_for_empty_prompt:  # SDXL's default negative is zeros; else embed ""
+        negative, negative_pooled = models.prompt_cache[""]
+        kwargs.update(negative_prompt_embeds=negative[None], negative_pooled_prompt_embeds=negative_pooled[None])
+    return kwargs

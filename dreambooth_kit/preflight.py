@@ -7,6 +7,7 @@ from pathlib import Path
 from .artifacts import KOHYA_FILE, ran, remove_partial_dirs
 from .checkpoints import check_resume, instance_data_sha256, model_fingerprint, run_settings
 from .checks import DORA_IN_KOHYA_FILE
+from .exporters import check_kohya_targets
 from .imaging import (
     check_images,
     check_masks,
@@ -57,8 +58,9 @@ def check_class_folder(args, settings):
     return class_images
 
 
-def check_run(args, settings, instance_images, instance_prompts):
-    """The base model, long prompts, the Hub, the output dir and the state to resume from. Returns the settings
+def check_run(args, settings, instance_images, instance_prompts, lora_targets):
+    """The base model, long prompts, the LoRA targets (unet, text encoders) the kohya file must name, the Hub, the
+    output dir and the state to resume from. Returns the settings
     completed with the photos' checksum, the model's fingerprint and the state to resume from."""
     check_models(settings.pretrained_model_name_or_path, settings.pretrained_vae_model_name_or_path, args.revision,
                  args.variant)
@@ -80,6 +82,9 @@ def check_run(args, settings, instance_images, instance_prompts):
     check_output_dir(settings.output_dir, args.overwrite_output_dir, settings.resume_state)
     if args.output_kohya_format and not settings.output_kohya_format:
         say(f"note: --use_dora writes no {KOHYA_FILE}: {DORA_IN_KOHYA_FILE}")
+    if settings.output_kohya_format:  # a LoRA target kohya's names have no place for, refused before weights load
+        check_kohya_targets(settings.pretrained_model_name_or_path, args.revision, *lora_targets,
+                            args.train_text_encoder)
     captioned = sum(p != args.instance_prompt for p in instance_prompts)
     say(f"{captioned} of {counted(len(instance_images), 'photo')} {'has' if captioned == 1 else 'have'} a "
         f"{settings.caption_extension} caption" + ("; the others use the instance prompt" if captioned else ""))

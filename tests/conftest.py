@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -24,31 +25,67 @@ BESIDE = {}  # the offline demo's process and work folder, while the session run
 # The offline demo (tests/test_examples.py) is the suite's longest test, a minute or more, and shares nothing with
 # the others: when it is collected, it starts as collection ends, on one thread beside the tests before it (which
 # mostly wait on one core: imports, subprocesses, small models), and its test waits for it and checks it.
+# Under pytest-xdist (-n 2) the controller starts it once, when a worker reports it collected, and owns it; the
+# worker that runs its test finds its folder in workerinput and waits for the return code the run writes last.
 def pytest_collection_finish(session):
-    if any(item.name in OFFLINE_DEMO_READERS for item in session.items):
-        work = Path(tempfile.mkdtemp(prefix="offline_demo_"))
-        # the script calls `python` and `accelerate` from PATH: make them this interpreter's, not whatever is first
-        env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
-               "OMP_NUM_THREADS": "1"}
-        command = ["bash", str(ROOT / "examples" / "offline_demo.sh"), str(work / "demo")]
-        with open(work / "stdout", "w") as stdout, open(work / "stderr", "w") as stderr:
-            BESIDE["process"] = subprocess.Popen(command, stdout=stdout, stderr=stderr, env=env,
-                                                 start_new_session=True)  # its own group, so it ends whole
-        BESIDE["work"] = work
+    worker = hasattr(session.config, "workerinput")  # under xdist, the controller starts it
+    if not worker and any(item.name in OFFLINE_DEMO_READERS for item in session.items):
+        start_offline_demo()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+    node.workerinput["offline_demo"] = str(demo_folder())
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_node_collection_finished(node, ids):
+    if "process" not in BESIDE and any(i.split("::")[-1] in OFFLINE_DEMO_READERS for i in ids):
+        start_offline_demo()
+
+
+def pytest_configure(config):
+    if hasattr(config, "workerinput") and "offline_demo" in config.workerinput:
+        BESIDE["found"] = Path(config.workerinput["offline_demo"])
+
+
+def demo_folder():
+    """The demo's work folder, made once by the process that owns the demo."""
+    if "work" not in BESIDE:
+        BESIDE["work"] = Path(tempfile.mkdtemp(prefix="offline_demo_"))
+    return BESIDE["work"]
+
+
+def start_offline_demo():
+    """The demo in its own folder, in its own process group (so it ends whole); returncode is written last."""
+    work = demo_folder()
+    # the script calls `python` and `accelerate` from PATH: make them this interpreter's, not whatever is first
+    env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    command = ["bash", "-c", 'bash "$0" "$1"; echo $? > "$2.tmp" && mv "$2.tmp" "$2"',
+               str(ROOT / "examples" / "offline_demo.sh"), str(work / "demo"), str(work / "returncode")]
+    with open(work / "stdout", "w") as stdout, open(work / "stderr", "w") as stderr:
+        BESIDE["process"] = subprocess.Popen(command, stdout=stdout, stderr=stderr, env=env, start_new_session=True)
 
 
 def pytest_sessionfinish(session):
-    if BESIDE:
+    if "process" in BESIDE:
         if BESIDE["process"].poll() is None:  # the session stopped before the demo's test
             os.killpg(BESIDE["process"].pid, signal.SIGKILL)
         BESIDE["process"].wait()
+    if "work" in BESIDE:  # only where it was made: the controller, or a run without xdist
         shutil.rmtree(BESIDE["work"], ignore_errors=True)
 
 
 def offline_demo(timeout=600):
     """The offline demo's finished run, started as collection ended: (returncode, stdout, stderr, its work folder)."""
-    returncode = BESIDE["process"].wait(timeout=timeout)
-    work = BESIDE["work"]
+    work = BESIDE.get("found") or BESIDE["work"]
+    deadline = time.monotonic() + timeout
+    while not (work / "returncode").exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the offline demo did not finish in {timeout} s: see {work}")
+        time.sleep(0.5)
+    returncode = int((work / "returncode").read_text())
     return returncode, (work / "stdout").read_text(), (work / "stderr").read_text(), work / "demo"
 
 

@@ -83,7 +83,7 @@ def test_validation_from_cached_embeddings_matches_the_pipeline(models, tiny_mod
     headless = pipeline.build_pipeline(trainer.dataclasses.replace(models, text_encoders=[None, None]),
                                       str(tiny_model), None, None)
     cached = pipeline.generate_images(headless, None, [0, 1], 64, 64, 3,
-                                     **trainer.cached_prompt_kwargs(headless, models, args))
+                                     **pipeline.cached_prompt_kwargs(headless, models, args.validation_prompt))
     for a, b in zip(plain, cached):
         np.testing.assert_allclose(np.asarray(a, dtype=float), np.asarray(b, dtype=float), atol=1)
 

@@ -19,7 +19,8 @@ CONFIGS = ROOT / "examples" / "accelerate"
 
 
 def torchrun(flags):
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+    # --standalone: a free port for the rendezvous, not 29500, which another test worker (-n 2) may hold
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(ROOT / "train_dreambooth_lora_ssd1b.py"), *map(str, flags)]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)

@@ -70,7 +70,8 @@ print(resume_command(sys.argv[1:]))
 def test_torchrun_is_read_from_proc(tmp_path):
     if not os.path.exists(f"/proc/{os.getpid()}/cmdline"):
         pytest.skip("no /proc")
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1"]
+    # --standalone: a free port for the rendezvous, not 29500, which another test worker (-n 2) may hold
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]
     (tmp_path / SCRIPT).write_text(STUB)  # named like the trainer, so that the launcher's command line matches
     result = subprocess.run([*launcher, SCRIPT, "--output_dir", "my out"], cwd=tmp_path, capture_output=True,
                             text=True, timeout=120, env={**os.environ, "ACCELERATE_USE_CPU": "true"})

@@ -171,12 +171,15 @@ def test_diffusers_still_loads_a_kohya_files_dora_scale_as_plain_lora():
     assert len(state) == 2 and not any("magnitude" in k or "dora" in k for k in state), list(state)
 
 
+SDXL_UNET = {"layers_per_block": 2, "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]}
+
+
 def test_kohya_names_follow_sgm_blocks():
-    assert exporters.kohya_module_name("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", 2) == \
+    assert exporters.kohya_module_name("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", SDXL_UNET) == \
         "input_blocks.4.1.transformer_blocks.0.attn1.to_q"
-    assert exporters.kohya_module_name("down_blocks.2.attentions.1.proj_in", 2) == "input_blocks.8.1.proj_in"
-    assert exporters.kohya_module_name("up_blocks.1.attentions.2.x", 2) == "output_blocks.5.1.x"
-    assert exporters.kohya_module_name("mid_block.attentions.0.x", 2) == "middle_block.1.x"
+    assert exporters.kohya_module_name("down_blocks.2.attentions.1.proj_in", SDXL_UNET) == "input_blocks.8.1.proj_in"
+    assert exporters.kohya_module_name("up_blocks.1.attentions.2.x", SDXL_UNET) == "output_blocks.5.1.x"
+    assert exporters.kohya_module_name("mid_block.attentions.0.x", SDXL_UNET) == "middle_block.1.x"
 
 
 def test_rerun_into_a_finished_output_dir_offers_resume_or_overwrite(shared_run, tiny_model, photos):
