@@ -30,20 +30,12 @@ import json
 import sys
 from pathlib import Path
 
-import huggingface_hub
-import torch
-import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageOps
-from tqdm.auto import tqdm
-
-from infer import (add_render_flags, base_layer_shapes, check_adapters_fit, check_numbers, load_pipeline, pick_device,
-                   read_settings, render_images, resolve, same_model, trained_base)
-from dreambooth_kit.model_card import infer_command, set_card_evaluation
-from dreambooth_kit.checks import CURVE_PACKAGES, ArgumentParser, check_versions, refuse_empty
-from dreambooth_kit.artifacts import LORA_FILE, file_sha256, finished_adapters, looks_like_hub_id, save_png_atomic, step_of, write_text_atomic
-from dreambooth_kit.messages import UserError, counted, agree, warn
+from dreambooth_kit.checks import (CURVE_PACKAGES, INF, ArgumentParser, add_render_flags, answer_before_libraries,
+                                   check_render_numbers, check_versions, refuse_empty)
+from dreambooth_kit.artifacts import (LORA_FILE, file_sha256, finished_adapters, looks_like_hub_id, save_png_atomic,
+                                      step_of, write_text_atomic)
+from dreambooth_kit.messages import UserError, agree, counted, quiet_library_notices, warn
 from dreambooth_kit.imaging import check_images, list_images, load_image
-from dreambooth_kit.pipeline import apply_adapters, check_model_source, read_json_config, resolve_instance_dir, set_lora_scale
 
 DREAMBENCH = Path(__file__).resolve().parent / "dreambench_prompts.json"
 METRICS = ["DINO", "CLIP-I", "CLIP-T"]
@@ -90,11 +82,14 @@ def parser():
     g.add_argument("--overwrite_output_dir", action="store_true", help="replace an earlier evaluation there")
 
     g = p.add_argument_group("rendering (as infer.py; --device is the scorers' too)")
-    g.add_argument("--images_per_prompt", type=int, default=4, help="image j of every prompt uses seed + j")
+    g.add_argument("--images_per_prompt", type=int, default=4, help="image j of every prompt uses seed + j",
+                   range=(1, INF, "[)", 4))
     g.add_argument("--prompts", type=int, default=None, help="render only K of the 25 DreamBench prompts, a fixed "
-                   "subset spread over the kinds of prompt (docs/evaluation.md); default: all 25")
+                   "subset spread over the kinds of prompt (docs/evaluation.md); default: all 25",
+                   range=(1, 25, "[]", 5))  # DreamBench has 25 prompts per kind of subject
     g.add_argument("--clip_t_tolerance", type=float, default=None, help="with a run folder: how far below the base "
-                   f"model's CLIP-T the recommended step may be; default: {CLIP_T_TOLERANCE}")
+                   f"model's CLIP-T the recommended step may be; default: {CLIP_T_TOLERANCE}",
+                   range=(0, INF, "[)", CLIP_T_TOLERANCE))
     add_render_flags(g)
 
     g = p.add_argument_group("scorers (hub ids or local folders)")
@@ -126,7 +121,7 @@ def check_args(args):
                         "baseline, pass --images OUTPUT_DIR/baseline_images")
     if args.checkpoint and not (args.class_noun and args.subject_kind):
         raise UserError("rendering needs --class_noun (e.g. dog) and --subject_kind (live for pets, else object)")
-    check_numbers(args, "images_per_prompt")  # infer.py's ranges, so the two scripts refuse alike
+    check_render_numbers(args, "images_per_prompt")  # as infer.py's, so the two scripts refuse alike
     for flag in ("steps", "prompts", "clip_t_tolerance"):
         if args.images and getattr(args, flag) is not None:
             raise UserError(f"--{flag} says what to render, and --images renders nothing: pass --checkpoint instead")
@@ -144,6 +139,27 @@ def step_numbers(text):
     if len(set(numbers)) < len(numbers):
         raise UserError(f"--steps names a step twice ({text}): name each once")
     return sorted(numbers)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The libraries: imported below the flags, so that a script run answers --help and a mistyped flag at once, not
+# after the seconds torch, diffusers and transformers take to import
+# ----------------------------------------------------------------------------------------------------------
+
+if __name__ == "__main__":
+    answer_before_libraries(parse_args)
+
+import huggingface_hub  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from PIL import Image, ImageDraw, ImageOps  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from infer import (base_layer_shapes, check_adapters_fit, load_pipeline, pick_device, read_settings,  # noqa: E402
+                   render_images, resolve, same_model, trained_base)
+from dreambooth_kit.model_card import infer_command, set_card_evaluation  # noqa: E402
+from dreambooth_kit.pipeline import (apply_adapters, check_model_source, read_json_config,  # noqa: E402
+                                     resolve_instance_dir, set_lora_scale)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -793,8 +809,9 @@ def evaluate_run(args, photos, device):
 
 
 def main(argv=None):
+    quiet_library_notices()
     args = parse_args(argv)                                      # flags, every check of them in one place
-    check_versions(["torch", "diffusers", "transformers", "peft"])  # as at import, for callers of main() too
+    check_versions(["torch", "diffusers", "transformers", "peft"])  # as a script run does first, for callers too
     photos = instance_photos(args.instance_dir)                  # the real photos, every one readable
     check_scorer(args.dino_model, "--dino_model")
     check_scorer(args.clip_model, "--clip_model")

@@ -8,72 +8,85 @@ seed --seed + i through a CPU generator, so `--seed S` gives exactly the picture
 `generator=torch.Generator("cpu").manual_seed(S)` and the adapters applied, on any machine. Each PNG carries its
 settings in a `parameters` text chunk (the A1111 convention).
 
-evaluate.py renders through this file's code: add_render_flags (the rendering flags of both scripts), resolve (the
-flags with the checkpoint's settings filling the rest, frozen in a Render), load_pipeline and render_images.
+evaluate.py renders through this file's code: resolve (the flags with the checkpoint's settings filling the rest,
+frozen in a Render), load_pipeline and render_images; both declare their rendering flags with the package's
+add_render_flags.
 """
 
 import dataclasses
 import json
-import math
 import os
 import re
 import sys
 from pathlib import Path
 
-import torch
-from PIL.PngImagePlugin import PngInfo
-from safetensors import SafetensorError, safe_open
+from dreambooth_kit.checks import (INF, IMAGE_SIDE, ArgumentParser, add_render_flags, answer_before_libraries,
+                                   check_render_numbers, check_versions, describe_range, refuse_empty)
+from dreambooth_kit.artifacts import LORA_FILE, SETTINGS_FILE, ran, save_png_new
+from dreambooth_kit.messages import UserError, agree, counted, one_line, quiet_library_notices
 
-from dreambooth_kit.checks import ArgumentParser, check_range, check_versions, refuse_empty
-from dreambooth_kit.artifacts import LORA_FILE, SETTINGS_FILE, save_png_new
-from dreambooth_kit.messages import UserError, one_line, agree, counted
-from dreambooth_kit.pipeline import apply_adapters, build_pipeline, check_models, generate_images, load_errors_named, load_models, shared_name
-from dreambooth_kit.artifacts import ran
-from peft import LoraConfig
 
-SEED_MAX = 2**64 - 1  # the largest seed torch.Generator takes; it takes negative ones too, as aliases of large ones
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-# Every numeric flag of infer.py and evaluate.py: what a valid value is, and the test of it (floats must also be
-# finite). Out of range, each fails only after the base model has loaded, or worse renders noise with exit 0.
-NUMBER_RANGES = {
-    "num_images": ("at least 1", lambda v: v >= 1),
-    "images_per_prompt": ("at least 1", lambda v: v >= 1),
-    "seed": ("in [0, 2**64 - 1]", lambda v: 0 <= v <= SEED_MAX),
-    "num_inference_steps": ("at least 1", lambda v: v >= 1),
-    "guidance_scale": ("a finite number >= 0 (1 or below turns guidance off)", lambda v: v >= 0),
-    "lora_scale": ("a finite number (0 renders the base model)", lambda v: True),
-    # SDXL-family models are trained at 1024; past 4096 a render needs tens of GB and days on a CPU
-    "height": ("a multiple of 8 in [8, 4096]", lambda v: 8 <= v <= 4096 and v % 8 == 0),
-    "width": ("a multiple of 8 in [8, 4096]", lambda v: 8 <= v <= 4096 and v % 8 == 0),
-    "prompts": ("in [1, 25] (DreamBench has 25 prompts per kind of subject)", lambda v: 1 <= v <= 25),
-    "clip_t_tolerance": ("a finite number >= 0", lambda v: v >= 0),
-}
+def parser():
+    p = ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", required=True, help="a step dir, e.g. work_dirs/<run>/step499")
+    p.add_argument("--prompt", default=None, help="default: the run's instance prompt")
+    p.add_argument("--num_images", type=int, default=1, help="how many images, one per seed", range=(1, INF, "[)", 1))
+    p.add_argument("--output", default="outputs", help="a folder for the PNGs")
+    add_render_flags(p)
+    return p
 
-def within_flag_range(name, value):
-    """value is within the trainer's FLAG_RANGES row for --name: what the trainer would have taken, typed."""
-    try:
-        check_range(name, value)
-    except UserError:
-        return False
-    return True
+
+# Text flags where an empty value is a mistake (an empty path is the current folder) -> what to pass instead
+EMPTY_FIXES = {"checkpoint": "a step dir, e.g. work_dirs/<run>/step499",
+               "prompt": "a prompt, or leave --prompt out to use the run's instance prompt",
+               "output": "a folder for the PNGs, or leave it out for outputs/"}
+
+
+def parse_args(argv=None):
+    args = parser().parse_args(argv)
+    refuse_empty(args, EMPTY_FIXES)
+    check_render_numbers(args, "num_images")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The libraries: imported below the flags, so that a script run answers --help and a mistyped flag at once, not
+# after the seconds torch, diffusers and transformers take to import
+# ----------------------------------------------------------------------------------------------------------
+
+if __name__ == "__main__":
+    answer_before_libraries(parse_args)
+
+import torch  # noqa: E402
+from peft import LoraConfig  # noqa: E402
+from PIL.PngImagePlugin import PngInfo  # noqa: E402
+from safetensors import SafetensorError, safe_open  # noqa: E402
+
+from dreambooth_kit.pipeline import (apply_adapters, build_pipeline, check_models, generate_images,  # noqa: E402
+                                     load_errors_named, load_models, shared_name)
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}  # --dtype's choices
 
 
 def non_empty(value):
     return isinstance(value, str) and value.strip() != ""
 
 
+def image_side(value):
+    """A side that --height takes typed (the trainer's --resolution takes the same IMAGE_SIDE): a multiple of 8."""
+    return parser().within("height", value) and value % 8 == 0
+
+
+SIDE = f"a multiple of 8 {describe_range(*IMAGE_SIDE[:3])}"
 LORA_PREFIXES = ("unet.", "text_encoder.", "text_encoder_2.")  # the components of a diffusers-format adapter file
 # what run_settings.json may hold, where infer.py reads it: (what a valid value is, its test, the flags that replace
 # it or None where only the file records it)
 RECORDED = {
-    "resolution": ("a multiple of 8 in [8, 4096], as the trainer's --resolution",
-                   lambda v: type(v) is int and v % 8 == 0 and within_flag_range("resolution", v),
-                   "--height and --width"),
+    "resolution": (f"{SIDE}, as the trainer's --resolution", image_side, "--height and --width"),
     # (height, width) the run validated at: the photos' most common training size, which aspect-ratio buckets
     # can make other than a square; held to --height's and --width's own range, as if typed
-    "validation_size": ("null or a [height, width] pair, each " + NUMBER_RANGES["height"][0],
-                        lambda v: v is None or (isinstance(v, list) and len(v) == 2
-                                                and all(type(x) is int and NUMBER_RANGES["height"][1](x) for x in v)),
+    "validation_size": (f"null or a [height, width] pair, each {SIDE}",
+                        lambda v: v is None or (isinstance(v, list) and len(v) == 2 and all(map(image_side, v))),
                         "--height and --width"),
     "instance_prompt": ("a string", lambda v: isinstance(v, str), "--prompt"),
     "pretrained_model_name_or_path": ("a non-empty string", lambda v: isinstance(v, str) and v.strip() != "",
@@ -108,65 +121,10 @@ class Render:
     dtype: str  # a key of DTYPES
 
 
-def add_render_flags(p):
-    """The rendering flags of infer.py and evaluate.py, declared once so that they mean the same in both."""
-    p.add_argument("--negative_prompt", default=None, help="what the images should not show; default: none")
-    p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
-    p.add_argument("--num_inference_steps", type=int, default=50, help="denoising steps")
-    p.add_argument("--guidance_scale", type=float, default=5.0,
-                   help="classifier-free guidance; 1 or below turns it off")
-    p.add_argument("--height", type=int, default=None,
-                   help="default: the size the run validated at (its photos' most common), else 1024")
-    p.add_argument("--width", type=int, default=None,
-                   help="default: the size the run validated at (its photos' most common), else 1024")
-    p.add_argument("--lora_scale", type=float, default=1.0, help="the adapters' strength; 0 renders the base model")
-    p.add_argument("--pretrained_model_name_or_path", default=None,
-                   help="default: what the checkpoint recorded (segmind/SSD-1B if nothing)")
-    p.add_argument("--pretrained_vae_model_name_or_path", default=None,
-                   help="default: what the checkpoint recorded; 'none' means the model's own VAE")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: fp16 on GPU, fp32 on CPU")
-
-
-def parser():
-    p = ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", required=True, help="a step dir, e.g. work_dirs/<run>/step499")
-    p.add_argument("--prompt", default=None, help="default: the run's instance prompt")
-    p.add_argument("--num_images", type=int, default=1, help="how many images, one per seed")
-    p.add_argument("--output", default="outputs", help="a folder for the PNGs")
-    add_render_flags(p)
-    return p
-
-
-# Text flags where an empty value is a mistake (an empty path is the current folder) -> what to pass instead
-EMPTY_FIXES = {"checkpoint": "a step dir, e.g. work_dirs/<run>/step499",
-               "prompt": "a prompt, or leave --prompt out to use the run's instance prompt",
-               "output": "a folder for the PNGs, or leave it out for outputs/"}
-
-
-def parse_args(argv=None):
-    args = parser().parse_args(argv)
-    refuse_empty(args, EMPTY_FIXES)
-    check_numbers(args, "num_images")
-    return args
-
-
-def check_numbers(args, count_flag):
-    """Each numeric flag within NUMBER_RANGES; count_flag names the flag that says how many seeds follow --seed."""
-    for name, (valid, within) in NUMBER_RANGES.items():
-        value = getattr(args, name, None)
-        if value is not None and ((isinstance(value, float) and not math.isfinite(value)) or not within(value)):
-            raise UserError(f"--{name} must be {valid} (got {value})")
-    count = getattr(args, count_flag)
-    if args.seed + count - 1 > SEED_MAX:
-        raise UserError(f"--seed {args.seed} leaves no room for {count} images (image i uses seed + i, and seeds "
-                        f"end at 2**64 - 1): pass --seed {SEED_MAX - count + 1} or less")
-
-
 def read_settings(checkpoint):
     """The run's settings, recorded by the trainer in every step dir, once the step dir's adapter file is known
     to be sound: both are read before any model loads, so a damaged one costs no minutes of loading. Returns the
-    flags as typed with what they came to (the "derived" section, absent from older files) over them."""
+    flags as typed with what they came to (the "derived" section) over them."""
     checkpoint = Path(checkpoint)
     if not (checkpoint / LORA_FILE).is_file():
         raise UserError(f"{checkpoint} is not a step dir (no {LORA_FILE}): pass e.g. work_dirs/<run>/step499")
@@ -181,9 +139,10 @@ def read_settings(checkpoint):
         raise UserError(f"cannot read {settings_file} ({type(e).__name__}: {one_line(e)}): {fix}") from None
     if not isinstance(settings, dict):
         raise UserError(f"{settings_file} holds a JSON {type(settings).__name__}, not an object: {fix}")
-    derived = settings.get("derived", {})
-    if not isinstance(derived, dict):
-        raise UserError(f"{settings_file} records derived as a JSON {type(derived).__name__}, not an object: {fix}")
+    derived = settings.get("derived")
+    if not isinstance(derived, dict):  # the trainer always records what its flags came to
+        what = "no derived section" if derived is None else f"derived as a JSON {type(derived).__name__}, not an object"
+        raise UserError(f"{settings_file} records {what}: {fix}")
     return ran(settings)
 
 
@@ -488,8 +447,9 @@ def parameters_text(render, seed, sampler):
 
 
 def main(argv=None):
+    quiet_library_notices()
     args = parse_args(argv)
-    check_versions(["torch", "diffusers", "transformers", "peft"])  # as at import, for callers of main() too
+    check_versions(["torch", "diffusers", "transformers", "peft"])  # as a script run does first, for callers too
     check_output_folder(args.output)
     settings = read_settings(args.checkpoint)
     render = resolve(args, settings, args.prompt, args.num_images)

@@ -41,9 +41,9 @@ import time
 from pathlib import Path
 
 from dreambooth_kit.artifacts import KOHYA_FILE, absolute_if_local, save_png_atomic, write_text_atomic
-from dreambooth_kit.checks import (CURVE_PACKAGES, FLAG_RANGES, FP16_ON_CPU, MINIMUM_VERSIONS, OPTIMIZER_PACKAGES,
-                                   SECRET_FLAGS, ArgumentParser, check_args, check_versions, describe_range,
-                                   effective_learning_rates, Flags, uses_class_images, warn_prodigy_learning_rate)
+from dreambooth_kit.checks import (CURVE_PACKAGES, FP16_ON_CPU, IMAGE_SIDE, INF, MINIMUM_VERSIONS, OPTIMIZER_PACKAGES,
+                                   SECRET_FLAGS, ArgumentParser, check_args, check_versions, effective_learning_rates,
+                                   Flags, uses_class_images, warn_prodigy_learning_rate)
 from dreambooth_kit.graceful import (before_libraries, GracefulStop, Interrupted, resume_command, run_script,
                                      stopped_after_training, stopped_before_training, stopped_while_importing)
 from dreambooth_kit.imaging import (bit_depth, caption_suffix, draws_anew, image_size, list_images, load_image,
@@ -60,16 +60,13 @@ TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
 def make_parser():
-    """Every flag; a numeric one's --help ends with its range from FLAG_RANGES."""
+    """Every flag; a numeric one declares its valid values beside it (range=), and its --help ends with them."""
     p = ArgumentParser(description=__doc__.split("\n")[0])
     add_data_flags(p)
     add_training_flags(p)
     add_output_flags(p)
     for action in p._actions:
-        if action.dest in FLAG_RANGES:
-            valid = describe_range(*FLAG_RANGES[action.dest][:3])
-            action.help = f"{action.help}; {valid}" if action.help else valid
-        elif action.help is None and action.default not in (None, False):  # argparse shows no help line at all
+        if action.help is None and action.default not in (None, False):  # argparse shows no help line at all
             action.help = "default: %(default)s"
     return p
 
@@ -130,7 +127,7 @@ def add_data_flags(p):
     g.add_argument("--instance_prompt", required=True, help='e.g. "a photo of sks dog"')
     g.add_argument("--caption_extension", default=".txt",
                    help="photo.txt beside photo.jpg replaces the instance prompt for that photo")
-    g.add_argument("--resolution", type=int, default=1024, help="a multiple of 8")
+    g.add_argument("--resolution", type=int, default=1024, help="a multiple of 8", range=IMAGE_SIDE)
     g.add_argument("--aspect_ratio_buckets", default=None,
                    help="train each photo at the aspect ratio nearest its own: 'auto' (SDXL's buckets at "
                         "--resolution's area, sides multiples of 64) or 'h,w;h,w;...'; default: squares")
@@ -138,22 +135,26 @@ def add_data_flags(p):
     g.add_argument("--random_flip", action="store_true")
     g.add_argument("--caption_dropout", type=float, default=0.0,
                    help="the probability that an instance sample trains with the empty prompt (the unconditional "
-                        "that classifier-free guidance renders against), drawn per sample from --seed")
+                        "that classifier-free guidance renders against), drawn per sample from --seed",
+                   range=(0, 1, "[)", 0.1))  # 1 would never show the prompt: nothing would tie it to the subject
     g.add_argument("--masked_loss", action="store_true",
                    help="photo.mask.png beside photo.jpg (grey scale, white = subject) weights the loss per latent "
                         "pixel; a photo without one weighs 1 everywhere")
-    g.add_argument("--mask_floor", type=float, default=0.0, help="the loss weight of a mask's black part")
-    g.add_argument("--train_batch_size", type=int, default=1)
-    g.add_argument("--dataloader_num_workers", type=int, default=0)
+    g.add_argument("--mask_floor", type=float, default=0.0, help="the loss weight of a mask's black part",
+                   range=(0, 1, "[)", 0.1))  # 1 would weigh the black part as the white: the masks would do nothing
+    g.add_argument("--train_batch_size", type=int, default=1, range=(1, INF, "[)", 1))
+    g.add_argument("--dataloader_num_workers", type=int, default=0, range=(0, INF, "[)", 0))
 
     g = p.add_argument_group("prior preservation")
     g.add_argument("--with_prior_preservation", action="store_true")
     g.add_argument("--class_prompt", default=None, help='e.g. "a photo of dog"')
     g.add_argument("--class_dir", "--class_data_dir", dest="class_dir", default=None,
                    help="default: OUTPUT_DIR/class_images")
-    g.add_argument("--num_class_images", type=int, default=100)
-    g.add_argument("--prior_loss_weight", type=float, default=1.0)
-    g.add_argument("--sample_batch_size", type=int, default=4, help="batch size for making class images")
+    g.add_argument("--num_class_images", type=int, default=100, range=(1, INF, "[)", 100))
+    g.add_argument("--prior_loss_weight", type=float, default=1.0,
+                   range=(0, INF, "()", 1.0))  # 0 would switch the prior off, at the cost of computing it
+    g.add_argument("--sample_batch_size", type=int, default=4, help="batch size for making class images",
+                   range=(1, INF, "[)", 4))
     g.add_argument("--prior_target", choices=["class_images", "base_prediction"], default="class_images",
                    help="class_images: the paper's, the base model's own images of the class prompt; "
                         "base_prediction: the base model's prediction (adapters off) for the class prompt on each "
@@ -162,40 +163,45 @@ def add_data_flags(p):
 
 def add_training_flags(p):
     g = p.add_argument_group("LoRA")
-    g.add_argument("--rank", type=int, default=8)
-    g.add_argument("--lora_alpha", type=int, default=None, help="default: the rank")
-    g.add_argument("--lora_dropout", type=float, default=0.0)
+    g.add_argument("--rank", type=int, default=8,
+                   range=(1, 1024, "[]", 8))  # beyond 1024, LoRA is no longer low-rank for any layer of SDXL's UNet
+    g.add_argument("--lora_alpha", type=int, default=None, help="default: the rank",
+                   range=(1, 65536, "[]", 8))  # 0 would switch LoRA off, a negative one flip its sign
+    g.add_argument("--lora_dropout", type=float, default=0.0, range=(0, 1, "[)", 0.0))
     g.add_argument("--use_dora", action="store_true",
                    help="DoRA (weight-decomposed LoRA): each adapted layer also trains a magnitude per output row")
     g.add_argument("--train_text_encoder", action="store_true", help="LoRA on both CLIP text encoders too")
-    g.add_argument("--text_encoder_lr", type=float, default=5e-6)
+    g.add_argument("--text_encoder_lr", type=float, default=5e-6, range=(0, INF, "()", 5e-6))
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--optimizer", choices=["adamw8bit", "adamw", "prodigy"], default="adamw8bit",
                    help="prodigy (prodigyopt) finds the step size itself: its learning rate is a multiplier, best 1.0")
-    g.add_argument("--learning_rate", type=float, default=1e-4)
+    g.add_argument("--learning_rate", type=float, default=1e-4, range=(0, INF, "()", 1e-4))
     g.add_argument("--scale_lr", action="store_true",
                    help="multiply the learning rates by batch size x processes x accumulation")
-    g.add_argument("--adam_beta1", type=float, default=0.9)
-    g.add_argument("--adam_beta2", type=float, default=0.999)
-    g.add_argument("--adam_weight_decay", type=float, default=1e-4)
-    g.add_argument("--adam_epsilon", type=float, default=1e-8)
+    g.add_argument("--adam_beta1", type=float, default=0.9,
+                   range=(0, 1, "[)", 0.9))  # torch's AdamW refuses betas outside [0, 1)
+    g.add_argument("--adam_beta2", type=float, default=0.999, range=(0, 1, "[)", 0.999))
+    g.add_argument("--adam_weight_decay", type=float, default=1e-4, range=(0, INF, "[)", 1e-4))
+    g.add_argument("--adam_epsilon", type=float, default=1e-8, range=(0, INF, "()", 1e-8))
     # diffusers' flag names and defaults; Prodigy takes the Adam flags above too
     g.add_argument("--prodigy_beta3", type=float, default=None,
-                   help="Prodigy's average for its step-size estimate; default: the square root of --adam_beta2")
+                   help="Prodigy's average for its step-size estimate; default: the square root of --adam_beta2",
+                   range=(0, 1, "[)", 0.999))  # an average's coefficient, as the Adam betas
     g.add_argument("--prodigy_decouple", action=argparse.BooleanOptionalAction, default=True,
                    help="decoupled (AdamW) weight decay; --no-prodigy_decouple: Adam's L2 penalty")
     g.add_argument("--prodigy_use_bias_correction", action=argparse.BooleanOptionalAction, default=True,
                    help="Adam's bias correction in Prodigy")
     g.add_argument("--prodigy_safeguard_warmup", action=argparse.BooleanOptionalAction, default=True,
                    help="keep the learning rate out of Prodigy's step-size estimate, so a warm-up does not inflate it")
-    g.add_argument("--max_grad_norm", type=float, default=1.0)
+    g.add_argument("--max_grad_norm", type=float, default=1.0, range=(0, INF, "()", 1.0))
     g.add_argument("--lr_scheduler", default="constant",
                    choices=["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
                             "polynomial"])
-    g.add_argument("--lr_warmup_steps", type=int, default=0, help="at most --max_train_steps")
-    g.add_argument("--max_train_steps", type=int, default=500)
-    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    g.add_argument("--lr_warmup_steps", type=int, default=0, help="at most --max_train_steps",
+                   range=(0, INF, "[)", 0))
+    g.add_argument("--max_train_steps", type=int, default=500, range=(1, 10**9, "[]", 500))
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1, range=(1, INF, "[)", 1))
     g.add_argument("--gradient_checkpointing", action="store_true")
     g.add_argument("--compile", action="store_true", help="torch.compile the UNet (pays off on long runs)")
     g.add_argument("--cache_latents", choices=["auto", "on", "off"], default="auto",
@@ -204,27 +210,31 @@ def add_training_flags(p):
                    help="default: the accelerate config's")
     g.add_argument("--snr_gamma", type=float, default=None,
                    help="min-SNR weighting, 5.0 is the paper's choice; it weights the class half too (diffusers' "
-                        "script: only the instance half), so --prior_loss_weight means the same at every timestep")
-    g.add_argument("--noise_offset", type=float, default=0.0, help="e.g. 0.1")
-    g.add_argument("--seed", type=int, default=0)
+                        "script: only the instance half), so --prior_loss_weight means the same at every timestep",
+                   range=(0, INF, "()", 5.0))
+    g.add_argument("--noise_offset", type=float, default=0.0, help="e.g. 0.1",
+                   range=(0, 1, "[]", 0.1))  # in noise standard deviations: beyond 1 the offset drowns the noise
+    g.add_argument("--seed", type=int, default=0,
+                   range=(0, 2**32 - 1, "[]", 0))  # numpy's seed range: accelerate's set_seed seeds numpy too
 
 
 def add_output_flags(p):
     g = p.add_argument_group("validation")
     g.add_argument("--validation_prompt", default=None, help='e.g. "A photo of sks dog in a bucket"')
-    g.add_argument("--num_validation_images", type=int, default=4)
-    g.add_argument("--validation_steps", type=int, default=100)
-    g.add_argument("--validation_inference_steps", type=int, default=50)
+    g.add_argument("--num_validation_images", type=int, default=4, range=(1, INF, "[)", 4))
+    g.add_argument("--validation_steps", type=int, default=100, range=(1, INF, "[)", 100))
+    g.add_argument("--validation_inference_steps", type=int, default=50, range=(1, INF, "[)", 50))
     g.add_argument("--validation_compare_base", action="store_true",
                    help="beside each round's images, the base model's (adapters off, same seeds), rendered once")
     g.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "wandb", "all", "none"])
     g.add_argument("--logging_steps", type=int, default=10,
-                   help="read the loss back from the device every N steps (each read waits for the device)")
+                   help="read the loss back from the device every N steps (each read waits for the device)",
+                   range=(1, INF, "[)", 10))
 
     g = p.add_argument_group("output")
     g.add_argument("--output_dir", default=None,
                    help="default: work_dirs/ssd_1b_dreambooth_lora_<name of the instance folder>")
-    g.add_argument("--checkpointing_steps", type=int, default=100)
+    g.add_argument("--checkpointing_steps", type=int, default=100, range=(1, INF, "[)", 100))
     g.add_argument("--overwrite_output_dir", action="store_true",
                    help="replace the earlier run in the output dir: its steps, states, validation, card and logs "
                         "are removed before this run writes; files of your own there stay")
@@ -233,7 +243,7 @@ def add_output_flags(p):
     g.add_argument("--accept_changed_settings", action="store_true",
                    help="resume although flags that shape training (learning rate, prompts, seed, ...) changed")
     g.add_argument("--checkpoints_total_limit", type=int, default=None,
-                   help="keep only the newest N resumable states (adapters are always kept)")
+                   help="keep only the newest N resumable states (adapters are always kept)", range=(1, INF, "[)", 3))
     g.add_argument("--output_kohya_format", action=argparse.BooleanOptionalAction, default=True,
                    help=f"write stepN/{KOHYA_FILE} (kohya names), the file ComfyUI and A1111/Forge load whole: they "
                         "skip every UNet tensor of the diffusers file")

@@ -48,7 +48,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run_benchmarks import machine, versions  # noqa: E402  (the runner's own folder)
+from run_benchmarks import machine, versions, write_records  # noqa: E402  (the runner's own folder)
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAINER = "train_dreambooth_lora_ssd1b.py"
@@ -326,27 +326,10 @@ def render(records: list[dict]) -> str:
     return "\n".join([*lines, END])
 
 
-def write_atomically(path: Path, text: str) -> None:
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(text)
-    os.replace(partial, path)
-
-
 def write_results(results: Path, new: list[dict]) -> None:
     """Keep every record in RESULTS-cpu-memory.json beside the markdown, replacing those of the same key, and
     rewrite the table between this script's markers; the prose and run_benchmarks.py's table are left alone."""
-    store = results.with_name("RESULTS-cpu-memory.json")
-    records = json.loads(store.read_text()) if store.exists() else []
-    keys = {key(r) for r in new}
-    records = [r for r in records if key(r) not in keys] + new
-    write_atomically(store, json.dumps(records, indent=2) + "\n")
-    text = results.read_text() if results.exists() else "# Benchmarks\n\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + render(records) + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + render(records) + "\n"
-    write_atomically(results, text)
+    write_records(results, results.with_name("RESULTS-cpu-memory.json"), new, key, render, (BEGIN, END))
 
 
 def parse_args(argv=None):

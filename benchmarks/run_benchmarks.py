@@ -231,18 +231,32 @@ def render(records: list[dict]) -> str:
 def write_results(results: Path, new: list[dict]) -> None:
     """Keep every record in RESULTS.json beside the markdown, replacing those of the same (size, mode, machine),
     and rewrite the table between the markers; the prose around it is left as it is."""
-    store = results.with_suffix(".json")
+    write_records(results, results.with_suffix(".json"), new, lambda r: (r["size"], r["mode"], r["machine"]),
+                  render, (BEGIN, END))
+
+
+def write_records(results: Path, store: Path, new: list[dict], key, render_table, markers: tuple) -> None:
+    """Keep every record in the JSON store, replacing those of the same key, and rewrite the table (render_table of
+    all records, markers included) between the markers of the markdown results; the prose and other scripts'
+    tables are left alone. Each file is replaced whole, so an interrupted write leaves the earlier one."""
     records = json.loads(store.read_text()) if store.exists() else []
-    keys = {(r["size"], r["mode"], r["machine"]) for r in new}
-    records = [r for r in records if (r["size"], r["mode"], r["machine"]) not in keys] + new
-    store.write_text(json.dumps(records, indent=2) + "\n")
+    keys = {key(r) for r in new}
+    records = [r for r in records if key(r) not in keys] + new
+    write_atomically(store, json.dumps(records, indent=2) + "\n")
+    begin, end = markers
     text = results.read_text() if results.exists() else "# Benchmarks\n\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + render(records) + rest.split(END, 1)[1]
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + render_table(records) + rest.split(end, 1)[1]
     else:
-        text = text.rstrip("\n") + "\n\n" + render(records) + "\n"
-    results.write_text(text)
+        text = text.rstrip("\n") + "\n\n" + render_table(records) + "\n"
+    write_atomically(results, text)
+
+
+def write_atomically(path: Path, text: str) -> None:
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text)
+    os.replace(partial, path)
 
 
 def prepare_tiny_model(work_dir: Path) -> Path:

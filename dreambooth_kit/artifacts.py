@@ -185,6 +185,6 @@ def absolute_if_local(name):
 
 
 def ran(settings):
-    """A run's recorded settings as they ran: the flags, with what they came to in place of what was typed (a
-    record from before "derived" existed holds only those)."""
+    """A run's recorded settings as they ran: the flags, with what they came to ("derived") in place of what was
+    typed. {} stays {}: a step dir copied without its run_settings.json records nothing."""
     return {**settings, **settings.get("derived", {})}

@@ -25,7 +25,6 @@ from tqdm.auto import tqdm
 from .artifacts import (
     STATE_PREFIX,
     TRAINER_STATE,
-    absolute_if_local,
     file_sha256,
     finished_adapters,
     partial_dir,
@@ -57,12 +56,7 @@ def check_resume(args, current):
         raise UserError(f"{state / TRAINER_STATE} records {saved['step']} steps, but {state.name} is the state after "
                         f"{step_of(state)}: delete {state} to resume from the state before it, or start a new run")
     saved_settings = ran(saved["settings"])
-    check_state_loads(state, saved_settings.get("train_text_encoder"), saved_settings.get("rank"))
-    # a record from before "derived" holds a model folder as typed, maybe relative: compare where it points
-    for key in ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path"):
-        if isinstance(saved_settings.get(key), str):
-            saved_settings[key] = absolute_if_local(saved_settings[key])
-    saved_settings.setdefault("use_dora", False)  # a state from before --use_dora existed trained plain LoRA
+    check_state_loads(state, saved_settings["train_text_encoder"], saved_settings["rank"])
     check_same_settings(state, saved_settings, current, args.accept_changed_settings)
     if saved["step"] >= args.max_train_steps:
         raise UserError(f"{state} has already done {saved['step']} steps: pass a larger --max_train_steps "
@@ -77,7 +71,8 @@ def read_trainer_state(state):
     file = state / TRAINER_STATE
     try:
         saved = json.loads(file.read_text(encoding="utf-8"))
-        valid = type(saved["step"]) is int and isinstance(saved["settings"], dict)  # a bool is an int to isinstance
+        valid = (type(saved["step"]) is int and isinstance(saved["settings"], dict)  # a bool is an int to isinstance
+                 and isinstance(saved["files"], dict))
     except (OSError, ValueError, TypeError, KeyError):  # ValueError: not UTF-8 or not JSON; TypeError: not a dict
         valid = False
     if not valid:
@@ -168,8 +163,8 @@ def weight_file_sample_sha256(file):
 
 
 def fingerprint_changes(was, now):
-    """The parts of the base model whose fingerprints differ, where both are known (a state from before
-    fingerprints has none; a Hub model not in the cache has none)."""
+    """The parts of the base model whose fingerprints differ, where both are known (a Hub model not in the cache
+    has none)."""
     was, now = was or {}, now or {}
     return [part for part in MODEL_PARTS if was.get(part) and now.get(part) and was[part] != now[part]]
 
@@ -215,7 +210,7 @@ def check_same_settings(state, saved, current, accept_changed_settings):
             raise UserError(f"{state} was trained with --{key} {saved.get(key)}, not {current[key]}{differ}: resume "
                             "with the same flags")
     changed = [describe_change(key, saved[key], current[key]) for key in TRAINING_FLAGS
-               if key in saved and not same_setting(key, saved, current)]
+               if not same_setting(key, saved, current)]
     if changed and not accept_changed_settings:
         raise UserError(f"{state} was trained with other settings: {', '.join(changed)}; resume with the same flags, "
                         "or pass --accept_changed_settings to go on with the new ones")
@@ -245,9 +240,6 @@ def seal(record):
 def verify_state_files(state, saved):
     """Every file of a state as it was saved, and nothing added; refused in one line naming what differs."""
     fix = f"delete {state} to resume from the state before it, or start a new run"
-    if "files" not in saved:
-        say(f"{state} was written by an older trainer without checksums: its files are not verified")
-        return
     if saved.get("seal") != seal(saved):
         raise UserError(f"{state / TRAINER_STATE} was changed after it was saved (its seal does not match): {fix}")
     on_disk = {p.relative_to(state).as_posix() for p in state.rglob("*") if p.is_file()} - {TRAINER_STATE}

@@ -13,7 +13,7 @@ from packaging.version import Version
 
 from .artifacts import LORA_FILE
 from .imaging import caption_suffix, parse_buckets
-from .messages import UserError, warn
+from .messages import UserError, quiet_library_notices, warn
 
 SECRET_FLAGS = {"hub_token"}  # never written to run_settings.json, a tracker or a printed command
 
@@ -54,65 +54,113 @@ def check_versions(packages):
     return found
 
 
+def answer_before_libraries(parse_args):
+    """A script run's first answers, in the seconds before its libraries have imported: --help, a mistyped flag
+    and an install known to fail inside an import are answered in one line. Then the libraries' notices are
+    filtered, as they import."""
+    try:
+        parse_args()
+        check_versions([name for name in MINIMUM_VERSIONS if name not in OPTIMIZER_PACKAGES
+                        and name not in CURVE_PACKAGES])
+    except UserError as error:
+        sys.exit(f"error: {error}")
+    quiet_library_notices()
+
+
 INF = math.inf
 
 
-# Every numeric flag's valid values: (low, high, which ends are included, an example that a refusal offers).
-# Checked before any model loads; floats must also be finite, and None (a flag left unset) is always allowed.
-# Each flag's --help states its range. A numeric flag without a row here fails tests/test_cli.py.
-FLAG_RANGES = {
-    "resolution": (8, 4096, "[]", 1024),  # and a multiple of 8; SDXL-family models are trained at 1024
-    "train_batch_size": (1, INF, "[)", 1),
-    "dataloader_num_workers": (0, INF, "[)", 0),
-    "num_class_images": (1, INF, "[)", 100),
-    "prior_loss_weight": (0, INF, "()", 1.0),  # 0 would switch the prior off, at the cost of computing it
-    "caption_dropout": (0, 1, "[)", 0.1),  # 1 would never show the prompt: nothing would tie it to the subject
-    "mask_floor": (0, 1, "[)", 0.1),  # 1 would weigh the black part as the white: the masks would do nothing
-    "sample_batch_size": (1, INF, "[)", 4),
-    "rank": (1, 1024, "[]", 8),  # beyond 1024, LoRA is no longer low-rank for any layer of SDXL's UNet
-    "lora_alpha": (1, 65536, "[]", 8),  # 0 would switch LoRA off, a negative one flip its sign
-    "lora_dropout": (0, 1, "[)", 0.0),
-    "text_encoder_lr": (0, INF, "()", 5e-6),
-    "learning_rate": (0, INF, "()", 1e-4),
-    "adam_beta1": (0, 1, "[)", 0.9),  # torch's AdamW refuses betas outside [0, 1)
-    "adam_beta2": (0, 1, "[)", 0.999),
-    "adam_weight_decay": (0, INF, "[)", 1e-4),
-    "adam_epsilon": (0, INF, "()", 1e-8),
-    "prodigy_beta3": (0, 1, "[)", 0.999),  # an average's coefficient, as the Adam betas
-    "max_grad_norm": (0, INF, "()", 1.0),
-    "lr_warmup_steps": (0, INF, "[)", 0),  # and at most --max_train_steps
-    "max_train_steps": (1, 10**9, "[]", 500),
-    "gradient_accumulation_steps": (1, INF, "[)", 1),
-    "snr_gamma": (0, INF, "()", 5.0),
-    "noise_offset": (0, 1, "[]", 0.1),  # in noise standard deviations: beyond 1 the offset drowns the noise
-    "seed": (0, 2**32 - 1, "[]", 0),  # numpy's seed range: accelerate's set_seed seeds numpy too
-    "num_validation_images": (1, INF, "[)", 4),
-    "validation_steps": (1, INF, "[)", 100),
-    "validation_inference_steps": (1, INF, "[)", 50),
-    "logging_steps": (1, INF, "[)", 10),
-    "checkpointing_steps": (1, INF, "[)", 100),
-    "checkpoints_total_limit": (1, INF, "[)", 3),
-}
+# Every numeric flag declares its valid values beside it, as add_argument(..., range=(low, high, ends, example)):
+# which ends are included, and an example that a refusal offers. ArgumentParser checks them as it parses, before
+# any model loads; floats must also be finite, and None (a flag left unset) is always allowed. Each flag's --help
+# states its range, and a numeric flag declared without one is refused when the parser is built.
+IMAGE_SIDE = (8, 4096, "[]", 1024)  # SDXL-family models are trained at 1024; past 4096 a render needs tens of GB
 
 
 def describe_range(low, high, ends):
-    """A range as --help and refusals say it: 'at least 1', 'above 0', 'in [0, 1)'."""
+    """A range as --help and refusals say it: 'at least 1', 'above 0', 'in [0, 1)', 'a finite number'."""
+    if low == -INF and high == INF:
+        return "a finite number"
     if high == INF:
         return f"at least {low}" if ends[0] == "[" else f"above {low}"
     return f"in {ends[0]}{low}, {high}{ends[1]}"
 
 
-def check_range(name, value):
-    """Refuse a number outside its flag's FLAG_RANGES row, and nan or inf anywhere; None means unset."""
-    if value is None:
-        return
-    low, high, ends, example = FLAG_RANGES[name]
+def range_refusal(name, value, valid):
+    """The one-line refusal of --name's value outside valid (low, high, ends, example), or of nan or inf; None
+    where the value is within it."""
+    low, high, ends, example = valid
     finite = math.isfinite(value)
     above_low = low <= value if ends[0] == "[" else low < value
     below_high = value <= high if ends[1] == "]" else value < high
-    if not (finite and above_low and below_high):
-        raise UserError(f"--{name} must be {'' if finite else 'finite and '}{describe_range(low, high, ends)} "
-                        f"(got {value}), e.g. --{name} {example}")
+    if finite and above_low and below_high:
+        return None
+    described = describe_range(low, high, ends)
+    must = described if finite or described == "a finite number" else f"finite and {described}"
+    return f"--{name} must be {must} (got {value}), e.g. --{name} {example}"
+
+
+def check_range(name, value, valid):
+    """Refuse --name's value outside valid, in one line; None means unset."""
+    refusal = None if value is None else range_refusal(name, value, valid)
+    if refusal:
+        raise UserError(refusal)
+
+
+class RangedStore(argparse.Action):
+    """argparse's store, with a numeric flag's valid values (range=) declared beside it and stated in its help."""
+
+    def __init__(self, option_strings, dest, range=None, **kwargs):
+        super().__init__(option_strings, dest, **kwargs)
+        if self.type in (int, float) and range is None:  # a copy's new flag, say: unchecked, it fails deep in a run
+            raise TypeError(f"{option_strings[0]} is a number: declare its valid values, add_argument(..., "
+                            "range=(low, high, ends, example))")
+        self.range = range
+        if range:  # before a "default: ..." the help ends with, which says what an unset value means
+            said, _, default = (self.help or "").partition("default: ")
+            parts = [said.removesuffix("; "), describe_range(*range[:3]), default and f"default: {default}"]
+            self.help = "; ".join(part for part in parts if part)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+
+
+SEED_MAX = 2**64 - 1  # the largest seed torch.Generator takes; it takes negative ones too, as aliases of large ones
+
+
+def add_render_flags(p):
+    """The rendering flags of infer.py and evaluate.py, declared once so that they mean the same in both. Out of
+    range, each would fail only after the base model has loaded, or worse render noise with exit 0."""
+    p.add_argument("--negative_prompt", default=None, help="what the images should not show; default: none")
+    p.add_argument("--seed", type=int, default=0, help="image i uses seed + i", range=(0, SEED_MAX, "[]", 0))
+    p.add_argument("--num_inference_steps", type=int, default=50, help="denoising steps", range=(1, INF, "[)", 50))
+    p.add_argument("--guidance_scale", type=float, default=5.0,
+                   help="classifier-free guidance; 1 or below turns it off", range=(0, INF, "[)", 5.0))
+    for side in ("height", "width"):  # a multiple of 8 too: check_render_numbers
+        p.add_argument(f"--{side}", type=int, default=None, range=IMAGE_SIDE,
+                       help="a multiple of 8; default: the size the run validated at (its photos' most common), "
+                            "else 1024")
+    p.add_argument("--lora_scale", type=float, default=1.0, help="the adapters' strength; 0 renders the base model",
+                   range=(-INF, INF, "()", 1.0))
+    p.add_argument("--pretrained_model_name_or_path", default=None,
+                   help="default: what the checkpoint recorded (segmind/SSD-1B if nothing)")
+    p.add_argument("--pretrained_vae_model_name_or_path", default=None,
+                   help="default: what the checkpoint recorded; 'none' means the model's own VAE")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default=None, help="default: fp16 on GPU, fp32 on CPU")
+
+
+def check_render_numbers(args, count_flag):
+    """The rules beyond the rendering flags' own ranges; count_flag names the flag that says how many seeds follow
+    --seed."""
+    for side in ("height", "width"):
+        value = getattr(args, side)
+        if value is not None and value % 8:
+            raise UserError(f"--{side} must be a multiple of 8 (got {value}), e.g. --{side} {value + 8 - value % 8}")
+    count = getattr(args, count_flag)
+    if args.seed + count - 1 > SEED_MAX:
+        raise UserError(f"--seed {args.seed} leaves no room for {count} images (image i uses seed + i, and seeds "
+                        f"end at 2**64 - 1): pass --seed {SEED_MAX - count + 1} or less")
 
 
 # Flags that act only beside another flag: typed without it, each would be ignored without a word.
@@ -173,10 +221,12 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, with its refusals as one line like every other check (a UserError, not usage text and exit
     2), and a negative value in any notation read as a value: --learning_rate -1e-4 reaches the range check.
-    --help states the defaults."""
+    Every numeric flag is checked against its range= as the flags parse. --help states the defaults."""
 
     def __init__(self, *args, formatter_class=DefaultsHelpFormatter, **kwargs):
         super().__init__(*args, formatter_class=formatter_class, **kwargs)
+        for name in (None, "store"):  # argument groups share the registry: their flags take range= too
+            self.register("action", name, RangedStore)
 
     def parse_args(self, args=None, namespace=None):
         args = sys.argv[1:] if args is None else list(args)
@@ -188,7 +238,19 @@ class ArgumentParser(argparse.ArgumentParser):
             else:
                 joined.append(token)
         self.refuse_repeats(joined)
-        return super().parse_args(joined, namespace)
+        parsed = super().parse_args(joined, namespace)
+        for action in self._actions:
+            value = getattr(parsed, action.dest, None)
+            if getattr(action, "range", None) and isinstance(value, (int, float)):  # not a flags_given sentinel
+                check_range(action.dest, value, action.range)
+        return parsed
+
+    def within(self, name, value):
+        """value is one that --name takes typed: a number of its type (an int flag takes no 64.0, and no flag
+        takes true) within its range. For values read from a file, held to the flag's own range."""
+        action = next(a for a in self._actions if a.dest == name)
+        types = (int,) if action.type is int else (int, float)
+        return type(value) in types and range_refusal(name, value, action.range) is None
 
     def refuse_repeats(self, argv):
         """A flag given twice (or under both its names) would keep the last value without a word."""
@@ -295,9 +357,8 @@ def has_accelerator():
 
 
 def check_numbers(args):
-    """Every numeric flag within its FLAG_RANGES row, then the rules that tie two of them together."""
-    for name in FLAG_RANGES:
-        check_range(name, getattr(args, name))
+    """The rules beyond a numeric flag's own range, which ArgumentParser has checked: a multiple of 8, and the two
+    flags that one bounds the other."""
     if args.resolution % 8:
         raise UserError(f"--resolution {args.resolution} must be a positive multiple of 8, e.g. 1024")
     if args.lr_warmup_steps > args.max_train_steps:

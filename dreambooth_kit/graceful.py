@@ -16,9 +16,9 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .artifacts import LORA_FILE, TRAINER_SCRIPT
-from .checks import CURVE_PACKAGES, MINIMUM_VERSIONS, OPTIMIZER_PACKAGES, check_versions
+from .checks import answer_before_libraries
 from .imaging import list_images
-from .messages import UserError, quiet_library_notices
+from .messages import UserError
 
 
 def stopped_while_importing(signum, frame):
@@ -35,13 +35,7 @@ def before_libraries(parse_args):
     --help, a mistyped flag and an install known to fail inside an import are answered in one line."""
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, stopped_while_importing)
-    try:
-        parse_args()
-        check_versions([name for name in MINIMUM_VERSIONS if name not in OPTIMIZER_PACKAGES
-                        and name not in CURVE_PACKAGES])
-    except UserError as error:
-        sys.exit(f"error: {error}")
-    quiet_library_notices()
+    answer_before_libraries(parse_args)
 
 
 @functools.cache
@@ -56,17 +50,15 @@ def parent_command_line():
     return tuple(os.fsdecode(arg) for arg in raw.split(b"\0")[:-1])
 
 
-def resume_command(argv, parent=None, own=None, cwd=None, resume=True, script=TRAINER_SCRIPT):
+def resume_command(argv, resume=True, script=TRAINER_SCRIPT):
     """The command that resumes this run from any folder: `cd` to the folder it was started in, then the launch as
     typed (`accelerate launch` or torchrun with their flags, or the interpreter), the script, the same flags, and
     --resume_from_checkpoint latest (with resume=False, none: a run stopped before it saved anything starts again).
 
-    parent: the parent process's command line ([] when unknown); own: this interpreter's (sys.orig_argv); cwd: the
-    folder the run was started in. Each is read from the system when not given. script: the trainer's file, which a
-    user's copy passes as its own __file__."""
-    parent = list(parent_command_line() if parent is None else parent)
-    own = list(getattr(sys, "orig_argv", [])) if own is None else list(own)
-    cwd = os.getcwd() if cwd is None else cwd
+    The launch is read from the parent process's command line (parent_command_line), else this interpreter's
+    (sys.orig_argv); the folder is the current one. script: the trainer's file, which a user's copy passes as its
+    own __file__."""
+    parent, own, cwd = list(parent_command_line()), list(getattr(sys, "orig_argv", [])), os.getcwd()
     argv = list(argv)
 
     def launch_in(command):

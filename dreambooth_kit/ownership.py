@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import socket
-import sys
 import threading
 import time
 from pathlib import Path
@@ -19,7 +18,6 @@ from .artifacts import (
     LORA_FILE,
     SETTINGS_FILE,
     STATE_PREFIX,
-    TRAINER_SCRIPT,
     TRAINER_STATE,
     below,
     create_exclusive,
@@ -104,8 +102,8 @@ def refuse_or_take_over(lock):
 
 def why_lock_is_stale(lock, holder):
     """Why the trainer a lock names no longer holds it, or None while it may. On the lock's own host the process
-    is checked: gone, or its PID now another process (its start time differs, or, for a lock that records none,
-    it does not run this script). Elsewhere, and where that cannot tell, the heartbeat decides."""
+    is checked: gone, or its PID now another process (its start time differs). Elsewhere, and where that cannot
+    tell (no /proc), the heartbeat decides."""
     pid = holder.get("pid")
     if holder.get("host") == socket.gethostname():
         if not process_alive(pid):
@@ -113,8 +111,6 @@ def why_lock_is_stale(lock, holder):
         started, running = holder.get("pid_started"), process_start(pid)
         if started is not None and running is not None:
             return None if started == running else f"PID {pid} is now another process, not the trainer that held it"
-        if runs_other_program(pid):
-            return f"PID {pid} is now another program, not the trainer that held it"
     age = lock_age(lock)
     if age is not None and age > LOCK_STALE_S:
         return (f"it was last renewed {age:.0f} s ago by PID {pid} on {holder.get('host')} (a trainer renews it "
@@ -138,17 +134,6 @@ def process_start(pid):
         return int(stat.rsplit(")", 1)[1].split()[19])
     except (OSError, ValueError, IndexError):
         return None
-
-
-def runs_other_program(pid):
-    """True when process `pid` is known not to run a trainer (its command line names neither this process's script
-    nor the project's trainer)."""
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-    names = {TRAINER_SCRIPT.name, Path(sys.argv[0]).name}
-    return bool(raw) and not any(Path(os.fsdecode(arg)).name in names for arg in raw.split(b"\0"))
 
 
 def take_away(lock, holder):
@@ -252,18 +237,12 @@ TRAINER_FOLDERS = ("validation", "logs", "hub")
 CARD_MARKS = {"dreambooth", "ssd-1b"}  # tags every card this trainer has written carries (CARD_TAGS)
 
 
-LEGACY_CARD = ("# DreamBooth LoRA: `", "by `train_dreambooth_lora_ssd1b.py`")  # its cards before 51c6b7c began so
-
-
 def is_trainer_card(path):
-    """A model card this trainer wrote: a plain file whose Hub tags carry CARD_MARKS, or a card of the trainer
-    from before it had Hub metadata (LEGACY_CARD). A user's own README, or a link to one, is not: the trainer
-    would replace it at its first save."""
+    """A model card this trainer wrote: a plain file whose Hub tags carry CARD_MARKS. A user's own README, or a
+    link to one, is not: the trainer would replace it at its first save."""
     if path.is_symlink() or not path.is_file() or path.stat().st_size > 2**20:  # its cards are a few kB
         return False
     try:
-        if all(mark in path.read_text(encoding="utf-8")[:2000] for mark in LEGACY_CARD):
-            return True
         metadata = huggingface_hub.metadata_load(path)
     except Exception:  # any text is a README: its front matter may be YAML that fails in any way, or not text
         return False

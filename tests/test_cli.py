@@ -532,14 +532,34 @@ def test_numbers_out_of_range_are_refused(args_for, extra, message):
     assert re.search(r"(e\.g\.|pass) --", str(refused.value)), "naming a valid value"
 
 
+def declared_ranges(parser):
+    """{flag: its declared range} of every numeric flag of a parser, with the flag's action."""
+    return {action.dest: action for action in parser._actions if action.type in (int, float)}
+
+
 def test_every_numeric_flag_has_a_range_and_says_it_in_help():
-    parser = trainer.make_parser()
-    numeric = {action.dest: action for action in parser._actions if action.type in (int, float)}
-    assert set(numeric) == set(checks.FLAG_RANGES), "a new numeric flag needs a row in FLAG_RANGES"
-    for name, action in numeric.items():
-        assert checks.describe_range(*checks.FLAG_RANGES[name][:3]) in action.help, name
-    for name, (_, _, _, example) in checks.FLAG_RANGES.items():  # the example each refusal offers is valid
-        checks.check_range(name, numeric[name].type(example))
+    for name, action in declared_ranges(trainer.make_parser()).items():
+        assert checks.describe_range(*action.range[:3]) in action.help, name
+        checks.check_range(name, action.type(action.range[3]), action.range)  # the example each refusal offers
+
+
+def test_a_numeric_flag_without_a_range_fails_as_it_is_declared():
+    parser = checks.ArgumentParser()
+    group = parser.add_argument_group("a user's own flags")
+    for declare in (parser.add_argument, group.add_argument):
+        with pytest.raises(TypeError, match=re.escape("--strength is a number: declare its valid values, "
+                                                      "add_argument(..., range=(low, high, ends, example))")):
+            declare("--strength", type=float, default=0.5)
+
+
+def test_a_range_declared_in_a_group_is_checked_as_the_flags_parse():
+    parser = checks.ArgumentParser()
+    parser.add_argument_group("a user's own flags").add_argument("--strength", type=float, range=(0, 1, "[]", 0.5))
+    assert parser.parse_args(["--strength", "1"]).strength == 1.0
+    with pytest.raises(messages.UserError, match=re.escape("--strength must be in [0, 1] (got 1.5), e.g. "
+                                                           "--strength 0.5")):
+        parser.parse_args(["--strength", "1.5"])
+    assert parser.within("strength", 0.25) and not parser.within("strength", 2) and not parser.within("strength", True)
 
 
 def test_the_edges_of_each_range_are_accepted(args_for):
@@ -744,9 +764,6 @@ def test_a_users_readme_in_the_output_dir_is_never_replaced(args_for, tmp_path):
     model_card.write_model_card(out, args, trainer.derive_settings(args, argv), 500, 1)
     check(args_for())  # the card this trainer wrote is its own to replace
     assert ownership.CARD_MARKS <= set(model_card.CARD_TAGS)
-    (out / "README.md").write_text("# DreamBooth LoRA: `a photo of sks dog`\n\nLoRA adapters for [m](m), trained "
-                                   "with DreamBooth (Ruiz et al., CVPR 2023) by `train_dreambooth_lora_ssd1b.py`.\n")
-    check(args_for())  # and so is the card of a run from before the card had Hub metadata
 
 
 def users_own(out, name):
@@ -1093,3 +1110,14 @@ def test_the_trainer_does_not_need_matplotlib(monkeypatch, tmp_path):
     with pytest.raises(messages.UserError) as refused:
         run_trainer(*argv)
     assert "matplotlib" not in str(refused.value) and "no-photos" in str(refused.value)
+
+
+@pytest.mark.parametrize("script", ["train_dreambooth_lora_ssd1b.py", "infer.py", "evaluate.py"])
+@pytest.mark.parametrize("argv, exit_code", [(["--help"], 0), (["--no_such_flag"], 1)])
+def test_help_and_a_mistyped_flag_are_answered_before_any_library_imports(script, argv, exit_code, tmp_path):
+    done = subprocess.run([sys.executable, "-X", "importtime", ROOT / script, *argv], capture_output=True,
+                          text=True, cwd=tmp_path)
+    imported = {line.rsplit("|", 1)[1].strip().split(".")[0] for line in done.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert done.returncode == exit_code, done.stderr[-2000:]
+    assert not imported & {"torch", "diffusers", "transformers", "peft", "accelerate", "safetensors"}

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 import infer
 from conftest import with_flags
 from dreambooth_kit.artifacts import LORA_FILE, SETTINGS_FILE
+from dreambooth_kit.checks import describe_range
 from dreambooth_kit.messages import UserError
 
 ROOT = infer.Path(infer.__file__).resolve().parent
@@ -196,8 +197,10 @@ def test_seeds_past_the_generators_range_are_refused(trained_run, no_model_loads
 
 
 def test_every_numeric_flag_has_a_range_and_a_refusal_test():
-    numeric = numeric_flags(infer.parser())
-    assert {f"--{name}" for name in infer.NUMBER_RANGES} >= numeric, "give a new flag a range in NUMBER_RANGES"
+    numeric = numeric_flags(infer.parser())  # the parser refuses a numeric flag declared without a range
+    for action in infer.parser()._actions:
+        if action.option_strings and action.option_strings[0] in numeric:
+            assert describe_range(*action.range[:3]) in action.help, "--help states each flag's range"
     assert {flag for flag, _ in BAD_NUMBERS} == numeric, "give a new flag a case in BAD_NUMBERS"
 
 
@@ -278,6 +281,9 @@ SETTINGS_DAMAGES = {  # how run_settings.json gets damaged -> what the refusal s
                         r'records revision \["main"\], which is not a non-empty string or null: restore it from the '
                         "run$"),
     "derived a list": (lambda s: edit_settings(s, derived=[1]), "records derived as a JSON list, not an object"),
+    "derived missing": (lambda s: (s / SETTINGS_FILE).write_text(json.dumps(
+        {key: value for key, value in json.loads((s / SETTINGS_FILE).read_text()).items() if key != "derived"})),
+        "records no derived section: restore it from the run"),
     "validation size odd": (lambda s: edit_settings(s, validation_size=[64, 60]), r"records validation_size \[64, "
                             r"60\], which is not null or a \[height, width\] pair, each a multiple of 8 in \[8, "
                             r"4096\]: pass --height and --width explicitly"),

@@ -18,6 +18,15 @@ FLAGS = ["--instance_dir", "my photos", "--output_dir", "out", "--resume_from_ch
 RESUMED = "--instance_dir 'my photos' --output_dir out --resume_from_checkpoint latest"
 
 
+def launched(monkeypatch, folder, parent, own):
+    """This process as if started in `folder` by the command lines `parent` (its parent's) and `own`."""
+    folder.mkdir(exist_ok=True)
+    monkeypatch.chdir(folder)
+    monkeypatch.setattr(graceful, "parent_command_line", lambda: tuple(parent))
+    monkeypatch.setattr(sys, "orig_argv", list(own))
+    return shlex.quote(str(folder))
+
+
 @pytest.mark.parametrize("parent, own, launch", [
     # console scripts show in /proc as `python /venv/bin/NAME ...`
     (["/venv/bin/python3", "/venv/bin/accelerate", "launch", "--config_file", "examples/accelerate/multi_gpu.yaml",
@@ -38,17 +47,17 @@ RESUMED = "--instance_dir 'my photos' --output_dir out --resume_from_checkpoint 
     # called from Python (main(argv)): the plain launch of this file
     ([], ["/venv/bin/python", "-m", "pytest"], f"python {ROOT / SCRIPT}"),
 ])
-def test_resume_command_repeats_the_launch_as_typed_from_its_folder(parent, own, launch):
-    command = graceful.resume_command(FLAGS, parent=parent, own=own, cwd="/home/me/dog runs")
-    assert command == f"cd '/home/me/dog runs' && {launch} {RESUMED}"
+def test_resume_command_repeats_the_launch_as_typed_from_its_folder(parent, own, launch, monkeypatch, tmp_path):
+    cd = launched(monkeypatch, tmp_path / "dog runs", parent, own)
+    assert graceful.resume_command(FLAGS) == f"cd {cd} && {launch} {RESUMED}"
 
 
-def test_resume_command_without_flags_and_with_the_equals_form():
-    assert graceful.resume_command([], parent=["-bash"], own=["python", SCRIPT], cwd="/w") == (
-        f"cd /w && python {SCRIPT} --resume_from_checkpoint latest")
+def test_resume_command_without_flags_and_with_the_equals_form(monkeypatch, tmp_path):
+    cd = launched(monkeypatch, tmp_path, ["-bash"], ["python", SCRIPT])
+    assert graceful.resume_command([]) == f"cd {cd} && python {SCRIPT} --resume_from_checkpoint latest"
     argv = ["--resume_from_checkpoint=latest", "--rank", "4"]
-    assert graceful.resume_command(argv, parent=["python", SCRIPT, *argv], own=[], cwd="/w") == (
-        f"cd /w && python {SCRIPT} --rank 4 --resume_from_checkpoint latest")
+    launched(monkeypatch, tmp_path, ["python", SCRIPT, *argv], [])
+    assert graceful.resume_command(argv) == f"cd {cd} && python {SCRIPT} --rank 4 --resume_from_checkpoint latest"
 
 
 STUB = f"""import sys

@@ -394,7 +394,7 @@ def test_push_to_hub_uploads_the_final_adapters_card_and_grid(hub_calls, tiny_mo
     assert 'pipe.load_lora_weights("you/sks-dog")' in card and "infer.py" not in card, "the Hub card loads from it"
     leaked = [p for p in out.rglob("*") if p.is_file() and b"hf_test" in p.read_bytes()]
     assert not leaked, "the token is in no file the run writes"
-    assert "hf_test" not in graceful.resume_command(["--hub_token", "hf_test", "--push_to_hub"], [], [], "/")
+    assert "hf_test" not in graceful.resume_command(["--hub_token", "hf_test", "--push_to_hub"])
 
 
 def test_an_unreachable_hub_is_one_line_and_keeps_the_run(hub_calls, monkeypatch, tiny_model, photos, tmp_path):

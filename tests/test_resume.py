@@ -371,51 +371,6 @@ def test_a_photo_changed_in_the_same_folder_is_refused_on_resume(tiny_model, pho
         run_trainer(*argv, "--max_train_steps", 2, "--resume_from_checkpoint", "latest")
 
 
-def test_state_of_an_older_trainer_without_checksums_still_resumes(one_step_run, tiny_model, photos, tmp_path,
-                                                                   capsys):
-    def strip_checksums(state):
-        record = json.loads((state / artifacts.TRAINER_STATE).read_text())
-        (state / artifacts.TRAINER_STATE).write_text(json.dumps({"step": record["step"], "settings": record["settings"]}))
-
-    output_dir = damaged_copy(one_step_run, tmp_path, strip_checksums)
-    run_trainer(*tiny_args(tiny_model, photos, output_dir, "--max_train_steps", 2, "--optimizer", "adamw",
-                           "--resume_from_checkpoint", "latest"))
-    assert "written by an older trainer without checksums" in capsys.readouterr().err
-    assert (output_dir / "step1" / artifacts.LORA_FILE).is_file()
-
-
-def test_state_recorded_before_derived_settings_resumes_with_its_model_typed_relative(one_step_run, tiny_model,
-                                                                                      photos, tmp_path, monkeypatch):
-    # an older trainer recorded one flat dict of settings, its model folder as the user typed it
-    def flatten(state):
-        record = json.loads((state / artifacts.TRAINER_STATE).read_text())
-        settings = artifacts.ran(record["settings"])
-        del settings["derived"]
-        settings["pretrained_model_name_or_path"] = os.path.relpath(tiny_model, tmp_path)
-        (state / artifacts.TRAINER_STATE).write_text(json.dumps({"step": record["step"], "settings": settings}))
-
-    output_dir = damaged_copy(one_step_run, tmp_path, flatten)
-    monkeypatch.chdir(tmp_path)  # where the relative path points at the model
-    run_trainer(*tiny_args(tiny_model, photos, output_dir, "--max_train_steps", 2, "--optimizer", "adamw",
-                           "--resume_from_checkpoint", "latest"))
-    assert (output_dir / "step1" / artifacts.LORA_FILE).is_file()
-
-
-def test_a_state_from_before_use_dora_resumes_as_plain_lora(one_step_run, tiny_model, photos, tmp_path):
-    def forget_use_dora(state):  # an older trainer recorded no use_dora: it trained plain LoRA
-        record = json.loads((state / artifacts.TRAINER_STATE).read_text())
-        del record["settings"]["use_dora"]
-        (state / artifacts.TRAINER_STATE).write_text(json.dumps({**record, "seal": checkpoints.seal(record)}))
-
-    output_dir = damaged_copy(one_step_run, tmp_path, forget_use_dora)
-    argv = tiny_args(tiny_model, photos, output_dir, "--max_train_steps", 2, "--optimizer", "adamw",
-                     "--resume_from_checkpoint", "latest")
-    assert check_inputs(argv)[2].resume_state == output_dir / "state-step0"
-    with pytest.raises(messages.UserError, match="state-step0 was trained with --use_dora False, not True: resume "
-                                                "with the same flags"):
-        check_inputs([*argv, "--use_dora"])
-
-
 def reseal(state):
     """Rewrite a state's trainer_state.json over its files as they are now: the seal is an unkeyed SHA-256, so
     anyone who edits a state can do this."""
