@@ -155,8 +155,8 @@ import torch.nn.functional as F  # noqa: E402
 from PIL import Image, ImageDraw, ImageOps  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from infer import (base_layer_shapes, check_adapters_fit, load_pipeline, pick_device, read_settings,  # noqa: E402
-                   render_images, resolve, same_model, trained_base)
+from dreambooth_kit.rendering import (base_layer_shapes, check_adapters_fit, load_pipeline, pick_device,  # noqa: E402
+                                   read_settings, render_images, resolve, same_model, trained_base)
 from dreambooth_kit.model_card import infer_command, set_card_evaluation  # noqa: E402
 from dreambooth_kit.pipeline import (apply_adapters, check_model_source, read_json_config,  # noqa: E402
                                      resolve_instance_dir, set_lora_scale)

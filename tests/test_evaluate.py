@@ -15,6 +15,7 @@ from PIL.PngImagePlugin import PngInfo
 
 import evaluate
 import infer
+from dreambooth_kit import rendering
 from conftest import ROOT, with_flags
 from make_tiny_scorers import make_tiny_scorers
 from test_infer import DAMAGES, SETTINGS_DAMAGES, help_by_flag, numeric_flags, other_base, step_copy  # noqa: F401
@@ -289,7 +290,7 @@ def test_every_numeric_flag_has_a_range_and_a_refusal_test():
 def no_model_loads(monkeypatch):
     """Loading the scorers or the base model fails the test: every check must come before them."""
     monkeypatch.setattr(evaluate, "Scorers", lambda *a, **k: pytest.fail("the scorers loaded first"))
-    monkeypatch.setattr(infer, "load_models", lambda *a, **k: pytest.fail("the base model loaded first"))
+    monkeypatch.setattr(rendering, "load_models", lambda *a, **k: pytest.fail("the base model loaded first"))
 
 
 def render_argv(step, photos, scorer_dirs, output_dir):

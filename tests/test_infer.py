@@ -15,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import infer
+from dreambooth_kit import rendering
 from conftest import with_flags
 from dreambooth_kit.artifacts import LORA_FILE, SETTINGS_FILE
 from dreambooth_kit.checks import describe_range
@@ -107,11 +108,11 @@ def test_lora_scale_zero_renders_the_base_model(trained_run, tiny_model, tmp_pat
 def resolved(step, *flags):
     """The Render infer.main() would run for these flags, and the args it came from."""
     args = infer.parse_args(["--checkpoint", str(step), *flags])
-    return infer.resolve(args, infer.read_settings(step), args.prompt, args.num_images), args
+    return rendering.resolve(args, rendering.read_settings(step), args.prompt, args.num_images), args
 
 
 def test_flags_override_what_the_checkpoint_recorded(trained_run):
-    settings = infer.read_settings(trained_run / "step3")
+    settings = rendering.read_settings(trained_run / "step3")
     render, _ = resolved(trained_run / "step3")
     assert (render.model, render.vae_model) == (settings["pretrained_model_name_or_path"],
                                                 settings["pretrained_vae_model_name_or_path"])
@@ -125,7 +126,7 @@ def test_flags_override_what_the_checkpoint_recorded(trained_run):
 def test_resolving_leaves_args_as_typed(trained_run):
     args = infer.parse_args(["--checkpoint", str(trained_run / "step3"), "--seed", "5", "--num_images", "2"])
     typed = dict(vars(args))
-    render = infer.resolve(args, infer.read_settings(trained_run / "step3"), args.prompt, args.num_images)
+    render = rendering.resolve(args, rendering.read_settings(trained_run / "step3"), args.prompt, args.num_images)
     assert vars(args) == typed
     assert render.seeds == range(5, 7)
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -153,7 +154,7 @@ def test_the_derived_section_of_run_settings_is_read_over_the_flags_as_typed(tra
 @pytest.fixture
 def no_model_loads(monkeypatch):
     """Loading the base model fails the test: every check of the user's input must come before it."""
-    monkeypatch.setattr(infer, "load_models", lambda *a, **k: pytest.fail("the base model loaded first"))
+    monkeypatch.setattr(rendering, "load_models", lambda *a, **k: pytest.fail("the base model loaded first"))
 
 
 BAD_NUMBERS = [("--height", "-64"), ("--height", "0"), ("--height", "12"), ("--width", "0"), ("--width", "1000000"),
@@ -318,7 +319,7 @@ def test_flags_named_in_the_refusal_replace_the_damaged_fields(trained_run, tiny
     argv = ["--checkpoint", str(step), "--height", "32", "--width", "48", "--prompt", "a dog",
             "--pretrained_model_name_or_path", str(tiny_model)]
     args = infer.parse_args(argv)
-    render = infer.resolve(args, infer.read_settings(step), args.prompt, args.num_images)
+    render = rendering.resolve(args, rendering.read_settings(step), args.prompt, args.num_images)
     assert (render.height, render.width, render.prompt, render.model) == (32, 48, "a dog", str(tiny_model))
 
 
@@ -484,12 +485,12 @@ def test_lora_settings_in_the_adapter_file_that_diffusers_cannot_build_are_refus
 
 def test_the_adapters_of_every_kind_of_run_fit_their_own_base(trained_run, dora_run, tiny_model):
     # UNet and both text encoders, LoRA and DoRA (whose magnitudes are checked too)
-    layers = infer.base_layer_shapes(str(tiny_model), None)
+    layers = rendering.base_layer_shapes(str(tiny_model), None)
     for step in [trained_run / "step3", dora_run / "step1"]:
-        modules, unknown = infer.adapter_shapes(step / LORA_FILE)
-        assert unknown == [] and infer.misfits(modules, layers) == []
+        modules, unknown = rendering.adapter_shapes(step / LORA_FILE)
+        assert unknown == [] and rendering.misfits(modules, layers) == []
         assert {component for component, _ in modules} == {"unet", "text_encoder", "text_encoder_2"}
-    assert any("lora_magnitude_vector" in parts for parts in infer.adapter_shapes(dora_run / "step1" / LORA_FILE)[0]
+    assert any("lora_magnitude_vector" in parts for parts in rendering.adapter_shapes(dora_run / "step1" / LORA_FILE)[0]
                .values())
 
 

@@ -119,11 +119,7 @@ def test_the_package_imports_no_script():
         assert not imported_names(path) & set(SCRIPTS), f"{path.name} imports a script"
 
 
-@pytest.mark.parametrize("name", [
-    "train_dreambooth_lora_ssd1b", "infer",
-    pytest.param("evaluate", marks=pytest.mark.xfail(strict=False, reason="evaluate.py still imports infer.py's "
-                                                     "render flags and helpers; another branch of issue 35 moves "
-                                                     "them into dreambooth_kit/"))])
+@pytest.mark.parametrize("name", ["train_dreambooth_lora_ssd1b", "infer", "evaluate"])
 def test_no_script_imports_another(name):
     assert not imported_names(ROOT / f"{name}.py") & (set(SCRIPTS) - {name})
 
@@ -141,13 +137,7 @@ print(json.dumps({{"exit": code, "imported": [m for m in {libraries} if m in sys
 """
 
 
-@pytest.mark.parametrize("name", [
-    "train_dreambooth_lora_ssd1b",
-    pytest.param("infer", marks=pytest.mark.xfail(strict=False, reason="infer.py imports torch before it parses its "
-                                                  "flags; another branch of issue 35 makes its --help answer first")),
-    pytest.param("evaluate", marks=pytest.mark.xfail(strict=False, reason="evaluate.py imports torch before it "
-                                                     "parses its flags; another branch of issue 35 makes its --help "
-                                                     "answer first"))])
+@pytest.mark.parametrize("name", ["train_dreambooth_lora_ssd1b", "infer", "evaluate"])
 def test_help_answers_before_the_libraries_import(name):
     result = python(HELP_PROBE.format(name=name, libraries=LIBRARIES), cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
