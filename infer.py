@@ -53,7 +53,8 @@ def parse_args(argv=None):
 if __name__ == "__main__":
     answer_before_libraries(parse_args)
 
-from dreambooth_kit.rendering import check_adapters_fit, load_pipeline, read_settings, render_images, resolve  # noqa: E402
+from dreambooth_kit.rendering import (check_adapters_fit, load_pipeline, read_settings, render_images,  # noqa: E402
+                                      resolve)
 
 
 def check_output_folder(output):

@@ -41,9 +41,9 @@ import time
 from pathlib import Path
 
 from dreambooth_kit.artifacts import KOHYA_FILE, absolute_if_local, save_png_atomic, write_text_atomic
-from dreambooth_kit.checks import (CURVE_PACKAGES, FP16_ON_CPU, IMAGE_SIDE, INF, MINIMUM_VERSIONS, OPTIMIZER_PACKAGES,
-                                   SECRET_FLAGS, ArgumentParser, check_args, check_versions, effective_learning_rates,
-                                   Flags, uses_class_images, warn_prodigy_learning_rate)
+from dreambooth_kit.checks import (CURVE_PACKAGES, IMAGE_SIDE, INF, MINIMUM_VERSIONS, OPTIMIZER_PACKAGES, SECRET_FLAGS,
+                                   ArgumentParser, Flags, check_args, check_precision, check_versions,
+                                   effective_learning_rates, uses_class_images, warn_prodigy_learning_rate)
 from dreambooth_kit.graceful import (before_libraries, GracefulStop, Interrupted, resume_command, run_script,
                                      stopped_after_training, stopped_before_training, stopped_while_importing)
 from dreambooth_kit.imaging import (bit_depth, caption_suffix, draws_anew, image_size, list_images, load_image,
@@ -65,9 +65,6 @@ def make_parser():
     add_data_flags(p)
     add_training_flags(p)
     add_output_flags(p)
-    for action in p._actions:
-        if action.help is None and action.default not in (None, False):  # argparse shows no help line at all
-            action.help = "default: %(default)s"
     return p
 
 
@@ -280,12 +277,12 @@ from PIL import Image, ImageOps  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from dreambooth_kit.checkpoints import refuse_non_finite, save_checkpoint, start_checkpointing  # noqa: E402
-from dreambooth_kit.model_card import infer_command, push_to_hub, write_model_card  # noqa: E402
+from dreambooth_kit.model_card import finish, write_model_card  # noqa: E402
 from dreambooth_kit.ownership import check_folders, clear_replaced_run, hold_output_dir  # noqa: E402
 from dreambooth_kit.pipeline import (build_pipeline, cached_prompt_kwargs, generate_images, image_grid,  # noqa: E402
                                      load_models, load_unet, side_by_side, unwrap)
 from dreambooth_kit.preflight import check_class_folder, check_instance_photos, check_run  # noqa: E402
-from dreambooth_kit.telemetry import WARMUP_STEPS, Clock, release_memory, report  # noqa: E402
+from dreambooth_kit.telemetry import Clock, WARMUP_STEPS, describe_run, release_memory, report  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1062,13 +1059,7 @@ def make_accelerator(args, settings):
                                                                 logging_dir=f"{output_dir}/logs"),
         # the others wait at barriers while the main process validates and saves
         kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(hours=2))])
-    if accelerator.device.type == "cpu" and accelerator.mixed_precision == "fp16":  # CPU autocast would mix dtypes
-        raise UserError(FP16_ON_CPU)
-    accelerator.print(f"{accelerator.state}".strip())
-    if accelerator.device.type == "cpu" and accelerator.mixed_precision == "no":
-        accelerator.print("note: on a CPU that supports bf16, --mixed_precision bf16 trains about 1.7x faster in "
-                          "under 60% of fp32's memory (full-size SSD-1B at 128 px, benchmarks/RESULTS.md: 3.4 vs "
-                          "6.0 GiB at peak)")
+    check_precision(accelerator)
     return accelerator
 
 
@@ -1226,13 +1217,7 @@ def run(argv, stop):
         accelerator.init_trackers("dreambooth-lora-ssd1b", config={k: v for k, v in vars(args).items()
                                                                    if isinstance(v, (int, float, str, bool))
                                                                    and k not in SECRET_FLAGS})
-        effective = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-        processes = counted(accelerator.num_processes, "process", "processes")
-        accelerator.print(f"{counted(len(instance_images), 'instance photo')}, "
-                          f"{counted(len(class_images or []), 'class image')}; "
-                          f"{counted(args.max_train_steps, 'step')}, "
-                          f"effective batch {effective} = {args.train_batch_size} per device x {processes} x "
-                          f"{args.gradient_accumulation_steps} accumulation")
+        describe_run(accelerator, args, len(instance_images), len(class_images or []))
         if torch.cuda.is_available():  # training's own peak, apart from loading's and the caches'
             clock.peak_before_training = torch.cuda.max_memory_allocated()
             torch.cuda.reset_peak_memory_stats()
@@ -1242,18 +1227,6 @@ def run(argv, stop):
         report(accelerator, clock, start_step)
         accelerator.end_training()
         finish(accelerator, args, settings)
-
-
-def finish(accelerator, args, settings):
-    """Say where the adapters are and how to render from them; push them to the Hub if asked."""
-    if not accelerator.is_main_process:
-        return
-    step_dir = Path(settings.output_dir).resolve() / f"step{args.max_train_steps - 1}"
-    print(f"adapters in {step_dir}; render with:\n  "
-          f"{infer_command(step_dir, args.validation_prompt or args.instance_prompt)}")
-    if args.push_to_hub:
-        repo_id = push_to_hub(settings.output_dir, args, settings, args.max_train_steps, accelerator.num_processes)
-        print(f"pushed to https://huggingface.co/{repo_id}")
 
 
 if __name__ == "__main__":

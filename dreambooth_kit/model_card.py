@@ -248,3 +248,15 @@ def push_to_hub(output_dir, args, settings, step, num_processes):
                         f"saved in {output_dir}. Push it when the Hub is reachable: hf upload {repo_id} {staging} "
                         ".") from None
     return repo_id
+
+
+def finish(accelerator, args, settings):
+    """Say where the adapters are and how to render from them; push them to the Hub if asked."""
+    if not accelerator.is_main_process:
+        return
+    step_dir = Path(settings.output_dir).resolve() / f"step{args.max_train_steps - 1}"
+    print(f"adapters in {step_dir}; render with:\n  "
+          f"{infer_command(step_dir, args.validation_prompt or args.instance_prompt)}")
+    if args.push_to_hub:
+        repo_id = push_to_hub(settings.output_dir, args, settings, args.max_train_steps, accelerator.num_processes)
+        print(f"pushed to https://huggingface.co/{repo_id}")

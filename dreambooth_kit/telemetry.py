@@ -8,6 +8,8 @@ import time
 
 import torch
 
+from .messages import counted
+
 WARMUP_STEPS = 3  # steps left out of the steady-state time per step (allocator, kernels and caches warm up)
 
 
@@ -61,3 +63,14 @@ def release_memory():
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def describe_run(accelerator, args, num_instance_images, num_class_images):
+    """What the run is about to do, in one line: photos, class images, steps and the effective batch."""
+    effective = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    processes = counted(accelerator.num_processes, "process", "processes")
+    accelerator.print(f"{counted(num_instance_images, 'instance photo')}, {counted(num_class_images, 'class image')}; "
+                      f"{counted(args.max_train_steps, 'step')}, effective batch {effective} = "
+                      f"{args.train_batch_size} per device x {processes} x {args.gradient_accumulation_steps} "
+                      "accumulation")
+
