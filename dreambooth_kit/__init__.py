@@ -5,6 +5,7 @@
     artifacts    the run's file names, atomic writes (publish: a folder renamed into place), model-path helpers
     imaging      which files are photos, reading them faithfully (bit depth, ICC, EXIF), masks, captions, buckets
     pipeline     loading the base model (local or Hub), building the SDXL pipeline, applying adapters, rendering
+    rendering    infer.py's and evaluate.py's renders: a step dir's settings and adapter file checked, then drawn
     preflight    the trainer's checks of photos, class folder, base model, Hub and output dir, before any model loads
     ownership    one trainer per output dir (the lock), folders that must not overlap, replacing an earlier run
     checkpoints  resumable state: what it must match, its integrity, saving and finding it; the NaN guard

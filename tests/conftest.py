@@ -12,7 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from make_tiny_ssd1b import make_tiny_ssd1b
+from dreambooth_kit.messages import quiet_library_notices
+
+quiet_library_notices()  # before the libraries import: their notices about nothing the tests did stay out of the log
+from make_tiny_ssd1b import make_tiny_ssd1b  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_PHOTOS = ROOT / "examples" / "dog"
@@ -42,6 +45,16 @@ def pytest_configure_node(node):
 def pytest_xdist_node_collection_finished(node, ids):
     if "process" not in BESIDE and any(i.split("::")[-1] in OFFLINE_DEMO_READERS for i in ids):
         start_offline_demo()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """Under -n 2, each test file runs whole on one worker: a file's module fixtures (test_world.py's four trained
+    runs, test_adapters.py's trained run, ...) are then built once, not once on each worker that gets one of its
+    tests."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    return LoadScopeScheduling(config, log)
 
 
 def pytest_configure(config):

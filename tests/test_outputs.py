@@ -313,10 +313,10 @@ def test_a_crash_while_overwriting_leaves_no_earlier_state_for_latest(tmp_path, 
         if not ignore_errors:
             raise KeyboardInterrupt  # killed in the first slow delete
         real_rmtree(path, ignore_errors=ignore_errors, **kwargs)
-    monkeypatch.setattr(trainer.shutil, "rmtree", crash)
+    monkeypatch.setattr(ownership.shutil, "rmtree", crash)
     with pytest.raises(KeyboardInterrupt):
         ownership.remove_earlier_run(out, None)
-    monkeypatch.setattr(trainer.shutil, "rmtree", real_rmtree)
+    monkeypatch.setattr(ownership.shutil, "rmtree", real_rmtree)
     assert checkpoints.complete_states(out) == [] and artifacts.finished_adapters(out) == []
     assert checkpoints.find_resume_state(out, "latest") is None
     artifacts.remove_partial_dirs(out)  # as the next start does

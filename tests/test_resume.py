@@ -287,8 +287,8 @@ def test_second_signal_exits_at_once_but_a_launchers_echo_of_the_first_does_not(
     # accelerate launch 1.16 passes Ctrl-C or a group's SIGTERM on as its own SIGTERM, milliseconds after the
     # trainer got the first: that must not cut the save short; a person's second Ctrl-C, later, still does
     exits, now = [], [100.0]
-    monkeypatch.setattr(trainer.os, "_exit", lambda code: exits.append(code))
-    monkeypatch.setattr(trainer.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(graceful.os, "_exit", lambda code: exits.append(code))
+    monkeypatch.setattr(graceful.time, "monotonic", lambda: now[0])
     with graceful.GracefulStop() as stop:
         stop.handle(signal.SIGINT, None)
         assert stop.signum == signal.SIGINT and exits == []
