@@ -47,6 +47,19 @@ def pytest_xdist_node_collection_finished(node, ids):
         start_offline_demo()
 
 
+# The files whose fixtures train the longest (test_world.py's four runs take about 3 minutes), started first: at the
+# end, in name order, one of them would keep a worker busy for minutes while the other has nothing left to run
+LONGEST_FIRST = ["test_world.py", "test_evaluate.py", "test_resume.py", "test_options.py", "test_outputs.py"]
+
+
+def pytest_collection_modifyitems(session, config, items):
+    def rank(item):
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: within a file, and among the rest, the order stays
+
+
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
     """Under -n 2, each test file runs whole on one worker: a file's module fixtures (test_world.py's four trained
