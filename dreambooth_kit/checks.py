@@ -113,7 +113,7 @@ class RangedStore(argparse.Action):
     def __init__(self, option_strings, dest, range=None, **kwargs):
         super().__init__(option_strings, dest, **kwargs)
         if self.type in (int, float) and range is None:  # a copy's new flag, say: unchecked, it fails deep in a run
-            raise TypeError(f"{option_strings[0]} is a number: declare its valid values, add_argument(..., "
+            raise UserError(f"{option_strings[0]} is a number: declare its valid values, add_argument(..., "
                             "range=(low, high, ends, example))")
         self.range = range
         if range:  # before a "default: ..." the help ends with, which says what an unset value means

@@ -547,7 +547,7 @@ def test_a_numeric_flag_without_a_range_fails_as_it_is_declared():
     parser = checks.ArgumentParser()
     group = parser.add_argument_group("a user's own flags")
     for declare in (parser.add_argument, group.add_argument):
-        with pytest.raises(TypeError, match=re.escape("--strength is a number: declare its valid values, "
+        with pytest.raises(messages.UserError, match=re.escape("--strength is a number: declare its valid values, "
                                                       "add_argument(..., range=(low, high, ends, example))")):
             declare("--strength", type=float, default=0.5)
 
