@@ -34,6 +34,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # count_flops.py, imported where FLOPs are counted
 
+from dreambooth_kit.artifacts import write_text_atomic  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 TRAINER = "train_dreambooth_lora_ssd1b.py"
 MODES = ["fast", "lowmem", "recipe"]
@@ -242,7 +244,7 @@ def write_records(results: Path, store: Path, new: list[dict], key, render_table
     records = json.loads(store.read_text()) if store.exists() else []
     keys = {key(r) for r in new}
     records = [r for r in records if key(r) not in keys] + new
-    write_atomically(store, json.dumps(records, indent=2) + "\n")
+    write_text_atomic(store, json.dumps(records, indent=2) + "\n")
     begin, end = markers
     text = results.read_text() if results.exists() else "# Benchmarks\n\n"
     if begin in text and end in text:
@@ -250,13 +252,7 @@ def write_records(results: Path, store: Path, new: list[dict], key, render_table
         text = head + render_table(records) + rest.split(end, 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n" + render_table(records) + "\n"
-    write_atomically(results, text)
-
-
-def write_atomically(path: Path, text: str) -> None:
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(text)
-    os.replace(partial, path)
+    write_text_atomic(results, text)
 
 
 def prepare_tiny_model(work_dir: Path) -> Path:

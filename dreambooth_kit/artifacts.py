@@ -114,13 +114,19 @@ def file_sha256(path):
     return digest.hexdigest()
 
 
-def save_png_atomic(image, path, pnginfo=None):
+def write_atomic(path, write):
+    """The one way a file is written: write(tmp) fills a hidden file beside `path`, which is then renamed onto it,
+    so `path` holds the old content or the new, whole. Cut short (a stop, a full disk), nothing half-written stays."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        image.save(tmp, format="PNG", pnginfo=pnginfo)
+        write(tmp)
         os.replace(tmp, path)
-    finally:  # cut short (a stop, a full disk): nothing half-written stays
+    finally:
         tmp.unlink(missing_ok=True)
+
+
+def save_png_atomic(image, path, pnginfo=None):
+    write_atomic(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=pnginfo))
 
 
 def save_png_new(image, path, pnginfo=None):
@@ -146,12 +152,7 @@ def save_png_new(image, path, pnginfo=None):
 
 
 def write_text_atomic(path, text):
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:  # cut short (a stop, a full disk): nothing half-written stays
-        tmp.unlink(missing_ok=True)
+    write_atomic(Path(path), lambda tmp: tmp.write_text(text))
 
 
 def partial_dir(final):
