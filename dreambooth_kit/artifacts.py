@@ -117,6 +117,7 @@ def file_sha256(path):
 def write_atomic(path, write):
     """The one way a file is written: write(tmp) fills a hidden file beside `path`, which is then renamed onto it,
     so `path` holds the old content or the new, whole. Cut short (a stop, a full disk), nothing half-written stays."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
@@ -152,7 +153,7 @@ def save_png_new(image, path, pnginfo=None):
 
 
 def write_text_atomic(path, text):
-    write_atomic(Path(path), lambda tmp: tmp.write_text(text))
+    write_atomic(path, lambda tmp: tmp.write_text(text))
 
 
 def partial_dir(final):
