@@ -277,6 +277,7 @@ from PIL import Image, ImageOps  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from dreambooth_kit.checkpoints import refuse_non_finite, save_checkpoint, start_checkpointing  # noqa: E402
+from dreambooth_kit.memory import announce_memory  # noqa: E402
 from dreambooth_kit.model_card import finish, write_model_card  # noqa: E402
 from dreambooth_kit.ownership import check_folders, clear_replaced_run, hold_output_dir  # noqa: E402
 from dreambooth_kit.pipeline import (build_pipeline, cached_prompt_kwargs, generate_images, image_grid,  # noqa: E402
@@ -1165,6 +1166,7 @@ def run(argv, stop):
         stop.at_once(lambda: stopped_before_training(args, settings, clock, script=__file__))
         instance_images, instance_prompts, settings = check_inputs(args, settings)  # all before any model loads
         accelerator = make_accelerator(args, settings)  # processes, mixed precision, accumulation, trackers
+        estimate = announce_memory(accelerator, args, settings, (UNET_TARGETS, TEXT_ENCODER_TARGETS))  # peak, parts
         weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 matmuls on tensor cores
 
@@ -1224,7 +1226,7 @@ def run(argv, stop):
         train(accelerator, models, trained, optimizer, lr_scheduler, dataloader, args=args, settings=settings,
               start_step=start_step, clock=clock, stop=stop)
         stop.at_once(lambda: stopped_after_training(args, settings))
-        report(accelerator, clock, start_step)
+        report(accelerator, clock, start_step, estimate)
         accelerator.end_training()
         finish(accelerator, args, settings)
 
