@@ -5,15 +5,12 @@ what memory a step's activations and the process itself take was measured (the c
 
 import dataclasses
 import json
-import os
 import re
-import sys
 import resource
 from pathlib import Path
 
 import huggingface_hub
 import torch
-from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.hooks.layerwise_casting import apply_layerwise_casting
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -49,12 +46,6 @@ TRAINING_OVERHEAD = 166_000_000  # 172 MB fitted without gradient checkpointing,
 # load phase peaks at above the RSS before it and the text encoders' and VAE's weights, as a share of the text
 # encoders' weights:
 TEXT_ENCODER_LOAD_SHARE = 0.75
-# glibc's malloc raises its mmap threshold (up to 32 MiB) once a large block is freed; after that, the UNet's
-# streamed load takes its tensors from the heap, and the fp16 copies it frees there leave holes that RSS still
-# counts. What training's peak holds beyond the fit above, as a share of the UNet's weights: the same rows run
-# with glibc's default malloc against MALLOC_MMAP_THRESHOLD_=131072 (a fixed threshold: every tensor mmapped,
-# nothing held), which the fit above ran under. 0 where the trainer fixes the threshold itself.
-UNET_LOAD_HOLES = 0.49  # 0.96-1.36 GiB of the 2.48 GiB bf16 UNet over the four rows
 # One image of a rendering batch (classifier-free guidance doubles it), per latent pixel, in a 2-byte compute
 # dtype: what class-image generation peaks at above the weights then held (1 class image, 128 px)
 RENDER_BYTES = 214_000
@@ -110,7 +101,6 @@ class Setting:
     validation_resolution: int = 0
     overhead: int = 0  # what the process holds before any model loads (its RSS on a CPU)
     on_cpu: bool = True
-    heap_holes: bool = False  # glibc's malloc with its mmap threshold left dynamic (UNET_LOAD_HOLES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,7 +162,10 @@ def count_models(model, vae_model, revision, lora_targets):
         return None
     unet_targets, text_encoder_targets = lora_targets
     vae_config = json.loads(files[3].read_text())
-    with init_empty_weights():
+    # torch.device, not accelerate's init_empty_weights: that makes each parameter on the CPU before moving it,
+    # and glibc, having freed those blocks, raises its mmap threshold; the UNet's streamed load then leaves
+    # 1.2 GiB of heap holes in RSS (benchmarks/RESULTS.md, "Memory estimate")
+    with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(json.loads(files[0].read_text()))
         clip_l = CLIPTextModel(CLIPTextConfig.from_json_file(files[1]))
         clip_g = CLIPTextModelWithProjection(CLIPTextConfig.from_json_file(files[2]))
@@ -236,14 +229,13 @@ def estimate(counts, setting):
     parts["LoRA (fp32)"] = parts["gradients"] = 4 * sum(lora)
     parts["optimizer state"] = optimizer_bytes(lora, s.optimizer)
     parts["activations"] = activation_bytes(s, s.gradient_checkpointing)
-    holes = UNET_LOAD_HOLES * parts["UNet"] if s.heap_holes else 0
-    parts["process, more in training"] = (TRAINING_OVERHEAD if s.on_cpu else 0) + holes
+    parts["process, more in training"] = TRAINING_OVERHEAD if s.on_cpu else 0
     overhead = s.overhead + parts["process, more in training"]
     vae_full = counts.vae.weight_bytes(vae_dtype, s.compute)
     load = s.overhead + parts["text encoders"] * (1 + TEXT_ENCODER_LOAD_SHARE) + vae_full
     phases = {"load": load}
     if s.class_images_batch:
-        phases["class images"] = (s.overhead + holes + parts["text encoders"] + vae_full + parts["UNet"]
+        phases["class images"] = (s.overhead + parts["text encoders"] + vae_full + parts["UNet"]
                                   + render_bytes(s.class_images_batch, s.resolution, s.compute))
     held = (parts["UNet"] + parts["VAE"] + (parts["text encoders"] if s.train_text_encoder else 0)
             + parts["LoRA (fp32)"] + parts["optimizer state"])
@@ -289,8 +281,7 @@ def setting_from_args(args, settings, device, mixed_precision, missing_class_ima
         class_images_batch=min(args.sample_batch_size, missing_class_images),
         validation_images=args.num_validation_images if args.validation_prompt else 0,
         validation_resolution=int((validation_size[0] * validation_size[1]) ** 0.5),
-        overhead=process_rss() if device.type == "cpu" else 0, on_cpu=device.type == "cpu",
-        heap_holes=device.type == "cpu" and sys.platform == "linux" and "MALLOC_MMAP_THRESHOLD_" not in os.environ)
+        overhead=process_rss() if device.type == "cpu" else 0, on_cpu=device.type == "cpu")
 
 
 def device_memory(device):
