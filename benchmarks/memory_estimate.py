@@ -63,11 +63,12 @@ def run_row(name, row_flags, args) -> dict:
             "ratio": float(estimate["peak"]) / (measured / GIB)}
 
 
+CLASS_IMAGE = ["--with_prior_preservation", "--class_prompt", "a photo of dog", "--num_class_images", "1",
+               "--sample_batch_size", "1"]
 CALIBRATION = {"b1_gc_off": flags(128, 1, False), "b2_gc_off": flags(128, 2, False),
                "b1_gc_on": flags(128, 1, True), "b2_gc_on": flags(128, 2, True),
-               "class_image": flags(128, 1, False, extra=["--with_prior_preservation", "--class_prompt",
-                                                          "a photo of dog", "--num_class_images", "1",
-                                                          "--sample_batch_size", "1"])}
+               "class_image": flags(128, 1, False, extra=CLASS_IMAGE),
+               "class_image_256": flags(256, 1, False, extra=CLASS_IMAGE)}
 
 
 def parts(model, row_flags):
@@ -106,9 +107,12 @@ def calibrate(rows, args) -> dict:
     vae = counts.vae.weight_bytes("fp32" if counts.vae_upcast else "bf16", "bf16")
     load = one["phase_peaks_gib"]["load"] * GIB - base(one) - p["text encoders"] - vae
     fitted["TEXT_ENCODER_LOAD_SHARE"] = load / p["text encoders"]
-    row = rows["class_image"]
-    rendering = row["phase_peaks_gib"]["caches"] * GIB - base(row) - p["text encoders"] - vae - p["UNet"]
-    fitted["RENDER_BYTES"] = rendering / (2 * memory.latent_pixels(128))
+    rendering = {r: rows[name]["phase_peaks_gib"]["caches"] * GIB - base(rows[name]) - p["text encoders"] - vae
+                 - p["UNet"] for r, name in ((128, "class_image"), (256, "class_image_256"))}
+    # one image, its latents twice (classifier-free guidance): the slope between 128 and 256 px, and what is left
+    slope = (rendering[256] - rendering[128]) / (memory.latent_pixels(256) - memory.latent_pixels(128))
+    fitted["RENDER_BYTES"] = slope / 2
+    fitted["RENDER_FIXED"] = rendering[128] - slope * memory.latent_pixels(128)
     return fitted
 
 

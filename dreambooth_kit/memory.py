@@ -46,9 +46,11 @@ TRAINING_OVERHEAD = 166_000_000  # 172 MB fitted without gradient checkpointing,
 # load phase peaks at above the RSS before it and the text encoders' and VAE's weights, as a share of the text
 # encoders' weights:
 TEXT_ENCODER_LOAD_SHARE = 0.75
-# One image of a rendering batch (classifier-free guidance doubles it), per latent pixel, in a 2-byte compute
-# dtype: what class-image generation peaks at above the weights then held (1 class image, 128 px)
-RENDER_BYTES = 214_000
+# Rendering (class images, validation): per image of a batch and latent pixel, in a 2-byte compute dtype (each
+# image's latents go through the UNet twice: classifier-free guidance), and a part that does not scale: the
+# slope and the rest of what making one class image peaks at above the weights then held, at 128 and 256 px
+# (rows class_image and class_image_256, with glibc's default malloc)
+RENDER_BYTES, RENDER_FIXED = 101_500, 128_000_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,7 +200,7 @@ def activation_bytes(setting, gradient_checkpointing):
 
 def render_bytes(images, resolution, compute):
     """A rendering's activations: classifier-free guidance runs each image's latents twice."""
-    return 2 * images * latent_pixels(resolution) * RENDER_BYTES * STORAGE_BYTES[compute] / 2
+    return RENDER_FIXED + 2 * images * latent_pixels(resolution) * RENDER_BYTES * STORAGE_BYTES[compute] / 2
 
 
 def optimizer_bytes(tensors, optimizer):
@@ -325,6 +327,9 @@ OPTION_RESOLUTIONS = [1024, 768, 512, 384, 256, 128]
 def options(setting, has_flag):
     """(flag as a user types it, the fields it changes) for each option this run does not already use."""
     found = []
+    if setting.compute == "fp32":
+        found.append(("--mixed_precision bf16", {"compute": "bf16", "precision": "bf16" if setting.precision == "fp32"
+                                                 else setting.precision}))
     if not setting.gradient_checkpointing:
         found.append(("--gradient_checkpointing", {"gradient_checkpointing": True}))
     for flag, precision in (("--fp8_base", "fp8"), ("--nf4_base", "nf4")):
@@ -335,6 +340,8 @@ def options(setting, has_flag):
     if not setting.latents_cached:
         found.append(("--cache_latents on", {"latents_cached": True}))
     found += [(f"--train_batch_size {b}", {"batch_size": b}) for b in range(setting.batch_size - 1, 0, -1)]
+    found += [(f"--sample_batch_size {b}", {"class_images_batch": b})
+              for b in range(setting.class_images_batch - 1, 0, -1)]
     found += [(f"--resolution {r}", {"resolution": r}) for r in OPTION_RESOLUTIONS if r < setting.resolution]
     return found
 
@@ -348,8 +355,8 @@ def options_that_fit(counts, setting, limit, has_flag):
         if peak <= limit and flag.split()[0] not in seen:
             fits.append(f"{flag} ({gib(peak)})")
             seen.add(flag.split()[0])
-    together = [(flag, changes) for flag, changes in options(setting, has_flag)
-                if not flag.startswith(("--train_batch_size", "--resolution", "--nf4_base"))]  # fp8 or nf4, not both
+    apart = ("--train_batch_size", "--sample_batch_size", "--resolution", "--nf4_base")  # fp8 or nf4, not both
+    together = [(flag, changes) for flag, changes in options(setting, has_flag) if not flag.startswith(apart)]
     if fits or len(together) < 2:
         return fits
     peak = estimate(counts, dataclasses.replace(setting, **{k: v for _, c in together for k, v in c.items()})).peak
