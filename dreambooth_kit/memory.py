@@ -12,18 +12,19 @@ from pathlib import Path
 import huggingface_hub
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from diffusers.hooks.layerwise_casting import apply_layerwise_casting
+from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN, apply_layerwise_casting
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from .checks import uses_class_images
 from .imaging import list_images
 from .messages import warn
+from .quantized_base import NF4_BLOCKSIZE
 
 GIB = 2**30
 STORAGE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 # bitsandbytes NF4 with double quantisation: 4 bits a weight, an 8-bit absmax per block of 64, and an fp32
 # absmax of those per 256 blocks
-NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # NF4_BLOCKSIZE weights a block
 # 8-bit AdamW keeps two 8-bit states and an fp32 absmax per block of 256 for each; tensors under 4096 values keep
 # 32-bit states (bitsandbytes' min_8bit_size)
 ADAMW8BIT_BYTES, ADAMW8BIT_MIN_SIZE = 2 + 2 * 4 / 256, 4096
@@ -146,11 +147,13 @@ def count_part(module, lora_targets=(), lora_excluded=None):
                  if any(name == t or name.endswith("." + t) for t in lora_targets)
                  and not (lora_excluded and re.fullmatch(lora_excluded, name)))
     parameters = sum(p.numel() for p in module.parameters())
-    linear_weights = sum(m.weight.numel() for _, m in linear)
+    # NF4 leaves a layer whose input is not a whole number of blocks (quantized_base.prepare_storage)
+    linear_weights = sum(m.weight.numel() for _, m in linear if m.in_features % NF4_BLOCKSIZE == 0)
     if hasattr(module, "enable_layerwise_casting"):  # a diffusers model: its own patterns join the default ones
         module.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
-    else:
-        apply_layerwise_casting(module, torch.float8_e4m3fn, torch.bfloat16, "auto")
+    else:  # a text encoder: the trainer keeps its embeddings too, as kohya does (quantized_base.prepare_storage)
+        apply_layerwise_casting(module, torch.float8_e4m3fn, torch.bfloat16,
+                                (*DEFAULT_SKIP_MODULES_PATTERN, "embedding"))
     fp8 = sum(p.numel() for p in module.parameters() if p.dtype == torch.float8_e4m3fn)
     return Part(parameters, fp8, linear_weights, lora)
 
@@ -215,11 +218,10 @@ def estimate(counts, setting):
     go unless they train, the latent cache the VAE's encoder; then the UNet loads and training runs; validation
     renders with the training's weights and optimizer state still held."""
     s = setting
-    # text encoders load at the compute dtype to build the prompt cache; they keep the base's storage only
-    # while they train (fp8 as the UNet; NF4 quantises the UNet alone)
-    encoder_storage = s.precision if s.precision != "nf4" else s.compute
+    # under fp8 the text encoders are float8 too, streamed in a few tensors at a time like the UNet; otherwise
+    # from_pretrained loads them whole in the compute dtype, holding file pages beside them (NF4: the UNet alone)
+    loaded = "fp8" if s.precision == "fp8" else s.compute
     vae_dtype = "fp32" if counts.vae_upcast else s.compute
-    loaded = s.compute if not s.train_text_encoder else encoder_storage
     parts = {
         "UNet": counts.unet.weight_bytes(s.precision, s.compute),
         "text encoders": sum(t.weight_bytes(loaded, s.compute) for t in counts.text_encoders),
@@ -234,7 +236,8 @@ def estimate(counts, setting):
     parts["process, more in training"] = TRAINING_OVERHEAD if s.on_cpu else 0
     overhead = s.overhead + parts["process, more in training"]
     vae_full = counts.vae.weight_bytes(vae_dtype, s.compute)
-    load = s.overhead + parts["text encoders"] * (1 + TEXT_ENCODER_LOAD_SHARE) + vae_full
+    load = (s.overhead + parts["text encoders"] * (1 + (TEXT_ENCODER_LOAD_SHARE if loaded != "fp8" else 0))
+            + vae_full)
     phases = {"load": load}
     if s.class_images_batch:
         phases["class images"] = (s.overhead + parts["text encoders"] + vae_full + parts["UNet"]
