@@ -2,32 +2,28 @@
 
     python benchmarks/gpu_memory.py                    # one H100: builds the random model, then 8 rows, ~6 min
     python benchmarks/gpu_memory.py --model DIR --diffusers_script PATH/train_dreambooth_lora_sdxl.py
-    python benchmarks/gpu_memory.py --tiny             # a CPU: the plumbing only, in seconds a row
+    python benchmarks/gpu_memory.py --tiny             # a CPU: the plumbing only (peak RSS), seconds a row
 
-The setting is run_benchmarks.py's fast mode (the issue's): 1024 px, batch 1 + one class image (a copy of a photo,
-so no row generates any), rank 8, 8-bit AdamW, bf16 mixed precision, --center_crop (latent cache on), here 13
-steps: the trainer times steps 4 to 13, after its warm-up. One trainer process, run as a user runs it, per base
-(bf16, --fp8_base, --nf4_base) x gradient checkpointing (off, on), on the full-size random SSD-1B of
-make_full_ssd1b.py (built in --work_dir unless --model names one). The figures are the trainer's own closing line,
-"steady-state X ms/step over N steps; peak GPU memory A GiB in training (B GiB in the whole run)": the allocator's
-peak (torch.cuda.max_memory_allocated), not the CUDA context or cache nvidia-smi adds; and the memory estimate it
-prints before loading, where it prints one. A base flag the trainer's --help lacks makes its rows "not run".
+run_benchmarks.py's fast mode (1024 px, batch 1 + one class image copied from a photo, rank 8, 8-bit AdamW, bf16,
+latent cache on) for 13 steps, of which the trainer times 4 to 13: one trainer process per base (bf16, --fp8_base,
+--nf4_base; "not run" where its --help lacks the flag) x gradient checkpointing (off, on), on make_full_ssd1b.py's
+model (built in --work_dir unless --model names one). The figures are the trainer's closing line, "steady-state X
+ms/step over N steps; peak GPU memory A GiB in training (B GiB in the whole run)" (torch.cuda.max_memory_allocated:
+not the CUDA context or cache nvidia-smi adds), and the estimate line it prints before loading, where it does.
 
-diffusers' examples/dreambooth/train_dreambooth_lora_sdxl.py is not in its pip package: --diffusers_script runs a
-copy with the same settings (bf16 base: it has no other), else its 2 rows say "not run". It prints no figures, so
-it runs under `--measure`: in a child process as `python SCRIPT ARGS` would run, its "Steps" bar timed at each
-update (after a device sync; the script reads its loss back there anyway) and the same allocator peak reset when
-that bar is made, closed by the trainer's telemetry.report: the same line, the same definitions. Its steps also
-encode the images with its fp32 VAE: it has no latent cache.
+diffusers' train_dreambooth_lora_sdxl.py (not in its pip package: --diffusers_script names a copy) runs with the
+same settings at bf16 under `--measure`, in a child process as `python SCRIPT ARGS` would: its "Steps" bar timed at
+each update after a device sync (it reads its loss back there anyway), the allocator's peak reset when that bar is
+made, closed by the trainer's telemetry.report, so both lines mean the same. It encodes each step's images with
+its fp32 VAE: no latent cache.
 
-The floor: a step on 2 images at 1024 px is 17.47 TFLOP forward and backward (25.91 with checkpointing's
-recomputation; benchmarks/ssd1b/README.md); at the ~798 TFLOP/s of a large bf16 matrix product on an H100 no
-step takes under ~22 ms (32 ms with checkpointing). Each row has count_flops.py's count and the floor at the bf16
-rate measured on the same GPU just before the rows.
+Floor: a step on 2 images at 1024 px is 17.47 TFLOP forward and backward, 25.91 with checkpointing's recomputation
+(benchmarks/ssd1b/README.md): at an H100's ~798 TFLOP/s of bf16 matrix product, >= ~22 ms (32 ms with
+checkpointing). Each row has count_flops.py's count and its time at the bf16 rate measured just before the rows.
 
 Records (machine, versions, date, settings, command) go to RESULTS-gpu-memory.json and the table between this
-script's markers in RESULTS.md after each row, so a run cut short keeps what it measured; a row that would start
-past --budget_s is "not run". With --tiny the memory is the peak RSS and the rows say plumbing only.
+script's markers in RESULTS.md after each row, so a run cut short keeps what it measured; a row that might end
+past --budget_s (the longest row so far is the guess) is "not run".
 """
 
 from __future__ import annotations
@@ -81,14 +77,15 @@ def measure(argv: list[str]) -> None:
             times.append(time.perf_counter())
 
     def stepped(bar, n=1):
-        if bar in bars:
+        if bars and bar is bars[0]:  # not `in`: tqdm's == compares bars' screen positions
             if cuda:
                 torch.cuda.synchronize()  # the step's kernels are done: device time, not the launch queue's
             times.append(time.perf_counter())
         return update(bar, n)
 
     tqdm.std.tqdm.__init__, tqdm.std.tqdm.update = made, stepped
-    sys.argv = argv
+    ours = {str(ROOT), str(ROOT / "benchmarks")}  # out of its way (ROOT has an evaluate.py): its own folder first
+    sys.argv, sys.path[:] = argv, [str(Path(argv[0]).resolve().parent), *(p for p in sys.path if p not in ours)]
     runpy.run_path(argv[0], run_name="__main__")
     warm = min(telemetry.WARMUP_STEPS, len(times) - 2)  # times[k]: when step k ended (times[0]: the bar was made)
     clock.windows = [(1, warm, times[warm] - times[0]), (warm + 1, len(times) - 1 - warm, times[-1] - times[warm])]
@@ -123,7 +120,7 @@ def trainer_help() -> str:
 def why_not(trainer: str, base: str, args, late: bool) -> str | None:
     """Why a row cannot run here, or None."""
     if late:
-        return f"it would start past --budget_s {args.budget_s:g}"
+        return f"it might end past --budget_s {args.budget_s:g}"
     if trainer == "diffusers":
         if not args.diffusers_script:
             return "no --diffusers_script given (its examples/ are not in the pip package)"
@@ -172,7 +169,7 @@ def step_tflop(model: Path, resolution: int, checkpointing: str) -> float:
 def cell(record: dict) -> str:
     """ms/step and memory, or why there are none."""
     if record["status"] != "measured":
-        return f"{record['status']}: {record['reason'].replace('|', '/')} | | | | "
+        return f"{record['status']}: {record['reason'].replace('|', '/')} | | | | | "
     floor_ms = f"{record['floor_ms']:.0f} ({100 * record['floor_ms'] / record['ms']:.0f}%)" if record[
         "floor_ms"] else "n/a"
     kind = "GPU" if record["memory"] == "peak GPU memory" else "RSS"
@@ -227,8 +224,8 @@ def parse_args(argv=None):
     p.add_argument("--diffusers_script", type=Path, help="a copy of diffusers' train_dreambooth_lora_sdxl.py")
     p.add_argument("--bases", nargs="+", choices=list(BASES), default=list(BASES))
     p.add_argument("--checkpointing", nargs="+", choices=CHECKPOINTING, default=CHECKPOINTING)
-    p.add_argument("--budget_s", type=float, default=540, help="rows that would start past it are not run "
-                   "(default 540: one 10-minute call, with room to copy the results)")
+    p.add_argument("--budget_s", type=float, default=480, help="seconds: a row that might end past it (the longest so "
+                   "far is the guess) is not run (default: one 10-minute call, with room for wheels and copying)")
     p.add_argument("--instance_dir", type=Path, default=ROOT / "examples" / "dog")
     p.add_argument("--work_dir", type=Path, default=ROOT / "work_dirs" / "gpu_memory",
                    help="the model, output dirs and logs; the trainer's output dirs are replaced")
