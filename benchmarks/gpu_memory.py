@@ -23,7 +23,7 @@ checkpointing). Each row has count_flops.py's count and its time at the bf16 rat
 
 Records (machine, versions, date, settings, command) go to RESULTS-gpu-memory.json and the table between this
 script's markers in RESULTS.md after each row, so a run cut short keeps what it measured; a row that might end
-past --budget_s (the longest row so far is the guess) is "not run".
+past --budget_s (the longest row so far is the guess) is left out, and said so.
 """
 
 from __future__ import annotations
@@ -117,10 +117,8 @@ def trainer_help() -> str:
     return subprocess.run([sys.executable, TRAINER, "--help"], cwd=ROOT, capture_output=True, text=True).stdout
 
 
-def why_not(trainer: str, base: str, args, late: bool) -> str | None:
+def why_not(trainer: str, base: str, args) -> str | None:
     """Why a row cannot run here, or None."""
-    if late:
-        return f"it might end past --budget_s {args.budget_s:g}"
     if trainer == "diffusers":
         if not args.diffusers_script:
             return "no --diffusers_script given (its examples/ are not in the pip package)"
@@ -129,13 +127,13 @@ def why_not(trainer: str, base: str, args, late: bool) -> str | None:
     return f"the trainer has no {' '.join(missing)} (its --help lacks it)" if missing else None
 
 
-def run_row(trainer, base, checkpointing, flags, model, args, context, late) -> dict:
+def run_row(trainer, base, checkpointing, flags, model, args, context) -> dict:
     """One row: the process, its closing report and the estimate it printed, or why it did not run."""
     record = {**context, "trainer": trainer, "base": base, "checkpointing": checkpointing,
               "settings": {**{flag.lstrip("-"): value for flag, value in values(flags).items()}, "base": base,
                            "gradient_checkpointing": checkpointing == "on", "class images": "1, a copy of a photo",
                            "optimizer": "8-bit AdamW", "steps timed": f"4 to {STEPS}"}}
-    if reason := why_not(trainer, base, args, late):
+    if reason := why_not(trainer, base, args):
         return {**record, "status": "not run", "reason": reason}
     if trainer == "ours":
         command = trainer_command(f"{base}-checkpointing-{checkpointing}", [*flags, *BASES[base], *(
@@ -175,13 +173,13 @@ def cell(record: dict) -> str:
     kind = "GPU" if record["memory"] == "peak GPU memory" else "RSS"
     run_gib = f"{record['run_gib']:.2f}" if record.get("run_gib") else "n/a"
     return (f"{record['ms']:.1f} ({record['steps']}) | {floor_ms} | {record['gib']:.2f} {kind} | {run_gib} "
-            f"| {record['estimate'] or 'none printed'} | {record['wall']:.0f}")
+            f"| {(record['estimate'] or 'none printed').replace('|', '/')} | {record['wall']:.0f}")
 
 
 def render(records: list[dict]) -> str:
     order = [(s, t, b, c) for s in ("full", "tiny") for t in ("ours", "diffusers") for b in BASES
              for c in CHECKPOINTING]
-    records = sorted(records, key=lambda r: (r["machine"], order.index(key(r)[:4])))
+    records = sorted(records, key=lambda r: (order.index(key(r)[:4]), r["machine"]))
     lines = [BEGIN, "", "| size | trainer | base | gradient checkpointing | ms/step (steps timed) | floor, ms (of the "
              "step) | peak memory in training (GiB) | whole run (GiB) | estimate printed | wall (s) | machine |",
              "|---" * 11 + "|"]
@@ -225,7 +223,7 @@ def parse_args(argv=None):
     p.add_argument("--bases", nargs="+", choices=list(BASES), default=list(BASES))
     p.add_argument("--checkpointing", nargs="+", choices=CHECKPOINTING, default=CHECKPOINTING)
     p.add_argument("--budget_s", type=float, default=480, help="seconds: a row that might end past it (the longest so "
-                   "far is the guess) is not run (default: one 10-minute call, with room for wheels and copying)")
+                   "far is the guess) is left out (default: one 10-minute call, with room for wheels and copying)")
     p.add_argument("--instance_dir", type=Path, default=ROOT / "examples" / "dog")
     p.add_argument("--work_dir", type=Path, default=ROOT / "work_dirs" / "gpu_memory",
                    help="the model, output dirs and logs; the trainer's output dirs are replaced")
@@ -256,8 +254,11 @@ def main(argv=None) -> None:
     longest = 0.0  # the longest row so far: what the next one may take
     for number, (trainer, base, checkpointing) in enumerate(rows, 1):
         row_started = time.perf_counter()
-        late = row_started - started + longest > args.budget_s
-        record = run_row(trainer, base, checkpointing, flags, model, args, context, late)
+        if row_started - started + longest > args.budget_s:  # not recorded: an earlier call's row stays
+            print(f"row {number}/{len(rows)}: {trainer} {base} checkpointing {checkpointing}: not run, it might end "
+                  f"past --budget_s {args.budget_s:g}", flush=True)
+            continue
+        record = run_row(trainer, base, checkpointing, flags, model, args, context)
         longest = max(longest, time.perf_counter() - row_started)
         write_records(args.results, args.results.with_name("RESULTS-gpu-memory.json"), [record], key, render,
                       (BEGIN, END))  # after each row, so a later failure or a timeout loses nothing measured
