@@ -208,7 +208,8 @@ def build_model(args) -> Path:
     model = args.work_dir / "ssd1b-full"
     if not (model / "model_index.json").is_file():
         partial = args.work_dir / "ssd1b-full.partial"
-        shutil.rmtree(partial, ignore_errors=True)
+        for folder in partial, model:  # an earlier build cut short, in either
+            shutil.rmtree(folder, ignore_errors=True)
         subprocess.run([sys.executable, str(ROOT / "benchmarks" / "make_full_ssd1b.py"), str(partial)], check=True)
         partial.rename(model)
     return model
