@@ -241,6 +241,9 @@ def main(argv=None) -> None:
     if argv[:1] == ["--measure"]:
         return measure(argv[1:])
     args, started = parse_args(argv), time.perf_counter()
+    if missing := [name for name, version in versions().items() if version == "missing"]:  # before a 1-minute build
+        sys.exit(f"gpu_memory.py: every row needs {' and '.join(missing)}, not installed here (without a network: "
+                 "install wheels, as benchmarks/RESULTS.md's 'Open: GPU figures' says)")
     args.work_dir.mkdir(parents=True, exist_ok=True)
     model = build_model(args)
     provide_class_image(args.work_dir, args.instance_dir)
