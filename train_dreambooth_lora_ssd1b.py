@@ -205,6 +205,10 @@ def add_training_flags(p):
                    help="encode each image (and its flip) once; auto: only where no random crop is lost")
     g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
                    help="default: the accelerate config's")
+    g.add_argument("--fp8_base", action="store_true", help="hold the frozen UNet and text encoders in float8, "
+                   "each layer computed in the mixed-precision dtype (kohya's flag): about half their memory")
+    g.add_argument("--nf4_base", action="store_true", help="hold the frozen UNet's linear layers in 4-bit NF4 "
+                   "(bitsandbytes, as QLoRA): about a third of its memory")
     g.add_argument("--snr_gamma", type=float, default=None,
                    help="min-SNR weighting, 5.0 is the paper's choice; it weights the class half too (diffusers' "
                         "script: only the instance half), so --prior_loss_weight means the same at every timestep",
@@ -282,6 +286,7 @@ from dreambooth_kit.ownership import check_folders, clear_replaced_run, hold_out
 from dreambooth_kit.pipeline import (build_pipeline, cached_prompt_kwargs, generate_images, image_grid,  # noqa: E402
                                      load_models, load_unet, side_by_side, unwrap)
 from dreambooth_kit.preflight import check_class_folder, check_instance_photos, check_run  # noqa: E402
+from dreambooth_kit.quantized_base import base_storage, check_base_storage, exact_lora_init, storage_note  # noqa: E402
 from dreambooth_kit.telemetry import Clock, WARMUP_STEPS, describe_run, release_memory, report  # noqa: E402
 
 
@@ -356,9 +361,10 @@ def generate_class_images(pipe, class_dir, class_prompt, names, batch_size, reso
 # ----------------------------------------------------------------------------------------------------------
 
 
-def add_lora(models, rank, alpha, dropout, train_text_encoder, use_dora=False):
+def add_lora(models, rank, alpha, dropout, train_text_encoder, use_dora=False, base=None):
     """Inject LoRA (DoRA with use_dora: its magnitudes start at the base weights' row norms, so the model starts
-    unchanged); returns the modules that train. Their parameters are kept fp32 under mixed precision."""
+    unchanged); returns the modules that train. Their parameters are kept fp32 under mixed precision, and drawn
+    in fp32 over a float8 base (exact_lora_init)."""
     def config(targets, exclude=None):
         return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian",
                           target_modules=targets, exclude_modules=exclude, use_dora=use_dora)
@@ -375,6 +381,8 @@ def add_lora(models, rank, alpha, dropout, train_text_encoder, use_dora=False):
             trained.append(text_encoder)
     # fp32 trainables under fp16/bf16 frozen weights: no "Attempting to unscale FP16 gradients"
     cast_training_params(trained, dtype=torch.float32)
+    if base == "fp8":
+        exact_lora_init(trained, "gaussian")
     return trained
 
 
@@ -916,7 +924,7 @@ def log_validation(accelerator, models, args, settings, step):
     save_png_atomic(grid, folder / "grid.png")
     count = sum(len(images) for images in rendered)
     tqdm.write(f"validation: {counted(count, 'image')} of {', '.join(repr(p) for p in prompts)} in {folder} "
-               f"({(time.perf_counter() - started) / count:.1f} s/image)")
+               f"({(time.perf_counter() - started) / count:.1f} s/image){models.held_as}")
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             tracker.writer.add_image("validation_grid", np.asarray(grid), step, dataformats="HWC")
@@ -948,7 +956,8 @@ def base_validation_images(pipe, models, args, settings, seeds):
     record = {"prompts": prompts, "seeds": seeds,
               "size": list(settings.validation_size or [args.resolution] * 2),  # a list, as JSON reads it back
               "steps": args.validation_inference_steps, "model": settings.pretrained_model_name_or_path,
-              "vae": settings.pretrained_vae_model_name_or_path, "mixed_precision": args.mixed_precision}
+              "vae": settings.pretrained_vae_model_name_or_path, "mixed_precision": args.mixed_precision,
+              "base": base_storage(args)}
     paths = [[folder / validation_file_name(index, seed) for seed in seeds] for index in range(len(prompts))]
     try:
         if json.loads((folder / "render.json").read_text()) == record and all(p.is_file() for row in paths
@@ -1060,6 +1069,7 @@ def make_accelerator(args, settings):
         # the others wait at barriers while the main process validates and saves
         kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(hours=2))])
     check_precision(accelerator)
+    check_base_storage(base_storage(args), accelerator.device)  # before any model loads
     return accelerator
 
 
@@ -1075,7 +1085,7 @@ def prepare_class_images(accelerator, models, args, settings, load_unet, instanc
     accelerator.wait_for_everyone()  # everyone has the same list before anyone writes
     if missing:
         accelerator.print(f"making {counted(len(missing), 'class image')} of '{args.class_prompt}' in {class_dir} "
-                          "(kept for the next run)")
+                          f"(kept for the next run){models.held_as}")
         if models.unet is None:
             models.unet = load_unet()
         pipe = build_pipeline(models, settings.pretrained_model_name_or_path, args.revision, args.variant,
@@ -1169,10 +1179,12 @@ def run(argv, stop):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 matmuls on tensor cores
 
         load_unet_now = functools.partial(load_unet, settings.pretrained_model_name_or_path, args.revision,
-                                          args.variant, weight_dtype, accelerator.device)
+                                          args.variant, weight_dtype, accelerator.device, base_storage(args))
         with clock.phase("load"):  # all but the UNet: it comes after the caches, once the text encoders have gone
             models = load_models(settings.pretrained_model_name_or_path, settings.pretrained_vae_model_name_or_path,
-                                 args.revision, args.variant, weight_dtype, accelerator.device, with_unet=False)
+                                 args.revision, args.variant, weight_dtype, accelerator.device, with_unet=False,
+                                 storage=base_storage(args))
+            models.held_as = storage_note(base_storage(args), weight_dtype)  # said where the base renders
         accelerator.print(f"loaded the text encoders and the VAE in {clock.phases['load']:.1f} s")
         with clock.phase("class images"):  # none with --prior_target base_prediction: the base model's is the target
             class_images = (prepare_class_images(accelerator, models, args, settings, load_unet_now, instance_images)
@@ -1187,7 +1199,7 @@ def run(argv, stop):
             accelerator.print(f"loaded the UNet in {clock.phases['load'] - loaded:.1f} s")
         set_seed(args.seed)  # LoRA's initial weights
         trained = add_lora(models, args.rank, settings.lora_alpha, args.lora_dropout, args.train_text_encoder,
-                           use_dora=args.use_dora)
+                           use_dora=args.use_dora, base=base_storage(args))
         if args.gradient_checkpointing:
             models.unet.enable_gradient_checkpointing()
             for text_encoder in trained[1:]:  # transformers 5 renamed it; the old name warns until it goes in v6

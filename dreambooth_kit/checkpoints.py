@@ -55,7 +55,7 @@ def check_resume(args, current):
     if saved["step"] != step_of(state):  # a copy renamed, or a resealed edit: which step it holds is unknown
         raise UserError(f"{state / TRAINER_STATE} records {saved['step']} steps, but {state.name} is the state after "
                         f"{step_of(state)}: delete {state} to resume from the state before it, or start a new run")
-    saved_settings = ran(saved["settings"])
+    saved_settings = {"fp8_base": False, "nf4_base": False, **ran(saved["settings"])}  # older: unquantised
     check_state_loads(state, saved_settings["train_text_encoder"], saved_settings["rank"])
     check_same_settings(state, saved_settings, current, args.accept_changed_settings)
     if saved["step"] >= args.max_train_steps:
@@ -93,7 +93,8 @@ TRAINING_FLAGS = ["pretrained_vae_model_name_or_path", "revision", "variant", "i
                   "buckets", "center_crop", "random_flip", "train_batch_size", "lora_dropout",
                   "learning_rate", "text_encoder_lr", "scale_lr", "adam_beta1", "adam_beta2", "adam_weight_decay",
                   "adam_epsilon", "max_grad_norm", "gradient_accumulation_steps", "snr_gamma", "noise_offset", "seed",
-                  "mixed_precision", "instance_data_sha256", "model_fingerprint", *OPTIMIZER_FLAGS["prodigy"]]
+                  "mixed_precision", "fp8_base", "nf4_base", "instance_data_sha256", "model_fingerprint",
+                  *OPTIMIZER_FLAGS["prodigy"]]
 
 
 # what a fingerprint covers: every part that training reads from the base model folder

@@ -305,6 +305,7 @@ def check_args(args, given):
     refuse_empty(args, EMPTY_FIXES)
     if args.mixed_precision == "fp16" and not has_accelerator():  # the accelerate config's fp16: make_accelerator
         raise UserError(FP16_ON_CPU)
+    check_base_flags(args)
     tracker = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(args.report_to)
     if tracker and importlib.util.find_spec(tracker) is None:  # accelerate would drop the tracker without a word
         raise UserError(f"--report_to {args.report_to} needs {tracker}: pip install {tracker}, or pass --report_to "
@@ -338,6 +339,19 @@ def check_args(args, given):
                         f"--output_kohya_format ({LORA_FILE} carries DoRA), or drop --use_dora")
     caption_suffix(args.caption_extension)
     parse_buckets(args.aspect_ratio_buckets, args.resolution)
+
+
+def check_base_flags(args):
+    """--fp8_base and --nf4_base: one at a time, and not with what cannot run over them."""
+    if args.fp8_base and args.nf4_base:
+        raise UserError("--fp8_base and --nf4_base both say how to hold the frozen base: pass one of them")
+    flag = "--fp8_base" if args.fp8_base else "--nf4_base" if args.nf4_base else None
+    if flag and args.compile:
+        raise UserError(f"--compile cannot trace {flag}'s base (its layers cast or dequantise their weights in "
+                        f"hooks at every call): drop --compile, or drop {flag}")
+    if args.fp8_base and args.use_dora:
+        raise UserError("--use_dora reads each base weight whole for its magnitudes, and under --fp8_base those are "
+                        "float8, which the matrix products refuse: drop --use_dora, or pass --nf4_base instead")
 
 
 # Why --use_dora writes no kohya file: diffusers' SDXL loader (0.42) deletes a kohya file's dora_scale keys before

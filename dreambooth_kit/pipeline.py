@@ -24,6 +24,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 from .artifacts import LORA_FILE, looks_like_hub_id
 from .imaging import refuse_file_as_folder
 from .messages import UserError, agree, counted, one_line, warn
+from .quantized_base import load_quantized, prepare_storage, quantized_slot
 
 # transformers 4.56 renamed from_pretrained's torch_dtype to dtype; the old name warns from 5 on
 TRANSFORMERS_DTYPE = "dtype" if Version(installed_version("transformers")) >= Version("4.56") else "torch_dtype"
@@ -243,22 +244,23 @@ class Models:
     # the pipeline's unconditional (classifier-free guidance's other half) is zeros, not the embedded "": SDXL's
     # force_zeros_for_empty_prompt, which SSD-1B keeps; --caption_dropout trains that same unconditional
     empty_prompt_is_zeros: bool = True
+    held_as: str = ""  # how a quantised base is held (quantized_base.storage_note), for the lines that render
 
 
-def load_models(model, vae_model, revision, variant, dtype, device, with_unet=True):
+def load_models(model, vae_model, revision, variant, dtype, device, with_unet=True, storage=None):
     """SSD-1B's parts, frozen, in `dtype` on `device`. vae_model=None means the model's own VAE. with_unet=False
-    leaves models.unet None, for load_unet once the text encoders have gone."""
+    leaves models.unet None, for load_unet once the text encoders have gone. storage "fp8" holds the text encoders'
+    layers (and the UNet's) in float8, "nf4" the UNet's linear layers in 4 bits (quantized_base)."""
     common = dict(revision=revision, variant=variant)
     # each loaded straight in its run dtype: no full-precision copy first (and diffusers warns at a later cast)
     diffusers_common = dict(common, **{DIFFUSERS_DTYPE: dtype})
-    transformers_common = dict(common, **{TRANSFORMERS_DTYPE: dtype})
     with load_errors_named(model, vae_model):
         tokenizers = [CLIPTokenizer.from_pretrained(model, subfolder=sub, revision=revision)
                       for sub in ("tokenizer", "tokenizer_2")]
-        text_encoders = [CLIPTextModel.from_pretrained(model, subfolder="text_encoder", **transformers_common),
-                         CLIPTextModelWithProjection.from_pretrained(model, subfolder="text_encoder_2",
-                                                                     **transformers_common)]
-        unet = load_unet(model, revision, variant, dtype, device) if with_unet else None
+        text_encoders = [load_text_encoder(cls, model, sub, revision, variant, dtype, device, storage)
+                         for cls, sub in [(CLIPTextModel, "text_encoder"), (CLIPTextModelWithProjection,
+                                                                            "text_encoder_2")]]
+        unet = load_unet(model, revision, variant, dtype, device, storage) if with_unet else None
         if vae_model:
             vae = AutoencoderKL.from_pretrained(vae_model, **{DIFFUSERS_DTYPE: dtype})
         else:
@@ -274,37 +276,80 @@ def load_models(model, vae_model, revision, variant, dtype, device, with_unet=Tr
                   empty_prompt_is_zeros=pipeline_config.get("force_zeros_for_empty_prompt", True))
 
 
-def load_unet(model, revision, variant, dtype, device):
-    """The UNet, frozen, in `dtype` on `device`. The trainer loads it last, once the prompt cache has let the text
-    encoders go, and from a safetensors file a few tensors at a time (stream_weights), so the file is never mapped
-    whole beside the weights cast from it: from_pretrained keeps all of SSD-1B's fp16 file (2.5 GiB) mapped until
-    the bf16 weights made from it (2.5 GiB more) are complete. Other weights (.bin, a hub model's shards) load with
-    from_pretrained."""
+def load_text_encoder(cls, model, subfolder, revision, variant, dtype, device, storage):
+    """One CLIP text encoder, frozen, in `dtype` on `device`. Under fp8 it streams in like the UNet (load_unet),
+    each layer cast as it comes, so the pair is never whole in bf16 (1.5 GiB for SSD-1B's) before it is float8."""
+    files = safetensors_files(model, subfolder, "model", revision, variant) if storage == "fp8" else []
+    if not files:
+        encoder = cls.from_pretrained(model, subfolder=subfolder, revision=revision, variant=variant,
+                                      **{TRANSFORMERS_DTYPE: dtype})
+        if storage == "fp8":  # a .bin or sharded hub model: cast once whole
+            prepare_storage(encoder, storage, dtype)
+        return encoder.requires_grad_(False).to(device)
+    config = cls.config_class.from_pretrained(model, subfolder=subfolder, revision=revision)
+    with init_empty_weights():
+        encoder = cls._from_config(config, **{TRANSFORMERS_DTYPE: dtype})
+    stream_into(encoder, files, dtype, device, storage, model, subfolder)
+    return encoder.eval().requires_grad_(False).to(device)
+
+
+def load_unet(model, revision, variant, dtype, device, storage=None):
+    """The UNet, frozen, in `dtype` on `device` (its layers stored as `storage` says: quantized_base). The trainer
+    loads it last, once the prompt cache has let the text encoders go, and from a safetensors file a few tensors at
+    a time (stream_weights), so the file is never mapped whole beside the weights cast from it: from_pretrained
+    keeps all of SSD-1B's fp16 file (2.5 GiB) mapped until the bf16 weights made from it (2.5 GiB more) are
+    complete. Other weights (.bin, a hub model's shards) load with from_pretrained."""
     with load_errors_named(model):
-        files = unet_safetensors(model, revision, variant)
+        files = safetensors_files(model, "unet", "diffusion_pytorch_model", revision, variant)
         if not files:
-            unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", revision=revision, variant=variant,
-                                                        torch_dtype=dtype)
-            return unet.requires_grad_(False).to(device)
+            return unet_from_pretrained(model, revision, variant, dtype, device, storage)
         config = UNet2DConditionModel.load_config(model, subfolder="unet", revision=revision)
     with init_empty_weights():  # parameters on the meta device: no memory until the weights come
         unet = UNet2DConditionModel.from_config(config)
-    unexpected = [name for file in files for name in stream_weights(unet, file, dtype, device, model)]
-    missing = [name for name, tensor in unet.state_dict().items() if tensor.is_meta]
-    if missing or unexpected:
-        raise UserError(f"cannot load {model}: its UNet weights do not fit its config "
-                        f"({counted(len(missing), 'tensor')} missing, {len(unexpected)} unknown, e.g. "
-                        f"{(missing + unexpected)[0]}); download the model again")
+    stream_into(unet, files, dtype, device, storage, model, "UNet")
     unet.register_to_config(_name_or_path=model)  # as from_pretrained does
     return unet.eval().requires_grad_(False).to(device)  # from_pretrained's eval mode; buffers to the device
 
 
-def unet_safetensors(model, revision, variant):
-    """The UNet's safetensors files, as from_pretrained would pick them: a local folder's single file or its
-    shards, or a hub model's single file (fetched, or found in the cache). [] when there are none, or the hub
-    does not give one: from_pretrained then loads what there is, or names what is wrong."""
-    name = f"diffusion_pytorch_model{'.' + variant if variant else ''}.safetensors"
-    folder = Path(model) / "unet"
+def unet_from_pretrained(model, revision, variant, dtype, device, storage):
+    """A UNet of .bin weights or hub shards: loaded whole in `dtype`, then cast to float8 (a higher peak than the
+    streamed load); under nf4, diffusers' own bitsandbytes loader, which refuses a machine without a GPU."""
+    from diffusers import BitsAndBytesConfig
+
+    quantization = dict(quantization_config=BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype)) if storage == "nf4" else {}
+    try:
+        unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", revision=revision, variant=variant,
+                                                    torch_dtype=dtype, **quantization)
+    except RuntimeError as e:  # diffusers' "No GPU found. A GPU is needed for quantization."
+        raise UserError(f"--nf4_base: {one_line(e)} (this model's UNet has no safetensors file, which this trainer "
+                        "quantises itself on any device); pass --fp8_base instead") from None
+    if storage == "fp8":
+        prepare_storage(unet, storage, dtype)
+    return unet.requires_grad_(False).to(device) if storage != "nf4" else unet.requires_grad_(False)
+
+
+def stream_into(model, files, dtype, device, storage, name, part):
+    """`files` streamed into `model`, made on the meta device, each weight into its slot (storage's dtype, or a
+    4-bit parameter); refused in one line where the weights do not fit the model's config."""
+    prepare_storage(model, storage, dtype)
+    unexpected = [key for file in files for key in stream_weights(model, file, device, name, part)]
+    unexpected = [key for key in unexpected if not key.endswith("position_ids")]  # old CLIP files hold this buffer
+    missing = [key for key, tensor in [*model.named_parameters(), *model.named_buffers()] if tensor.is_meta]
+    if missing or unexpected:
+        raise UserError(f"cannot load {name}: its {part} weights do not fit its config "
+                        f"({counted(len(missing), 'tensor')} missing, {len(unexpected)} unknown, e.g. "
+                        f"{(missing + unexpected)[0]}); download the model again")
+
+
+def safetensors_files(model, subfolder, stem, revision, variant):
+    """A part's safetensors files (stem: "diffusion_pytorch_model" or "model"), as from_pretrained would pick
+    them: a local folder's single file or its shards, or a hub model's single file (fetched, or found in the cache).
+    [] when there are none, or the hub does not give one: from_pretrained then loads what there is, or names what
+    is wrong."""
+    name = f"{stem}{'.' + variant if variant else ''}.safetensors"
+    folder = Path(model) / subfolder
     if folder.is_dir():
         index = folder / f"{name}.index.json"
         if (folder / name).is_file():
@@ -312,33 +357,46 @@ def unet_safetensors(model, revision, variant):
         if index.is_file():
             shards = read_json_config(index, "--pretrained_model_name_or_path", model).get("weight_map")
             if not isinstance(shards, dict) or not shards:
-                raise UserError(f"--pretrained_model_name_or_path {model}: unet/{index.name} lists no shards: "
+                raise UserError(f"--pretrained_model_name_or_path {model}: {subfolder}/{index.name} lists no shards: "
                                 "download the model again")
             return [folder / shard for shard in sorted(set(shards.values()))]
         return []
     try:
-        return [Path(huggingface_hub.hf_hub_download(model, name, subfolder="unet", revision=revision))]
+        return [Path(huggingface_hub.hf_hub_download(model, name, subfolder=subfolder, revision=revision))]
     except Exception:  # not there (a model of shards or .bin), offline and not cached, unreachable
         return []
 
 
-def stream_weights(unet, file, dtype, device, model, tensors_at_once=32, scratch_size=2**18):
-    """One safetensors file into `unet` (made on the meta device), each tensor cast to `dtype` on `device`.
-    safe_open maps the whole file, and the tensors it hands out are views of that mapping; opening it again for
-    every few tensors lets the pages read so far go. Returns the names the UNet has no place for."""
-    with unreadable_named(file, model), safe_open(file, "pt") as weights:
-        names = list(weights.keys())
+def stream_weights(model, file, device, name, part, tensors_at_once=32, scratch_size=2**18):
+    """One safetensors file into `model` (made on the meta device, its slots given their dtypes), each tensor cast
+    to its slot's dtype on `device`. safe_open maps the whole file, and the tensors it hands out are views of that
+    mapping; opening it again for every few tensors lets the pages read so far go. Returns the names the model has
+    no place for."""
+    with unreadable_named(file, name), safe_open(file, "pt") as weights:
+        keys = list(weights.keys())
+    slots = {key: tensor.dtype for key, tensor in [*model.named_parameters(), *model.named_buffers()]}
     unexpected, scratch = [], torch.empty(scratch_size, dtype=torch.float32)
-    for start in range(0, len(names), tensors_at_once):
-        with unreadable_named(file, model), safe_open(file, "pt") as weights:
-            tensors = {name: cast(weights.get_tensor(name), dtype, device, scratch)
-                       for name in names[start:start + tensors_at_once]}
+    for start in range(0, len(keys), tensors_at_once):
+        with unreadable_named(file, name), safe_open(file, "pt") as weights:
+            tensors = {}
+            for key in keys[start:start + tensors_at_once]:
+                tensor, name_in_model = weights.get_tensor(key), model_key(key, slots)
+                if (slot := quantized_slot(model, name_in_model)) is not None:
+                    load_quantized(model, name_in_model, cast(tensor, slot.dtype, "cpu", scratch), slot, device)
+                else:
+                    tensors[name_in_model] = cast(tensor, slots.get(name_in_model, tensor.dtype), device, scratch)
         try:
-            unexpected += unet.load_state_dict(tensors, strict=False, assign=True).unexpected_keys
+            unexpected += model.load_state_dict(tensors, strict=False, assign=True).unexpected_keys
         except RuntimeError as e:  # a tensor of another shape than the config's
-            raise UserError(f"cannot load {model}: its UNet weights do not fit its config ({one_line(e)}); "
+            raise UserError(f"cannot load {name}: its {part} weights do not fit its config ({one_line(e)}); "
                             "download the model again") from None
     return unexpected
+
+
+def model_key(key, slots):
+    """A weight's name in the model: SDXL's CLIP files name every weight under "text_model.", which transformers
+    5's CLIPTextModel has no longer (its from_pretrained renames them as it loads)."""
+    return next((name for name in (key, key.removeprefix("text_model."), f"text_model.{key}") if name in slots), key)
 
 
 def cast(tensor, dtype, device, scratch):
@@ -355,12 +413,12 @@ def cast(tensor, dtype, device, scratch):
 
 @contextlib.contextmanager
 def unreadable_named(file, model):
-    """A damaged or missing safetensors file of the UNet as one line naming it."""
+    """A damaged or missing safetensors file of a model part as one line naming it (its folder/file)."""
     try:
         yield
     except (SafetensorError, OSError) as e:
-        raise UserError(f"cannot load {model}: unet/{Path(file).name} is unreadable ({one_line(e)}); download "
-                        "the model again") from None
+        raise UserError(f"cannot load {model}: {Path(file).parent.name}/{Path(file).name} is unreadable "
+                        f"({one_line(e)}); download the model again") from None
 
 
 @contextlib.contextmanager

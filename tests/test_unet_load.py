@@ -64,7 +64,7 @@ def test_shards_and_bin_weights_load_as_from_pretrained_loads_them(tiny_model, t
         model = tmp_path / name
         shutil.copytree(tiny_model, model, ignore=shutil.ignore_patterns("unet"))
         reference.save_pretrained(model / "unet", **options)
-        files = pipeline.unet_safetensors(model, None, None)
+        files = pipeline.safetensors_files(model, "unet", "diffusion_pytorch_model", None, None)
         assert len(files) > 1 if name == "shards" else files == []  # .bin: from_pretrained's own load
         assert_same_unet(pipeline.load_unet(model, None, None, torch.float32, "cpu"), reference)
 

@@ -1,0 +1,131 @@
+"""The frozen base in less memory. --fp8_base stores its layers in float8 (diffusers' layerwise casting, kohya's
+flag); --nf4_base stores the UNet's linear layers in 4-bit NormalFloat (bitsandbytes, set up as diffusers'
+BitsAndBytesConfig sets it up: QLoRA's recipe). Each layer computes in the run's dtype, and the LoRA on top stays
+fp32. Both are applied to an empty (meta-device) model before its weights stream in, so no bf16 copy of the
+model is ever whole."""
+
+import functools
+
+import torch
+
+from .messages import UserError, one_line
+
+FP8 = torch.float8_e4m3fn
+NF4_BLOCKSIZE = 64  # bitsandbytes' default: one absmax per 64 weights (double quantisation stores those in 8 bits)
+
+
+def base_storage(args):
+    """"fp8", "nf4" or None (the run's dtype)."""
+    return "fp8" if args.fp8_base else "nf4" if args.nf4_base else None
+
+
+def storage_note(storage, compute_dtype):
+    """How a quantised base is held, for the lines that say what renders class images and validation; "" for none."""
+    held = {"fp8": "float8_e4m3fn", "nf4": "4-bit NF4 (its linear layers)"}.get(storage)
+    return f"; base UNet held in {held}, computed in {str(compute_dtype).removeprefix('torch.')}" if held else ""
+
+
+def check_base_storage(storage, device):
+    """Before any model loads: what this machine's libraries cannot do, in one line. bitsandbytes' 4-bit kernels
+    exist for CUDA, and in pure torch for a CPU from 0.46 on; a tiny tensor quantised here shows which holds."""
+    if storage != "nf4":
+        return
+    try:
+        import bitsandbytes.functional as bnb_functional
+
+        bnb_functional.quantize_4bit(torch.ones(NF4_BLOCKSIZE, device=device), quant_type="nf4")
+    except Exception as e:  # ImportError, no kernel for this device, a CUDA set-up error
+        raise UserError(f"--nf4_base: bitsandbytes cannot quantise to 4 bits on this {device.type} "
+                        f"({one_line(e)[:160]}); pass --fp8_base instead, or drop --nf4_base") from None
+
+
+def prepare_storage(model, storage, compute_dtype):
+    """An empty model (meta device) given the storage each weight will load into: float8 for the layers diffusers'
+    layerwise casting stores in it (its skip list keeps the norms in `compute_dtype`), bitsandbytes'
+    Linear4bit for each linear layer of the UNet under nf4. stream_weights then casts each weight into its slot."""
+    from diffusers import ModelMixin
+    from diffusers.hooks import apply_layerwise_casting
+    from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
+
+    if storage == "nf4":
+        from diffusers import BitsAndBytesConfig
+        from diffusers.quantizers.bitsandbytes import replace_with_bnb_linear
+
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                    bnb_4bit_compute_dtype=compute_dtype)
+        # bitsandbytes' CPU kernel takes an input width that is a whole number of blocks; all of SSD-1B's are
+        narrow = [name for name, module in model.named_modules()
+                  if isinstance(module, torch.nn.Linear) and module.in_features % NF4_BLOCKSIZE]
+        replace_with_bnb_linear(model, modules_to_not_convert=narrow, quantization_config=config)
+        for module in model.modules():
+            # bitsandbytes repacks a layer's weights in place for its CPU inference kernel at the first forward
+            # without grad (validation), in a layout that needs other widths; training switches back and forth
+            if type(module).__name__ == "Linear4bit":
+                module.support_avx512bf16_for_cpu = False
+    torch.nn.Module.to(model, compute_dtype)  # the slots' dtype (diffusers' own .to warns on a meta model)
+    if storage == "fp8":
+        if isinstance(model, ModelMixin):  # with the model's own skip list (the UNet's: "norm")
+            model.enable_layerwise_casting(storage_dtype=FP8, compute_dtype=compute_dtype)
+        else:  # a text encoder: diffusers' default skip list, and the token and position embeddings, as kohya
+            # keeps them (the identifier's own token embedding would be rounded to 3 bits of mantissa)
+            apply_layerwise_casting(model, storage_dtype=FP8, compute_dtype=compute_dtype,
+                                    skip_modules_pattern=(*DEFAULT_SKIP_MODULES_PATTERN, "embedding"))
+        save_weights_for_backward_in_fp8(model, compute_dtype)
+    return model
+
+
+def quantized_slot(model, name):
+    """The bitsandbytes 4-bit parameter `name` will load into, or None for an ordinary one."""
+    module_name, _, leaf = name.rpartition(".")
+    try:
+        parameter = model.get_submodule(module_name)._parameters.get(leaf)
+    except AttributeError:  # a name the model has no place for: load_state_dict reports it
+        return None
+    return parameter if type(parameter).__name__ == "Params4bit" else None
+
+
+def load_quantized(model, name, tensor, slot, device):
+    """One weight quantised to 4 bits as it moves to `device`, as diffusers' bitsandbytes quantizer does it."""
+    import bitsandbytes as bnb
+
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    module._parameters[leaf] = bnb.nn.Params4bit(tensor, requires_grad=False, **slot.__dict__).to(device)
+
+
+def save_weights_for_backward_in_fp8(model, compute_dtype):
+    """Layerwise casting casts a layer's float8 weights up for its forward and back after it, but autograd keeps
+    the upcast copy for the backward pass (a linear layer's input gradient needs its weight): in training, every
+    frozen layer's weights would then be held twice, in float8 and in `compute_dtype`, and fp8 would save nothing
+    at the peak. Here, during each cast layer's forward, autograd keeps a reference to the layer instead, and the
+    backward pass casts its float8 weight up again. The values are the same: float8 to bf16 or fp32 is exact."""
+    def pack(module, tensor):
+        if tensor.untyped_storage().data_ptr() == module.weight.untyped_storage().data_ptr():
+            return module, tensor.size(), tensor.stride(), tensor.storage_offset()
+        return tensor  # the layer's input, saved as it is
+
+    def unpack(packed):
+        if isinstance(packed, torch.Tensor):
+            return packed
+        module, size, stride, offset = packed
+        return module.weight.to(compute_dtype).as_strided(size, stride, offset)
+
+    for module in model.modules():
+        if getattr(module, "weight", None) is not None and module.weight.dtype == FP8:
+            hooks = torch.autograd.graph.saved_tensors_hooks(functools.partial(pack, module), unpack)
+            module.register_forward_pre_hook(lambda module, args, hooks=hooks: hooks.__enter__())
+            module.register_forward_hook(lambda module, args, output, hooks=hooks: hooks.__exit__(),
+                                         always_call=True)
+
+
+def exact_lora_init(modules, init):
+    """peft moves a new adapter to its base layer's dtype, so over a float8 layer LoRA's initial weights would be
+    rounded to float8 (3 bits of mantissa) before cast_training_params makes them fp32 again. Drawn again here,
+    in fp32, with peft's own initialiser."""
+    from peft.tuners.lora import LoraLayer
+
+    for module in modules:
+        for layer in module.modules():
+            if isinstance(layer, LoraLayer):
+                for adapter in layer.lora_A:
+                    layer.reset_lora_parameters(adapter, init)
