@@ -1,6 +1,6 @@
 """Peak GPU memory and ms/step of the trainer at 1024 px, per base precision, with diffusers' script beside it.
 
-    python benchmarks/gpu_memory.py                    # one H100: builds the random model, then 8 rows, ~6 min
+    python benchmarks/gpu_memory.py                    # one H100: builds the random model, 8 rows (~6 min, untimed)
     python benchmarks/gpu_memory.py --model DIR --diffusers_script PATH/train_dreambooth_lora_sdxl.py
     python benchmarks/gpu_memory.py --tiny             # a CPU: the plumbing only (peak RSS), seconds a row
 
