@@ -65,6 +65,7 @@ def prepare_storage(model, storage, compute_dtype):
             # without grad (validation), in a layout that needs other widths; training switches back and forth
             if type(module).__name__ == "Linear4bit":
                 module.support_avx512bf16_for_cpu = False
+                module.register_forward_pre_hook(input_in_autocast_dtype)
     torch.nn.Module.to(model, compute_dtype)  # the slots' dtype (diffusers' own .to warns on a meta model)
     if storage == "fp8":
         if isinstance(model, ModelMixin):  # with the model's own skip list (the UNet's: "norm")
@@ -74,23 +75,33 @@ def prepare_storage(model, storage, compute_dtype):
             apply_layerwise_casting(model, storage_dtype=FP8, compute_dtype=compute_dtype,
                                     skip_modules_pattern=(*DEFAULT_SKIP_MODULES_PATTERN, "embedding"))
         save_weights_for_backward_in_fp8(model, compute_dtype)
-        keep_freed_copies_off_the_heap()
     return model
 
 
 def keep_freed_copies_off_the_heap():
-    """Each fp8 layer's upcast copy is allocated and freed at every call. glibc's malloc serves blocks that large
-    with mmap and gives them back at once, until the first is freed: it then raises its mmap threshold to that
-    size, and from there on serves them from the heap, whose freed pages it keeps. On a CPU the run's peak then
-    grew by over 1 GiB (full-size SSD-1B at 128 px: 3.23 GiB, against 2.09 with the threshold fixed;
-    benchmarks/RESULTS.md). Setting the threshold turns that adjustment off. Where the C library is not glibc, or
-    the process is not on Linux, nothing is done."""
+    """For a run over a quantised base, from its first load. Each fp8 layer's upcast copy is allocated and freed at
+    every call, and so are bitsandbytes' (de)quantising temporaries, and the streamed load's cast tensors. glibc's
+    malloc serves blocks that large with mmap and gives them back at once, until the first is freed: it then raises
+    its mmap threshold to that size, and from there on serves them from the heap, whose freed pages it keeps. On a
+    CPU the run's peak then grew by over 1 GiB (full-size SSD-1B at 128 px: 3.23 GiB, against 2.09 with the
+    threshold fixed; nf4's UNet load, 4.27 against 1.69: benchmarks/RESULTS.md). Setting the threshold turns that
+    adjustment off. Where the C library is not glibc, or the process is not on Linux, nothing is done."""
     if sys.platform != "linux":
         return
     try:
         ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, 128 * 1024)  # glibc's own default, made fixed
     except (OSError, AttributeError):  # musl and others have no mallopt
         pass
+
+
+def input_in_autocast_dtype(module, args):
+    """A 4-bit layer answers in its input's dtype, where autocast's linear layer answers in autocast's: an fp32
+    time embedding would stay fp32 and meet a bf16 norm, which a CPU refuses ("mixed dtype"). So under autocast its
+    input comes in autocast's dtype, as nn.Linear's would be cast."""
+    device = args[0].device.type
+    if torch.is_autocast_enabled(device):
+        return (args[0].to(torch.get_autocast_dtype(device)), *args[1:])
+    return None
 
 
 def quantized_slot(model, name):

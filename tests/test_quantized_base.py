@@ -182,3 +182,21 @@ def test_nf4_where_bitsandbytes_cannot_quantise_is_refused_before_any_model_load
     with pytest.raises(UserError, match=r"^--nf4_base: bitsandbytes cannot quantise to 4 bits on this cpu \(no 4-bit "
                                         r"kernel for this device\); pass --fp8_base instead, or drop --nf4_base$"):
         run_trainer(*tiny_args(tiny_model, photos, tmp_path / "out", "--nf4_base"))
+
+
+def test_a_4bit_layer_answers_in_autocasts_dtype_as_a_linear_layer_does():
+    # SSD-1B's time embedding is fp32 and meets bf16 norms after its 4-bit layers, which a CPU refuses to mix
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GroupNorm(4, 64))
+    quantized_base.prepare_storage(model, "nf4", torch.bfloat16)
+    weight = torch.randn(64, 64, dtype=torch.bfloat16)
+    quantized_base.load_quantized(model, "0.weight", weight, quantized_base.quantized_slot(model, "0.weight"), "cpu")
+    bf16 = dict(dtype=torch.bfloat16)
+    model.load_state_dict({"0.bias": torch.zeros(64, **bf16), "1.weight": torch.ones(64, **bf16),
+                           "1.bias": torch.zeros(64, **bf16)}, strict=False, assign=True)
+    assert type(model[0]).__name__ == "Linear4bit" and model[0].weight.dtype == torch.uint8
+    with torch.autocast("cpu", torch.bfloat16):
+        out = model(torch.randn(2, 64))
+    assert out.dtype == torch.bfloat16
