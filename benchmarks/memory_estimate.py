@@ -102,8 +102,11 @@ def calibrate(rows, args) -> dict:
         fitted[f"ACTIVATION_BYTES[{gc}]"] = rise / memory.latent_pixels(128)  # one sample more
         fitted[f"TRAINING_OVERHEAD (gc {gc})"] = (one["phase_peaks_gib"]["training"] * GIB - base(one) - held(p1)
                                                   - fitted[f"ACTIVATION_BYTES[{gc}]"] * memory.latent_pixels(128))
-    _, _, p = parts(args.model, rows["b1_gc_off"]["flags"])
+    one = rows["b1_gc_off"]
+    _, _, p = parts(args.model, one["flags"])
     vae = counts.vae.weight_bytes("fp32" if counts.vae_upcast else "bf16", "bf16")
+    load = one["phase_peaks_gib"]["load"] * GIB - base(one) - p["text encoders"] - vae
+    fitted["TEXT_ENCODER_LOAD_SHARE"] = load / p["text encoders"]
     rendering = {r: rows[name]["phase_peaks_gib"]["caches"] * GIB - base(rows[name]) - p["text encoders"] - vae
                  - p["UNet"] for r, name in ((128, "class_image"), (256, "class_image_256"))}
     # one image, its latents twice (classifier-free guidance): the slope between 128 and 256 px, and what is left
