@@ -43,9 +43,10 @@ ACTIVATION_BYTES = {False: 355_000, True: 56_000}
 # and optimizer state, and the activations' slope: the batch-independent part of the same fit (the libraries
 # imported later, autograd's and the allocator's fixed share):
 TRAINING_OVERHEAD = 166_000_000  # 172 MB fitted without gradient checkpointing, 162 MB with: their mean
-# Loading the text encoders in the compute dtype peaks above their weights and the VAE's (file pages, cast
-# copies; measured again after they came to stream in, 2026-12-08: the same 3.25 GiB load phase): as a share of
-# the text encoders' weights. Under fp8 (measured: 0.15 GiB above, at 128 px) it is left out.
+# Loading the text encoders without a quantised base peaks above their weights and the VAE's, as a share of the
+# text encoders' weights (measured again after they came to stream in: the same 3.25 GiB load phase). It is
+# glibc's heap again: under --fp8_base or --nf4_base the trainer fixes malloc's mmap threshold before the first
+# load (quantized_base.keep_freed_copies_off_the_heap), and the load phase is 0.15 GiB above them (both, 128 px).
 TEXT_ENCODER_LOAD_SHARE = 0.75
 # Rendering (class images, validation): per image of a batch and latent pixel, in a 2-byte compute dtype (each
 # image's latents go through the UNet twice: classifier-free guidance), and a part that does not scale: the
@@ -235,8 +236,8 @@ def estimate(counts, setting):
     parts["process, more in training"] = TRAINING_OVERHEAD if s.on_cpu else 0
     overhead = s.overhead + parts["process, more in training"]
     vae_full = counts.vae.weight_bytes(vae_dtype, s.compute)
-    load = (s.overhead + parts["text encoders"] * (1 + (TEXT_ENCODER_LOAD_SHARE if loaded != "fp8" else 0))
-            + vae_full)
+    load = (s.overhead + parts["text encoders"] * (1 + (TEXT_ENCODER_LOAD_SHARE if s.precision in STORAGE_BYTES
+                                                         else 0)) + vae_full)
     phases = {"load": load}
     if s.class_images_batch:
         phases["class images"] = (s.overhead + parts["text encoders"] + vae_full + parts["UNet"]
