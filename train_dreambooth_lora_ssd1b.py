@@ -286,7 +286,8 @@ from dreambooth_kit.ownership import check_folders, clear_replaced_run, hold_out
 from dreambooth_kit.pipeline import (build_pipeline, cached_prompt_kwargs, generate_images, image_grid,  # noqa: E402
                                      load_models, load_unet, side_by_side, unwrap)
 from dreambooth_kit.preflight import check_class_folder, check_instance_photos, check_run  # noqa: E402
-from dreambooth_kit.quantized_base import base_storage, check_base_storage, exact_lora_init, storage_note  # noqa: E402
+from dreambooth_kit.quantized_base import (base_storage, check_base_storage, finish_lora_over_fp8,  # noqa: E402
+                                           storage_note)
 from dreambooth_kit.telemetry import Clock, WARMUP_STEPS, describe_run, release_memory, report  # noqa: E402
 
 
@@ -364,7 +365,7 @@ def generate_class_images(pipe, class_dir, class_prompt, names, batch_size, reso
 def add_lora(models, rank, alpha, dropout, train_text_encoder, use_dora=False, base=None):
     """Inject LoRA (DoRA with use_dora: its magnitudes start at the base weights' row norms, so the model starts
     unchanged); returns the modules that train. Their parameters are kept fp32 under mixed precision, and drawn
-    in fp32 over a float8 base (exact_lora_init)."""
+    in fp32 over a float8 base (finish_lora_over_fp8)."""
     def config(targets, exclude=None):
         return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian",
                           target_modules=targets, exclude_modules=exclude, use_dora=use_dora)
@@ -382,7 +383,7 @@ def add_lora(models, rank, alpha, dropout, train_text_encoder, use_dora=False, b
     # fp32 trainables under fp16/bf16 frozen weights: no "Attempting to unscale FP16 gradients"
     cast_training_params(trained, dtype=torch.float32)
     if base == "fp8":
-        exact_lora_init(trained, "gaussian")
+        finish_lora_over_fp8(trained, "gaussian")
     return trained
 
 

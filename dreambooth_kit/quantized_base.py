@@ -148,10 +148,12 @@ def save_weights_for_backward_in_fp8(model, compute_dtype):
                                          always_call=True)
 
 
-def exact_lora_init(modules, init):
-    """peft moves a new adapter to its base layer's dtype, so over a float8 layer LoRA's initial weights would be
-    rounded to float8 (3 bits of mantissa) before cast_training_params makes them fp32 again. Drawn again here,
-    in fp32, with peft's own initialiser."""
+def finish_lora_over_fp8(modules, init):
+    """LoRA over a float8 base, once injected. peft moves a new adapter to its base layer's dtype, so LoRA's initial
+    weights were rounded to float8 (3 bits of mantissa) before cast_training_params made them fp32 again: they are
+    drawn again here, in fp32, with peft's own initialiser. And the frozen weights are left out of the broadcast
+    with which DistributedDataParallel starts (every process loaded the same ones), which gloo refuses for float8
+    ("Invalid scalar type")."""
     from peft.tuners.lora import LoraLayer
 
     for module in modules:
@@ -159,3 +161,5 @@ def exact_lora_init(modules, init):
             if isinstance(layer, LoraLayer):
                 for adapter in layer.lora_A:
                     layer.reset_lora_parameters(adapter, init)
+        frozen = [name for name, parameter in module.named_parameters() if not parameter.requires_grad]
+        torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, frozen)
