@@ -9,10 +9,12 @@ import functools
 import sys
 
 import torch
+import torch.utils.checkpoint
 
 from .messages import UserError, one_line
 
 FP8 = torch.float8_e4m3fn
+COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what a frozen weight computes in; not how it is held
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
 NF4_BLOCKSIZE = 64  # bitsandbytes' default: one absmax per 64 weights (double quantisation stores those in 8 bits)
 
@@ -140,18 +142,50 @@ def save_weights_for_backward_in_fp8(model, compute_dtype):
         module, size, stride, offset = packed
         return module.weight.to(compute_dtype).as_strided(size, stride, offset)
 
+    # Under gradient checkpointing, checkpoint's own hooks must see what its blocks save (it drops it and
+    # recomputes), and a hook pushed inside would take their place: each forward asks whether it is on
+    checkpointing, pushed = [False], []
+    asks = next((name for name in ("is_activation_checkpointing", "is_gradient_checkpointing")  # transformers 5's
+                 if hasattr(type(model), name)), None)
+
+    def start(model, args):
+        checkpointing[0] = bool(asks and getattr(model, asks))
+
+    def enter(module, args, hooks):
+        pushed.append(torch.is_grad_enabled() and not checkpointing[0])
+        if pushed[-1]:
+            hooks.__enter__()
+
+    def leave(module, args, output, hooks):
+        if pushed.pop():
+            hooks.__exit__()
+
+    model.register_forward_pre_hook(start)
     for module in model.modules():
         if getattr(module, "weight", None) is not None and module.weight.dtype == FP8:
             hooks = torch.autograd.graph.saved_tensors_hooks(functools.partial(pack, module), unpack)
-            module.register_forward_pre_hook(lambda module, args, hooks=hooks: hooks.__enter__())
-            module.register_forward_hook(lambda module, args, output, hooks=hooks: hooks.__exit__(),
-                                         always_call=True)
+            module.register_forward_pre_hook(functools.partial(enter, hooks=hooks))
+            module.register_forward_hook(functools.partial(leave, hooks=hooks), always_call=True)
 
 
-def exact_lora_init(modules, init):
-    """peft moves a new adapter to its base layer's dtype, so over a float8 layer LoRA's initial weights would be
-    rounded to float8 (3 bits of mantissa) before cast_training_params makes them fp32 again. Drawn again here,
-    in fp32, with peft's own initialiser."""
+def enable_unet_checkpointing(unet, storage):
+    """Gradient checkpointing of the UNet. Over a float8 base it is torch's reentrant checkpointing: the
+    non-reentrant kind that diffusers uses compares what its recomputation saves with what the forward saved, and
+    layerwise casting changes a weight's dtype between the two, which it refuses. Reentrant checkpointing gives
+    grads only to blocks whose input needs them, so conv_in's output is made to (as transformers'
+    enable_input_require_grads does for a text encoder), and every block's LoRA gets its gradient."""
+    if storage != "fp8":
+        return unet.enable_gradient_checkpointing()
+    unet.enable_gradient_checkpointing(functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=True))
+    unet.conv_in.register_forward_hook(lambda module, args, output: output.requires_grad_(torch.is_grad_enabled()))
+
+
+def finish_lora_over_fp8(modules, init):
+    """LoRA over a float8 base, once injected. peft moves a new adapter to its base layer's dtype, so LoRA's initial
+    weights were rounded to float8 (3 bits of mantissa) before cast_training_params made them fp32 again: they are
+    drawn again here, in fp32, with peft's own initialiser. And the frozen weights are left out of the broadcast
+    with which DistributedDataParallel starts (every process loaded the same ones), which gloo refuses for float8
+    ("Invalid scalar type")."""
     from peft.tuners.lora import LoraLayer
 
     for module in modules:
@@ -159,3 +193,5 @@ def exact_lora_init(modules, init):
             if isinstance(layer, LoraLayer):
                 for adapter in layer.lora_A:
                     layer.reset_lora_parameters(adapter, init)
+        frozen = [name for name, parameter in module.named_parameters() if not parameter.requires_grad]
+        torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, frozen)
