@@ -23,7 +23,10 @@ from conftest import ROOT
 # with class images, 0.86 with the base prediction; toward 0.232 without a prior, 0.069 with class images (a share
 # of 0.30), 0.183 with the base prediction (0.79). Seeds 1 and 2 gave shares of 0.11 and 0.20 with class images,
 # 0.54 and 0.61 with the base prediction: both priors hold the class prompt back, class images more, and at a cost
-# in fidelity (0.97-0.98 at seeds 1 and 2 with class images, 0.90-0.92 with the base prediction).
+# in fidelity (0.97-0.98 at seeds 1 and 2 with class images, 0.90-0.92 with the base prediction). On a float8 base
+# (2026-12-08, the same machine and seed; benchmarks/RESULTS.md): fidelity 0.81 without a prior and toward 0.208;
+# with the unquantised run's class images, fidelity 0.94 and toward 0.062 (a share of 0.30). fp8 moved the scores of
+# seeds 0-2 by at most 0.05, in no one direction: about as far as a change of seed moves them.
 FIDELITY_MAX = {"no prior": 0.88, "class images": 0.97, "base prediction": 0.92}  # instance prompt's distance to
 # the subject, as a share of the base model's
 TOWARD_MIN = 0.15  # how much nearer the subject the class prompt's renders come without a prior
