@@ -281,12 +281,14 @@ from PIL import Image, ImageOps  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from dreambooth_kit.checkpoints import refuse_non_finite, save_checkpoint, start_checkpointing  # noqa: E402
+from dreambooth_kit.memory import announce_memory  # noqa: E402
 from dreambooth_kit.model_card import finish, write_model_card  # noqa: E402
 from dreambooth_kit.ownership import check_folders, clear_replaced_run, hold_output_dir  # noqa: E402
 from dreambooth_kit.pipeline import (build_pipeline, cached_prompt_kwargs, generate_images, image_grid,  # noqa: E402
                                      load_models, load_unet, side_by_side, unwrap)
 from dreambooth_kit.preflight import check_class_folder, check_instance_photos, check_run  # noqa: E402
-from dreambooth_kit.quantized_base import base_storage, check_base_storage, exact_lora_init, storage_note  # noqa: E402
+from dreambooth_kit.quantized_base import (COMPUTE_DTYPES, base_storage, check_base_storage,  # noqa: E402
+                                           enable_unet_checkpointing, finish_lora_over_fp8, storage_note)
 from dreambooth_kit.telemetry import Clock, WARMUP_STEPS, describe_run, release_memory, report  # noqa: E402
 
 
@@ -364,7 +366,7 @@ def generate_class_images(pipe, class_dir, class_prompt, names, batch_size, reso
 def add_lora(models, rank, alpha, dropout, train_text_encoder, use_dora=False, base=None):
     """Inject LoRA (DoRA with use_dora: its magnitudes start at the base weights' row norms, so the model starts
     unchanged); returns the modules that train. Their parameters are kept fp32 under mixed precision, and drawn
-    in fp32 over a float8 base (exact_lora_init)."""
+    in fp32 over a float8 base (finish_lora_over_fp8)."""
     def config(targets, exclude=None):
         return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian",
                           target_modules=targets, exclude_modules=exclude, use_dora=use_dora)
@@ -382,7 +384,7 @@ def add_lora(models, rank, alpha, dropout, train_text_encoder, use_dora=False, b
     # fp32 trainables under fp16/bf16 frozen weights: no "Attempting to unscale FP16 gradients"
     cast_training_params(trained, dtype=torch.float32)
     if base == "fp8":
-        exact_lora_init(trained, "gaussian")
+        finish_lora_over_fp8(trained, "gaussian")
     return trained
 
 
@@ -831,8 +833,8 @@ def base_prediction(models, noisy_latents, timesteps, prompts, time_ids, train_t
         embeds, pooled = prompt_embeddings(prompts, base, False, device)
         added = {"text_embeds": pooled, "time_ids": time_ids}  # fp32, as in training_step
         # the bare UNet lacks the autocast accelerate put on its wrapper (torch.compile's, or DDP's): the same one
-        # here, from the frozen weights' dtype, which is --mixed_precision's
-        dtype = next(p.dtype for p in bare[0].parameters() if not p.requires_grad)
+        # here, from the frozen weights' dtype, which is --mixed_precision's (float8 and 4-bit ones aside)
+        dtype = next(p.dtype for p in bare[0].parameters() if not p.requires_grad and p.dtype in COMPUTE_DTYPES)
         with torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32):
             return bare[0](noisy_latents, timesteps, embeds, added_cond_kwargs=added).sample.float()
 
@@ -1175,6 +1177,7 @@ def run(argv, stop):
         stop.at_once(lambda: stopped_before_training(args, settings, clock, script=__file__))
         instance_images, instance_prompts, settings = check_inputs(args, settings)  # all before any model loads
         accelerator = make_accelerator(args, settings)  # processes, mixed precision, accumulation, trackers
+        estimate = announce_memory(accelerator, args, settings, (UNET_TARGETS, TEXT_ENCODER_TARGETS))  # peak, parts
         weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 matmuls on tensor cores
 
@@ -1201,7 +1204,7 @@ def run(argv, stop):
         trained = add_lora(models, args.rank, settings.lora_alpha, args.lora_dropout, args.train_text_encoder,
                            use_dora=args.use_dora, base=base_storage(args))
         if args.gradient_checkpointing:
-            models.unet.enable_gradient_checkpointing()
+            enable_unet_checkpointing(models.unet, base_storage(args))
             for text_encoder in trained[1:]:  # transformers 5 renamed it; the old name warns until it goes in v6
                 getattr(text_encoder, "activation_checkpointing_enable", text_encoder.gradient_checkpointing_enable)()
                 # what transformers 4 does only for an adapter of its own add_adapter: reentrant checkpointing of
@@ -1236,7 +1239,7 @@ def run(argv, stop):
         train(accelerator, models, trained, optimizer, lr_scheduler, dataloader, args=args, settings=settings,
               start_step=start_step, clock=clock, stop=stop)
         stop.at_once(lambda: stopped_after_training(args, settings))
-        report(accelerator, clock, start_step)
+        report(accelerator, clock, start_step, estimate)
         accelerator.end_training()
         finish(accelerator, args, settings)
 

@@ -351,7 +351,7 @@ def check_base_flags(args):
                         f"hooks at every call): drop --compile, or drop {flag}")
     if args.fp8_base and args.use_dora:
         raise UserError("--use_dora reads each base weight whole for its magnitudes, and under --fp8_base those are "
-                        "float8, which the matrix products refuse: drop --use_dora, or pass --nf4_base instead")
+                        "float8, which torch's arithmetic refuses: drop --use_dora, or pass --nf4_base instead")
 
 
 # Why --use_dora writes no kohya file: diffusers' SDXL loader (0.42) deletes a kohya file's dora_scale keys before

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import safetensors.torch
 import torch
-from accelerate import init_empty_weights
 from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig, get_peft_model_state_dict
@@ -146,7 +145,9 @@ def check_kohya_targets(model, revision, unet_targets, text_encoder_targets, tra
     from transformers import CLIPTextConfig
 
     unet_config = UNet2DConditionModel.load_config(model, subfolder="unet", revision=revision)
-    with init_empty_weights():
+    # torch.device, not init_empty_weights, which makes each parameter on the CPU first: glibc then raises its mmap
+    # threshold, and the UNet's streamed load leaves 1.2 GiB of heap holes in RSS (benchmarks/RESULTS.md)
+    with torch.device("meta"):
         models = [(UNet2DConditionModel.from_config(unet_config), unet_targets)]
         if train_text_encoder:
             for cls, folder in [(CLIPTextModel, "text_encoder"), (CLIPTextModelWithProjection, "text_encoder_2")]:

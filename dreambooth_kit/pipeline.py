@@ -24,7 +24,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 from .artifacts import LORA_FILE, looks_like_hub_id
 from .imaging import refuse_file_as_folder
 from .messages import UserError, agree, counted, one_line, warn
-from .quantized_base import load_quantized, prepare_storage, quantized_slot
+from .quantized_base import keep_freed_copies_off_the_heap, load_quantized, prepare_storage, quantized_slot
 
 # transformers 4.56 renamed from_pretrained's torch_dtype to dtype; the old name warns from 5 on
 TRANSFORMERS_DTYPE = "dtype" if Version(installed_version("transformers")) >= Version("4.56") else "torch_dtype"
@@ -251,6 +251,8 @@ def load_models(model, vae_model, revision, variant, dtype, device, with_unet=Tr
     """SSD-1B's parts, frozen, in `dtype` on `device`. vae_model=None means the model's own VAE. with_unet=False
     leaves models.unet None, for load_unet once the text encoders have gone. storage "fp8" holds the text encoders'
     layers (and the UNet's) in float8, "nf4" the UNet's linear layers in 4 bits (quantized_base)."""
+    if storage:
+        keep_freed_copies_off_the_heap()
     common = dict(revision=revision, variant=variant)
     # each loaded straight in its run dtype: no full-precision copy first (and diffusers warns at a later cast)
     diffusers_common = dict(common, **{DIFFUSERS_DTYPE: dtype})
@@ -277,13 +279,15 @@ def load_models(model, vae_model, revision, variant, dtype, device, with_unet=Tr
 
 
 def load_text_encoder(cls, model, subfolder, revision, variant, dtype, device, storage):
-    """One CLIP text encoder, frozen, in `dtype` on `device`. Under fp8 it streams in like the UNet (load_unet),
-    each layer cast as it comes, so the pair is never whole in bf16 (1.5 GiB for SSD-1B's) before it is float8."""
-    files = safetensors_files(model, subfolder, "model", revision, variant) if storage == "fp8" else []
+    """One CLIP text encoder, frozen, in `dtype` on `device`, its layers in float8 under storage "fp8" (nf4 is the
+    UNet's alone). Under either it streams in like the UNet (load_unet), so the pair is never whole in bf16 (1.5
+    GiB for SSD-1B's) beside the file mapped to make it, and the load is no longer the run's peak."""
+    files = safetensors_files(model, subfolder, "model", revision, variant) if storage else []
+    storage = "fp8" if storage == "fp8" else None
     if not files:
         encoder = cls.from_pretrained(model, subfolder=subfolder, revision=revision, variant=variant,
                                       **{TRANSFORMERS_DTYPE: dtype})
-        if storage == "fp8":  # a .bin or sharded hub model: cast once whole
+        if storage:  # a .bin or sharded hub model: cast once whole
             prepare_storage(encoder, storage, dtype)
         return encoder.requires_grad_(False).to(device)
     config = cls.config_class.from_pretrained(model, subfolder=subfolder, revision=revision)
@@ -299,6 +303,8 @@ def load_unet(model, revision, variant, dtype, device, storage=None):
     a time (stream_weights), so the file is never mapped whole beside the weights cast from it: from_pretrained
     keeps all of SSD-1B's fp16 file (2.5 GiB) mapped until the bf16 weights made from it (2.5 GiB more) are
     complete. Other weights (.bin, a hub model's shards) load with from_pretrained."""
+    if storage:
+        keep_freed_copies_off_the_heap()
     with load_errors_named(model):
         files = safetensors_files(model, "unet", "diffusion_pytorch_model", revision, variant)
         if not files:

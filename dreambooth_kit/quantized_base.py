@@ -9,10 +9,12 @@ import functools
 import sys
 
 import torch
+import torch.utils.checkpoint
 
 from .messages import UserError, one_line
 
 FP8 = torch.float8_e4m3fn
+COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what a frozen weight computes in; not how it is held
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
 NF4_BLOCKSIZE = 64  # bitsandbytes' default: one absmax per 64 weights (double quantisation stores those in 8 bits)
 
@@ -65,6 +67,7 @@ def prepare_storage(model, storage, compute_dtype):
             # without grad (validation), in a layout that needs other widths; training switches back and forth
             if type(module).__name__ == "Linear4bit":
                 module.support_avx512bf16_for_cpu = False
+                module.register_forward_pre_hook(input_in_autocast_dtype)
     torch.nn.Module.to(model, compute_dtype)  # the slots' dtype (diffusers' own .to warns on a meta model)
     if storage == "fp8":
         if isinstance(model, ModelMixin):  # with the model's own skip list (the UNet's: "norm")
@@ -74,23 +77,33 @@ def prepare_storage(model, storage, compute_dtype):
             apply_layerwise_casting(model, storage_dtype=FP8, compute_dtype=compute_dtype,
                                     skip_modules_pattern=(*DEFAULT_SKIP_MODULES_PATTERN, "embedding"))
         save_weights_for_backward_in_fp8(model, compute_dtype)
-        keep_freed_copies_off_the_heap()
     return model
 
 
 def keep_freed_copies_off_the_heap():
-    """Each fp8 layer's upcast copy is allocated and freed at every call. glibc's malloc serves blocks that large
-    with mmap and gives them back at once, until the first is freed: it then raises its mmap threshold to that
-    size, and from there on serves them from the heap, whose freed pages it keeps. On a CPU the run's peak then
-    grew by over 1 GiB (full-size SSD-1B at 128 px: 3.23 GiB, against 2.09 with the threshold fixed;
-    benchmarks/RESULTS.md). Setting the threshold turns that adjustment off. Where the C library is not glibc, or
-    the process is not on Linux, nothing is done."""
+    """For a run over a quantised base, from its first load. Each fp8 layer's upcast copy is allocated and freed at
+    every call, and so are bitsandbytes' (de)quantising temporaries, and the streamed load's cast tensors. glibc's
+    malloc serves blocks that large with mmap and gives them back at once, until the first is freed: it then raises
+    its mmap threshold to that size, and from there on serves them from the heap, whose freed pages it keeps. On a
+    CPU the run's peak then grew by over 1 GiB (full-size SSD-1B at 128 px: 3.23 GiB, against 2.09 with the
+    threshold fixed; nf4's UNet load, 4.27 against 1.69: benchmarks/RESULTS.md). Setting the threshold turns that
+    adjustment off. Where the C library is not glibc, or the process is not on Linux, nothing is done."""
     if sys.platform != "linux":
         return
     try:
         ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, 128 * 1024)  # glibc's own default, made fixed
     except (OSError, AttributeError):  # musl and others have no mallopt
         pass
+
+
+def input_in_autocast_dtype(module, args):
+    """A 4-bit layer answers in its input's dtype, where autocast's linear layer answers in autocast's: an fp32
+    time embedding would stay fp32 and meet a bf16 norm, which a CPU refuses ("mixed dtype"). So under autocast its
+    input comes in autocast's dtype, as nn.Linear's would be cast."""
+    device = args[0].device.type
+    if torch.is_autocast_enabled(device):
+        return (args[0].to(torch.get_autocast_dtype(device)), *args[1:])
+    return None
 
 
 def quantized_slot(model, name):
@@ -129,18 +142,50 @@ def save_weights_for_backward_in_fp8(model, compute_dtype):
         module, size, stride, offset = packed
         return module.weight.to(compute_dtype).as_strided(size, stride, offset)
 
+    # Under gradient checkpointing, checkpoint's own hooks must see what its blocks save (it drops it and
+    # recomputes), and a hook pushed inside would take their place: each forward asks whether it is on
+    checkpointing, pushed = [False], []
+    asks = next((name for name in ("is_activation_checkpointing", "is_gradient_checkpointing")  # transformers 5's
+                 if hasattr(type(model), name)), None)
+
+    def start(model, args):
+        checkpointing[0] = bool(asks and getattr(model, asks))
+
+    def enter(module, args, hooks):
+        pushed.append(torch.is_grad_enabled() and not checkpointing[0])
+        if pushed[-1]:
+            hooks.__enter__()
+
+    def leave(module, args, output, hooks):
+        if pushed.pop():
+            hooks.__exit__()
+
+    model.register_forward_pre_hook(start)
     for module in model.modules():
         if getattr(module, "weight", None) is not None and module.weight.dtype == FP8:
             hooks = torch.autograd.graph.saved_tensors_hooks(functools.partial(pack, module), unpack)
-            module.register_forward_pre_hook(lambda module, args, hooks=hooks: hooks.__enter__())
-            module.register_forward_hook(lambda module, args, output, hooks=hooks: hooks.__exit__(),
-                                         always_call=True)
+            module.register_forward_pre_hook(functools.partial(enter, hooks=hooks))
+            module.register_forward_hook(functools.partial(leave, hooks=hooks), always_call=True)
 
 
-def exact_lora_init(modules, init):
-    """peft moves a new adapter to its base layer's dtype, so over a float8 layer LoRA's initial weights would be
-    rounded to float8 (3 bits of mantissa) before cast_training_params makes them fp32 again. Drawn again here,
-    in fp32, with peft's own initialiser."""
+def enable_unet_checkpointing(unet, storage):
+    """Gradient checkpointing of the UNet. Over a float8 base it is torch's reentrant checkpointing: the
+    non-reentrant kind that diffusers uses compares what its recomputation saves with what the forward saved, and
+    layerwise casting changes a weight's dtype between the two, which it refuses. Reentrant checkpointing gives
+    grads only to blocks whose input needs them, so conv_in's output is made to (as transformers'
+    enable_input_require_grads does for a text encoder), and every block's LoRA gets its gradient."""
+    if storage != "fp8":
+        return unet.enable_gradient_checkpointing()
+    unet.enable_gradient_checkpointing(functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=True))
+    unet.conv_in.register_forward_hook(lambda module, args, output: output.requires_grad_(torch.is_grad_enabled()))
+
+
+def finish_lora_over_fp8(modules, init):
+    """LoRA over a float8 base, once injected. peft moves a new adapter to its base layer's dtype, so LoRA's initial
+    weights were rounded to float8 (3 bits of mantissa) before cast_training_params made them fp32 again: they are
+    drawn again here, in fp32, with peft's own initialiser. And the frozen weights are left out of the broadcast
+    with which DistributedDataParallel starts (every process loaded the same ones), which gloo refuses for float8
+    ("Invalid scalar type")."""
     from peft.tuners.lora import LoraLayer
 
     for module in modules:
@@ -148,3 +193,5 @@ def exact_lora_init(modules, init):
             if isinstance(layer, LoraLayer):
                 for adapter in layer.lora_A:
                     layer.reset_lora_parameters(adapter, init)
+        frozen = [name for name, parameter in module.named_parameters() if not parameter.requires_grad]
+        torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, frozen)

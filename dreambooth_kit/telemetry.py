@@ -38,19 +38,22 @@ class Clock:
         return losses
 
 
-def report(accelerator, clock, start_step):
-    """The closing line: steady-state time per step (warm-up, saving and validation left out), peak memory, and
-    where the run's time went. FLOPs and MFU are measured by benchmarks/, off the training path."""
+def report(accelerator, clock, start_step, estimate=None):
+    """The closing line: steady-state time per step (warm-up, saving and validation left out), peak memory beside
+    the estimate made before any model loaded (bytes; None where there was none), and where the run's time went.
+    FLOPs and MFU are measured by benchmarks/, off the training path."""
     steady = [(n, s) for first, n, s in clock.windows if first > start_step + WARMUP_STEPS] or \
         [(n, s) for _, n, s in clock.windows]
     ms_per_step = 1000 * sum(s for _, s in steady) / sum(n for n, _ in steady)
+    estimated = f"estimated {estimate / 2**30:.2f} GiB" if estimate else ""
     if torch.cuda.is_available():
         peak_gib = torch.cuda.max_memory_allocated() / 2**30
         run_gib = max(peak_gib, clock.peak_before_training / 2**30)
-        memory = f"peak GPU memory {peak_gib:.2f} GiB in training ({run_gib:.2f} GiB in the whole run)"
+        memory = (f"peak GPU memory {peak_gib:.2f} GiB in training ({run_gib:.2f} GiB in the whole run"
+                  f"{'; ' + estimated if estimated else ''})")
     else:
         peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-        memory = f"peak RSS {peak_gib:.2f} GiB"
+        memory = f"peak RSS {peak_gib:.2f} GiB" + (f" ({estimated})" if estimated else "")
     accelerator.print(f"steady-state {ms_per_step:.1f} ms/step over {sum(n for n, _ in steady)} steps; {memory}\n"
                       "time: " + ", ".join(f"{name} {sec:.1f} s" for name, sec in clock.phases.items()))
     accelerator.log({"ms_per_step": ms_per_step, "peak_memory_gib": peak_gib,

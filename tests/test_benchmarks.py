@@ -31,6 +31,50 @@ def test_tiny_benchmark_records_the_trainers_report(tmp_path):
     assert "GiB RSS" in table[0] and "train_dreambooth_lora_ssd1b.py" in results.read_text()
 
 
+# diffusers' train_dreambooth_lora_sdxl.py as gpu_memory.py sees it: the flags it is given (each one the real
+# script declares), a "Steps" bar updated once per optimizer step, and no figures of its own
+DIFFUSERS_STAND_IN = """
+import argparse, time
+from tqdm.auto import tqdm
+p = argparse.ArgumentParser()
+for flag in ["--pretrained_model_name_or_path", "--pretrained_vae_model_name_or_path", "--instance_data_dir",
+             "--instance_prompt", "--class_data_dir", "--class_prompt", "--num_class_images", "--resolution",
+             "--train_batch_size", "--max_train_steps", "--mixed_precision", "--rank", "--seed", "--output_dir"]:
+    p.add_argument(flag, required=True)
+for flag in ["--with_prior_preservation", "--use_8bit_adam", "--center_crop", "--gradient_checkpointing"]:
+    p.add_argument(flag, action="store_true")
+args = p.parse_args()
+assert args.with_prior_preservation and args.use_8bit_adam
+bar = tqdm(range(int(args.max_train_steps)), desc="Steps")
+for _ in range(int(args.max_train_steps)):
+    time.sleep(0.01)
+    bar.update(1)
+"""
+
+
+def test_gpu_benchmark_records_each_trainers_figures_with_machine_settings_and_command(tmp_path):
+    # the plumbing of the GPU script on a CPU: the tiny model, our trainer's row and diffusers' beside it
+    import json
+
+    script = tmp_path / "train_dreambooth_lora_sdxl.py"
+    script.write_text(DIFFUSERS_STAND_IN)
+    results = tmp_path / "RESULTS.md"
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "gpu_memory.py"), "--tiny", "--bases", "bf16",
+                             "--checkpointing", "on", "--diffusers_script", str(script),
+                             "--work_dir", str(tmp_path / "work"), "--results", str(results)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = json.loads((tmp_path / "RESULTS-gpu-memory.json").read_text())
+    assert sorted((r["trainer"], r["status"]) for r in records) == [("diffusers", "measured"), ("ours", "measured")]
+    for record in records:
+        assert record["steps"] == 10 and record["ms"] > 0, "steps 4 to 13: the warm-up left out"
+        assert record["memory"] == "peak RSS" and record["gib"] > 0, "no GPU: the CPU's figure, said as such"
+        assert record["settings"]["resolution"] == "64" and record["settings"]["gradient_checkpointing"]
+        assert record["machine"] and record["date"] and record["versions"]["torch"] and record["tflop"] > 0
+        assert record["command"].startswith("HF_HUB_OFFLINE=1 python ")
+    rows = [line for line in results.read_text().splitlines() if line.startswith("| tiny (plumbing only) |")]
+    assert len(rows) == 2 and all("RSS" in row for row in rows), rows
+
 def load_module(name):
     import importlib.util
 

@@ -140,3 +140,13 @@ def test_two_processes_with_buckets_masks_dropout_base_prediction_and_dora_train
     assert max(v.abs().max().item() for k, v in ddp.items() if "lora_B" in k or "lora.up" in k) > 1e-4, "it learned"
     for key in ddp:
         torch.testing.assert_close(ddp[key], single[key], rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("base", ["--fp8_base", "--nf4_base"])
+def test_two_processes_train_over_a_quantised_base(tiny_model, photos, tmp_path, base):
+    # gloo cannot broadcast float8, and DistributedDataParallel starts by broadcasting every parameter: the frozen
+    # ones, the same in every process, are left out of it
+    result = torchrun(tiny_args(tiny_model, photos, tmp_path / "out", base, "--mixed_precision", "bf16",
+                                "--max_train_steps", 2, "--optimizer", "adamw", "--train_text_encoder"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "adapters identical on all 2 processes" in result.stdout + result.stderr

@@ -182,3 +182,36 @@ def test_nf4_where_bitsandbytes_cannot_quantise_is_refused_before_any_model_load
     with pytest.raises(UserError, match=r"^--nf4_base: bitsandbytes cannot quantise to 4 bits on this cpu \(no 4-bit "
                                         r"kernel for this device\); pass --fp8_base instead, or drop --nf4_base$"):
         run_trainer(*tiny_args(tiny_model, photos, tmp_path / "out", "--nf4_base"))
+
+
+def test_a_4bit_layer_answers_in_autocasts_dtype_as_a_linear_layer_does():
+    # SSD-1B's time embedding is fp32 and meets bf16 norms after its 4-bit layers, which a CPU refuses to mix
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GroupNorm(4, 64))
+    quantized_base.prepare_storage(model, "nf4", torch.bfloat16)
+    weight = torch.randn(64, 64, dtype=torch.bfloat16)
+    quantized_base.load_quantized(model, "0.weight", weight, quantized_base.quantized_slot(model, "0.weight"), "cpu")
+    bf16 = dict(dtype=torch.bfloat16)
+    model.load_state_dict({"0.bias": torch.zeros(64, **bf16), "1.weight": torch.ones(64, **bf16),
+                           "1.bias": torch.zeros(64, **bf16)}, strict=False, assign=True)
+    assert type(model[0]).__name__ == "Linear4bit" and model[0].weight.dtype == torch.uint8
+    with torch.autocast("cpu", torch.bfloat16):
+        out = model(torch.randn(2, 64))
+    assert out.dtype == torch.bfloat16
+
+
+def test_fp8_with_gradient_checkpointing_trains_every_blocks_lora_and_predicts_the_base_under_autocast(
+        tiny_model, photos, tmp_path, recwarn):
+    # diffusers' non-reentrant checkpointing refuses a weight whose dtype layerwise casting changed between the
+    # forward and its recomputation; the reentrant kind gives grads only to blocks whose input needs them
+    run_trainer(*tiny_args(tiny_model, photos, tmp_path / "out", "--fp8_base", "--gradient_checkpointing",
+                           "--mixed_precision", "bf16", "--max_train_steps", 1, "--optimizer", "adamw",
+                           "--learning_rate", 1e-2, "--with_prior_preservation", "--class_prompt", "a photo of dog",
+                           "--prior_target", "base_prediction"))
+    trained = load_file(tmp_path / "out" / "step0" / "unet" / "adapter_model.safetensors")
+    lora_b = {k: v for k, v in trained.items() if "lora_B" in k}
+    assert lora_b and all(torch.count_nonzero(v) for v in lora_b.values()), "a block's LoRA got no gradient"
+    # the base prediction's autocast comes from the frozen weights' compute dtype, not from float8
+    assert not [w for w in recwarn if "target dtype is not supported" in str(w.message)]
