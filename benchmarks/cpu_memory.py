@@ -54,6 +54,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TRAINER = "train_dreambooth_lora_ssd1b.py"
 GIB = 2**30
 PRECISIONS, CHECKPOINTING, LATENT_CACHE = ["no", "bf16"], ["off", "on"], ["on", "off"]
+BASES = {"unquantised": [], "fp8": ["--fp8_base"], "nf4": ["--nf4_base"]}  # how the frozen base is held (issue 36)
+ESTIMATE = re.compile(r"^memory estimate: peak (?P<gib>[\d.]+) GiB")  # the trainer's, before any model loads
 STEPS, SAMPLE_SECONDS = 6, 0.05
 BEGIN, END = "<!-- cpu memory: begin (written by cpu_memory.py) -->", "<!-- cpu memory: end -->"
 # The trainer's lines that end each phase, and whether every trainer prints it; "exit" ends with the process.
@@ -230,18 +232,21 @@ def load_average() -> str:
 
 
 def benchmark(setting: tuple[str, str, str], args, model: Path, context: dict) -> dict:
-    precision, checkpointing, latent_cache = setting
-    name = f"{args.label}-{precision}-gc_{checkpointing}-latents_{latent_cache}"
+    precision, checkpointing, latent_cache, base, resolution = setting
+    resolution = 64 if args.tiny else resolution
+    name = f"{args.label}-{precision}-gc_{checkpointing}-latents_{latent_cache}-{base}-{resolution}px"
     command = trainer_command(model, args.instance_dir.resolve(), args.work_dir / name,
-                              row_flags(precision, checkpointing, latent_cache, 64 if args.tiny else 128))
+                              row_flags(precision, checkpointing, latent_cache, resolution) + BASES[base])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "PYTHONUNBUFFERED": "1"}
     load_before = load_average()
     run = run_and_sample(command, args.trainer_root, env, args.work_dir / f"{name}.log")
     if run["returncode"]:
         sys.exit(f"the trainer failed (exit {run['returncode']}); its output is in {args.work_dir / f'{name}.log'}")
+    estimate = next((float(m["gib"]) for _, line in run["lines"] if (m := ESTIMATE.search(line))), None)
     return {"size": "tiny" if args.tiny else "full", "round": args.round, "label": args.label, "precision": precision,
-            "checkpointing": checkpointing, "latent_cache": latent_cache, **context,
+            "checkpointing": checkpointing, "latent_cache": latent_cache, "base": base, "resolution": resolution,
+            "estimate_gib": estimate, **context,
             "trainer": trainer_version(args.trainer_root), "load_average": f"{load_before} -> {load_average()}",
             "command": f"cd {args.trainer_root} && OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1 "
                        f"python {shlex.join(command)}",
@@ -254,7 +259,8 @@ def benchmark(setting: tuple[str, str, str], args, model: Path, context: dict) -
 
 def key(record: dict, *, label: bool = True) -> tuple:
     return (record["size"], record["machine"], record.get("round", 1), record["precision"], record["checkpointing"],
-            record["latent_cache"], *([record["label"]] if label else []))
+            record["latent_cache"], record.get("base", "unquantised"), record.get("resolution", 128),
+            *([record["label"]] if label else []))
 
 
 def versus(record: dict, before: dict | None) -> str:
@@ -278,13 +284,21 @@ def cpu(seconds: float | None) -> str:
 
 def row(record: dict, baselines: list[dict]) -> str:
     return (f"| {record['size']} | {record.get('round', 1)} | {record['label']} ({record['trainer']}) "
-            f"| {record['precision']} "
+            f"| {record['precision']} | {record.get('base', 'unquantised')} | {record.get('resolution', 128)} "
             f"| {record['checkpointing']} | {record['latent_cache']} | {record['peak_gib']:.2f} "
+            f"| {estimate(record)} "
             f"| {record['peak_phase']} | {record['anon_peak_gib']:.2f} | {record['training_peak_gib']:.2f} "
             f"| {record['peak_gib'] - record['training_peak_gib']:.2f} "
             f"| {record['s_per_step']:.2f}{cpu(record['cpu_s_per_step'])} "
             f"| {record['first_step_s']:.1f}{cpu(record['first_step_cpu_s'])} | {record['wall']:.0f} "
             f"| {'; '.join(compared(record, b) for b in baselines)} |")
+
+
+def estimate(record: dict) -> str:
+    """The trainer's own estimate, and its share of the measured peak; the trainers before issue 36 printed none."""
+    if record.get("estimate_gib") is None:
+        return "n/a"
+    return f"{record['estimate_gib']:.2f} ({record['estimate_gib'] / record['peak_gib']:.2f})"
 
 
 def compared(record: dict, baseline: dict) -> str:
@@ -295,6 +309,7 @@ def details(record: dict) -> list[str]:
     peaks = ", ".join(f"{name} {gib:.2f}" for name, gib in record["phase_peaks_gib"].items())
     seconds = ", ".join(f"{name} {s:.1f}" for name, s in record["phase_seconds"].items())
     return [f"- **{record['size']}, round {record.get('round', 1)}, {record['label']}: {record['precision']}, "
+            f"base {record.get('base', 'unquantised')}, {record.get('resolution', 128)} px, "
             f"checkpointing {record['checkpointing']}, latent cache {record['latent_cache']}** "
             f"({record['date']}, load average {record['load_average']}). Peak RSS by phase (GiB): {peaks}. "
             f"Seconds by phase: {seconds}.", "", "  ```bash", f"  {record['command']}", "  ```", ""]
@@ -303,15 +318,18 @@ def details(record: dict) -> list[str]:
 def render(records: list[dict]) -> str:
     order = {"full": 0, "tiny": 1}
     records = sorted(records, key=lambda r: (order[r["size"]], r["machine"], r.get("round", 1),
-                                             PRECISIONS.index(r["precision"]), CHECKPOINTING.index(r["checkpointing"]),
+                                             PRECISIONS.index(r["precision"]),
+                                             list(BASES).index(r.get("base", "unquantised")), r.get("resolution", 128),
+                                             CHECKPOINTING.index(r["checkpointing"]),
                                              LATENT_CACHE.index(r["latent_cache"]),
                                              BASELINES.index(r["label"]) if r["label"] in BASELINES else 9,
                                              r["label"]))
     baselines = {(key(r, label=False), r["label"]): r for r in records if r["label"] in BASELINES}
-    lines = [BEGIN, "", "| size | round | trainer | precision | checkpointing | latent cache "
-             "| peak RSS, whole run (GiB) | phase of the peak | anonymous peak (GiB) | training peak (GiB) "
-             "| above training (GiB) | s/step, wall (CPU) | first optimizer step (s), wall (CPU) | wall (s) "
-             "| after / filed, after / before, wall (CPU) |", "|---" * 15 + "|"]
+    lines = [BEGIN, "", "| size | round | trainer | precision | base | px | checkpointing | latent cache "
+             "| peak RSS, whole run (GiB) | estimate before loading (GiB, / peak) | phase of the peak "
+             "| anonymous peak (GiB) | training peak (GiB) | above training (GiB) | s/step, wall (CPU) "
+             "| first optimizer step (s), wall (CPU) | wall (s) | after / filed, after / before, wall (CPU) |",
+             "|---" * 18 + "|"]
     for r in records:  # a baseline row is compared with nothing; another with each baseline of its setting
         setting = key(r, label=False)
         lines.append(row(r, [] if r["label"] in BASELINES else
@@ -350,6 +368,8 @@ def parse_args(argv=None):
     p.add_argument("--mixed_precision", nargs="+", choices=PRECISIONS, default=PRECISIONS)
     p.add_argument("--gradient_checkpointing", nargs="+", choices=CHECKPOINTING, default=CHECKPOINTING)
     p.add_argument("--cache_latents", nargs="+", choices=LATENT_CACHE, default=LATENT_CACHE)
+    p.add_argument("--base", nargs="+", choices=list(BASES), default=["unquantised"])
+    p.add_argument("--resolution", nargs="+", type=int, default=[128])
     args = p.parse_args(argv)
     if not args.tiny and not (args.model and (args.model / "model_index.json").is_file()):
         p.error("--model must be a folder written by benchmarks/make_full_ssd1b.py (or pass --tiny)")
@@ -371,7 +391,8 @@ def main(argv=None) -> None:
     context = {"machine": f"{machine()}, {os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / GIB:.0f} GiB",
                "date": datetime.date.today().isoformat(), "versions": versions()}
     print(json.dumps(context))
-    for setting in itertools.product(args.mixed_precision, args.gradient_checkpointing, args.cache_latents):
+    for setting in itertools.product(args.mixed_precision, args.gradient_checkpointing, args.cache_latents, args.base,
+                                     args.resolution):
         record = benchmark(setting, args, model.resolve(), context)
         write_results(args.results, [record])  # after each row, so a later failure loses nothing measured
         print(json.dumps({k: v for k, v in record.items() if k not in ("versions", "command")}), flush=True)

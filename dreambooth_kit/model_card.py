@@ -16,6 +16,10 @@ from .messages import UserError, counted, one_line
 from .pipeline import DIFFUSERS_DTYPE, shared_name
 
 
+# how the frozen base was held (--fp8_base, --nf4_base); the adapters themselves load on any base
+BASE_ON_CARD = {"fp8": ", frozen base held in float8_e4m3fn", "nf4": ", frozen base UNet held in 4-bit NF4"}
+
+
 def identifier(instance_prompt, class_prompt):
     """The rare token(s) naming the subject: words of the instance prompt that the class prompt lacks."""
     words = instance_prompt.split()
@@ -150,7 +154,8 @@ def card_settings(args, settings, step, num_processes, base_id, hub_model_id):
         f"| learning rate | {args.learning_rate} ({args.lr_scheduler})"
         f"{f', text encoders {args.text_encoder_lr}' if te and args.optimizer != 'prodigy' else ''}{scaled} |",
         f"| batch | {args.train_batch_size} x {args.gradient_accumulation_steps} accumulation |",
-        f"| optimizer, precision | {args.optimizer}, {args.mixed_precision or 'as accelerate is configured'} |",
+        f"| optimizer, precision | {args.optimizer}, {args.mixed_precision or 'as accelerate is configured'}"
+        f"{BASE_ON_CARD.get('fp8' if args.fp8_base else 'nf4' if args.nf4_base else None, '')} |",
         f"| seed | {args.seed} |", "",
     ]
 

@@ -166,7 +166,7 @@ def test_cpu_memory_run_records_the_peak_its_phase_and_the_step_time(tiny_model,
     results = tmp_path / "RESULTS.md"
     result = subprocess.run([sys.executable, str(BENCHMARKS / "cpu_memory.py"), "--tiny", "--model", str(tiny_model),
                              "--mixed_precision", "no", "--gradient_checkpointing", "off", "--cache_latents", "on",
-                             "--work_dir", str(tmp_path / "work"), "--results", str(results)],
+                             "--base", "fp8", "--work_dir", str(tmp_path / "work"), "--results", str(results)],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     import json
@@ -181,7 +181,10 @@ def test_cpu_memory_run_records_the_peak_its_phase_and_the_step_time(tiny_model,
     assert 0 < record["training_peak_gib"] <= record["peak_gib"] == max(record["phase_peaks_gib"].values())
     assert record["s_per_step"] > 0 and 0 < record["first_step_s"] < record["wall"]
     table = [line for line in results.read_text().splitlines() if line.startswith("| tiny | 1 | after")]
-    assert len(table) == 1 and f"| {record['peak_gib']:.2f} | {record['peak_phase']} |" in table[0]
+    assert record["base"] == "fp8" and "--fp8_base" in record["command"] and record["estimate_gib"] > 0
+    assert len(table) == 1 and "| fp8 | 64 |" in table[0], "the base the row ran on, and its size"
+    assert f"| {record['peak_gib']:.2f} | {record['estimate_gib']:.2f} " in table[0], "the estimate beside the peak"
+    assert f"| {record['peak_phase']} |" in table[0]
     assert "OMP_NUM_THREADS=1" in results.read_text(), "the exact command, one thread"
 
 

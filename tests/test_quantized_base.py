@@ -57,6 +57,8 @@ def test_fp8_base_says_it_renders_class_images_and_validation_in_float8(fp8_run)
     assert (output_dir / "validation" / "step3" / "seed0.png").is_file()
     settings = json.loads((output_dir / "step3" / "run_settings.json").read_text())
     assert settings["fp8_base"] is True and settings["nf4_base"] is False
+    assert "| optimizer, precision | adamw, bf16, frozen base held in float8_e4m3fn |" in (
+        output_dir / "README.md").read_text(), "the card says what the adapters were trained over"
 
 
 def test_adapters_trained_on_an_fp8_base_load_unquantised_through_all_three_files(fp8_run, tiny_model, tmp_path):
