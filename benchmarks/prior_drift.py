@@ -2,6 +2,7 @@
 
     python benchmarks/prior_drift.py                  # examples/tiny_world_model and its subject, on a CPU
     python benchmarks/prior_drift.py --steps 300 ...  # other settings
+    python benchmarks/prior_drift.py --fp8_base       # the same runs on a float8 base (or --nf4_base)
 
 DreamBooth's two measures, on the pre-trained tiny world (examples/tiny_world.py), where training can teach:
 - subject fidelity: the instance prompt's renders' distance to the subject (tiny_world.subject_distance, colours
@@ -17,6 +18,7 @@ import argparse
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -97,14 +99,19 @@ def scores(pipe, step_dir, base, profile):
             "pixels": pixel_change(klass, base[CLASS_PROMPT])}
 
 
-def measure(model, photos, work_dir, variants=tuple(VARIANTS), **train_kwargs):
-    """{variant: scores} for each variant trained from the same seed."""
-    last = {variant: train(model, photos, Path(work_dir) / variant.replace(" ", "_"), VARIANTS[variant],
-                                **train_kwargs) for variant in variants}
+def measure(model, photos, work_dir, variants=tuple(VARIANTS), base=(), **train_kwargs):
+    """{variant: scores} for each variant trained from the same seed; `base` adds flags to every run (--fp8_base)."""
+    last, seconds = {}, {}
+    for variant in variants:
+        start = time.perf_counter()
+        last[variant] = train(model, photos, Path(work_dir) / variant.replace(" ", "_"), [*VARIANTS[variant], *base],
+                              **train_kwargs)
+        seconds[variant] = time.perf_counter() - start
     pipe = world_pipeline(model)
-    base = {prompt: renders(pipe, None, prompt) for prompt in (INSTANCE_PROMPT, CLASS_PROMPT)}
+    before = {prompt: renders(pipe, None, prompt) for prompt in (INSTANCE_PROMPT, CLASS_PROMPT)}
     profile = tiny_world.subject_profile([Image.open(p).convert("RGB") for p in imaging.list_images(Path(photos))])
-    return {variant: scores(pipe, saved, base, profile) for variant, saved in last.items()}
+    return {variant: {**scores(pipe, saved, before, profile), "seconds": seconds[variant]}
+            for variant, saved in last.items()}
 
 
 def main(argv=None):
@@ -114,18 +121,23 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=STEPS)
     p.add_argument("--learning_rate", type=float, default=LEARNING_RATE)
     p.add_argument("--seed", type=int, default=0)
+    storage = p.add_mutually_exclusive_group()
+    storage.add_argument("--fp8_base", action="store_true", help="train each run on a float8 base")
+    storage.add_argument("--nf4_base", action="store_true", help="train each run on a 4-bit NF4 base")
     args = p.parse_args(argv)
+    base = ["--fp8_base"] if args.fp8_base else ["--nf4_base"] if args.nf4_base else []
     work = Path(tempfile.mkdtemp(prefix="prior_drift_"))
     try:
         result = measure(args.model, args.photos, work, steps=args.steps, learning_rate=args.learning_rate,
-                         seed=args.seed)
+                         seed=args.seed, base=base)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"| prior | instance prompt's distance to the subject, / base model's | class prompt's move toward the "
-          f"subject | class prompt's pixel change |  ({args.steps} steps, lr {args.learning_rate:g}, seed {args.seed})")
-    print("|---|---|---|---|")
+          f"subject | class prompt's pixel change | training s |  ({args.steps} steps, lr {args.learning_rate:g}, seed "
+          f"{args.seed}{', ' + base[0] if base else ''})")
+    print("|---|---|---|---|---|")
     for variant, s in result.items():
-        print(f"| {variant} | {s['fidelity']:.2f} | {s['toward']:.3f} | {s['pixels']:.1f} |")
+        print(f"| {variant} | {s['fidelity']:.3f} | {s['toward']:.3f} | {s['pixels']:.1f} | {s['seconds']:.0f} |")
 
 
 if __name__ == "__main__":
