@@ -34,7 +34,8 @@ PRIOR_SHARE_MAX = {"class images": 0.5, "base prediction": 0.9}  # each prior's 
 TESTED = ("no prior", "class images", "base prediction")
 UNQUANTISED, FP8 = "unquantised base", "fp8 base"  # the latter: --fp8_base, the UNet and text encoders held in
 # float8 and computed in fp32 (the runs' precision, as the accelerate default "no" gives)
-TESTED_ON_FP8 = ("no prior", "class images")
+TESTED_ON_FP8 = ("no prior",)  # fidelity and drift; the priors' hold on fp8 (seeds 0-2) is in RESULTS.md, not
+# here: two more runs and their renders would put the suite past its 10 minutes
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +50,7 @@ def world_scores(world_pipe, tmp_path_factory):
 
     The runs train two at a time, on one thread each: one run in a trainer process of its own while this process
     trains the other. Runs this small gain little from a second thread (the scores are the same). The pairs are
-    matched by length (a float8 layer casts its weights at every call, which a CPU does slowly), and the float8 run
-    with class images reuses the ones the base model made in the first pair, as a second run in the same class
-    folder would: what it tests is training on the float8 base."""
+    matched by length (a float8 layer casts its weights at every call, which a CPU does slowly)."""
     work = tmp_path_factory.mktemp("world")
     real, threads = trainer.latents_and_time_ids, torch.get_num_threads()
 
@@ -59,10 +58,8 @@ def world_scores(world_pipe, tmp_path_factory):
         latents, time_ids, masks = real(batch, models, generators, device)
         return latents * 0.18215 / models.vae.config.scaling_factor, time_ids, masks
 
-    made_class_images = work / "class_images" / "class_images"
     runs = {**world.VARIANTS, "wrong latent scale": world.VARIANTS["no prior"],
             **{f"{FP8} {prior}": [*world.VARIANTS[prior], "--fp8_base"] for prior in TESTED_ON_FP8}}
-    runs[f"{FP8} class images"] += ["--class_dir", made_class_images]
 
     def out(variant):
         return work / variant.replace(" ", "_")
@@ -85,12 +82,13 @@ def world_scores(world_pipe, tmp_path_factory):
 
     torch.set_num_threads(1)
     step_dirs, process = {}, None
-    try:  # (here, beside): the class images are made in the first pair, before the float8 run that reuses them
+    try:  # (here, beside), matched by length
         for mine, theirs in [(f"{FP8} no prior", "class images"), ("wrong latent scale", "no prior"),
-                             (f"{FP8} class images", "base prediction")]:
-            process = beside(theirs)
+                             ("base prediction", None)]:
+            process = beside(theirs) if theirs else None
             step_dirs[mine] = here(mine, sd_scale if mine == "wrong latent scale" else None)
-            step_dirs[theirs] = finished(process, theirs)
+            if process:
+                step_dirs[theirs] = finished(process, theirs)
     finally:
         torch.set_num_threads(threads)
         if process:
@@ -115,8 +113,7 @@ def test_without_a_prior_the_class_prompt_drifts_to_the_subject(world_scores, ba
     assert world_scores[held(base, "no prior")]["toward"] >= TOWARD_MIN, world_scores
 
 
-@pytest.mark.parametrize("base, prior", [(UNQUANTISED, "class images"), (UNQUANTISED, "base prediction"),
-                                          (FP8, "class images")])
+@pytest.mark.parametrize("base, prior", [(UNQUANTISED, "class images"), (UNQUANTISED, "base prediction")])
 def test_prior_preservation_holds_the_class_prompt_and_still_learns(world_scores, base, prior):
     scores, none = world_scores[held(base, prior)], world_scores[held(base, "no prior")]
     assert scores["toward"] <= PRIOR_SHARE_MAX[prior] * none["toward"], world_scores
