@@ -12,19 +12,18 @@ from pathlib import Path
 import huggingface_hub
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN, apply_layerwise_casting
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from .checks import uses_class_images
 from .imaging import list_images
 from .messages import warn
-from .quantized_base import NF4_BLOCKSIZE
+from .quantized_base import NF4_BLOCKSIZE, base_storage, cast_layers_to_fp8, nf4_quantizes
 
 GIB = 2**30
 STORAGE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 # bitsandbytes NF4 with double quantisation: 4 bits a weight, an 8-bit absmax per block of 64, and an fp32
 # absmax of those per 256 blocks
-NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # NF4_BLOCKSIZE weights a block
+NF4_BYTES = 0.5 + 1 / NF4_BLOCKSIZE + 4 / (NF4_BLOCKSIZE * 256)  # NF4_BLOCKSIZE weights a block
 # 8-bit AdamW keeps two 8-bit states and an fp32 absmax per block of 256 for each; tensors under 4096 values keep
 # 32-bit states (bitsandbytes' min_8bit_size)
 ADAMW8BIT_BYTES, ADAMW8BIT_MIN_SIZE = 2 + 2 * 4 / 256, 4096
@@ -148,13 +147,8 @@ def count_part(module, lora_targets=(), lora_excluded=None):
                  if any(name == t or name.endswith("." + t) for t in lora_targets)
                  and not (lora_excluded and re.fullmatch(lora_excluded, name)))
     parameters = sum(p.numel() for p in module.parameters())
-    # NF4 leaves a layer whose input is not a whole number of blocks (quantized_base.prepare_storage)
-    linear_weights = sum(m.weight.numel() for _, m in linear if m.in_features % NF4_BLOCKSIZE == 0)
-    if hasattr(module, "enable_layerwise_casting"):  # a diffusers model: its own patterns join the default ones
-        module.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
-    else:  # a text encoder: the trainer keeps its embeddings too, as kohya does (quantized_base.prepare_storage)
-        apply_layerwise_casting(module, torch.float8_e4m3fn, torch.bfloat16,
-                                (*DEFAULT_SKIP_MODULES_PATTERN, "embedding"))
+    linear_weights = sum(m.weight.numel() for _, m in linear if nf4_quantizes(m))
+    cast_layers_to_fp8(module, torch.bfloat16)  # the trainer's own choice of layers
     fp8 = sum(p.numel() for p in module.parameters() if p.dtype == torch.float8_e4m3fn)
     return Part(parameters, fp8, linear_weights, lora)
 
@@ -267,9 +261,7 @@ def process_rss():
 
 def base_precision(args, compute):
     """The frozen base's storage: --fp8_base or --nf4_base where given, else the compute dtype."""
-    if getattr(args, "fp8_base", False):
-        return "fp8"
-    return "nf4" if getattr(args, "nf4_base", False) else compute
+    return base_storage(args) or compute
 
 
 def setting_from_args(args, settings, device, mixed_precision, missing_class_images=0):

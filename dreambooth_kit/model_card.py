@@ -14,6 +14,7 @@ from .artifacts import INFER_SCRIPT, KOHYA_FILE, LORA_FILE, looks_like_hub_id, s
 from .checks import effective_learning_rates, uses_class_images
 from .messages import UserError, counted, one_line
 from .pipeline import DIFFUSERS_DTYPE, shared_name
+from .quantized_base import base_storage
 
 
 # how the frozen base was held (--fp8_base, --nf4_base); the adapters themselves load on any base
@@ -155,7 +156,7 @@ def card_settings(args, settings, step, num_processes, base_id, hub_model_id):
         f"{f', text encoders {args.text_encoder_lr}' if te and args.optimizer != 'prodigy' else ''}{scaled} |",
         f"| batch | {args.train_batch_size} x {args.gradient_accumulation_steps} accumulation |",
         f"| optimizer, precision | {args.optimizer}, {args.mixed_precision or 'as accelerate is configured'}"
-        f"{BASE_ON_CARD.get('fp8' if args.fp8_base else 'nf4' if args.nf4_base else None, '')} |",
+        f"{BASE_ON_CARD.get(base_storage(args), '')} |",
         f"| seed | {args.seed} |", "",
     ]
 

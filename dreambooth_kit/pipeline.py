@@ -24,7 +24,8 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 from .artifacts import LORA_FILE, looks_like_hub_id
 from .imaging import refuse_file_as_folder
 from .messages import UserError, agree, counted, one_line, warn
-from .quantized_base import keep_freed_copies_off_the_heap, load_quantized, prepare_storage, quantized_slot
+from .quantized_base import (keep_freed_copies_off_the_heap, load_quantized, nf4_config, prepare_storage,
+                             quantized_slot)
 
 # transformers 4.56 renamed from_pretrained's torch_dtype to dtype; the old name warns from 5 on
 TRANSFORMERS_DTYPE = "dtype" if Version(installed_version("transformers")) >= Version("4.56") else "torch_dtype"
@@ -320,11 +321,7 @@ def load_unet(model, revision, variant, dtype, device, storage=None):
 def unet_from_pretrained(model, revision, variant, dtype, device, storage):
     """A UNet of .bin weights or hub shards: loaded whole in `dtype`, then cast to float8 (a higher peak than the
     streamed load); under nf4, diffusers' own bitsandbytes loader, which refuses a machine without a GPU."""
-    from diffusers import BitsAndBytesConfig
-
-    quantization = dict(quantization_config=BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=dtype)) if storage == "nf4" else {}
+    quantization = dict(quantization_config=nf4_config(dtype)) if storage == "nf4" else {}
     try:
         unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", revision=revision, variant=variant,
                                                     torch_dtype=dtype, **quantization)

@@ -46,22 +46,14 @@ def check_base_storage(storage, device):
 
 def prepare_storage(model, storage, compute_dtype):
     """An empty model (meta device) given the storage each weight will load into: float8 for the layers diffusers'
-    layerwise casting stores in it (its skip list keeps the norms in `compute_dtype`), bitsandbytes'
-    Linear4bit for each linear layer of the UNet under nf4. stream_weights then casts each weight into its slot."""
-    from diffusers import ModelMixin
-    from diffusers.hooks import apply_layerwise_casting
-    from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
-
+    layerwise casting stores in it (cast_layers_to_fp8), bitsandbytes' Linear4bit for each linear layer of the UNet
+    under nf4. stream_weights then casts each weight into its slot."""
     if storage == "nf4":
-        from diffusers import BitsAndBytesConfig
         from diffusers.quantizers.bitsandbytes import replace_with_bnb_linear
 
-        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                    bnb_4bit_compute_dtype=compute_dtype)
-        # bitsandbytes' CPU kernel takes an input width that is a whole number of blocks; all of SSD-1B's are
         narrow = [name for name, module in model.named_modules()
-                  if isinstance(module, torch.nn.Linear) and module.in_features % NF4_BLOCKSIZE]
-        replace_with_bnb_linear(model, modules_to_not_convert=narrow, quantization_config=config)
+                  if isinstance(module, torch.nn.Linear) and not nf4_quantizes(module)]
+        replace_with_bnb_linear(model, modules_to_not_convert=narrow, quantization_config=nf4_config(compute_dtype))
         for module in model.modules():
             # bitsandbytes repacks a layer's weights in place for its CPU inference kernel at the first forward
             # without grad (validation), in a layout that needs other widths; training switches back and forth
@@ -70,14 +62,38 @@ def prepare_storage(model, storage, compute_dtype):
                 module.register_forward_pre_hook(input_in_autocast_dtype)
     torch.nn.Module.to(model, compute_dtype)  # the slots' dtype (diffusers' own .to warns on a meta model)
     if storage == "fp8":
-        if isinstance(model, ModelMixin):  # with the model's own skip list (the UNet's: "norm")
-            model.enable_layerwise_casting(storage_dtype=FP8, compute_dtype=compute_dtype)
-        else:  # a text encoder: diffusers' default skip list, and the token and position embeddings, as kohya
-            # keeps them (the identifier's own token embedding would be rounded to 3 bits of mantissa)
-            apply_layerwise_casting(model, storage_dtype=FP8, compute_dtype=compute_dtype,
-                                    skip_modules_pattern=(*DEFAULT_SKIP_MODULES_PATTERN, "embedding"))
+        cast_layers_to_fp8(model, compute_dtype)
         save_weights_for_backward_in_fp8(model, compute_dtype)
     return model
+
+
+def nf4_config(compute_dtype):
+    """QLoRA's recipe, as diffusers' quantizer takes it: NF4 with double quantisation."""
+    from diffusers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype)
+
+
+def nf4_quantizes(linear):
+    """Whether --nf4_base holds this linear layer in 4 bits: bitsandbytes' CPU kernel takes an input width that is a
+    whole number of blocks (all of SSD-1B's are); a narrower layer stays in the compute dtype."""
+    return linear.in_features % NF4_BLOCKSIZE == 0
+
+
+def cast_layers_to_fp8(model, compute_dtype):
+    """diffusers' layerwise casting: the UNet with its own skip list ("norm"), a text encoder with diffusers' default
+    one and its token and position embeddings, as kohya keeps them (the identifier's own token embedding would be
+    rounded to 3 bits of mantissa). The memory estimate counts the float8 share by calling this on meta models."""
+    from diffusers import ModelMixin
+    from diffusers.hooks import apply_layerwise_casting
+    from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
+
+    if isinstance(model, ModelMixin):
+        model.enable_layerwise_casting(storage_dtype=FP8, compute_dtype=compute_dtype)
+    else:
+        apply_layerwise_casting(model, storage_dtype=FP8, compute_dtype=compute_dtype,
+                                skip_modules_pattern=(*DEFAULT_SKIP_MODULES_PATTERN, "embedding"))
 
 
 def keep_freed_copies_off_the_heap():
