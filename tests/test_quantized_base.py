@@ -2,6 +2,7 @@
 LoRA on top; adapters that come out ordinary, and runs that resume exactly."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -217,3 +218,26 @@ def test_fp8_with_gradient_checkpointing_trains_every_blocks_lora_and_predicts_t
     assert lora_b and all(torch.count_nonzero(v) for v in lora_b.values()), "a block's LoRA got no gradient"
     # the base prediction's autocast comes from the frozen weights' compute dtype, not from float8
     assert not [w for w in recwarn if "target dtype is not supported" in str(w.message)]
+
+
+@pytest.fixture
+def bin_model(tiny_model, tmp_path):
+    """The tiny model with its UNet as .bin weights, as older hub models hold it: no file to stream from."""
+    model = tmp_path / "bin_model"
+    shutil.copytree(tiny_model, model)
+    weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+    torch.save(load_file(weights), weights.with_suffix(".bin"))
+    weights.unlink()
+    return model
+
+
+def test_a_unet_without_safetensors_is_cast_whole_under_fp8_and_refused_in_one_line_under_nf4_without_a_gpu(
+        bin_model):
+    unet = pipeline.load_unet(bin_model, None, None, torch.bfloat16, "cpu", "fp8")
+    assert unet.conv_in.weight.dtype == FP8 and unet.conv_norm_out.weight.dtype == torch.bfloat16
+    if torch.cuda.is_available():  # diffusers' own 4-bit loader works there
+        return
+    with pytest.raises(UserError, match=r"^--nf4_base: No GPU found.* \(this model's UNet has no safetensors file, "
+                                        r"which this trainer quantises itself on any device\); pass --fp8_base "
+                                        r"instead$"):
+        pipeline.load_unet(bin_model, None, None, torch.bfloat16, "cpu", "nf4")
