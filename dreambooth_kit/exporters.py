@@ -14,7 +14,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from .artifacts import KOHYA_FILE, LORA_FILE, SETTINGS_FILE, partial_dir, publish, ran
 from .messages import UserError, counted
-from .pipeline import shared_name
+from .pipeline import shared_name, unbuildable_config_named
 
 # the layer types peft puts LoRA on in these models; a target reaching any other (a norm) is peft's to refuse
 LORA_LAYERS = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Embedding)
@@ -147,7 +147,7 @@ def check_kohya_targets(model, revision, unet_targets, text_encoder_targets, tra
     unet_config = UNet2DConditionModel.load_config(model, subfolder="unet", revision=revision)
     # torch.device, not init_empty_weights, which makes each parameter on the CPU first: glibc then raises its mmap
     # threshold, and the UNet's streamed load leaves 1.2 GiB of heap holes in RSS (benchmarks/RESULTS.md)
-    with torch.device("meta"):
+    with torch.device("meta"), unbuildable_config_named(model):
         models = [(UNet2DConditionModel.from_config(unet_config), unet_targets)]
         if train_text_encoder:
             for cls, folder in [(CLIPTextModel, "text_encoder"), (CLIPTextModelWithProjection, "text_encoder_2")]:

@@ -17,6 +17,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from .checks import uses_class_images
 from .imaging import list_images
 from .messages import warn
+from .pipeline import unbuildable_config_named
 from .quantized_base import NF4_BLOCKSIZE, base_storage, cast_layers_to_fp8, nf4_quantizes
 
 GIB = 2**30
@@ -165,7 +166,7 @@ def count_models(model, vae_model, revision, lora_targets):
     # torch.device, not accelerate's init_empty_weights: that makes each parameter on the CPU before moving it,
     # and glibc, having freed those blocks, raises its mmap threshold; the UNet's streamed load then leaves
     # 1.2 GiB of heap holes in RSS (benchmarks/RESULTS.md, "Memory estimate")
-    with torch.device("meta"):
+    with torch.device("meta"), unbuildable_config_named(model):
         unet = UNet2DConditionModel.from_config(json.loads(files[0].read_text()))
         clip_l = CLIPTextModel(CLIPTextConfig.from_json_file(files[1]))
         clip_g = CLIPTextModelWithProjection(CLIPTextConfig.from_json_file(files[2]))

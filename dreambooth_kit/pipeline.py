@@ -425,6 +425,17 @@ def unreadable_named(file, model):
 
 
 @contextlib.contextmanager
+def unbuildable_config_named(model):
+    """A config that parses as JSON but describes no model the libraries can build (a value of the wrong kind, a
+    list of the wrong length), met where an empty model is built from it before any weights load: one line."""
+    try:
+        yield
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise UserError(f"--pretrained_model_name_or_path {model}: its configs describe no SSD-1B the libraries can "
+                        f"build ({one_line(e)[:200]}); download the model again") from None
+
+
+@contextlib.contextmanager
 def load_errors_named(model, vae_model=None):
     """from_pretrained's OSError (a file missing from a hub snapshot, an unreachable hub, a damaged download) as
     one line naming the models; check_models has refused what a local folder can show before loading."""

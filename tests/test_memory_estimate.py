@@ -134,3 +134,21 @@ def test_the_closing_line_shows_the_measured_peak_beside_the_estimate(small_devi
     estimate = float(re.search(r"memory estimate: peak ([\d.]+) GiB", out)[1])
     closing = re.search(r"steady-state .*; peak RSS ([\d.]+) GiB \(estimated ([\d.]+) GiB\)", out)
     assert closing and float(closing[2]) == estimate, out
+
+
+@pytest.mark.parametrize("kohya", [[], ["--no-output_kohya_format"]], ids=["kohya check first", "estimate first"])
+def test_a_config_that_parses_but_builds_no_model_is_refused_in_one_line_before_loading(tiny_model, photos,
+                                                                                       tmp_path, monkeypatch, kohya):
+    import json
+
+    from dreambooth_kit.messages import UserError
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    config = json.loads((model / "unet" / "config.json").read_text())
+    (model / "unet" / "config.json").write_text(json.dumps({**config, "block_out_channels": [32]}))
+    monkeypatch.setattr(trainer, "load_models", lambda *a, **k: pytest.fail("a model loaded"))
+    with pytest.raises(UserError, match=r"^--pretrained_model_name_or_path .*: its configs describe no SSD-1B the "
+                                        r"libraries can build \(.*\); download the model again$"):
+        run_trainer(*tiny_args(tiny_model, photos, tmp_path / "out", "--pretrained_model_name_or_path", model,
+                               *kohya))
